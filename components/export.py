@@ -10,7 +10,8 @@ are dropped from the sparse input, exactly as an empty CSV cell is absent from t
 training tf.Example, and the Transform graph then fills them by the same policy.
 """
 
-from typing import Dict
+import math
+from typing import Any, Dict, List
 
 import tensorflow as tf
 
@@ -97,3 +98,38 @@ def signatures(model: tf.keras.Model, spec: FeatureSpec, tf_transform_output) ->
         "serving_tf_example": serve_tf_example.get_concrete_function(),
         "transform_features": transform_features.get_concrete_function(),
     }
+
+
+def raw_inputs(examples: List[bytes], input_specs: Dict[str, tf.TensorSpec]) -> Dict[str, tf.Tensor]:
+    """serving_default's inputs for serialized raw tf.Examples; an absent value becomes "" or NaN."""
+    parsed = [tf.train.Example.FromString(e).features.feature for e in examples]
+    columns = {}
+    for name, spec in input_specs.items():
+        values = []
+        for feature in parsed:
+            kind = feature[name].WhichOneof("kind") if name in feature else None
+            value = list(getattr(feature[name], kind).value) if kind else []
+            if spec.dtype == tf.string:
+                values.append(value[0] if value else b"")
+            else:
+                values.append(float(value[0]) if value else math.nan)
+        columns[name] = tf.constant(values, spec.dtype)
+    return columns
+
+
+def json_instances(columns: Dict[str, tf.Tensor]) -> List[Dict[str, Any]]:
+    """The same rows as TF Serving REST `instances`; a missing value is left out of its row."""
+    names = list(columns)
+    arrays = [columns[n].numpy() for n in names]
+    rows = []
+    for i in range(len(arrays[0]) if arrays else 0):
+        row = {}
+        for name, array in zip(names, arrays):
+            v = array[i]
+            if isinstance(v, bytes):
+                if v:
+                    row[name] = v.decode()
+            elif not math.isnan(v):
+                row[name] = float(v)
+        rows.append(row)
+    return rows

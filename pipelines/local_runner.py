@@ -105,7 +105,8 @@ def run(spec_path: str, env_path: str = "configs/local.yaml", data_path: Optiona
     environment = pipeline_lib.Environment(
         pipeline_root=env["pipeline_root"], model_repository=env["model_repository"],
         metadata_connection_config=metadata.sqlite_metadata_connection_config(env["metadata_path"]),
-        beam_pipeline_args=list(env.get("beam_args", [])), enable_cache=env.get("enable_cache", True))
+        beam_pipeline_args=list(env.get("beam_args", [])), enable_cache=env.get("enable_cache", True),
+        sandbox=dict(env.get("sandbox") or {}))
     tfx_pipeline = pipeline_lib.create_pipeline(spec, environment)
 
     progress = ProgressWatcher(environment.metadata_connection_config,

@@ -16,11 +16,10 @@ Writes build/parity.json. Goal: 0 rows differ by more than 1e-6.
 import argparse
 import glob
 import json
-import math
 import os
 import sys
 import threading
-from typing import Any, Dict, List
+from typing import Dict, List
 
 import numpy as np
 
@@ -38,41 +37,6 @@ def _records(pattern: str, limit: int) -> List[bytes]:
 def _score(outputs) -> np.ndarray:
     key = "probabilities" if "probabilities" in outputs else "value"
     return np.asarray(outputs[key], dtype=np.float64).reshape(len(outputs[key]), -1)
-
-
-def _raw_columns(examples: List[bytes], inputs) -> Dict[str, Any]:
-    import tensorflow as tf
-
-    parsed = [tf.train.Example.FromString(e).features.feature for e in examples]
-    columns = {}
-    for name, spec in inputs.items():
-        values = []
-        for feature in parsed:
-            kind = feature[name].WhichOneof("kind") if name in feature else None
-            value = list(getattr(feature[name], kind).value) if kind else []
-            if spec.dtype == tf.string:
-                values.append(value[0] if value else b"")
-            else:
-                values.append(float(value[0]) if value else math.nan)
-        columns[name] = tf.constant(values, spec.dtype)
-    return columns
-
-
-def _instances(columns) -> List[Dict]:
-    rows = []
-    names = list(columns)
-    arrays = [columns[n].numpy() for n in names]
-    for i in range(len(arrays[0])):
-        row = {}
-        for name, array in zip(names, arrays):
-            v = array[i]
-            if isinstance(v, bytes):
-                if v:
-                    row[name] = v.decode()
-            elif not math.isnan(v):
-                row[name] = float(v)
-        rows.append(row)
-    return rows
 
 
 def _rest(model_repository: str, model: str, version: int, rows: List[Dict]) -> np.ndarray:
@@ -186,12 +150,14 @@ def run(model: str = "taxi", version: int = None, limit: int = 0, model_reposito
     label_key = next(k for k in loaded.signatures["transform_features"].structured_outputs
                      if k not in {n for n in inputs} and k.endswith("_xf") and not any(
                          k.startswith(n + "_") for n in inputs))
-    columns = _raw_columns(examples, inputs)
+    from components.export import json_instances, raw_inputs
+
+    columns = raw_inputs(examples, inputs)
     paths = {
         "serving_default": _score({k: v.numpy() for k, v in loaded.signatures["serving_default"](**columns).items()}),
         "serving_tf_example": _score({k: v.numpy() for k, v in
                                       loaded.signatures["serving_tf_example"](examples=tf.constant(examples)).items()}),
-        "rest": _rest(model_repository, model, version, _instances(columns)).reshape(len(examples), -1),
+        "rest": _rest(model_repository, model, version, json_instances(columns)).reshape(len(examples), -1),
     }
     training, labels, feature_diff = _match_training_path(loaded, examples, materialized, label_key)
     report = {"model": model, "version": version, "rows": len(examples), "tolerance": TOLERANCE,

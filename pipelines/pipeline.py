@@ -6,7 +6,7 @@ Runners (local, Kubeflow) only inject paths, the metadata connection and Beam ar
 import dataclasses
 import json
 import os
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from tfx.components import (CsvExampleGen, Evaluator, ExampleValidator, Pusher, SchemaGen,
                             StatisticsGen, Trainer, Transform)
@@ -21,6 +21,7 @@ from components.baseline import BaselineModelStrategy
 from components.data_gate import DataGate
 from components.evaluation import eval_config
 from components.feature_spec import FeatureSpec
+from components.sandbox import SandboxConfig, SandboxValidator
 
 PREPROCESSING_FN = "components.preprocessing.preprocessing_fn"
 RUN_FN = "components.trainer.run_fn"
@@ -34,6 +35,9 @@ class Environment:
     metadata_connection_config: Optional[object] = None
     beam_pipeline_args: List[str] = dataclasses.field(default_factory=list)
     enable_cache: bool = True
+    # Sandbox validation thresholds (components.sandbox.SandboxConfig keys); they describe the
+    # machine the model will serve on, so they belong to the environment, not the dataset.
+    sandbox: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def model_push_dir(spec: FeatureSpec, env: Environment) -> str:
@@ -88,7 +92,13 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
         candidate=trainer.outputs["model"]).with_id("latest_blessed_model_resolver")
     evaluator = Evaluator(examples=example_gen.outputs["examples"], model=trainer.outputs["model"],
                           baseline_model=model_resolver.outputs["model"], eval_config=eval_config(spec))
-    pusher = Pusher(model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"],
+    SandboxConfig.from_dict(env.sandbox)  # a bad key fails here, before any component runs
+    sandbox = SandboxValidator(model=trainer.outputs["model"], examples=example_gen.outputs["examples"],
+                               model_blessing=evaluator.outputs["blessing"], model_name=spec.name,
+                               config=json.dumps(env.sandbox)).with_id("sandbox_validator")
+    # Both blessings are required. The model comes from the InfraBlessing: the sandbox's
+    # copy with warmup requests (TFX's InfraValidator make_warmup convention).
+    pusher = Pusher(model_blessing=evaluator.outputs["blessing"], infra_blessing=sandbox.outputs["blessing"],
                     push_destination=pusher_pb2.PushDestination(
                         filesystem=pusher_pb2.PushDestination.Filesystem(
                             base_directory=model_push_dir(spec, env))))
@@ -96,7 +106,7 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
         pipeline_name=pipeline_name or spec.name,
         pipeline_root=env.pipeline_root,
         components=[example_gen, statistics_gen, schema_gen, example_validator, data_gate, transform,
-                    trainer, model_resolver, evaluator, pusher],
+                    trainer, model_resolver, evaluator, sandbox, pusher],
         enable_cache=env.enable_cache,
         metadata_connection_config=env.metadata_connection_config,
         beam_pipeline_args=env.beam_pipeline_args)

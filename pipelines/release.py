@@ -81,7 +81,13 @@ def lineage(metadata_path: str, model_name: str, version: int) -> Dict[str, Any]
     blessing = inputs.get("model_blessing", [None])[0]
     if blessing is None or custom_property(blessing, "blessed") != 1:
         raise ReleaseError(f"version {version} of '{model_name}' has no blessing: refused")
-    model = inputs["model"][0]
+    infra = inputs.get("infra_blessing", [None])[0]
+    if infra is not None and custom_property(infra, "blessed") != 1:
+        raise ReleaseError(f"version {version} of '{model_name}' failed sandbox validation: refused")
+    if "model" in inputs:
+        model = inputs["model"][0]
+    else:  # Pusher took the sandbox's warmed copy: the Trainer's model is the sandbox's input
+        model = _io(store, _producer(store, infra).id, metadata_store_pb2.Event.INPUT)["model"][0]
     trainer_inputs = _io(store, _producer(store, model).id, metadata_store_pb2.Event.INPUT)
     transform_graph = trainer_inputs["transform_graph"][0]
     transform_inputs = _io(store, _producer(store, transform_graph).id, metadata_store_pb2.Event.INPUT)
@@ -94,7 +100,7 @@ def lineage(metadata_path: str, model_name: str, version: int) -> Dict[str, Any]
         if context.type == "pipeline_run" and CODE_COMMIT in context.custom_properties:
             commit = context.custom_properties[CODE_COMMIT].string_value
     return {
-        "model": model.uri, "blessing": blessing.uri, "evaluation": evaluation.uri,
+        "model": model.uri, "blessing": blessing.uri, "sandbox": infra.uri if infra is not None else None, "evaluation": evaluation.uri,
         "transform_graph": transform_graph.uri, "schema": trainer_inputs["schema"][0].uri,
         "examples": raw_examples.uri,
         "data": _exec_property(example_gen, "input_base"),

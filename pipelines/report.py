@@ -86,6 +86,7 @@ def build_summary(spec: FeatureSpec, env: Dict, environment, order: List[str], s
     stats = _from_node(artifacts, "ExampleStatistics", "StatisticsGen")
     anomalies = _from_node(artifacts, "ExampleAnomalies", "ExampleValidator")
     model = _from_node(artifacts, "Model", "Trainer")
+    infra = _from_node(artifacts, "InfraBlessing", "sandbox_validator")
     is_pushed = bool(pushed and custom_property(pushed[-1], "pushed", 0))
     metrics = load_metrics(evaluation[-1].uri) if evaluation and not error else {}
     return {
@@ -97,6 +98,7 @@ def build_summary(spec: FeatureSpec, env: Dict, environment, order: List[str], s
         "model_path": custom_property(pushed[-1], "pushed_destination") if is_pushed else None,
         "model_version": custom_property(pushed[-1], "pushed_version") if is_pushed else None,
         "blessed": bool(blessing and custom_property(blessing[-1], "blessed", 0)),
+        "sandbox": sandbox_result(infra[-1].uri) if infra else None,
         "baseline_model": baseline,  # the blessed model the candidate was compared with
         "metrics": {"overall": metrics.get("Overall", {}),
                     "slices": {k: v for k, v in metrics.items() if k != "Overall"}},
@@ -110,6 +112,22 @@ def build_summary(spec: FeatureSpec, env: Dict, environment, order: List[str], s
     }
 
 
+def sandbox_result(uri: str) -> Optional[Dict[str, Any]]:
+    """The sandbox validator's verdict and figures (components/sandbox.py writes the report)."""
+    path = os.path.join(uri, "sandbox_report.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        report = json.load(f)
+    latency, throughput = report.get("latency", {}), report.get("throughput", {})
+    return {"blessed": report["blessed"], "reasons": report["reasons"],
+            "rows_compared": report.get("predictions", {}).get("rows"),
+            "rows_differing": report.get("predictions", {}).get("rows_differing"),
+            "p50_ms": latency.get("p50_ms"), "p99_ms": latency.get("p99_ms"),
+            "requests_per_second": throughput.get("requests_per_second"),
+            "warmup_records": report.get("warmup_records")}
+
+
 def write_summary(summary: Dict[str, Any], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -121,6 +139,13 @@ def print_summary(summary: Dict[str, Any]) -> None:
           f"in {summary['total_seconds']:.0f} s ==")
     if summary["error"]:
         print(summary["error"])
+    sandbox = summary.get("sandbox")
+    if sandbox and sandbox.get("p50_ms") is not None:
+        print(f"sandbox: blessed={sandbox['blessed']}  rows differing {sandbox['rows_differing']}/"
+              f"{sandbox['rows_compared']}  p50 {sandbox['p50_ms']:.2f} ms  p99 {sandbox['p99_ms']:.2f} ms  "
+              f"{sandbox['requests_per_second']:.0f} requests/s")
+    for reason in (sandbox or {}).get("reasons", []):
+        print(f"sandbox: not blessed: {reason}")
     print(f"blessed: {summary['blessed']}   pushed: {summary['pushed']}"
           + (f" -> {summary['model_path']} (version {summary['model_version']})" if summary["pushed"] else ""))
     overall = summary["metrics"]["overall"]

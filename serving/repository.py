@@ -59,8 +59,12 @@ class LoadedVersion:
 class Snapshot:
     """What is loaded for one model at one moment: versions and labels."""
 
-    def __init__(self, versions: Dict[int, LoadedVersion], labels: Dict[str, int]):
+    def __init__(self, versions: Dict[int, LoadedVersion], labels: Dict[str, int],
+                 failed: Optional[Dict[int, str]] = None):
         self.versions, self.labels = versions, labels
+        # Versions whose load failed, with the error: reported as state END (TF Serving's status
+        # for a version it gave up on) and not retried; a fix is pushed as a new version.
+        self.failed: Dict[int, str] = dict(failed or {})
 
     def resolve(self, model: str, version: Optional[int] = None, label: Optional[str] = None) -> LoadedVersion:
         if label is not None:
@@ -130,19 +134,21 @@ class Repository:
         wanted = set(on_disk[-self.num_latest:]) | {v for v in labels.values() if v in on_disk}
         current = self._snapshots.get(model, Snapshot({}, {}))
         versions = {v: lv for v, lv in current.versions.items() if v in wanted}
-        for version in sorted(wanted - set(versions)):
+        failed = {v: e for v, e in current.failed.items() if v in wanted}
+        for version in sorted(wanted - set(versions) - set(failed)):
             try:
                 loaded = LoadedVersion(model, version, os.path.join(base, str(version)))
                 if self.warmup:
                     loaded.warm_up()
                 versions[version] = loaded
                 logging.info("loaded %s version %d", model, version)
-            except Exception:  # keep serving the others; the log says why this one is missing
+            except Exception as e:  # keep serving the others; status and the log say why
                 logging.exception("cannot load %s version %d", model, version)
+                failed[version] = f"{type(e).__name__}: {e}"
         # Labels may only point at loaded versions (TF Serving's rule); others are ignored.
         labels = {k: v for k, v in labels.items() if v in versions}
         with self._lock:
-            self._snapshots[model] = Snapshot(versions, labels)
+            self._snapshots[model] = Snapshot(versions, labels, failed)
 
     @staticmethod
     def _read_labels(base: str) -> Dict[str, int]:

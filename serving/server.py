@@ -20,6 +20,7 @@ import base64
 import json
 import logging
 import math
+import os
 import re
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -229,13 +230,17 @@ def classify_or_regress(loaded: LoadedVersion, body: Dict[str, Any], verb: str) 
 
 def status(repo: Repository, model: str, version: Optional[int], label: Optional[str]) -> Dict[str, Any]:
     snapshot = repo.snapshot(model)
-    if version is not None or label is not None:
+    ok = {"state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+    states = {v: ok for v in snapshot.versions}
+    states.update({v: {"state": "END", "status": {"error_code": "UNKNOWN", "error_message": error}}
+                   for v, error in snapshot.failed.items()})
+    if label is not None or (version is not None and version not in snapshot.failed):
         chosen = [snapshot.resolve(model, version, label).version]
+    elif version is not None:
+        chosen = [version]
     else:
-        chosen = sorted(snapshot.versions, reverse=True)
-    return {"model_version_status": [
-        {"version": str(v), "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
-        for v in chosen]}
+        chosen = sorted(states, reverse=True)
+    return {"model_version_status": [{"version": str(v), **states[v]} for v in chosen]}
 
 
 def metadata(loaded: LoadedVersion) -> Dict[str, Any]:
@@ -360,10 +365,15 @@ def main(argv=None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--num_latest", type=int, default=2, help="versions kept loaded besides labelled ones")
     parser.add_argument("--poll_seconds", type=float, default=2.0)
+    parser.add_argument("--port_file", help="write the bound port here once listening (use with --port 0)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     repo = Repository(args.model_base_path, num_latest=args.num_latest, poll_seconds=args.poll_seconds).start()
     server = make_server(repo, args.host, args.rest_api_port)
+    if args.port_file:  # written whole (rename), after bind: a reader never sees a partial port
+        with open(args.port_file + ".tmp", "w") as f:
+            f.write(str(server.server_address[1]))
+        os.replace(args.port_file + ".tmp", args.port_file)
     logging.info("serving %s on http://%s:%d", ", ".join(repo.models()) or "(no models yet)", args.host,
                  args.rest_api_port)
     try:

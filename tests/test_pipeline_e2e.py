@@ -12,10 +12,13 @@ from tests.conftest import REPO, TAXI_SPEC, read_rows, taxi_csv_path, write_samp
 pytestmark = pytest.mark.slow
 
 
-def _env(tmp, name="env.yaml"):
+def _env(tmp, name="env.yaml", sandbox=None):
     env = {"pipeline_root": f"{tmp}/pipelines/{{name}}", "metadata_path": f"{tmp}/metadata/{{name}}.sqlite",
            "model_repository": f"{tmp}/models", "enable_cache": True,
-           "beam_args": ["--direct_running_mode=in_memory", "--direct_num_workers=1"]}
+           "beam_args": ["--direct_running_mode=in_memory", "--direct_num_workers=1"],
+           # Loose enough for a loaded 2-core machine; the refusal test tightens one of them.
+           "sandbox": {"rows": 300, "latency_requests": 100, "throughput_seconds": 1, "max_p50_ms": 200,
+                       "max_p99_ms": 2000, "min_requests_per_second": 5, "warmup_records": 50, **(sandbox or {})}}
     path = os.path.join(tmp, name)
     with open(path, "w") as f:
         yaml.safe_dump(env, f)
@@ -35,10 +38,10 @@ def _sample_spec(tmp):
     return path
 
 
-def _run(tmp, data_dir, **kwargs):
+def _run(tmp, data_dir, sandbox=None, **kwargs):
     from pipelines import local_runner
 
-    return local_runner.run(_sample_spec(tmp), env_path=_env(tmp), data_path=data_dir, quiet=True,
+    return local_runner.run(_sample_spec(tmp), env_path=_env(tmp, sandbox=sandbox), data_path=data_dir, quiet=True,
                             summary_path=os.path.join(tmp, "run_summary.json"),
                             report_dir=os.path.join(tmp, "reports"), **kwargs)
 
@@ -59,6 +62,13 @@ def pipeline_run(taxi_spec, tmp_path_factory):
     first = _run(tmp, data)
     second = _run(tmp, data)
     return tmp, first, second
+
+
+@pytest.fixture(scope="module")
+def sandbox_refused_run(pipeline_run):
+    """The same model again, with a p50 latency no server meets: only the sandbox and Pusher rerun."""
+    tmp = pipeline_run[0]
+    return _run(tmp, os.path.join(tmp, "data"), sandbox={"max_p50_ms": 0.001})
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +103,13 @@ def test_run_blesses_and_pushes_a_servable_model(pipeline_run):
         **{k: tf.constant([float("nan")]) for k in (
             "pickup_latitude", "pickup_longitude", "dropoff_latitude", "dropoff_longitude")}})
     assert out["probabilities"].shape == (1, 2) and out["classes"].numpy()[0] in (b"no", b"yes")
+    # Sandbox validation served it in its own process before the push; the pushed copy is warmed.
+    sandbox = summary["sandbox"]
+    assert sandbox["blessed"] and sandbox["reasons"] == []
+    assert sandbox["rows_compared"] == 300 and sandbox["rows_differing"] == 0
+    assert 0 < sandbox["p50_ms"] <= sandbox["p99_ms"] and sandbox["requests_per_second"] > 5
+    warmup = os.path.join(summary["model_path"], "assets.extra", "tf_serving_warmup_requests")
+    assert sum(1 for _ in tf.data.TFRecordDataset(warmup)) == sandbox["warmup_records"] == 50
 
 
 @pytest.mark.xdist_group("e2e")
@@ -124,6 +141,20 @@ def test_unchanged_rerun_is_served_from_cache(pipeline_run):
     # Not even the Evaluator reruns: the candidate is never its own baseline.
     assert second["baseline_model"] is None
     assert max(second["seconds_per_component"].values()) < 1.0
+
+
+@pytest.mark.xdist_group("e2e")
+def test_a_model_failing_sandbox_validation_is_not_pushed(pipeline_run, sandbox_refused_run):
+    tmp, first, _ = pipeline_run
+    summary = sandbox_refused_run
+    assert summary["succeeded"] and summary["blessed"]  # the Evaluator still blesses it...
+    assert not summary["pushed"]                          # ...but Pusher needs both blessings
+    assert summary["sandbox"]["blessed"] is False
+    assert len(summary["sandbox"]["reasons"]) == 1 and "max_p50_ms 0.001" in summary["sandbox"]["reasons"][0]
+    assert summary["sandbox"]["rows_differing"] == 0      # the predictions themselves were right
+    assert os.listdir(os.path.join(tmp, "models", "taxi")) == [first["model_version"]]
+    ran = {k for k, v in summary["seconds_per_component"].items() if v >= 1.0}
+    assert "sandbox_validator" in ran and not {"Transform", "Trainer", "Evaluator"} & ran
 
 
 @pytest.mark.xdist_group("e2e")

@@ -247,3 +247,31 @@ def test_hot_swap_under_20_concurrent_clients_fails_no_request(server, small_mod
         codes = [c for f in futures for c in f.result()]
     assert len(codes) > 100 and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
     assert call(f"{url}/v1/models/taxi/labels/stable")[1]["model_version_status"][0]["version"] == "3"
+
+
+def test_a_version_that_fails_to_load_is_reported_and_the_others_keep_serving(small_model, tmp_path):
+    from serving.repository import Repository
+    from serving.server import make_server
+
+    shutil.copytree(small_model[0], tmp_path / "taxi" / "1")
+    shutil.copytree(small_model[0], tmp_path / "taxi" / "2")
+    (tmp_path / "taxi" / "2" / "saved_model.pb").write_bytes(b"truncated upload")
+    repo = Repository(str(tmp_path), poll_seconds=3600)
+    httpd = make_server(repo, port=0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1/models/taxi"
+    try:
+        code, body = call(url)
+        assert code == 200
+        states = {s["version"]: s for s in body["model_version_status"]}
+        assert states["1"]["state"] == "AVAILABLE"
+        assert states["2"]["state"] == "END" and "saved_model.pb" in states["2"]["status"]["error_message"]
+        assert call(f"{url}/versions/2")[1]["model_version_status"][0]["state"] == "END"
+        code, body = call(f"{url}/versions/2:predict", {"instances": [{"payment_type": "Cash"}]})
+        assert code == 404 and "Specific(taxi, 2)" in body["error"]
+        code, body = call(f"{url}:predict", {"instances": [{"payment_type": "Cash"}]})  # latest loaded: 1
+        assert code == 200 and len(body["predictions"]) == 1
+        repo.refresh()  # not retried: the failure stays reported, nothing is reloaded
+        assert repo.snapshot("taxi").failed.keys() == {2}
+    finally:
+        httpd.shutdown()

@@ -1,0 +1,409 @@
+"""Sandbox validation: the candidate served the way production serves it, before Pusher.
+
+The Evaluator judges the model's quality; this component judges the model as a service.
+It lays the candidate out as a one-version TF Serving model repository, starts the local
+server on it in a separate process (its own interpreter, nothing shared with training),
+waits for the version to be AVAILABLE and then
+
+  1. replays eval examples over REST and blesses only if every prediction equals the
+     in-process serving_default call on the same rows (within `tolerance`);
+  2. measures single-row latency (p50, p99) and throughput with concurrent keep-alive
+     clients, against the thresholds of the environment config (`sandbox:` in configs/local.yaml).
+
+Its output is TFX's InfraBlessing, so the standard Pusher requires it next to the
+Evaluator's blessing. When blessed it also carries a copy of the model with warmup requests
+(assets.extra/tf_serving_warmup_requests: PredictionLog records built from eval examples,
+at most 1000) and sets `has_model`, the way InfraValidator's make_warmup does: Pusher then
+pushes that warmed copy, so the first real request to a new version is not the slow one.
+
+On Kubeflow, TFX's InfraValidator can run the real TF Serving image instead (see README).
+"""
+
+import dataclasses
+import glob
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+from tfx.components.util import model_utils
+from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
+from tfx.dsl.component.experimental.decorators import component
+from tfx.types.standard_artifacts import Examples, InfraBlessing, Model, ModelBlessing
+
+SANDBOX_REPORT = "sandbox_report.json"
+MAX_WARMUP_RECORDS = 1000  # TF Serving reads at most this many warmup records
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxConfig:
+    """Thresholds and replay sizes; the environment config's `sandbox:` block, key for key."""
+    rows: int = 500                      # eval rows replayed for the equality check
+    tolerance: float = 1e-6              # largest |REST - in-process| allowed on any output
+    latency_requests: int = 200          # sequential single-row requests for p50/p99
+    max_p50_ms: float = 25.0
+    max_p99_ms: float = 100.0
+    clients: int = 4                     # concurrent keep-alive clients for throughput
+    throughput_seconds: float = 2.0
+    min_requests_per_second: float = 50.0
+    warmup_records: int = 100            # PredictionLog records written into the pushed model
+    start_timeout_seconds: float = 180.0
+
+    @classmethod
+    def from_dict(cls, values: Optional[Dict[str, Any]]) -> "SandboxConfig":
+        values = dict(values or {})
+        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"sandbox config: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        for key, value in values.items():
+            kind = int if known[key] in (int, "int") else float
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"sandbox config: '{key}' must be a non-negative number, got {value!r}")
+            values[key] = kind(value)
+        if values.get("warmup_records", 0) > MAX_WARMUP_RECORDS:
+            raise ValueError(f"sandbox config: 'warmup_records' is at most {MAX_WARMUP_RECORDS} "
+                             f"(TF Serving reads no more), got {values['warmup_records']}")
+        return cls(**values)
+
+
+# --- the served candidate ---------------------------------------------------------------------
+
+class SandboxServer:
+    """The local server in its own process over a one-version repository; a context manager."""
+
+    def __init__(self, model_dir: str, model_name: str, work_dir: str, start_timeout: float):
+        self.model_name, self.version = model_name, 1
+        self.root = os.path.join(work_dir, "repository")
+        # A symlink, not a copy: the server only reads the model.
+        os.makedirs(os.path.join(self.root, model_name))
+        os.symlink(os.path.abspath(model_dir), os.path.join(self.root, model_name, str(self.version)))
+        self.port_file = os.path.join(work_dir, "port")
+        self.log_path = os.path.join(work_dir, "server.log")
+        self.start_timeout = start_timeout
+        self.process: Optional[subprocess.Popen] = None
+        self.port: Optional[int] = None
+
+    def start(self) -> "SandboxServer":
+        """Starts the process and returns at once (the caller can work while the server loads)."""
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")])))
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "serving.server", "--model_base_path", self.root, "--port", "0",
+                 "--port_file", self.port_file, "--poll_seconds", "3600"],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=_REPO_ROOT)
+        return self
+
+    def __enter__(self) -> "SandboxServer":
+        if self.process is None:
+            self.start()
+        try:
+            self.wait_available()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def wait_available(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SandboxError(f"the sandbox server exited with code {self.process.returncode} before serving; "
+                                   f"its log: {self.log_path}\n{self._log_tail()}")
+            if self.port is None and os.path.exists(self.port_file):
+                with open(self.port_file) as f:
+                    self.port = int(f.read())
+            if self.port is not None:
+                try:
+                    status, body = self.request("GET", f"/v1/models/{self.model_name}/versions/{self.version}")
+                    state = body["model_version_status"][0] if status == 200 else {}
+                    if state.get("state") == "AVAILABLE":
+                        return
+                    if state.get("state") == "END":  # the server gave up loading it
+                        raise SandboxError(f"the sandbox server could not load the model: "
+                                           f"{state['status']['error_message']}; its log: {self.log_path}")
+                except (OSError, http.client.HTTPException):
+                    pass
+            time.sleep(0.2)
+        raise SandboxError(f"the sandbox server did not report version {self.version} AVAILABLE within "
+                           f"{self.start_timeout:.0f} s; its log: {self.log_path}\n{self._log_tail()}")
+
+    def _log_tail(self, lines: int = 20) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+
+    def connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+
+    def request(self, method: str, path: str, body: Optional[Dict] = None, conn=None):
+        own = conn is None
+        conn = conn or self.connection()
+        try:
+            conn.request(method, path, body=None if body is None else json.dumps(body),
+                         headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            if own:
+                conn.close()
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not be set up (as opposed to a candidate that failed its checks)."""
+
+
+# --- the checks -------------------------------------------------------------------------------
+
+def _predict_path(server: SandboxServer) -> str:
+    return f"/v1/models/{server.model_name}/versions/{server.version}:predict"
+
+
+def compare_predictions(server: SandboxServer, expected: Dict[str, np.ndarray], rows: List[Dict],
+                        tolerance: float, batch: int = 100) -> Dict[str, Any]:
+    """REST answers for `rows` against the in-process outputs: largest difference per output and
+    the number of rows where any output differs by more than `tolerance` (class names: at all)."""
+    answers: List[Dict] = []
+    conn = server.connection()
+    try:
+        for start in range(0, len(rows), batch):
+            status, body = server.request("POST", _predict_path(server), {"instances": rows[start:start + batch]}, conn)
+            if status != 200:
+                return {"rows": len(rows), "rows_differing": len(rows),
+                        "error": f"HTTP {status}: {body.get('error', body)}"}
+            answers.extend(body["predictions"])
+    finally:
+        conn.close()
+    differing = np.zeros(len(rows), dtype=bool)
+    max_abs_diff: Dict[str, Optional[float]] = {}
+    for key, want in expected.items():
+        want = want.reshape(len(rows), -1)
+        got = np.asarray([a[key] for a in answers], dtype=object).reshape(len(rows), -1)
+        if want.dtype.kind in "SUO":  # class names must be identical
+            want_text = np.vectorize(lambda w: w.decode() if isinstance(w, bytes) else str(w), otypes=[object])(want)
+            differing |= (got.astype(str) != want_text.astype(str)).any(axis=1)
+            max_abs_diff[key] = None
+        else:
+            diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+            max_abs_diff[key] = float(diff.max()) if diff.size else 0.0
+            differing |= diff.max(axis=1) > tolerance
+    return {"rows": len(rows), "rows_differing": int(differing.sum()), "max_abs_diff": max_abs_diff}
+
+
+def measure_latency(server: SandboxServer, rows: List[Dict], requests: int) -> Dict[str, float]:
+    """Sequential single-row requests on one keep-alive connection: p50 and p99 in ms."""
+    conn = server.connection()
+    times = []
+    errors = 0
+    try:
+        for i in range(requests):
+            started = time.perf_counter()
+            status, _ = server.request("POST", _predict_path(server), {"instances": [rows[i % len(rows)]]}, conn)
+            times.append((time.perf_counter() - started) * 1e3)
+            errors += status != 200
+    finally:
+        conn.close()
+    return {"requests": requests, "errors": errors,
+            "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
+
+
+def measure_throughput(server: SandboxServer, rows: List[Dict], clients: int, seconds: float) -> Dict[str, float]:
+    """`clients` threads, each on its own keep-alive connection, single rows for `seconds`."""
+    counts, errors = [0] * clients, [0] * clients
+    stop_at = time.perf_counter() + seconds
+
+    def client(k: int) -> None:
+        conn = server.connection()
+        i = k
+        try:
+            while time.perf_counter() < stop_at:
+                try:
+                    status, _ = server.request("POST", _predict_path(server), {"instances": [rows[i % len(rows)]]}, conn)
+                except (OSError, http.client.HTTPException):
+                    errors[k] += 1
+                    conn.close()
+                    conn = server.connection()
+                    continue
+                counts[k] += status == 200
+                errors[k] += status != 200
+                i += clients
+        finally:
+            conn.close()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    return {"clients": clients, "seconds": elapsed, "requests": sum(counts), "errors": sum(errors),
+            "requests_per_second": sum(counts) / elapsed}
+
+
+# --- warmup -----------------------------------------------------------------------------------
+
+def warmup_records(columns, count: int) -> List[bytes]:
+    """PredictionLog records for serving_default, one eval row each, as TF Serving replays them."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    records = []
+    n = min(count, len(next(iter(columns.values()))) if columns else 0)
+    for i in range(n):
+        request = predict_pb2.PredictRequest()
+        request.model_spec.signature_name = "serving_default"
+        for name, column in columns.items():
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(column[i:i + 1].numpy()))
+        records.append(prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=request)).SerializeToString())
+    return records
+
+
+def write_warmed_model(model_dir: str, out_dir: str, records: List[bytes]) -> str:
+    """A copy of the model with assets.extra/tf_serving_warmup_requests; returns the warmup file."""
+    import tensorflow as tf
+
+    shutil.copytree(model_dir, out_dir, symlinks=False)
+    path = os.path.join(out_dir, "assets.extra", "tf_serving_warmup_requests")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+    return path
+
+
+# --- the whole validation -----------------------------------------------------------------------
+
+def read_examples(examples_uri: str, split: str, limit: int) -> List[bytes]:
+    """Serialized raw tf.Examples of one split of an Examples artifact (GZIP TFRecords)."""
+    import tensorflow as tf
+
+    files = sorted(glob.glob(os.path.join(examples_uri, f"Split-{split}", "*")))
+    if not files:
+        raise SandboxError(f"no '{split}' split under {examples_uri}: nothing to replay")
+    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").take(limit)
+    return [r.numpy() for r in dataset]
+
+
+def verdict(report: Dict[str, Any], config: SandboxConfig) -> List[str]:
+    """What fails in a measured report: each reason names the figure and the threshold."""
+    reasons = []
+    predictions, latency, throughput = report["predictions"], report["latency"], report["throughput"]
+    if "error" in predictions:
+        reasons.append(f"predictions: the server refused the eval rows: {predictions['error']}")
+    elif predictions["rows_differing"]:
+        reasons.append(f"predictions: {predictions['rows_differing']} of {predictions['rows']} rows differ from "
+                       f"the in-process call by more than {config.tolerance:g} (max |diff| per output: "
+                       f"{predictions['max_abs_diff']})")
+    if latency["errors"] or throughput["errors"]:
+        reasons.append(f"errors: {latency['errors']} in the latency run, {throughput['errors']} in the throughput run")
+    if latency["p50_ms"] > config.max_p50_ms:
+        reasons.append(f"latency: p50 {latency['p50_ms']:.2f} ms > max_p50_ms {config.max_p50_ms:g}")
+    if latency["p99_ms"] > config.max_p99_ms:
+        reasons.append(f"latency: p99 {latency['p99_ms']:.2f} ms > max_p99_ms {config.max_p99_ms:g}")
+    if throughput["requests_per_second"] < config.min_requests_per_second:
+        reasons.append(f"throughput: {throughput['requests_per_second']:.1f} requests/s < min_requests_per_second "
+                       f"{config.min_requests_per_second:g} ({config.clients} clients)")
+    return reasons
+
+
+def validate(model_dir: str, model_name: str, examples: List[bytes], config: SandboxConfig,
+             work_dir: str) -> Tuple[Dict[str, Any], List[bytes]]:
+    """Serves `model_dir` in a separate process and runs every check: (report, warmup records).
+
+    report["blessed"] is True only when all predictions match and every threshold is met;
+    report["reasons"] lists what failed, with the measured figure and the threshold. Warmup
+    records are built only for a blessed model.
+    """
+    import tensorflow as tf
+
+    from components.export import json_instances, raw_inputs
+
+    started = time.perf_counter()
+    server = SandboxServer(model_dir, model_name, work_dir, config.start_timeout_seconds).start()
+    try:  # the in-process answers, computed while the server process starts
+        signature = tf.saved_model.load(model_dir).signatures["serving_default"]
+        _, input_specs = signature.structured_input_signature
+        columns = raw_inputs(examples, input_specs)
+        rows = json_instances(columns)
+        expected = {k: v.numpy() for k, v in signature(**columns).items()}
+    except BaseException:
+        server.__exit__()
+        raise
+    report: Dict[str, Any] = {"model_name": model_name, "config": dataclasses.asdict(config)}
+    with server:
+        report["server_start_seconds"] = time.perf_counter() - started
+        report["predictions"] = compare_predictions(server, expected, rows, config.tolerance)
+        report["latency"] = measure_latency(server, rows, config.latency_requests)
+        report["throughput"] = measure_throughput(server, rows, config.clients, config.throughput_seconds)
+    reasons = verdict(report, config)
+    report["blessed"], report["reasons"] = not reasons, reasons
+    return report, (warmup_records(columns, config.warmup_records) if not reasons else [])
+
+
+def _record(blessing, report: Dict[str, Any]) -> None:
+    """Report file, TFX's marker file and the custom properties Pusher and the summary read."""
+    from tfx.dsl.io import fileio
+
+    with fileio.open(os.path.join(blessing.uri, SANDBOX_REPORT), "w") as f:
+        f.write(json.dumps(report, indent=2))
+    marker = "INFRA_BLESSED" if report["blessed"] else "INFRA_NOT_BLESSED"  # InfraValidator's names
+    with fileio.open(os.path.join(blessing.uri, marker), "w") as f:
+        f.write("\n".join(report["reasons"]))
+    blessing.set_int_custom_property("blessed", int(report["blessed"]))
+    if "latency" in report:
+        blessing.set_float_custom_property("p50_ms", report["latency"]["p50_ms"])
+        blessing.set_float_custom_property("p99_ms", report["latency"]["p99_ms"])
+        blessing.set_float_custom_property("requests_per_second", report["throughput"]["requests_per_second"])
+        blessing.set_int_custom_property("rows_differing", report["predictions"]["rows_differing"])
+
+
+@component
+def SandboxValidator(model: InputArtifact[Model], examples: InputArtifact[Examples],
+                     model_blessing: InputArtifact[ModelBlessing], blessing: OutputArtifact[InfraBlessing],
+                     model_name: Parameter[str], config: Parameter[str] = "{}",
+                     split: Parameter[str] = "eval") -> None:
+    """Blesses (InfraBlessing) a candidate that serves what it computes, fast enough; see module doc."""
+    import absl.logging
+    from tfx.utils import path_utils
+
+    settings = SandboxConfig.from_dict(json.loads(config))
+    if not model_utils.is_model_blessed(model_blessing):
+        # Pusher would refuse it anyway: do not spend a server start on it.
+        report = {"model_name": model_name, "blessed": False,
+                  "reasons": ["the Evaluator did not bless this model; the sandbox was not started"]}
+    else:
+        model_dir = path_utils.serving_model_path(model.uri, path_utils.is_old_model_artifact(model))
+        with tempfile.TemporaryDirectory(prefix="sandbox-") as work_dir:
+            try:
+                rows = read_examples(examples.uri, split, settings.rows)
+                report, warmup = validate(model_dir, model_name, rows, settings, work_dir)
+            except SandboxError as e:  # the candidate could not even be served: not blessed, and why
+                report, warmup = {"model_name": model_name, "blessed": False, "reasons": [str(e)]}, []
+        if report["blessed"]:
+            # The pushed model is this warmed copy (Pusher takes it from the InfraBlessing).
+            write_warmed_model(model_dir, path_utils.stamped_model_path(blessing.uri), warmup)
+            blessing.set_int_custom_property("has_model", 1)
+            report["warmup_records"] = len(warmup)
+    _record(blessing, report)
+    if report["blessed"]:
+        absl.logging.info("sandbox: blessed: %s", json.dumps({k: report[k] for k in ("latency", "throughput")}))
+    else:
+        absl.logging.warning("sandbox: NOT blessed:\n  %s", "\n  ".join(report["reasons"]))
