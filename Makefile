@@ -48,10 +48,10 @@ schema: ## infer the schema of $(SPEC)'s data and write it to the spec's schema 
 	$(PY) -m pipelines.schema_tool --spec $(SPEC)
 
 promote: ## promote a pushed, blessed version: make promote VERSION=n [LABEL=stable|canary]
-	$(PY) -m pipelines.release promote --version $(VERSION) --label $(or $(LABEL),stable)
+	$(PY) -m pipelines.release promote --version $(VERSION) --label $(or $(LABEL),stable) $(if $(SERVING_URL),--serving_url $(SERVING_URL))
 
 rollback: ## move a label back to the version it replaced: make rollback [LABEL=stable]
-	$(PY) -m pipelines.release rollback --label $(or $(LABEL),stable)
+	$(PY) -m pipelines.release rollback --label $(or $(LABEL),stable) $(if $(SERVING_URL),--serving_url $(SERVING_URL))
 
 parity: ## the taxi eval split through training path, both signatures and REST; writes build/parity.json
 	$(PY) -m pipelines.parity

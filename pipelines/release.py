@@ -3,12 +3,19 @@
     python -m pipelines.release promote --version N [--label stable|canary]
     python -m pipelines.release rollback [--label stable]
 
-Moves the label in <model_repository>/<model>/labels.json (the local server and the
-release tooling read it) and appends one JSON line per decision to
-<model_repository>/<model>/release_log.jsonl: who, when, version, label, the version it
-replaced, the version's evaluation metrics and its lineage from ML Metadata (data, schema,
-transform graph, model, code commit). A version that was not pushed after a blessing is
-refused. The log is append-only: a rollback is a new line, never an edit.
+One decision, two readers, one writer (this module):
+  <model_repository>/<model>/labels.json   the local server's labels
+  <model_repository>/models.config         TF Serving's ModelServerConfig (--model_config_file)
+and one JSON line per decision in <model_repository>/<model>/release_log.jsonl: who, when,
+version, label, the version it replaced, the version's evaluation metrics and its lineage from
+ML Metadata (data, schema, transform graph, model, sandbox report, code commit). A version that
+was not pushed after both blessings is refused. The log is append-only: a rollback is a new
+line, never an edit.
+
+TF Serving refuses a label that points at a version it has not loaded, so a release is two
+writes of models.config: first the version is listed (labels unchanged); then, once the server
+reports it AVAILABLE (`--serving_url`, polled), the label moves. Without --serving_url nothing
+can be asked and both writes follow at once; against TF Serving, pass the URL.
 """
 
 import argparse
@@ -17,11 +24,13 @@ import json
 import os
 import sys
 import time
+import urllib.error
+import urllib.request
 from typing import Any, Dict, List, Optional
 
 from pipelines.report import custom_property
 
-LABELS_FILE, LOG_FILE = "labels.json", "release_log.jsonl"
+LABELS_FILE, LOG_FILE, MODEL_CONFIG_FILE = "labels.json", "release_log.jsonl", "models.config"
 CODE_COMMIT = "code_commit"  # custom property the local runner sets on its pipeline_run context
 
 
@@ -141,8 +150,93 @@ def read_log(model_dir: str) -> List[Dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def served_versions(model_dir: str) -> List[int]:
+    """What TF Serving should hold: every labelled version, plus the version each label replaced
+    last (kept for one release, so a rollback is a label move, not a load)."""
+    labels = _read_labels(model_dir)
+    keep = set(labels.values())
+    last: Dict[str, Dict] = {}
+    for entry in read_log(model_dir):
+        last[entry["label"]] = entry
+    keep |= {e["previous"] for e in last.values()
+             if e.get("previous") is not None and os.path.isdir(os.path.join(model_dir, str(e["previous"])))}
+    return sorted(keep)
+
+
+def write_model_config(model_repository: str, base_path: str = "/models", adding: Optional[Dict[str, int]] = None) -> str:
+    """Renders <model_repository>/models.config from every model's labels (and `adding`: versions
+    to load before a label may point at them). base_path is where the server sees the repository."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    adding = adding or {}
+    config = model_server_config_pb2.ModelServerConfig()
+    for name in sorted(os.listdir(model_repository)):
+        model_dir = os.path.join(model_repository, name)
+        if not os.path.isdir(model_dir):
+            continue
+        versions = sorted(set(served_versions(model_dir)) | ({adding[name]} if name in adding else set()))
+        if not versions:
+            continue  # pushed but never promoted: a candidate is not served
+        model = config.model_config_list.config.add(name=name, base_path=f"{base_path.rstrip('/')}/{name}",
+                                                    model_platform="tensorflow")
+        model.model_version_policy.specific.versions.extend(versions)
+        for label, version in sorted(_read_labels(model_dir).items()):
+            model.version_labels[label] = version
+    header = ("# Written by `make promote` / `make rollback` (pipelines/release.py) from labels.json and\n"
+              "# release_log.jsonl: edit those through the tool, not this file.\n")
+    path = os.path.join(model_repository, MODEL_CONFIG_FILE)
+    tmp = os.path.join(model_repository, f".{MODEL_CONFIG_FILE}.tmp")
+    with open(tmp, "w") as f:
+        f.write(header + text_format.MessageToString(config))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # the server's config poll never reads half a file
+    return path
+
+
+def wait_until_available(serving_url: str, model_name: str, version: int, timeout: float,
+                         interval: float = 1.0) -> None:
+    """Polls TF Serving's model status API until the version is AVAILABLE."""
+    url = f"{serving_url.rstrip('/')}/v1/models/{model_name}/versions/{version}"
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                state = json.loads(response.read())["model_version_status"][0]
+            if state["state"] == "AVAILABLE":
+                return
+            if state["state"] == "END":
+                raise ReleaseError(f"{url}: the server could not load version {version}: "
+                                   f"{state.get('status', {}).get('error_message', '')}; the label was not moved")
+            last = state["state"]
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code}"
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            last = f"{type(e).__name__}: {e}"
+        if time.monotonic() >= deadline:
+            raise ReleaseError(f"{url}: version {version} not AVAILABLE after {timeout:.0f} s (last: {last}); "
+                               f"the label was not moved (models.config lists the version)")
+        time.sleep(interval)
+
+
+def release(model_repository: str, model_name: str, entry: Dict[str, Any], serving_url: Optional[str] = None,
+            wait_seconds: float = 300, base_path: str = "/models") -> None:
+    """Carries out a recorded decision: load the version, wait for it, log, then move the label."""
+    model_dir = os.path.join(model_repository, model_name)
+    label, version = entry["label"], entry["version"]
+    write_model_config(model_repository, base_path, adding={model_name: version})
+    if serving_url:
+        wait_until_available(serving_url, model_name, version, wait_seconds)
+    _append_log(model_dir, entry)  # the decision is recorded before the label moves
+    _write_labels(model_dir, {**_read_labels(model_dir), label: version})
+    write_model_config(model_repository, base_path)
+
+
 def promote(model_repository: str, metadata_path: str, model_name: str, version: int, label: str = "stable",
-            action: str = "promote", who: Optional[str] = None) -> Dict[str, Any]:
+            action: str = "promote", who: Optional[str] = None, serving_url: Optional[str] = None,
+            wait_seconds: float = 300, base_path: str = "/models") -> Dict[str, Any]:
     model_dir = os.path.join(model_repository, model_name)
     if not os.path.exists(os.path.join(model_dir, str(version), "saved_model.pb")):
         raise ReleaseError(f"{model_dir}/{version}: no such version in the model repository")
@@ -150,23 +244,22 @@ def promote(model_repository: str, metadata_path: str, model_name: str, version:
     from pipelines.report import load_metrics
 
     metrics = load_metrics(evidence["evaluation"]).get("Overall", {})
-    labels = _read_labels(model_dir)
-    entry = {"action": action, "label": label, "version": version, "previous": labels.get(label),
+    entry = {"action": action, "label": label, "version": version, "previous": _read_labels(model_dir).get(label),
              "who": who or os.environ.get("SKEWLESS_USER") or getpass.getuser(),
              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "metrics": metrics,
              "lineage": evidence}
-    _append_log(model_dir, entry)  # the decision is recorded before it takes effect
-    _write_labels(model_dir, {**labels, label: version})
+    release(model_repository, model_name, entry, serving_url, wait_seconds, base_path)
     return entry
 
 
 def rollback(model_repository: str, metadata_path: str, model_name: str, label: str = "stable",
-             who: Optional[str] = None) -> Dict[str, Any]:
+             who: Optional[str] = None, **release_args) -> Dict[str, Any]:
     model_dir = os.path.join(model_repository, model_name)
     current = _read_labels(model_dir).get(label)
     for entry in reversed(read_log(model_dir)):
         if entry["label"] == label and entry["version"] == current and entry["previous"] is not None:
-            return promote(model_repository, metadata_path, model_name, entry["previous"], label, "rollback", who)
+            return promote(model_repository, metadata_path, model_name, entry["previous"], label, "rollback", who,
+                           **release_args)
     raise ReleaseError(f"label '{label}' has no earlier version to roll back to")
 
 
@@ -178,20 +271,27 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="taxi")
     parser.add_argument("--model_repository", default="build/model_repository")
     parser.add_argument("--metadata", help="ML Metadata SQLite file (default: build/metadata/<model>.sqlite)")
+    parser.add_argument("--serving_url", help="TF Serving (or local server) REST root, e.g. http://host:8501: "
+                        "the label moves only once it reports the version AVAILABLE")
+    parser.add_argument("--wait_seconds", type=float, default=300)
+    parser.add_argument("--serving_base_path", default="/models",
+                        help="where the server sees the model repository (models.config base_path)")
     args = parser.parse_args(argv)
+    release_args = dict(serving_url=args.serving_url, wait_seconds=args.wait_seconds, base_path=args.serving_base_path)
     metadata = args.metadata or f"build/metadata/{args.model}.sqlite"
     try:
         if args.action == "promote":
             if args.version is None:
                 parser.error("promote needs --version")
-            entry = promote(args.model_repository, metadata, args.model, args.version, args.label)
+            entry = promote(args.model_repository, metadata, args.model, args.version, args.label, **release_args)
         else:
-            entry = rollback(args.model_repository, metadata, args.model, args.label)
+            entry = rollback(args.model_repository, metadata, args.model, args.label, **release_args)
     except ReleaseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{entry['action']}: {args.model} label '{entry['label']}' {entry['previous']} -> {entry['version']} "
-          f"by {entry['who']}; logged in {os.path.join(args.model_repository, args.model, LOG_FILE)}")
+          f"by {entry['who']}; logged in {os.path.join(args.model_repository, args.model, LOG_FILE)}; "
+          f"TF Serving config: {os.path.join(args.model_repository, MODEL_CONFIG_FILE)}")
     return 0
 
 

@@ -325,12 +325,6 @@ def _check_model_config(config, version=None):
         assert loaded == {version} and dict(model.version_labels) == {"stable": version}
 
 
-def test_models_config_parses_as_model_server_config():
-    from tensorflow_serving.config import model_server_config_pb2
-
-    _check_model_config(_parse(CONFIG / "models.config", model_server_config_pb2.ModelServerConfig))
-
-
 def test_model_in_image_config_labels_the_baked_version_stable():
     from tensorflow_serving.config import model_server_config_pb2
 
