@@ -10,7 +10,7 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONWARNINGS := ignore
 
-.PHONY: help setup lock test test-fast run schema data promote rollback parity serve bench-pipeline bench-serving clean
+.PHONY: help setup lock test test-fast run schema data promote rollback parity serve bench-pipeline bench-serving bench-proxy clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -56,11 +56,17 @@ rollback: ## move a label back to the version it replaced: make rollback [LABEL=
 parity: ## the taxi eval split through training path, both signatures and REST; writes build/parity.json
 	$(PY) -m pipelines.parity
 
-serve: ## the local TF-Serving-compatible REST server on :8501 over build/model_repository
-	$(PY) -m serving.server --model_base_path build/model_repository --rest_api_port 8501
+serve: ## local TF-Serving-compatible server on :8501 and the proxy on :8080 (logs to build/prediction_log.sqlite)
+	@$(PY) -m serving.server --model_base_path build/model_repository --rest_api_port 8501 & server=$$!; \
+	PROXY_ENV_FILE=configs/proxy.env $(PY) -m serving.proxy --port 8080 --log build/prediction_log.sqlite & proxy=$$!; \
+	trap 'kill -TERM $$proxy $$server 2>/dev/null' INT TERM; \
+	wait $$proxy; kill -TERM $$server 2>/dev/null; wait $$server
 
 bench-serving: ## in-process signature call vs REST through the local server (needs a pushed model)
 	$(PY) -m benchmarks.bench_serving
+
+bench-proxy: ## what the proxy adds: one client and 50 clients for 60 s, direct vs through the proxy
+	$(PY) -m benchmarks.bench_proxy
 
 bench-pipeline: ## our pipeline vs TFX's taxi native-Keras example, first run and unchanged rerun
 	$(PY) -m benchmarks.bench_pipeline

@@ -117,6 +117,8 @@ class PredictionLog:
         with self._lock:
             self._counts["logged"] += 1
             try:
+                if self._segment_fd is None:
+                    raise OSError("the prediction log is closed")
                 os.write(self._segment_fd, line)  # one append: on disk (page cache) before we answer
             except OSError as e:
                 self._counts["lost"] += 1

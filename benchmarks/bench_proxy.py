@@ -1,0 +1,169 @@
+"""`make bench-proxy`: what the proxy adds in front of the server, in one run.
+
+The local server (on the latest pushed model) and the proxy (prediction log on) each run in their
+own process, as in production. Measured, both directly against the server and through the proxy:
+
+  1. one client, sequential single-row requests, alternating the two paths: p50/p99 and the
+     p50 the proxy adds (target: <= 1 ms);
+  2. 50 concurrent keep-alive clients for --seconds (default 60) each: requests/s, p50/p99,
+     errors (target: 0);
+then the prediction log is checked: every request the proxy answered is a row.
+Writes build/bench_proxy.json.
+
+    python -m benchmarks.bench_proxy [--model taxi] [--seconds 60] [--clients 50]
+"""
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROW = {"fare": 12.5, "trip_miles": 2.1, "trip_seconds": 600, "trip_start_hour": 19, "trip_start_day": 6,
+       "trip_start_month": 5, "trip_start_timestamp": 1400269500, "payment_type": "Credit Card",
+       "company": "Chicago Elite Cab Corp."}
+
+
+def _start(args, work, name, env=None):
+    port_file = os.path.join(work, f"{name}.port")
+    log = open(os.path.join(work, f"{name}.log"), "w")
+    process = subprocess.Popen([sys.executable, "-m", *args, "--port", "0", "--port_file", port_file], cwd=REPO,
+                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + 180
+    while not os.path.exists(port_file):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not start; see {log.name}")
+        time.sleep(0.1)
+    with open(port_file) as f:
+        return process, int(f.read())
+
+
+def _post(conn, path, data):
+    conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    response.read()
+    return response.status
+
+
+def _percentiles(seconds):
+    ms = np.asarray(seconds) * 1e3
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def sequential(ports, path, data, n):
+    conns = {k: http.client.HTTPConnection("127.0.0.1", p, timeout=30) for k, p in ports.items()}
+    times = {k: [] for k in ports}
+    for k, conn in conns.items():  # connect and warm up
+        for _ in range(20):
+            _post(conn, path, data)
+    for _ in range(n):
+        for k, conn in conns.items():
+            t = time.perf_counter()
+            if _post(conn, path, data) != 200:
+                raise RuntimeError(f"{k}: request failed")
+            times[k].append(time.perf_counter() - t)
+    return {k: _percentiles(v) for k, v in times.items()}
+
+
+def concurrent(port, path, data, clients, seconds):
+    latencies, errors = [[] for _ in range(clients)], [0] * clients
+    stop_at = time.perf_counter() + seconds
+
+    def client(k):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while time.perf_counter() < stop_at:
+            t = time.perf_counter()
+            try:
+                ok = _post(conn, path, data) == 200
+            except (OSError, http.client.HTTPException):
+                ok = False
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            latencies[k].append(time.perf_counter() - t)
+            errors[k] += not ok
+        conn.close()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    flat = [x for per in latencies for x in per]
+    return {"clients": clients, "seconds": round(elapsed, 1), "requests": len(flat), "errors": sum(errors),
+            "requests_per_second": len(flat) / elapsed, **_percentiles(flat)}
+
+
+def run(model="taxi", model_base_path="build/model_repository", seconds=60.0, clients=50, sequential_n=500):
+    work = tempfile.mkdtemp(prefix="bench-proxy-")
+    log_path = os.path.join(work, "prediction_log.sqlite")
+    server, server_port = _start(["serving.server", "--model_base_path", model_base_path, "--poll_seconds", "3600"],
+                                 work, "server")
+    proxy = None
+    try:
+        proxy, proxy_port = _start(["serving.proxy", "--log", log_path], work, "proxy",
+                                   {"PROXY_BACKEND": f"http://127.0.0.1:{server_port}"})
+        path, data = f"/v1/models/{model}:predict", json.dumps({"instances": [ROW]}).encode()
+        ports = {"direct": server_port, "proxy": proxy_port}
+        single = sequential(ports, path, data, sequential_n)
+        loaded = {name: concurrent(port, path, data, clients, seconds) for name, port in ports.items()}
+    finally:
+        if proxy is not None:
+            proxy.send_signal(signal.SIGTERM)  # graceful: the log is written before it exits
+            proxy.wait(timeout=120)
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    with sqlite3.connect(log_path) as db:
+        logged = db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+    answered = loaded["proxy"]["requests"] - loaded["proxy"]["errors"] + 20 + sequential_n
+    report = {
+        "sequential": {**single, "p50_added_ms": single["proxy"]["p50_ms"] - single["direct"]["p50_ms"],
+                       "p99_added_ms": single["proxy"]["p99_ms"] - single["direct"]["p99_ms"],
+                       "p50_ratio": single["proxy"]["p50_ms"] / single["direct"]["p50_ms"]},
+        "concurrent": {**loaded, "p50_ratio": loaded["proxy"]["p50_ms"] / loaded["direct"]["p50_ms"],
+                       "p99_ratio": loaded["proxy"]["p99_ms"] / loaded["direct"]["p99_ms"],
+                       "throughput_ratio": loaded["proxy"]["requests_per_second"]
+                       / loaded["direct"]["requests_per_second"]},
+        "prediction_log": {"answered": answered, "rows": logged},
+    }
+    os.makedirs(os.path.join(REPO, "build"), exist_ok=True)
+    with open(os.path.join(REPO, "build", "bench_proxy.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="taxi")
+    parser.add_argument("--model_base_path", default="build/model_repository")
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--clients", type=int, default=50)
+    args = parser.parse_args(argv)
+    r = run(args.model, args.model_base_path, args.seconds, args.clients)
+    s, c = r["sequential"], r["concurrent"]
+    print("| path | one client p50 | p99 | "
+          f"{args.clients} clients req/s | p50 | p99 | errors |\n|---|---|---|---|---|---|---|")
+    for name in ("direct", "proxy"):
+        print(f"| {name} | {s[name]['p50_ms']:.2f} ms | {s[name]['p99_ms']:.2f} ms | "
+              f"{c[name]['requests_per_second']:.0f} | {c[name]['p50_ms']:.1f} ms | {c[name]['p99_ms']:.1f} ms | "
+              f"{c[name]['errors']} |")
+    print(f"proxy adds {s['p50_added_ms']:.2f} ms at p50 with one client (ratio {s['p50_ratio']:.2f}; target "
+          f"<= 1 ms: {'met' if s['p50_added_ms'] <= 1 else 'missed'}); under {args.clients} clients p50 ratio "
+          f"{c['p50_ratio']:.2f}, p99 ratio {c['p99_ratio']:.2f}, throughput ratio {c['throughput_ratio']:.2f}")
+    log = r["prediction_log"]
+    print(f"prediction log: {log['rows']} rows for {log['answered']} answered requests")
+    return 0 if c["proxy"]["errors"] == 0 and log["rows"] == log["answered"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""The proxy: A/B split and shadow, parameter-based control, prediction log, faults.
+
+Most tests put a stand-in TF Serving behind the proxy (answers derived from the request, so a
+test can tell which variant and version answered); the last one uses the real local server.
+"""
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.conftest import REPO
+
+VERSIONS = {"stable": 1, "canary": 2}
+
+
+class FakeServing:
+    """Answers :predict with score = fare / 100 (+ 0.5 for version 2), like TF Serving's REST API."""
+
+    def __init__(self, port=0, delay=0.0):
+        self.paths, self.delay = [], delay
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, code, body):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path.startswith("/v1/models/taxi/labels/"):
+                    version = VERSIONS.get(self.path.rsplit("/", 1)[1])
+                    if version is None:
+                        return self._reply(404, {"error": "Unrecognized servable version label"})
+                    return self._reply(200, {"model_version_status": [{"version": str(version), "state": "AVAILABLE"}]})
+                if self.path == "/v1/models/taxi":
+                    return self._reply(200, {"model_version_status": [{"version": "2", "state": "AVAILABLE"},
+                                                                      {"version": "1", "state": "AVAILABLE"}]})
+                self._reply(200, {"ok": True})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.paths.append(self.path)
+                if fake.delay:
+                    time.sleep(fake.delay)
+                label = self.path.split("/labels/")[1].split(":")[0] if "/labels/" in self.path else None
+                version = VERSIONS.get(label, 2)
+                if "instances" not in body:
+                    return self._reply(400, {"error": "Missing 'instances' key"})
+                predictions = []
+                for row in body["instances"]:
+                    score = min(1.0, row.get("fare", 0) / 100 + (0.5 if version == 2 else 0))
+                    predictions.append({"score": score, "probabilities": [1 - score, score],
+                                        "class_ids": int(score > 0.5), "classes": "yes" if score > 0.5 else "no"})
+                self._reply(200, {"predictions": predictions})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def backend():
+    fake = FakeServing()
+    yield fake
+    fake.close()
+
+
+def start_proxy(env, log_path=None, env_file=None):
+    from serving.proxy import Proxy, make_server
+
+    proxy = Proxy(env=env, env_file=env_file, log_path=log_path, watch_seconds=0)
+    server = make_server(proxy, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def stop():
+        server.shutdown()
+        server.server_close()
+        return proxy.close()
+    return proxy, url, stop
+
+
+def post(url, body, headers=None, path="/v1/models/taxi:predict", raw=None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, method="POST", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), dict(e.headers)
+
+
+def ab_env(backend, **extra):
+    return {"PROXY_BACKEND": backend.url,
+            "PROXY_VARIANTS": json.dumps({"stable": {"label": "stable", "weight": 70},
+                                          "canary": {"label": "canary", "weight": 30}}), **extra}
+
+
+def rows(db_path):
+    with sqlite3.connect(db_path) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(r) for r in db.execute("SELECT * FROM predictions ORDER BY ts")]
+
+
+def test_split_follows_the_weights_is_sticky_and_says_who_answered(backend):
+    _, url, stop = start_proxy(ab_env(backend))
+    try:
+        seen = {}
+        for user in range(1000):
+            code, body, headers = post(url, {"instances": [{"fare": 10.0}]}, {"X-User-Id": f"user-{user}"})
+            assert code == 200
+            variant = headers["X-Skewless-Variant"]
+            assert body["skewless"]["variant"] == variant
+            assert body["skewless"]["model_version"] == VERSIONS[variant] == int(headers["X-Skewless-Model-Version"])
+            # The backend's answer is the variant's: version 2 adds 0.5 to the score.
+            assert body["predictions"][0]["score"] == pytest.approx(0.1 + (0.5 if variant == "canary" else 0))
+            seen[user] = variant
+        share = sum(v == "canary" for v in seen.values()) / len(seen)
+        assert 0.26 < share < 0.34  # 30 % by weight; binomial sd over 1000 users is 1.4 %
+        for user in range(0, 1000, 50):  # the same user always lands on the same variant
+            assert post(url, {"instances": [{"fare": 1.0}]}, {"X-User-Id": f"user-{user}"})[2][
+                "X-Skewless-Variant"] == seen[user]
+        paths = {p for p in backend.paths}
+        assert paths == {"/v1/models/taxi/labels/stable:predict", "/v1/models/taxi/labels/canary:predict"}
+        # A URL that names a version bypasses the split.
+        code, body, headers = post(url, {"instances": [{"fare": 1.0}]}, path="/v1/models/taxi/versions/1:predict")
+        assert code == 200 and headers["X-Skewless-Variant"] == "direct" and headers["X-Skewless-Model-Version"] == "1"
+    finally:
+        stop()
+
+
+def test_shadow_gets_a_copy_and_never_answers(backend, tmp_path):
+    env = ab_env(backend, PROXY_SHADOW="canary")
+    proxy, url, stop = start_proxy(env, log_path=str(tmp_path / "log.sqlite"))
+    try:
+        for i in range(40):
+            code, body, headers = post(url, {"instances": [{"fare": float(i)}]})
+            assert code == 200 and headers["X-Skewless-Variant"] == "stable"
+            assert body["predictions"][0]["score"] == pytest.approx(i / 100)
+    finally:
+        stats = stop()
+    assert stats["written"] == 80 and stats["deferred"] == 0
+    logged = rows(str(tmp_path / "log.sqlite"))
+    answered = [r for r in logged if not r["shadow"]]
+    shadows = {r["request_id"]: r for r in logged if r["shadow"]}
+    assert len(answered) == 40 and len(shadows) == 40
+    for r in answered:
+        copy = shadows[r["request_id"] + ":shadow"]
+        assert copy["variant"] == "canary" and copy["model_version"] == 2 and copy["request"] == r["request"]
+        assert json.loads(copy["response"])["predictions"][0]["score"] == pytest.approx(
+            json.loads(r["response"])["predictions"][0]["score"] + 0.5)
+    counted = {s.labels["outcome"]: s.value for m in proxy.registry.collect() if m.name == "skewless_proxy_shadow"
+               for s in m.samples if s.name.endswith("_total")}
+    # fare < 50: stable says "no"; canary says "yes" from fare > 0 (score > 0.5): class differs but for fare 0.
+    assert counted == {"same_class": 1.0, "different_class": 39.0}
+
+
+def test_switch_threshold_and_timeout_change_on_sighup_without_a_restart(backend, tmp_path):
+    env_file = tmp_path / "proxy.env"
+    env_file.write_text("PROXY_ENABLED=false\nPROXY_FALLBACK={\"classes\": \"no\", \"score\": 0.0}\n")
+    proxy, url, stop = start_proxy({"PROXY_BACKEND": backend.url}, env_file=str(env_file))
+    try:
+        code, body, headers = post(url, {"instances": [{"fare": 80.0}, {"fare": 5.0}]})
+        assert code == 200 and headers["X-Skewless-Fallback"] == "true" and body["skewless"] == {"fallback": True}
+        assert body["predictions"] == [{"classes": "no", "score": 0.0}] * 2
+        assert backend.paths == []  # no model was called
+        env_file.write_text('PROXY_ENABLED=true\nPROXY_THRESHOLD=0.9\nPROXY_CLASSES=["no", "yes"]\n')
+        assert proxy.reload()  # what SIGHUP does in the CLI (tested in the restart test)
+        code, body, _ = post(url, {"instances": [{"fare": 30.0}, {"fare": 45.0}]})
+        # The latest version scores 0.8 and 0.95, so the model itself says "yes" to both.
+        assert [p["class_ids"] for p in body["predictions"]] == [0, 1] and body["skewless"]["threshold"] == 0.9
+        assert [p["classes"] for p in body["predictions"]] == ["no", "yes"]
+        env_file.write_text('PROXY_THRESHOLD=1.01\n')
+        assert not proxy.reload()  # refused: the message names the key; the previous settings stay
+        assert proxy.settings.threshold == 0.9
+        backend.delay = 0.5
+        env_file.write_text('PROXY_TIMEOUT_SECONDS=0.1\nPROXY_RETRIES=0\n')
+        assert proxy.reload()
+        code, body, _ = post(url, {"instances": [{"fare": 1.0}]})
+        assert code == 504 and "did not answer within 0.1 s" in body["error"] and "variant 'default'" in body["error"]
+    finally:
+        stop()
+
+
+def test_bad_settings_name_the_key():
+    from serving.proxy import ConfigError, Settings
+
+    cases = {"PROXY_ENABLED": ("maybe", "expected true or false"),
+             "PROXY_THRESHOLD": ("high", "expected a number"),
+             "PROXY_VARIANTS": ('{"a": {"weight": 1, "lable": "x"}}', r"PROXY_VARIANTS.a: unknown field\(s\) \['lable'\]"),
+             "PROXY_SHADOW": ("nobody", "'nobody' is not a variant"),
+             "PROXY_BACKEND": ("localhost:8501", "expected http://host:port")}
+    for key, (value, message) in cases.items():
+        with pytest.raises(ConfigError, match=message) as raised:
+            Settings({key: value})
+        assert str(raised.value).startswith(key)
+
+
+def test_bad_requests_get_4xx_and_the_proxy_keeps_serving(backend):
+    _, url, stop = start_proxy({"PROXY_BACKEND": backend.url})
+    try:
+        assert post(url, None, raw=b"{not json")[0] == 400
+        assert post(url, None, raw=b"[1, 2]")[0] == 400
+        assert post(url, {"instances": [{}]}, path="/v1/models/taxi:explode")[0] == 404
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
+        conn.putrequest("POST", "/v1/models/taxi:predict")
+        conn.putheader("Content-Length", str(9 * 1024 * 1024))  # refused before the body is sent
+        conn.endheaders()
+        response = conn.getresponse()
+        assert response.status == 413 and "too large" in json.loads(response.read())["error"]
+        conn.close()
+        code, body, _ = post(url, {"signature_name": "x"})  # the backend's own 400 passes through
+        assert code == 400 and "instances" in body["error"]
+        assert post(url, {"instances": [{"fare": 1.0}]})[0] == 200
+    finally:
+        stop()
+
+
+def test_every_request_is_logged_under_concurrency(backend, tmp_path):
+    log = str(tmp_path / "log.sqlite")
+    _, url, stop = start_proxy(ab_env(backend), log_path=log)
+    sent = []
+
+    def client(k):
+        for i in range(50):
+            code, body, headers = post(url, {"instances": [{"fare": float(i), "payment_type": "Cash"}]},
+                                       {"X-User-Id": f"u{k}"})
+            assert code == 200
+            sent.append((headers["X-Request-Id"], headers["X-Skewless-Variant"]))
+
+    with ThreadPoolExecutor(20) as pool:
+        list(pool.map(client, range(20)))
+    stats = stop()
+    assert len(sent) == 1000 and stats["written"] == 1000 and stats["deferred"] == stats["lost"] == 0
+    logged = {r["request_id"]: r for r in rows(log)}
+    assert len(logged) == 1000
+    for request_id, variant in sent:
+        r = logged[request_id]
+        assert r["variant"] == variant and r["model_version"] == VERSIONS[variant] and r["status"] == 200
+        assert json.loads(r["request"])["instances"][0]["payment_type"] == "Cash"
+        assert "predictions" in json.loads(r["response"]) and r["latency_ms"] > 0 and r["routing_key"].startswith("u")
+    assert not os.listdir(log + ".spool")  # everything committed: no spool left behind
+
+
+def _proxy_process(tmp_path, backend, log):
+    port_file = tmp_path / "port"
+    if port_file.exists():
+        port_file.unlink()
+    env = dict(os.environ, PROXY_BACKEND=backend.url, PYTHONPATH=REPO)
+    process = subprocess.Popen([sys.executable, "-m", "serving.proxy", "--port", "0", "--port_file", str(port_file),
+                                "--log", log], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not port_file.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()
+        time.sleep(0.05)
+    return process, f"http://127.0.0.1:{port_file.read_text()}"
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL])
+def test_nothing_acknowledged_is_lost_across_a_restart(backend, tmp_path, stop_signal):
+    """N answered requests -> N rows, whether the proxy is stopped (SIGTERM) or killed (SIGKILL)."""
+    log = str(tmp_path / "log.sqlite")
+    process, url = _proxy_process(tmp_path, backend, log)
+    acknowledged = []
+    with ThreadPoolExecutor(8) as pool:
+        for code, _, headers in pool.map(lambda i: post(url, {"instances": [{"fare": float(i % 90)}]}), range(400)):
+            assert code == 200
+            acknowledged.append(headers["X-Request-Id"])
+    process.send_signal(stop_signal)
+    process.wait(timeout=60)
+    # Restart: a killed proxy's spool is replayed; then stop it gracefully.
+    process, url = _proxy_process(tmp_path, backend, log)
+    assert post(url, {"instances": [{"fare": 1.0}]})[0] == 200
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=60)[0].decode()
+    logged = {r["request_id"] for r in rows(log)}
+    assert set(acknowledged) <= logged and len(logged) == 401, output
+
+
+def test_an_unavailable_store_does_not_stop_serving_and_the_loss_is_counted(backend, tmp_path):
+    log = tmp_path / "log.sqlite"
+    log.mkdir()  # a directory where the database should be: every write fails
+    proxy, url, stop = start_proxy({"PROXY_BACKEND": backend.url}, log_path=str(log))
+    try:
+        for i in range(30):
+            assert post(url, {"instances": [{"fare": 1.0}]})[0] == 200
+        metrics = urllib.request.urlopen(url + "/monitoring/prometheus/metrics").read().decode()
+        assert "skewless_prediction_log_written_total 0.0" in metrics
+    finally:
+        stats = stop()
+    assert stats["written"] == 0 and stats["deferred"] == 30 and stats["last_error"].startswith("store:")
+    reported = {s.name: s.value for m in proxy.registry.collect() for s in m.samples}
+    assert reported["skewless_prediction_log_deferred_total"] == 30
+    from serving.predlog import PredictionLog
+
+    # The records waited in the spool: once the store is back, the next start writes them.
+    log.rmdir()
+    assert PredictionLog(str(log)).close()["recovered"] == 30 and len(rows(str(log))) == 30
+
+
+def test_backend_down_is_a_503_naming_it_and_the_proxy_recovers_when_it_returns(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _, url, stop = start_proxy({"PROXY_BACKEND": f"http://127.0.0.1:{port}", "PROXY_RETRIES": "1"})
+    try:
+        code, body, headers = post(url, {"instances": [{"fare": 1.0}]})
+        assert code == 503 and headers["X-Skewless-Variant"] == "default"
+        assert f"variant 'default' (http://127.0.0.1:{port}) unavailable after 2 tries" in body["error"]
+        fake = FakeServing(port=port)
+        try:
+            code, body, _ = post(url, {"instances": [{"fare": 1.0}]})
+            assert code == 200 and body["predictions"][0]["score"] == pytest.approx(0.51)
+        finally:
+            fake.close()
+    finally:
+        stop()
+
+
+def test_against_the_local_server_answers_equal_direct_calls(small_model, tmp_path):
+    import shutil
+
+    from serving.repository import Repository
+    from serving.server import make_server
+
+    for version in (1, 2):
+        shutil.copytree(small_model[0], tmp_path / "repo" / "taxi" / str(version))
+    (tmp_path / "repo" / "taxi" / "labels.json").write_text(json.dumps({"stable": 1, "canary": 2}))
+    server = make_server(Repository(str(tmp_path / "repo"), poll_seconds=3600), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    direct = f"http://127.0.0.1:{server.server_address[1]}"
+    env = {"PROXY_BACKEND": direct, "PROXY_VARIANTS": json.dumps({"stable": {"label": "stable", "weight": 1},
+                                                                  "canary": {"label": "canary", "weight": 1}})}
+    _, url, stop = start_proxy(env, log_path=str(tmp_path / "log.sqlite"))
+    instance = {"payment_type": "Cash", "fare": 7.25, "trip_miles": 1.1, "trip_start_hour": 14}
+    try:
+        for user in range(20):
+            code, body, headers = post(url, {"instances": [instance]}, {"X-User-Id": str(user)})
+            variant = headers["X-Skewless-Variant"]
+            want = post(direct, {"instances": [instance]}, path=f"/v1/models/taxi/labels/{variant}:predict")[1]
+            assert code == 200 and body["predictions"] == want["predictions"]
+            assert body["skewless"]["model_version"] == {"stable": 1, "canary": 2}[variant]
+    finally:
+        stop()
+        server.shutdown()
+    assert len(rows(str(tmp_path / "log.sqlite"))) == 20
