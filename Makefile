@@ -10,7 +10,7 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONWARNINGS := ignore
 
-.PHONY: help setup lock test test-fast run schema data promote rollback parity serve bench-pipeline bench-serving bench-proxy clean
+.PHONY: help setup lock test test-fast run schema data promote rollback parity serve monitor ab-report bench-pipeline bench-serving bench-proxy clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -64,6 +64,12 @@ serve: ## local TF-Serving-compatible server on :8501 and the proxy on :8080 (lo
 
 bench-serving: ## in-process signature call vs REST through the local server (needs a pushed model)
 	$(PY) -m benchmarks.bench_serving
+
+monitor: ## skew and drift of served traffic vs training and the previous window; writes build/monitor/ (RETRAIN=1 starts a run on anomalies)
+	$(PY) -m pipelines.monitor --log $(or $(LOG),build/prediction_log.sqlite) --model $(or $(MODEL),taxi) $(if $(WINDOW_HOURS),--window_hours $(WINDOW_HOURS)) $(if $(RETRAIN),--retrain)
+
+ab-report: ## A/B go/no-go from the prediction log: make ab-report LABELS=file [A=stable B=canary HOURS=24]; exit 0 GO, 1 NO-GO, 3 not enough data
+	$(PY) -m pipelines.ab_report --log $(or $(LOG),build/prediction_log.sqlite) $(if $(LABELS),--labels $(LABELS)) --model $(or $(MODEL),taxi) --a $(or $(A),stable) --b $(or $(B),canary) $(if $(HOURS),--window_hours $(HOURS)) --json build/ab_report.json
 
 bench-proxy: ## what the proxy adds: one client and 50 clients for 60 s, direct vs through the proxy
 	$(PY) -m benchmarks.bench_proxy

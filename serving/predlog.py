@@ -29,15 +29,15 @@ BigQuery (the `request`/`response` columns as JSON); `read_records` is the only 
 monitoring jobs need, so a BigQuery reader with the same output replaces it.
 """
 
+import collections
 import glob
 import json
 import logging
 import os
-import queue
 import sqlite3
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Deque, Dict, Iterator, List, Optional
 
 import prometheus_client as prom
 
@@ -84,7 +84,10 @@ class PredictionLog:
         self.spool_dir = path + ".spool"
         self.batch_size, self.flush_seconds = batch_size, flush_seconds
         self.segment_records, self.retry_seconds = segment_records, retry_seconds
-        self._queue: "queue.Queue" = queue.Queue(maxsize=queue_size)
+        # A deque, not a queue.Queue: the writer wakes every flush_seconds and takes what is there,
+        # so a request never pays for waking it (measured: a Condition.notify per record).
+        self._queue: Deque[tuple] = collections.deque()
+        self.queue_size = queue_size
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._counts = {"logged": 0, "written": 0, "deferred": 0, "lost": 0, "recovered": 0}
@@ -128,9 +131,9 @@ class PredictionLog:
             else:
                 spooled = True
                 self._segment_count += 1
-            try:
-                self._queue.put_nowait(row)
-            except queue.Full:
+            if len(self._queue) < self.queue_size:
+                self._queue.append(row)
+            else:
                 self._segment_clean = False  # keep this segment: it holds records the writer never saw
                 if spooled:
                     self._counts["deferred"] += 1
@@ -159,10 +162,7 @@ class PredictionLog:
         done = (self._segment, self._segment_clean)
         self._segment += 1
         self._open_segment()
-        try:
-            self._queue.put_nowait((_SEGMENT_DONE, done))
-        except queue.Full:
-            pass  # the segment stays on disk and is replayed at the next start: nothing is lost
+        self._queue.append((_SEGMENT_DONE, done))  # markers are few: not bounded
 
     def _recover(self) -> None:
         """Replays spool segments a previous process left (it crashed, or its store was down)."""
@@ -202,11 +202,12 @@ class PredictionLog:
         finished_segments: List[tuple] = []
         while True:
             stopping = self._stop.is_set()
-            deadline = time.monotonic() + self.flush_seconds
+            if not pending and not stopping:
+                self._stop.wait(self.flush_seconds)
             while len(pending) < self.batch_size:
                 try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()) if not stopping else 0)
-                except queue.Empty:
+                    item = self._queue.popleft()
+                except IndexError:
                     break
                 if isinstance(item, tuple) and item and item[0] is _SEGMENT_DONE:
                     finished_segments.append(item[1])
@@ -214,7 +215,7 @@ class PredictionLog:
                         self._delete_finished(finished_segments)
                     continue
                 pending.append(item)
-            self._metric_queue.set(self._queue.qsize())
+            self._metric_queue.set(len(self._queue))
             if pending:
                 try:
                     db = db or connect(self.path)
@@ -245,8 +246,8 @@ class PredictionLog:
     def _drain(self) -> Iterator[tuple]:
         while True:
             try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
+                item = self._queue.popleft()
+            except IndexError:
                 return
             if not (isinstance(item, tuple) and item and item[0] is _SEGMENT_DONE):
                 yield item
@@ -275,6 +276,10 @@ class PredictionLog:
             if self._segment_fd is not None:
                 os.close(self._segment_fd)
                 self._segment_fd = None
+                late = [r for r in self._drain()]  # logged after the writer's last look: spooled only
+                if late:
+                    self._counts["deferred"] += len(late)
+                    self._metric_deferred.inc(len(late))
                 if self._counts["deferred"] == 0 and self._counts["lost"] == 0 and self._segment_clean:
                     # Everything this process logged is committed: no segment needs to survive it.
                     for path in self._segments():
@@ -288,7 +293,7 @@ class PredictionLog:
 
     def stats(self) -> Dict[str, Any]:
         with self._lock:
-            return {**self._counts, "queued": self._queue.qsize(), "last_error": self._last_error}
+            return {**self._counts, "queued": len(self._queue), "last_error": self._last_error}
 
 
 def read_records(path: str, start: Optional[float] = None, end: Optional[float] = None,
@@ -311,14 +316,24 @@ def read_records(path: str, start: Optional[float] = None, end: Optional[float] 
         for row in db.execute(f"SELECT {', '.join(COLUMNS)} FROM predictions WHERE {' AND '.join(where)} "
                               "ORDER BY ts, request_id", args):
             record = dict(zip(COLUMNS, row))
-            record["request"], record["response"] = json.loads(record["request"]), json.loads(record["response"])
+            # A body that was not JSON (the client's mistake, answered 400) is logged as sent: None here.
+            record["request"], record["response"] = _decode(record["request"]), _decode(record["response"])
             yield record
     finally:
         db.close()
 
 
+def _decode(text: Optional[str]) -> Any:
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+
+
 def instances(request: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The rows of a logged :predict body (`instances` rows or `inputs` columns) as feature dicts."""
+    if not isinstance(request, dict):
+        return []
     if "instances" in request:
         return [dict(r) for r in request["instances"] if isinstance(r, dict)]
     inputs = request.get("inputs")

@@ -342,8 +342,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        # Headers and body in one write (end_headers() would flush the headers on their own).
+        self._headers_buffer.append(b"\r\n" + data)
+        self.wfile.write(b"".join(self._headers_buffer))
+        self._headers_buffer = []
 
 
 class Server(ThreadingHTTPServer):

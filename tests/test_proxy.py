@@ -34,6 +34,7 @@ class FakeServing:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            wbufsize = -1  # headers and body leave in one write (no Nagle/delayed-ACK stall)
 
             def log_message(self, *args):
                 pass
