@@ -172,7 +172,10 @@ def parse(raw: Any, source: str = "<spec>") -> FeatureSpec:
     ctx = _Ctx(source)
     ctx.mapping(raw, "")
     ctx.known_keys(raw, "", {"name", "data", "schema", "task", "label", "label_columns",
-                             "features", "slices", "thresholds", "training"})
+                             "features", "slices", "thresholds", "training", "monitoring"})
+    # `monitoring:` (skew/drift thresholds) is read and checked key by key by pipelines/monitor.py;
+    # here it only has to be a mapping.
+    ctx.get(raw, "monitoring", dict, default={})
     data = ctx.get(raw, "data", dict)
     ctx.known_keys(data, "data", {"path", "split"})
     split = ctx.get(data, "split", dict, key_prefix="data", default={"train": 2, "eval": 1})

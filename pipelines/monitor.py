@@ -88,8 +88,10 @@ class MonitorError(RuntimeError):
 # --- thresholds ----------------------------------------------------------------------------------
 
 def load_thresholds(spec: feature_spec.FeatureSpec, override: Optional[str] = None) -> Dict[str, Any]:
-    """The defaults, updated by --thresholds (checked key by key)."""
+    """The defaults, updated by the spec's `monitoring:` block, then by --thresholds (checked key by key)."""
     thresholds = copy.deepcopy(DEFAULT_THRESHOLDS)
+    if spec.raw.get("monitoring"):
+        _merge_thresholds(thresholds, spec.raw["monitoring"], f"{spec.source}: monitoring", spec)
     if override:
         block, source = _read_override(override)
         _merge_thresholds(thresholds, block, source, spec)

@@ -404,3 +404,21 @@ def test_windows():
         monitor.resolve_window("yesterday", None, 1)
     with pytest.raises(monitor.MonitorError, match="must be after --start"):
         monitor.resolve_window("2024-05-02", "2024-05-01", None)
+
+
+def test_the_specs_monitoring_block_is_read_before_the_override(taxi_spec, tmp_path):
+    import dataclasses
+
+    from pipelines import monitor
+
+    spec = dataclasses.replace(taxi_spec, raw={**taxi_spec.raw, "monitoring": {
+        "min_values": 300, "skew": {"jensen_shannon_divergence": 0.4}}})
+    thresholds = monitor.load_thresholds(spec)
+    assert thresholds["min_values"] == 300
+    assert monitor.threshold_for(thresholds, "fare", "skew", "jensen_shannon_divergence") == 0.4
+    override = monitor.load_thresholds(spec, '{"skew": {"jensen_shannon_divergence": 0.5}}')
+    assert monitor.threshold_for(override, "fare", "skew", "jensen_shannon_divergence") == 0.5
+    assert override["min_values"] == 300  # what the override does not set stays the spec's
+    bad = dataclasses.replace(taxi_spec, raw={**taxi_spec.raw, "monitoring": {"skew": {"l1": 0.1}}})
+    with pytest.raises(monitor.MonitorError, match=r"taxi.yaml: monitoring.skew.l1: unknown comparator"):
+        monitor.load_thresholds(bad)
