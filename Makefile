@@ -10,7 +10,7 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONWARNINGS := ignore
 
-.PHONY: help setup lock test test-fast run schema data promote rollback parity serve monitor ab-report bench-pipeline bench-serving bench-proxy clean
+.PHONY: help setup lock test test-fast run schema data promote rollback parity serve monitor ab-report batch-predict bench-pipeline bench-serving bench-proxy clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -70,6 +70,9 @@ monitor: ## skew and drift of served traffic vs training and the previous window
 
 ab-report: ## A/B go/no-go from the prediction log: make ab-report LABELS=file [A=stable B=canary HOURS=24]; exit 0 GO, 1 NO-GO, 3 not enough data
 	$(PY) -m pipelines.ab_report --log $(or $(LOG),build/prediction_log.sqlite) $(if $(LABELS),--labels $(LABELS)) --model $(or $(MODEL),taxi) --a $(or $(A),stable) --b $(or $(B),canary) $(if $(HOURS),--window_hours $(HOURS)) --json build/ab_report.json
+
+batch-predict: ## predictions for a CSV through a pushed model: make batch-predict INPUT=file.csv [MODEL=taxi] [VERSION=n|LABEL=stable]
+	$(PY) -m pipelines.batch_predict --model $(or $(MODEL),taxi) --input $(INPUT) --output $(or $(OUTPUT),build/batch_predictions) $(if $(VERSION),--version $(VERSION)) $(if $(LABEL),--label $(LABEL))
 
 bench-proxy: ## what the proxy adds: one client and 50 clients for 60 s, direct vs through the proxy
 	$(PY) -m benchmarks.bench_proxy
