@@ -373,3 +373,37 @@ def test_against_the_local_server_answers_equal_direct_calls(small_model, tmp_pa
         stop()
         server.shutdown()
     assert len(rows(str(tmp_path / "log.sqlite"))) == 20
+
+
+def test_sighup_applies_the_env_file_in_the_running_process(backend, tmp_path):
+    env_file = tmp_path / "proxy.env"
+    env_file.write_text("PROXY_ENABLED=true\n")
+    port_file = tmp_path / "port"
+    env = dict(os.environ, PROXY_BACKEND=backend.url, PYTHONPATH=REPO)
+    process = subprocess.Popen([sys.executable, "-m", "serving.proxy", "--port", "0", "--port_file", str(port_file),
+                                "--log", "", "--env_file", str(env_file)], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port_file.read_text()}"
+        assert "X-Skewless-Fallback" not in post(url, {"instances": [{"fare": 1.0}]})[2]
+        env_file.write_text('PROXY_ENABLED=false\nPROXY_FALLBACK={"classes": "no"}\n')
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:  # the signal is handled between two requests of the main loop
+            code, body, headers = post(url, {"instances": [{"fare": 1.0}]})
+            if headers.get("X-Skewless-Fallback") == "true" or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert code == 200 and body["predictions"] == [{"classes": "no"}] and process.poll() is None
+        env_file.write_text("PROXY_ENABLED=perhaps\n")  # refused; the process keeps the last good settings
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert post(url, {"instances": [{"fare": 1.0}]})[2].get("X-Skewless-Fallback") == "true"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0].decode()
+    assert "PROXY_ENABLED: expected true or false, got 'perhaps'" in output
