@@ -10,7 +10,7 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONWARNINGS := ignore
 
-.PHONY: help setup lock test test-fast run schema data promote rollback parity serve monitor ab-report batch-predict bench-pipeline bench-serving bench-proxy clean
+.PHONY: help setup lock test test-fast run schema data promote rollback parity serve monitor ab-report batch-predict bench-pipeline bench-serving bench-proxy bench-scale clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -76,6 +76,9 @@ batch-predict: ## predictions for a CSV through a pushed model: make batch-predi
 
 bench-proxy: ## what the proxy adds: one client and 50 clients for 60 s, direct vs through the proxy
 	$(PY) -m benchmarks.bench_proxy
+
+bench-scale: ## the pipeline at 1x, 10x and 50x the taxi rows: time per component and peak memory (SIZES=1,10)
+	$(PY) -m benchmarks.bench_scale $(if $(SIZES),--sizes $(SIZES))
 
 bench-pipeline: ## our pipeline vs TFX's taxi native-Keras example, first run and unchanged rerun
 	$(PY) -m benchmarks.bench_pipeline
