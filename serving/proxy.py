@@ -26,6 +26,8 @@ refused with a message naming the key, and the previous settings stay in force.
                           with shadow=1 and compared with the answer given
   PROXY_ROUTING_HEADER    request header whose value keys the sticky split  X-User-Id
                           (no such header: the request id, i.e. no stickiness)
+  PROXY_MODEL             the model /readyz checks: ready only when every variant's label or
+                          version is AVAILABLE on its backend (unset: only that backends answer)
 
 Every answer says who answered: headers X-Skewless-Variant, X-Skewless-Model-Version and
 X-Request-Id, and a "skewless" object beside "predictions"/"results" in the body. A URL that
@@ -136,6 +138,9 @@ class Settings:
             raise ConfigError(f"PROXY_RETRIES: expected a whole number, got {retries:g}")
         self.retries = int(retries)
         self.routing_header = get("PROXY_ROUTING_HEADER", "X-User-Id").strip()
+        self.model = get("PROXY_MODEL", "").strip() or None
+        if self.model is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model):
+            raise ConfigError(f"PROXY_MODEL: expected a model name, got '{self.model}'")
         raw = _json("PROXY_VARIANTS", get("PROXY_VARIANTS", '{"default": {"weight": 1}}'), dict)
         if not raw:
             raise ConfigError("PROXY_VARIANTS: at least one variant is needed")
@@ -516,15 +521,27 @@ class Handler(BaseHTTPRequestHandler):
             self._forward_get()
 
     def _ready(self):
-        """Ready when every variant's backend answers its model status (used by Kubernetes)."""
+        """Ready when every variant can answer (used by Kubernetes): with PROXY_MODEL, its label or
+        version is AVAILABLE on its backend; without, the backend at least answers."""
         settings = self.proxy.settings
         problems = []
-        for backend in sorted({v.backend for v in settings.variants.values()}):
+        for variant in settings.variants.values():
+            if settings.model:
+                target = variant.path(settings.model, "")[:-1]  # /v1/models/m[/labels/l|/versions/n]
+            else:
+                target = "/monitoring/prometheus/metrics"
             try:
-                self.proxy.backends.call(backend, "GET", "/monitoring/prometheus/metrics", None, settings.timeout, 0,
-                                         "readiness probe")
+                status, data = self.proxy.backends.call(variant.backend, "GET", target, None, settings.timeout, 0,
+                                                        f"variant '{variant.name}'")
             except BackendError as e:
                 problems.append(str(e))
+                continue
+            if status != 200:
+                problems.append(f"variant '{variant.name}': GET {target} answered {status}: "
+                                f"{_loads(data).get('error', '')}")
+            elif settings.model and not any(s.get("state") == "AVAILABLE"
+                                            for s in _loads(data).get("model_version_status", [])):
+                problems.append(f"variant '{variant.name}': no version of {target} is AVAILABLE yet")
         self._send_json(503 if problems else 200, {"status": "unavailable" if problems else "ok",
                                                    "problems": problems})
 

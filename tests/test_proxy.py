@@ -407,3 +407,34 @@ def test_sighup_applies_the_env_file_in_the_running_process(backend, tmp_path):
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=60)[0].decode()
     assert "PROXY_ENABLED: expected true or false, got 'perhaps'" in output
+
+
+def test_readiness_waits_for_every_variants_label(backend):
+    def ready(url):
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    env = {"PROXY_BACKEND": backend.url, "PROXY_MODEL": "taxi",
+           "PROXY_VARIANTS": json.dumps({"stable": {"label": "stable"}, "canary": {"label": "canary"}})}
+    _, url, stop = start_proxy(env)
+    try:
+        assert ready(url) == (200, {"status": "ok", "problems": []})
+        VERSIONS.pop("canary")  # the canary label is not there (not promoted yet)
+        code, body = ready(url)
+        assert code == 503 and len(body["problems"]) == 1
+        assert "variant 'canary': GET /v1/models/taxi/labels/canary answered 404" in body["problems"][0]
+    finally:
+        VERSIONS["canary"] = 2
+        stop()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _, url, stop = start_proxy({"PROXY_BACKEND": f"http://127.0.0.1:{port}"})  # no PROXY_MODEL: reachability
+    try:
+        code, body = ready(url)
+        assert code == 503 and "unavailable" in body["problems"][0]
+    finally:
+        stop()
