@@ -10,7 +10,11 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONWARNINGS := ignore
 
-.PHONY: help setup lock test test-fast run schema data promote rollback parity serve monitor ab-report batch-predict bench-pipeline bench-serving bench-proxy bench-scale clean
+KF_ENV ?= configs/kubeflow.yaml
+EXPERIMENT ?= skewless
+KF_ARGS = --spec $(SPEC) --env $(KF_ENV) $(if $(IMAGE),--image $(IMAGE)) $(if $(BEAM_PROFILE),--beam_profile $(BEAM_PROFILE))
+
+.PHONY: help setup lock test test-fast run image-train compile submit schedule schema data promote rollback parity serve monitor ab-report batch-predict bench-pipeline bench-serving bench-proxy bench-scale clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -38,8 +42,23 @@ test: ## the whole suite (slow end-to-end runs included)
 test-fast: ## the suite without the slow end-to-end pipeline runs
 	$(PY) -m pytest -n 2 -m "not slow" tests
 
-run: ## run the pipeline on $(SPEC); writes build/run_summary.json and build/reports/*.html
-	$(PY) -m pipelines.local_runner --spec $(SPEC) --env $(ENV)
+run: ## run the pipeline on $(SPEC); writes build/run_summary.json and build/reports/*.html [BEAM_PROFILE=direct_multi_processing]
+	$(PY) -m pipelines.local_runner --spec $(SPEC) --env $(ENV) $(if $(BEAM_PROFILE),--beam_profile $(BEAM_PROFILE))
+
+image-train: ## docker build -f Dockerfile.train: make image-train IMAGE=<registry>/skewless-train:<tag>
+	$(if $(IMAGE),,$(error IMAGE is required))
+	docker build -f Dockerfile.train -t $(IMAGE) .
+
+compile: ## KFP v2 pipeline spec to build/kubeflow/<name>_pipeline.yaml [IMAGE= BEAM_PROFILE= KF_ENV=]
+	$(PY) -m pipelines.kubeflow_runner compile $(KF_ARGS)
+
+submit: ## compile, upload, run on Kubeflow Pipelines: make submit KFP_HOST=http://host:8080 [EXPERIMENT=skewless]
+	$(if $(KFP_HOST),,$(error KFP_HOST is required))
+	$(PY) -m pipelines.kubeflow_runner submit --host $(KFP_HOST) --experiment $(EXPERIMENT) $(KF_ARGS)
+
+schedule: ## continuous retraining: make schedule KFP_HOST=... CRON='0 0 3 * * *' [EXPERIMENT=]
+	$(if $(and $(KFP_HOST),$(CRON)),,$(error KFP_HOST and CRON are required))
+	$(PY) -m pipelines.kubeflow_runner schedule --host $(KFP_HOST) --cron '$(CRON)' --experiment $(EXPERIMENT) $(KF_ARGS)
 
 data: ## write the CSVs of configs/synthetic_{multiclass,regression}.yaml under build/data/
 	$(PY) tests/datasets.py

@@ -16,7 +16,9 @@ Evaluator's blessing. When blessed it also carries a copy of the model with warm
 at most 1000) and sets `has_model`, the way InfraValidator's make_warmup does: Pusher then
 pushes that warmed copy, so the first real request to a new version is not the slow one.
 
-On Kubeflow, TFX's InfraValidator can run the real TF Serving image instead (see README).
+TFX's InfraValidator would start the real TF Serving image, but TFX 1.16's KubeflowV2DagRunner
+refuses it (NotImplementedError in its step builder), so this component runs on Kubeflow too
+(see README).
 """
 
 import dataclasses

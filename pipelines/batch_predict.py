@@ -451,7 +451,13 @@ def environment_defaults(env_path: Optional[str]) -> Tuple[Optional[str], List[s
     except OSError as e:
         raise BatchPredictError(f"cannot read environment file '{path}': {e.strerror}") from e
     repository = raw.get("model_repository")
-    return (feature_spec.resolve_path(repository) if repository else None), [str(a) for a in raw.get("beam_args", [])]
+    from pipelines import beam_profiles  # the environment's Beam profile, as the pipeline runs it
+
+    try:
+        args = beam_profiles.beam_args(raw, path, pipeline_root=raw.get("pipeline_root", "build"), name="batch_predict")
+    except beam_profiles.ProfileError as e:
+        raise BatchPredictError(str(e)) from e
+    return (feature_spec.resolve_path(repository) if repository else None), args
 
 
 def run(model: str, input_path: str, output_dir: str, model_repository: str, version: Optional[int] = None,

@@ -1,6 +1,7 @@
 """Runs the pipeline with LocalDagRunner (SQLite metadata, Beam DirectRunner).
 
     python -m pipelines.local_runner --spec configs/taxi.yaml [--env configs/local.yaml]
+        [--beam_profile direct_multi_processing]
 
 Prints progress per component, then a summary; writes build/run_summary.json and HTML
 reports (data statistics and anomalies, evaluation per slice) under build/reports/.
@@ -18,6 +19,7 @@ from typing import Dict, Optional
 import yaml
 
 from components import feature_spec
+from pipelines import beam_profiles
 
 SUMMARY_PATH = "build/run_summary.json"
 
@@ -86,8 +88,11 @@ class ProgressWatcher(threading.Thread):
 
 def run(spec_path: str, env_path: str = "configs/local.yaml", data_path: Optional[str] = None,
         summary_path: str = SUMMARY_PATH, report_dir: Optional[str] = None, quiet: bool = False,
-        check_data: bool = True) -> Dict:
-    """Runs the whole pipeline once; returns the run summary (also written as JSON)."""
+        check_data: bool = True, beam_profile: Optional[str] = None) -> Dict:
+    """Runs the whole pipeline once; returns the run summary (also written as JSON).
+
+    `beam_profile` (a configs/beam/ name) replaces the environment file's `beam_profile:`.
+    """
     started = time.time()
     spec = feature_spec.load(spec_path)
     if data_path:
@@ -95,17 +100,20 @@ def run(spec_path: str, env_path: str = "configs/local.yaml", data_path: Optiona
     if check_data:
         feature_spec.check_against_data(spec)  # fail in a second, not after ExampleGen
     env = load_environment(env_path, spec)
+    beam_args = beam_profiles.beam_args(env, env_path, beam_profile, pipeline_root=env["pipeline_root"],
+                                        name=spec.name)
 
     from tfx.orchestration import metadata
     from tfx.orchestration.local.local_dag_runner import LocalDagRunner
 
     from pipelines import pipeline as pipeline_lib, report
 
+    beam_profiles.check_flags(beam_args, env_path)  # Beam would drop a misspelt flag with a warning
     os.makedirs(os.path.dirname(env["metadata_path"]), exist_ok=True)
     environment = pipeline_lib.Environment(
         pipeline_root=env["pipeline_root"], model_repository=env["model_repository"],
         metadata_connection_config=metadata.sqlite_metadata_connection_config(env["metadata_path"]),
-        beam_pipeline_args=list(env.get("beam_args", [])), enable_cache=env.get("enable_cache", True),
+        beam_pipeline_args=beam_args, enable_cache=env.get("enable_cache", True),
         sandbox=dict(env.get("sandbox") or {}))
     tfx_pipeline = pipeline_lib.create_pipeline(spec, environment)
 
@@ -177,9 +185,11 @@ def main(argv=None) -> int:
     parser.add_argument("--env", default="configs/local.yaml")
     parser.add_argument("--data", help="override the spec's data.path (a CSV file or folder)")
     parser.add_argument("--summary", default=SUMMARY_PATH)
+    parser.add_argument("--beam_profile", help="a Beam profile of configs/beam/ in place of the environment file's "
+                                               f"(one of {', '.join(beam_profiles.profile_names())})")
     args = parser.parse_args(argv)
     try:
-        run(args.spec, args.env, args.data, args.summary)
+        run(args.spec, args.env, args.data, args.summary, beam_profile=args.beam_profile)
     except feature_spec.SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from tfx.components import (CsvExampleGen, Evaluator, ExampleValidator, Pusher, 
                             StatisticsGen, Trainer, Transform)
 from tfx.components.schema_gen.import_schema_gen.component import ImportSchemaGen
 from tfx.dsl.components.common import resolver
+from tfx.dsl.input_resolution.strategies.latest_blessed_model_strategy import LatestBlessedModelStrategy
 from tfx.orchestration import pipeline as tfx_pipeline
 from tfx.proto import example_gen_pb2, pusher_pb2
 from tfx.types import Channel
@@ -25,6 +26,14 @@ from components.sandbox import SandboxConfig, SandboxValidator
 
 PREPROCESSING_FN = "components.preprocessing.preprocessing_fn"
 RUN_FN = "components.trainer.run_fn"
+# Where the Evaluator's baseline (for change thresholds) comes from:
+#   excluding_candidate  the latest blessed model other than this run's candidate (BaselineModelStrategy);
+#                        LocalDagRunner runs it, KubeflowV2DagRunner cannot compile a custom strategy
+#   latest_blessed       TFX's LatestBlessedModelStrategy, which KubeflowV2DagRunner compiles (Vertex AI
+#                        runs it; a cached rerun then compares the candidate with itself)
+#   none                 no baseline: change thresholds are skipped, value thresholds still gate
+#                        (open-source Kubeflow Pipelines implements no resolver tasks)
+BASELINES = ("excluding_candidate", "latest_blessed", "none")
 
 
 @dataclasses.dataclass
@@ -38,6 +47,7 @@ class Environment:
     # Sandbox validation thresholds (components.sandbox.SandboxConfig keys); they describe the
     # machine the model will serve on, so they belong to the environment, not the dataset.
     sandbox: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    baseline: str = "excluding_candidate"  # one of BASELINES
 
 
 def model_push_dir(spec: FeatureSpec, env: Environment) -> str:
@@ -46,8 +56,9 @@ def model_push_dir(spec: FeatureSpec, env: Environment) -> str:
 
 
 def _example_gen(spec: FeatureSpec) -> CsvExampleGen:
-    if os.path.isdir(spec.data_path):
-        input_base, pattern = spec.data_path, "*.csv"
+    # A trailing slash marks a folder where isdir cannot look (gs://bucket/data/ on Kubeflow).
+    if os.path.isdir(spec.data_path) or spec.data_path.endswith("/"):
+        input_base, pattern = spec.data_path.rstrip("/"), "*.csv"
     else:
         input_base, pattern = os.path.dirname(spec.data_path), os.path.basename(spec.data_path)
     return CsvExampleGen(
@@ -85,13 +96,10 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
                       transform_graph=transform.outputs["transform_graph"],
                       schema=schema_gen.outputs["schema"], custom_config=custom_config)
     trainer.add_upstream_node(data_gate)
-    model_resolver = resolver.Resolver(
-        strategy_class=BaselineModelStrategy,
-        model=Channel(type=Model),
-        model_blessing=Channel(type=ModelBlessing),
-        candidate=trainer.outputs["model"]).with_id("latest_blessed_model_resolver")
+    model_resolver = _baseline_resolver(env.baseline, trainer)
     evaluator = Evaluator(examples=example_gen.outputs["examples"], model=trainer.outputs["model"],
-                          baseline_model=model_resolver.outputs["model"], eval_config=eval_config(spec))
+                          baseline_model=model_resolver.outputs["model"] if model_resolver else None,
+                          eval_config=eval_config(spec))
     SandboxConfig.from_dict(env.sandbox)  # a bad key fails here, before any component runs
     sandbox = SandboxValidator(model=trainer.outputs["model"], examples=example_gen.outputs["examples"],
                                model_blessing=evaluator.outputs["blessing"], model_name=spec.name,
@@ -106,7 +114,22 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
         pipeline_name=pipeline_name or spec.name,
         pipeline_root=env.pipeline_root,
         components=[example_gen, statistics_gen, schema_gen, example_validator, data_gate, transform,
-                    trainer, model_resolver, evaluator, sandbox, pusher],
+                    trainer, *([model_resolver] if model_resolver else []), evaluator, sandbox, pusher],
         enable_cache=env.enable_cache,
         metadata_connection_config=env.metadata_connection_config,
         beam_pipeline_args=env.beam_pipeline_args)
+
+
+def _baseline_resolver(baseline: str, trainer: Trainer) -> Optional[resolver.Resolver]:
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline: '{baseline}' is not one of {', '.join(BASELINES)}")
+    if baseline == "none":
+        return None
+    if baseline == "latest_blessed":
+        return resolver.Resolver(strategy_class=LatestBlessedModelStrategy, model=Channel(type=Model),
+                                 model_blessing=Channel(type=ModelBlessing)).with_id("latest_blessed_model_resolver")
+    return resolver.Resolver(
+        strategy_class=BaselineModelStrategy,
+        model=Channel(type=Model),
+        model_blessing=Channel(type=ModelBlessing),
+        candidate=trainer.outputs["model"]).with_id("latest_blessed_model_resolver")

@@ -2,16 +2,18 @@
 
 Two ways a model trained here can fail in serving although every test of the model passes:
 the TF Serving image or the serving environment runs another TensorFlow minor release than
-the training lock, or the exported graph uses an op that the serving TensorFlow does not
-register ("Op type not registered ... in binary running on ..." at load time).
+the training lock (or than the training image that trains on Kubeflow), or the exported graph
+uses an op that the serving TensorFlow does not register ("Op type not registered ... in
+binary running on ..." at load time).
 
 The version parsers read text files only, so the check costs no TensorFlow import; the op
 functions import TensorFlow when called.
 
-    python -m serving.versions                 # the three pins agree (major.minor)
+    python -m serving.versions                 # the four pins agree (major.minor)
     python -m serving.versions ops DIR [DIR]   # SavedModels use only ops this TensorFlow has
 """
 
+import posixpath
 import re
 import sys
 from pathlib import Path
@@ -20,11 +22,17 @@ from typing import Dict, Iterable, Set
 TRAINING_LOCK = "requirements/lock.txt"
 SERVING_REQUIREMENTS = "serving/requirements.txt"
 SERVING_DOCKERFILE = "Dockerfile.serve"
+TRAINING_DOCKERFILE = "Dockerfile.train"
 
 _PIN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?\s*==\s*([^\s;#\\]+)")
 # A registry host or an --platform flag may precede the image; the tag must be a version.
 _SERVING_FROM = re.compile(r"^\s*FROM\s+(?:--\S+\s+)*(?:\S+/)?tensorflow/serving:([^\s@]+)", re.I | re.M)
 _VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.\d+)?")
+_TFX_FROM = re.compile(r"^\s*FROM\s+(?:--\S+\s+)*(?:\S+/)?tensorflow/tfx:([^\s@]+)", re.I | re.M)
+# The TensorFlow minor release each TFX release requires, for an image built on tensorflow/tfx.
+TFX_TENSORFLOW = {"1.14": "2.13", "1.15": "2.15", "1.16": "2.16"}
+_TF_PIN = re.compile(r"\btensorflow(?:-cpu)?==([0-9][^\s\"';\\]*)")
+_REQUIREMENTS_ARG = re.compile(r"(?:^|\s)(?:-r|--requirement)(?:\s+|=)(\S+)")
 
 
 class VersionSkew(ValueError):
@@ -69,13 +77,77 @@ def serving_image_tensorflow(dockerfile: Path) -> str:
     return tag
 
 
+def _instructions(text: str):
+    """(KEYWORD, arguments) of each Dockerfile instruction, continuation lines joined, comments dropped."""
+    pending = ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        line, pending = (pending + line).strip(), ""
+        if line:
+            keyword, _, arguments = line.partition(" ")
+            yield keyword.upper(), arguments.strip()
+
+
+def training_image_tensorflow(dockerfile: Path, root: Path = Path(".")) -> str:
+    """The TensorFlow release the training image installs.
+
+    Read from a `tensorflow==` pin in a RUN line, from the requirements files RUN installs
+    (`-r FILE`, traced back through COPY to the build context, e.g. requirements/lock.txt), or
+    from a tensorflow/tfx:<tag> base image. Several different answers are a skew of their own.
+    """
+    dockerfile, root = Path(dockerfile), Path(root)
+    text = dockerfile.read_text()
+    found: Dict[str, str] = {}
+    copied: Dict[str, str] = {}  # path in the image -> path in the build context
+    workdir = "/"
+    for keyword, arguments in _instructions(text):
+        if keyword == "FROM":  # each stage starts at / with nothing copied
+            workdir, copied = "/", {}
+        elif keyword == "WORKDIR":
+            workdir = posixpath.join(workdir, arguments)
+        elif keyword in ("COPY", "ADD") and "--from" not in arguments:
+            *sources, destination = [w for w in arguments.split() if not w.startswith("--")]
+            destination = posixpath.join(workdir, destination)
+            for source in sources:
+                into_folder = destination.endswith("/") or len(sources) > 1
+                copied[posixpath.join(destination, posixpath.basename(source)) if into_folder else destination] = source
+        elif keyword == "RUN":
+            for version in _TF_PIN.findall(arguments):
+                found[f"RUN ... tensorflow=={version}"] = version
+            for path in _REQUIREMENTS_ARG.findall(arguments):
+                in_image = posixpath.join(workdir, path)
+                source = copied.get(in_image) or next(
+                    (src.rstrip("/") + in_image[len(dst.rstrip("/")):] for dst, src in copied.items()
+                     if src.endswith("/") and in_image.startswith(dst.rstrip("/") + "/")), None)
+                if source is None:
+                    raise ValueError(f"{dockerfile}: RUN installs {path}, which no COPY brings from the build context")
+                found[source] = pinned_tensorflow(root / source)
+    for tag in _TFX_FROM.findall(text):
+        tfx_release = major_minor(tag) if _VERSION.match(tag) else tag
+        if tfx_release not in TFX_TENSORFLOW:
+            raise ValueError(f"{dockerfile}: tensorflow/tfx:{tag}: no known TensorFlow release for it")
+        found[f"tensorflow/tfx:{tag}"] = TFX_TENSORFLOW[tfx_release]
+    if not found:
+        raise ValueError(f"{dockerfile}: cannot tell which TensorFlow the image installs (no tensorflow== pin, "
+                         f"no -r requirements file, no tensorflow/tfx base image)")
+    if len({major_minor(v) for v in found.values()}) > 1:
+        raise VersionSkew(f"{dockerfile}: installs several TensorFlow releases: "
+                          f"{'; '.join(f'{where} has {v}' for where, v in found.items())}")
+    return next(iter(found.values()))
+
+
 def tensorflow_versions(root: Path = Path(".")) -> Dict[str, str]:
-    """{file: TensorFlow version} for the training lock, the serving environment and the image."""
+    """{file: TensorFlow version} for the training lock and image and the serving environment and image."""
     root = Path(root)
     return {
         TRAINING_LOCK: pinned_tensorflow(root / TRAINING_LOCK),
         SERVING_REQUIREMENTS: pinned_tensorflow(root / SERVING_REQUIREMENTS),
         SERVING_DOCKERFILE: serving_image_tensorflow(root / SERVING_DOCKERFILE),
+        TRAINING_DOCKERFILE: training_image_tensorflow(root / TRAINING_DOCKERFILE, root),
     }
 
 

@@ -1,8 +1,9 @@
-"""Version-skew guard (issue 3, point 6) and the TF Serving image's files.
+"""Version-skew guard (issue 3, point 6) and the TF Serving and training images' files.
 
-Fails when the TensorFlow of the training lock, the serving environment and the TF Serving
-image disagree (major.minor), when an exported graph uses an op the serving TensorFlow does
-not register, when the serving image could contain training code or run as root, and when a
+Fails when the TensorFlow of the training lock, the training image, the serving environment and
+the TF Serving image disagree (major.minor), when an exported graph uses an op the serving
+TensorFlow does not register, when the serving image could contain training code or run as root,
+when the training image could contain build output or a virtualenv or run as root, and when a
 serving config does not parse as the proto TF Serving reads it into. No Docker needed.
 """
 
@@ -35,7 +36,7 @@ def test_training_serving_and_image_pin_the_same_tensorflow():
     versions.check_versions_agree(found)
 
 
-def _write_pins(root, lock="2.16.2", serving="2.16.2", image="2.16.1"):
+def _write_pins(root, lock="2.16.2", serving="2.16.2", image="2.16.1", train_pin=None):
     (root / "requirements").mkdir()
     (root / "serving").mkdir()
     (root / versions.TRAINING_LOCK).write_text(
@@ -43,10 +44,15 @@ def _write_pins(root, lock="2.16.2", serving="2.16.2", image="2.16.1"):
     (root / versions.SERVING_REQUIREMENTS).write_text(f"# serving\ntensorflow=={serving}  # pinned\n")
     (root / versions.SERVING_DOCKERFILE).write_text(
         f"ARG RELEASE=model-load\nFROM tensorflow/serving:{image} AS serving-base\nUSER 10001\n")
+    # The training image installs the lock (traced back through COPY), or pins its own TensorFlow.
+    install = (f"RUN pip install tensorflow=={train_pin}\n" if train_pin else
+               "COPY requirements/ req/\nRUN pip install --no-deps \\\n    -r req/lock.txt\n")
+    (root / versions.TRAINING_DOCKERFILE).write_text(f"FROM python:3.10-slim\nWORKDIR /src\n{install}USER 10001\n")
 
 
 @pytest.mark.parametrize("wrong_file, pins", [
     (versions.SERVING_DOCKERFILE, dict(image="2.15.0")),
+    (versions.TRAINING_DOCKERFILE, dict(train_pin="2.15.1")),
     (versions.SERVING_REQUIREMENTS, dict(serving="2.17.0")),
     (versions.SERVING_REQUIREMENTS, dict(serving="3.16.2")),  # major counts too
 ])
@@ -64,6 +70,33 @@ def test_training_lock_that_moved_on_fails_against_both_serving_files(tmp_path):
     _write_pins(tmp_path, lock="2.17.1")
     with pytest.raises(versions.VersionSkew, match="serving/requirements.txt has 2.16.2; Dockerfile.serve has 2.16.1"):
         versions.check_versions_agree(versions.tensorflow_versions(tmp_path))
+
+
+def test_training_image_follows_the_lock_it_installs(tmp_path):
+    _write_pins(tmp_path, lock="2.17.1", serving="2.17.0", image="2.17.0")
+    assert versions.tensorflow_versions(tmp_path)[versions.TRAINING_DOCKERFILE] == "2.17.1"
+
+
+@pytest.mark.parametrize("dockerfile, expected", [
+    ("FROM tensorflow/tfx:1.16.0\nUSER 10001\n", "2.16"),
+    ("FROM tensorflow/tfx:1.15.1\nCOPY requirements/lock.txt /l.txt\nRUN pip install -r /l.txt\n", None),
+    ("FROM python:3.10\nCOPY requirements/lock.txt /l.txt\nRUN pip install -r /l.txt tensorflow==2.15.0\n", None),
+    ("FROM python:3.10\nRUN pip install -r /nowhere.txt\n", "no COPY brings"),
+    ("FROM python:3.10\nRUN pip install tfx\n", "cannot tell which TensorFlow"),
+])
+def test_training_image_tensorflow_from_base_pins_and_lock(tmp_path, dockerfile, expected):
+    _write_pins(tmp_path)
+    path = tmp_path / versions.TRAINING_DOCKERFILE
+    path.write_text(dockerfile)
+    if expected is None:  # the lock's 2.16 against another release in the same image
+        with pytest.raises(versions.VersionSkew, match=r"Dockerfile.train: installs several TensorFlow releases: "
+                                                       r".*requirements/lock.txt has 2.16.2"):
+            versions.training_image_tensorflow(path, tmp_path)
+    elif expected[0].isdigit():
+        assert versions.major_minor(versions.training_image_tensorflow(path, tmp_path)) == expected
+    else:
+        with pytest.raises(ValueError, match=f"Dockerfile.train: .*{expected}"):
+            versions.training_image_tensorflow(path, tmp_path)
 
 
 def test_patch_releases_may_differ(tmp_path):
@@ -258,6 +291,46 @@ def test_image_rules_catch_training_code_and_root():
     assert any("USER is serving" in p for p in problems)
     assert "USER is unset (root)" in image_problems("FROM tensorflow/serving:2.16.1\n")[0]
 
+
+# --- the training image ----------------------------------------------------------------------
+
+def test_training_image_holds_what_the_pipeline_runs_no_build_output_and_runs_unprivileged():
+    text = (REPO / versions.TRAINING_DOCKERFILE).read_text()
+    arguments, stages = _stages(text)
+    final = list(stages)[-1]
+    sources = _context_sources(stages, final, arguments)
+    for path in ("build", "build/model_repository", ".venv", "tests", ".git"):
+        assert not [s for s in sources if _may_include(s, path)], f"the image may get {path}: {sources}"
+    # The sandbox component starts serving.server in a subprocess: serving/ must be there too.
+    assert {"components/", "pipelines/", "serving/", "configs/", "pyproject.toml"} <= set(sources)
+    image = _image(stages, final, arguments)
+    uid = [rest for keyword, rest in image if keyword == "USER"][-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0
+    # KFP's launcher writes input artifacts under /gcs, /minio and /s3: the uid must own them.
+    setup = " ".join(rest for keyword, rest in image if keyword == "RUN")
+    assert all(d in setup for d in ("/gcs", "/minio", "/s3")) and f"chown {uid}:" in setup
+    assert re.search(r"\bTF_USE_LEGACY_KERAS=1\b", " ".join(rest for keyword, rest in image if keyword == "ENV"))
+
+
+def test_training_image_python_and_beam_workers_match_the_lock():
+    arguments, _ = _stages((REPO / versions.TRAINING_DOCKERFILE).read_text())
+    lock = versions.pins(REPO / versions.TRAINING_LOCK)
+    python = re.fullmatch(r"python:(\d+\.\d+)[-.\w]*", arguments["PYTHON_IMAGE"])
+    beam = re.fullmatch(r"apache/beam_python(\d+\.\d+)_sdk:(\S+)", arguments["BEAM_SDK_IMAGE"])
+    resolved_for = re.search(r"--python-version (\d+\.\d+)", (REPO / "Makefile").read_text())[1]
+    assert python[1] == beam[1] == resolved_for  # the Python `make lock` resolves the lock for
+    assert beam[2] == lock["apache-beam"]  # SDK workers refuse a job submitted by another Beam release
+
+
+def test_training_build_context_is_what_the_dockerfile_copies():
+    arguments, stages = _stages((REPO / versions.TRAINING_DOCKERFILE).read_text())
+    copied = {s for stage in stages for s in _context_sources(stages, stage, arguments)}
+    rules = [line.strip() for line in (REPO / "Dockerfile.train.dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert rules[0] == "*"  # nothing is sent to the builder unless re-included below
+    included = {rule[1:] for rule in rules if rule.startswith("!")}
+    assert included == copied  # every copied path reaches the builder, and nothing else does
+    assert not [p for p in included if _may_include(p, "build") or _may_include(p, ".venv")]
 
 # --- serving configs parse as the protos TF Serving reads --------------------------------------
 

@@ -1,0 +1,125 @@
+"""Beam profiles: named sets of Beam arguments in configs/beam/<name>.yaml.
+
+An environment file (configs/local.yaml, configs/kubeflow.yaml) names one with `beam_profile:`;
+its own `beam_args:` come after the profile's, so they add to it or override a flag (Beam's
+parser keeps the last value). A profile may leave values to the environment:
+
+    runner: DataflowRunner
+    vars: {project: null, region: europe-west1}   # null: the environment file must set it
+    args:
+      - --project={project}
+      - --temp_location={pipeline_root}/beam-temp
+
+`{name}` placeholders are filled from the profile's `vars:`, then the environment file's
+`beam_vars:`, then what the runner knows (`pipeline_root`, `name`, and `image` on Kubeflow).
+Loading reads YAML only; `check_flags` asks Beam's own parser and so imports Beam.
+"""
+
+import contextlib
+import io
+import os
+import re
+from typing import Dict, List, Mapping, Optional
+
+import yaml
+
+from components import feature_spec
+
+PROFILE_DIR = os.path.join(feature_spec.REPO_ROOT, "configs", "beam")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ProfileError(feature_spec.SpecError):
+    """A Beam profile that cannot be read or filled in; the message names the file and the key."""
+
+
+def profile_names() -> List[str]:
+    return sorted(f[:-len(".yaml")] for f in os.listdir(PROFILE_DIR) if f.endswith(".yaml"))
+
+
+def profile_path(name: str) -> str:
+    """configs/beam/<name>.yaml for a bare name; a path ending in .yaml is taken as it is."""
+    if name.endswith((".yaml", ".yml")):
+        return feature_spec.resolve_path(name)
+    return os.path.join(PROFILE_DIR, f"{name}.yaml")
+
+
+def load_profile(name: str) -> Dict:
+    """{"runner", "args", "vars", "source"} of a profile, its shape checked."""
+    path = profile_path(name)
+    if not os.path.exists(path):
+        raise ProfileError(f"beam profile '{name}': no file {path} (profiles: {', '.join(profile_names())})")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ProfileError(f"{path}: not valid YAML: {e}") from e
+    unknown = sorted(set(raw) - {"runner", "args", "vars"})
+    if unknown:
+        raise ProfileError(f"{path}: {unknown[0]}: unknown key (known: runner, args, vars)")
+    if not isinstance(raw.get("runner"), str) or not raw["runner"]:
+        raise ProfileError(f"{path}: runner: is required (e.g. DirectRunner)")
+    args = raw.get("args") or []
+    if not isinstance(args, list) or not all(isinstance(a, str) and a.startswith("--") for a in args):
+        raise ProfileError(f"{path}: args: must be a list of --flag[=value] strings")
+    if any(a.split("=", 1)[0] == "--runner" for a in args):
+        raise ProfileError(f"{path}: args: --runner belongs in the runner: key")
+    variables = raw.get("vars") or {}
+    if not isinstance(variables, dict):
+        raise ProfileError(f"{path}: vars: must be a mapping of name to default (null: required)")
+    return {"runner": raw["runner"], "args": args, "vars": variables, "source": path}
+
+
+def fill(profile: Mapping, variables: Mapping, env_source: str) -> List[str]:
+    """The profile's arguments with --runner first and every {placeholder} replaced."""
+    values = {**profile["vars"], **variables}
+    filled = []
+    for arg in [f"--runner={profile['runner']}"] + list(profile["args"]):
+        def value(match, arg=arg):
+            key = match[1]
+            if values.get(key) is None:
+                raise ProfileError(f"{profile['source']}: {arg}: no value for '{key}'; set beam_vars.{key} "
+                                   f"in {env_source}")
+            return str(values[key])
+        filled.append(_PLACEHOLDER.sub(value, arg))
+    return filled
+
+
+def beam_args(environment: Mapping, env_source: str, profile: Optional[str] = None, **known) -> List[str]:
+    """The Beam arguments an environment file asks for: its profile's, then its own beam_args.
+
+    `profile` (a runner's --beam_profile) replaces the file's `beam_profile:`; `known` are the
+    placeholders the runner fills (pipeline_root, name, image).
+    """
+    extra = environment.get("beam_args") or []
+    if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+        raise ProfileError(f"{env_source}: beam_args: must be a list of --flag[=value] strings")
+    variables = environment.get("beam_vars") or {}
+    if not isinstance(variables, dict):
+        raise ProfileError(f"{env_source}: beam_vars: must be a mapping")
+    name = profile or environment.get("beam_profile")
+    if not name:
+        return list(extra)
+    return fill(load_profile(name), {**variables, **known}, env_source) + list(extra)
+
+
+def unknown_flags(args: List[str]) -> List[str]:
+    """Flags Beam's PipelineOptions does not know (it would only log and drop them)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    options = PipelineOptions(args)
+    return sorted(set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options()))
+
+
+def check_flags(args: List[str], source: str) -> None:
+    """Raises ProfileError for a flag Beam does not know or a value its parser refuses."""
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            unknown = unknown_flags(args)
+    except SystemExit:  # argparse refused a value (e.g. a --direct_running_mode that does not exist)
+        message = errors.getvalue().strip().splitlines()
+        raise ProfileError(f"{source}: Beam refuses the arguments: {message[-1] if message else args}") from None
+    if unknown:
+        raise ProfileError(f"{source}: Beam does not know {', '.join('--' + f for f in unknown)} "
+                           f"(it would drop them silently)")

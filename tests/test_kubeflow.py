@@ -1,0 +1,469 @@
+"""Kubeflow Pipelines: the compiled spec, the container entrypoint, and submission to a stub KFP API.
+
+The spec is compiled from configs/taxi.yaml and configs/kubeflow.yaml as `make compile` does and
+checked against the DAG create_pipeline builds for the local run. The entrypoint runs a real
+component (the data gate) from the compiled container arguments, fed the way the open-source
+KFP launcher feeds it. kfp.Client talks to a local HTTP server standing in for the KFP API.
+"""
+
+import email.parser
+import email.policy
+import json
+import os
+import re
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, TAXI_SPEC
+
+KUBEFLOW_ENV = os.path.join(REPO, "configs", "kubeflow.yaml")
+IMAGE = "skewless-train:kubeflow-test"
+
+
+def _env_file(tmp_path, **changes):
+    with open(KUBEFLOW_ENV) as f:
+        env = yaml.safe_load(f)
+    env.update(changes)
+    path = tmp_path / "kubeflow.yaml"
+    path.write_text(yaml.safe_dump(env))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """(summary, PipelineSpec proto, the YAML as a dict) of the spec `make compile` writes."""
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from pipelines import kubeflow_runner
+
+    output = str(tmp_path_factory.mktemp("kubeflow") / "taxi_pipeline.yaml")
+    summary = kubeflow_runner.compile_pipeline(TAXI_SPEC, KUBEFLOW_ENV, image=IMAGE, output=output)
+    with open(output) as f:
+        as_dict = yaml.safe_load(f)
+    return summary, json_format.ParseDict(as_dict, pipeline_spec_pb2.PipelineSpec()), as_dict
+
+
+@pytest.fixture(scope="module")
+def local_dag(taxi_spec, tmp_path_factory):
+    """The pipeline create_pipeline builds for LocalDagRunner (local environment defaults)."""
+    from pipelines import pipeline as pipeline_lib
+
+    root = str(tmp_path_factory.mktemp("local_dag"))
+    return pipeline_lib.create_pipeline(taxi_spec, pipeline_lib.Environment(pipeline_root=root, model_repository=root))
+
+
+def _kubeflow_env():
+    with open(KUBEFLOW_ENV) as f:
+        return yaml.safe_load(f)
+
+
+# --- the compiled spec ----------------------------------------------------------------------
+
+def test_compiled_spec_has_every_local_component_with_its_inputs_and_dependencies(compiled, local_dag):
+    _, spec, _ = compiled
+    tasks = spec.root.dag.tasks
+    local = {node.id: node for node in local_dag.components}
+    resolvers = {node_id for node_id, node in local.items() if type(node).__name__ == "Resolver"}
+    # Open-source KFP runs no resolver task (configs/kubeflow.yaml: baseline none): the only node left out.
+    assert resolvers and set(tasks) == set(local) - resolvers
+    for node_id, task in tasks.items():
+        node = local[node_id]
+        assert task.component_ref.name in spec.components
+        assert sorted(task.dependent_tasks) == sorted(n.id for n in node.upstream_nodes if n.id not in resolvers)
+        wired = {key: (a.task_output_artifact.producer_task, a.task_output_artifact.output_artifact_key)
+                 for key, a in task.inputs.artifacts.items()}
+        expected = {key: (channel.producer_component_id, channel.output_key) for key, channel in node.inputs.items()
+                    if channel.producer_component_id not in resolvers}
+        assert wired == expected, node_id
+    # The data gate still holds Transform and Trainer back although no artifact of it flows there.
+    assert "data_gate" in tasks["Transform"].dependent_tasks and "data_gate" in tasks["Trainer"].dependent_tasks
+
+
+def test_every_component_runs_the_training_image_with_the_profile_beam_args(compiled):
+    import importlib.util
+
+    from tfx.utils import import_utils
+
+    _, spec, as_dict = compiled
+    env = _kubeflow_env()
+    with open(os.path.join(REPO, "configs", "beam", env["beam_profile"] + ".yaml")) as f:
+        profile = yaml.safe_load(f)
+    executors = as_dict["deploymentSpec"]["executors"]
+    assert len(executors) == len(spec.root.dag.tasks)
+    for label, executor in executors.items():
+        container = executor["container"]
+        assert container["image"] == IMAGE, label
+        python, flag, module = container["command"]
+        assert (python, flag) == ("python", "-m") and module.startswith("pipelines.")
+        assert importlib.util.find_spec(module) is not None  # shipped in the image's pipelines/
+        args = container["args"]
+        # Custom components too: the @component executors import by path from components/.
+        import_utils.import_class_by_path(args[args.index("--executor_class_path") + 1])
+        assert f"--runner={profile['runner']}" in args
+        assert f"--direct_num_workers={env['beam_vars']['workers']}" in args
+        assert all(a in args for a in profile["args"] if "{" not in a)
+
+
+def test_data_folder_is_a_runtime_parameter_and_examples_are_never_cached(compiled):
+    summary, spec, _ = compiled
+    env = _kubeflow_env()
+    folder = env["data_path"].format(name="taxi").rstrip("/")
+    parameter = spec.root.input_definitions.parameters["data_root"]
+    assert parameter.default_value.string_value == folder
+    assert summary["parameters"] == ["data_root"]
+    example_gen = spec.root.dag.tasks["CsvExampleGen"]
+    assert example_gen.inputs.parameters["input_base"].component_input_parameter == "data_root"
+    assert not example_gen.caching_options.enable_cache
+    assert all(t.caching_options.enable_cache for name, t in spec.root.dag.tasks.items() if name != "CsvExampleGen")
+    assert spec.default_pipeline_root == env["pipeline_root"].format(name="taxi")
+    assert spec.schema_version == "2.1.0" and spec.pipeline_info.name == "taxi"
+
+
+def test_paths_in_the_spec_are_object_storage_or_inside_the_image(compiled):
+    from pipelines import kubeflow_runner
+    from tests.test_version_guard import _context_sources, _image, _stages
+
+    summary, spec, _ = compiled
+    with open(summary["output"]) as f:
+        text = f.read()
+    assert REPO not in text  # no path of this checkout leaks into what the pods run
+    schema_file = spec.root.dag.tasks["ImportSchemaGen"].inputs.parameters["schema_file"].runtime_value.constant
+    assert schema_file.string_value == f"{kubeflow_runner.IMAGE_ROOT}/configs/schemas/taxi.pbtxt"
+    # ... and the image puts configs/ there and runs from there.
+    arguments, stages = _stages((open(os.path.join(REPO, "Dockerfile.train")).read()))
+    final = list(stages)[-1]
+    image = _image(stages, final, arguments)
+    workdirs = [rest for keyword, rest in image if keyword == "WORKDIR"]
+    assert workdirs[-1] == kubeflow_runner.IMAGE_ROOT
+    assert "configs/" in _context_sources(stages, final, arguments)
+    pusher = json.loads(spec.root.dag.tasks["Pusher"].inputs.parameters["push_destination"].runtime_value
+                        .constant.string_value)
+    assert pusher["filesystem"]["base_directory"] == _kubeflow_env()["model_repository"] + "/taxi"
+
+
+def test_the_local_baseline_strategy_is_refused_naming_the_key(tmp_path):
+    from pipelines import kubeflow_runner
+
+    env = _env_file(tmp_path, baseline="excluding_candidate")
+    with pytest.raises(kubeflow_runner.KubeflowError, match=r"kubeflow.yaml: baseline: excluding_candidate .*cannot"):
+        kubeflow_runner.compile_pipeline(TAXI_SPEC, env, image=IMAGE, output=str(tmp_path / "p.yaml"))
+
+
+def test_latest_blessed_baseline_compiles_to_two_resolver_tasks_feeding_the_evaluator(tmp_path):
+    from pipelines import kubeflow_runner
+
+    env = _env_file(tmp_path, baseline="latest_blessed")
+    summary = kubeflow_runner.compile_pipeline(TAXI_SPEC, env, image=IMAGE, output=str(tmp_path / "p.yaml"))
+    with open(summary["output"]) as f:
+        spec = yaml.safe_load(f)
+    tasks, executors = spec["root"]["dag"]["tasks"], spec["deploymentSpec"]["executors"]
+    resolvers = sorted(t for t in tasks if "resolver" in executors[spec["components"][t]["executorLabel"]])
+    assert len(resolvers) == 2
+    baseline = tasks["Evaluator"]["inputs"]["artifacts"]["baseline_model"]["taskOutputArtifact"]
+    assert baseline["producerTask"] in resolvers and baseline["producerTask"] in tasks["Evaluator"]["dependentTasks"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(pipeline_root="build/pipelines/{name}"), r"pipeline_root: 'build/pipelines/taxi' is not in object storage"),
+    (dict(data_path=None), r"data_path: is required"),
+    (dict(image_tag="x"), r"image_tag: unknown key"),
+    (dict(baseline="newest"), r"baseline: 'newest' is not one of"),
+    (dict(beam_profile="flink", beam_vars={}),
+     r"flink.yaml: --flink_master=\{flink_master\}: no value for 'flink_master'"),
+])
+def test_environment_mistakes_name_the_file_and_key(tmp_path, changes, message):
+    from components import feature_spec
+    from pipelines import kubeflow_runner
+
+    env = _env_file(tmp_path, **changes)
+    with pytest.raises(feature_spec.SpecError, match=message):  # KubeflowError, or the Beam profile's error
+        kubeflow_runner.compile_pipeline(TAXI_SPEC, env, image=IMAGE, output=str(tmp_path / "p.yaml"))
+
+
+def test_compile_command_writes_the_yaml_and_reports_it(tmp_path, capsys):
+    from pipelines import kubeflow_runner
+
+    output = tmp_path / "out" / "spec.yaml"
+    assert kubeflow_runner.main(["compile", "--image", IMAGE, "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert output.exists() and str(output.stat().st_size) in printed.replace(",", "")
+    assert IMAGE in printed and "data_root" in printed
+    assert kubeflow_runner.main(["compile", "--env", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read environment file" in capsys.readouterr().err
+
+
+# --- the container entrypoint (tfx#7768) -----------------------------------------------------
+
+def _gate_inputs(root, spec):
+    """Statistics and anomalies artifacts that pass the data gate, on local disk."""
+    from tensorflow_metadata.proto.v0 import anomalies_pb2, statistics_pb2
+
+    kinds = {"int": statistics_pb2.FeatureNameStatistics.INT, "float": statistics_pb2.FeatureNameStatistics.FLOAT,
+             "string": statistics_pb2.FeatureNameStatistics.STRING}
+    stats = statistics_pb2.DatasetFeatureStatisticsList()
+    dataset = stats.datasets.add(num_examples=10)
+    for name, feature in spec.columns.items():
+        column = dataset.features.add(type=kinds[feature.type])
+        column.path.step.append(name)
+        kind = column.string_stats if feature.type == "string" else column.num_stats
+        kind.common_stats.num_non_missing = 10
+    for split in ("train", "eval"):
+        for artifact, file, message in (("anomalies", "SchemaDiff.pb", anomalies_pb2.Anomalies()),
+                                        ("statistics", "FeatureStats.pb", stats)):
+            folder = root / artifact / f"Split-{split}"
+            folder.mkdir(parents=True)
+            (folder / file).write_bytes(message.SerializeToString())
+    return root / "anomalies", root / "statistics"
+
+
+def _launcher_invocation(compiled, tmp_path, taxi_spec):
+    """The data gate's container args, with {{$}} filled as the open-source KFP launcher fills it:
+    input artifacts typed by a `system.Artifact` title, not the TFX type the spec declares."""
+    _, spec, as_dict = compiled
+    anomalies, statistics = _gate_inputs(tmp_path, taxi_spec)
+    task = spec.root.dag.tasks["data_gate"]
+    executor_input = {
+        "inputs": {
+            "artifacts": {key: {"artifacts": [{"name": f"projects/p/artifacts/{key}", "uri": str(uri),
+                                               "type": {"schemaTitle": "system.Artifact"},
+                                               "metadata": {"split_names": '["train", "eval"]', "span": 0.0}}]}
+                          for key, uri in (("anomalies", anomalies), ("statistics", statistics))},
+            "parameterValues": {key: p.runtime_value.constant.string_value
+                                for key, p in task.inputs.parameters.items()},
+        },
+        "outputs": {"outputFile": str(tmp_path / "outputs" / "executor_output.json")},
+    }
+    label = spec.components[task.component_ref.name].executor_label
+    container = as_dict["deploymentSpec"]["executors"][label]["container"]
+    args = list(container["args"])
+    args[args.index("{{$}}")] = json.dumps(executor_input)
+    return container["command"], args, tmp_path / "outputs" / "executor_output.json"
+
+
+def test_entrypoint_runs_a_custom_component_fed_as_the_open_source_launcher_feeds_it(compiled, tmp_path, taxi_spec):
+    import subprocess
+    import sys
+
+    from tfx.orchestration.kubeflow.v2.container import kubeflow_v2_run_executor
+
+    command, args, executor_output = _launcher_invocation(compiled, tmp_path, taxi_spec)
+    # TFX's own entrypoint cannot even find the input's class (tfx#7768) ...
+    with pytest.raises(ImportError, match="system"):
+        kubeflow_v2_run_executor._run_executor(*kubeflow_v2_run_executor._parse_flags(args))
+    assert not executor_output.exists()
+    # ... the compiled command gives the inputs the types the spec declares, and the data gate
+    # runs (in its own process, as in the pod) and passes.
+    assert command[0] == "python"
+    run = subprocess.run([sys.executable] + command[1:] + args, cwd=REPO, capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "input artifact types taken from the component spec for ['anomalies', 'statistics']" in run.stderr
+    written = json.loads(executor_output.read_text())
+    assert set(written) <= {"artifacts", "parameterValues"}
+
+
+def test_entrypoint_repairs_only_inputs_without_a_tfx_type(compiled):
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from pipelines import kubeflow_entrypoint
+
+    _, spec, _ = compiled
+    declared = spec.components["Trainer"].input_definitions
+    executor_input = pipeline_spec_pb2.ExecutorInput()
+    typed = executor_input.inputs.artifacts["examples"].artifacts.add(uri="gs://b/e")
+    typed.type.CopyFrom(declared.artifacts["examples"].artifact_type)
+    executor_input.inputs.artifacts["schema"].artifacts.add(uri="gs://b/s")  # no type at all
+    empty = executor_input.inputs.artifacts["transform_graph"].artifacts.add(uri="gs://b/t")
+    empty.type.instance_schema = ""
+    assert sorted(kubeflow_entrypoint.repair_input_types(executor_input, declared)) == ["schema", "transform_graph"]
+    for key in ("examples", "schema", "transform_graph"):
+        assert executor_input.inputs.artifacts[key].artifacts[0].type == declared.artifacts[key].artifact_type
+
+
+# --- the sandbox on object storage ----------------------------------------------------------
+
+def test_sandbox_takes_its_candidate_and_examples_from_object_storage_and_writes_back(tmp_path):
+    """On Kubeflow the model, the examples and the blessing are gs:// URIs; the local server reads
+    local files. TensorFlow's ram:// file system stands in for the bucket."""
+    import uuid
+
+    import tensorflow as tf
+
+    from components import sandbox
+
+    bucket = f"ram://bucket-{uuid.uuid4().hex}"
+    model = f"{bucket}/Trainer/model/7/Format-Serving"
+    files = {"saved_model.pb": b"graph", "variables/variables.index": b"index", "assets/vocab.txt": b"Cash\nCredit"}
+    for name, data in files.items():
+        tf.io.gfile.makedirs(os.path.dirname(f"{model}/{name}"))
+        with tf.io.gfile.GFile(f"{model}/{name}", "wb") as f:
+            f.write(data)
+    local = sandbox.local_model_dir(model, str(tmp_path))
+    assert local.startswith(str(tmp_path))
+    assert {name: open(os.path.join(local, name), "rb").read() for name in files} == files
+    assert sandbox.local_model_dir(local, str(tmp_path / "unused")) == local  # local disk: used where it is
+    warmed = f"{bucket}/sandbox_validator/blessing/9/stamped_model"
+    warmup = sandbox.write_warmed_model(local, warmed, [b"request-1", b"request-2"])
+    assert warmup.startswith(warmed + "/")
+    assert [r.numpy() for r in tf.data.TFRecordDataset(warmup)] == [b"request-1", b"request-2"]
+    assert all(tf.io.gfile.GFile(f"{warmed}/{name}", "rb").read() == data for name, data in files.items())
+    examples = f"{bucket}/CsvExampleGen/examples/3"
+    tf.io.gfile.makedirs(f"{examples}/Split-eval")
+    rows = [tf.train.Example(features=tf.train.Features(feature={"fare": tf.train.Feature(
+        float_list=tf.train.FloatList(value=[float(i)]))})).SerializeToString() for i in range(5)]
+    with tf.io.TFRecordWriter(f"{examples}/Split-eval/data_tfrecord-00000-of-00001.gz", "GZIP") as writer:
+        for row in rows:
+            writer.write(row)
+    assert sandbox.read_examples(examples, "eval", 3) == rows[:3]
+
+
+# --- submission and scheduling against a stand-in KFP API ------------------------------------
+
+class KfpStub(ThreadingHTTPServer):
+    """Answers the KFP v2beta1 REST calls kfp.Client makes; records each request."""
+
+    def __init__(self, existing_pipeline=False):
+        super().__init__(("127.0.0.1", 0), _KfpHandler)
+        self.requests = []
+        self.pipelines = {"p-1": "taxi"} if existing_pipeline else {}
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def host(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def calls(self, method, path):
+        return [r for r in self.requests if r["method"] == method and r["path"] == path]
+
+
+class _KfpHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _handle(self, method):
+        url = urllib.parse.urlsplit(self.path)
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        record = {"method": method, "path": url.path, "query": urllib.parse.parse_qs(url.query), "json": None,
+                  "files": {}}
+        if body and self.headers.get_content_type() == "multipart/form-data":
+            message = email.parser.BytesParser(policy=email.policy.default).parsebytes(
+                b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + body)
+            record["files"] = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+                               for part in message.iter_parts()}
+        elif body:
+            record["json"] = json.loads(body)
+        self.server.requests.append(record)
+        status, answer = self._answer(method, url.path, record)
+        payload = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _answer(self, method, path, record):
+        stub = self.server
+        if (method, path) == ("GET", "/apis/v2beta1/healthz"):
+            return 200, {"multi_user": False}
+        if (method, path) == ("GET", "/apis/v2beta1/pipelines"):
+            wanted = json.loads(record["query"]["filter"][0])["predicates"][0]["stringValue"]
+            found = [{"pipeline_id": i, "display_name": n} for i, n in stub.pipelines.items() if n == wanted]
+            return 200, {"pipelines": found, "total_size": len(found)} if found else {}
+        if (method, path) == ("POST", "/apis/v2beta1/pipelines/upload"):
+            stub.pipelines["p-1"] = record["query"]["name"][0]
+            return 200, {"pipeline_id": "p-1", "display_name": record["query"]["name"][0]}
+        if (method, path) == ("GET", "/apis/v2beta1/pipelines/p-1/versions"):
+            return 200, {"pipeline_versions": [{"pipeline_id": "p-1", "pipeline_version_id": "v-1"}], "total_size": 1}
+        if (method, path) == ("POST", "/apis/v2beta1/pipelines/upload_version"):
+            return 200, {"pipeline_id": record["query"]["pipelineid"][0], "pipeline_version_id": "v-2",
+                         "display_name": record["query"]["name"][0]}
+        if (method, path) == ("GET", "/apis/v2beta1/experiments"):
+            return 200, {}
+        if (method, path) == ("POST", "/apis/v2beta1/experiments"):
+            return 200, {"experiment_id": "e-1", "display_name": record["json"]["display_name"]}
+        if (method, path) == ("POST", "/apis/v2beta1/runs"):
+            return 200, {"run_id": "r-1", **record["json"]}
+        if (method, path) == ("POST", "/apis/v2beta1/recurringruns"):
+            return 200, {"recurring_run_id": "rr-1", **record["json"]}
+        return 404, {"error": f"no {method} {path} in this stub"}
+
+    def do_GET(self):
+        self._handle("GET")
+
+    def do_POST(self):
+        self._handle("POST")
+
+
+@pytest.fixture
+def kfp_api(request):
+    stub = KfpStub(existing_pipeline=getattr(request, "param", False))
+    stub.thread.start()
+    yield stub
+    stub.shutdown()
+    stub.server_close()
+
+
+def test_submit_uploads_the_compiled_spec_and_starts_a_run_on_it(compiled, kfp_api, capsys):
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from pipelines import kubeflow_runner
+
+    summary, spec, _ = compiled
+    code = kubeflow_runner.main(["submit", "--host", kfp_api.host, "--experiment", "nightly",
+                                 "--package", summary["output"]])
+    assert code == 0, capsys.readouterr().err
+    (upload,) = kfp_api.calls("POST", "/apis/v2beta1/pipelines/upload")
+    assert upload["query"]["name"] == ["taxi"]
+    uploaded = json_format.ParseDict(yaml.safe_load(upload["files"]["uploadfile"]), pipeline_spec_pb2.PipelineSpec())
+    assert uploaded == spec
+    (experiment,) = kfp_api.calls("POST", "/apis/v2beta1/experiments")
+    assert experiment["json"]["display_name"] == "nightly"
+    (run,) = kfp_api.calls("POST", "/apis/v2beta1/runs")
+    assert run["json"]["experiment_id"] == "e-1"
+    assert run["json"]["pipeline_version_reference"] == {"pipeline_id": "p-1", "pipeline_version_id": "v-1"}
+    assert run["json"]["runtime_config"]["pipeline_root"] == spec.default_pipeline_root
+    assert "pipeline_spec" not in run["json"]  # the run points at the uploaded version
+    assert f"{kfp_api.host}/#/runs/details/r-1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kfp_api", [True], indirect=True)
+def test_schedule_adds_a_version_and_a_recurring_run_with_the_cron(compiled, kfp_api, capsys):
+    from pipelines import kubeflow_runner
+
+    summary, spec, _ = compiled
+    code = kubeflow_runner.main(["schedule", "--host", kfp_api.host, "--cron", "0 3 * * *",
+                                 "--package", summary["output"]])
+    assert code == 0, capsys.readouterr().err
+    assert kfp_api.calls("POST", "/apis/v2beta1/pipelines/upload") == []  # the pipeline exists: a new version
+    (version,) = kfp_api.calls("POST", "/apis/v2beta1/pipelines/upload_version")
+    assert version["query"]["pipelineid"] == ["p-1"]
+    assert version["files"]["uploadfile"] == open(summary["output"], "rb").read()
+    assert re.match(r"\d{4}-\d\d-\d\dT", version["query"]["name"][0])
+    (recurring,) = kfp_api.calls("POST", "/apis/v2beta1/recurringruns")
+    body = recurring["json"]
+    assert body["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * *"}}  # KFP's six fields, seconds first
+    assert body["pipeline_version_reference"] == {"pipeline_id": "p-1", "pipeline_version_id": "v-2"}
+    assert body["mode"] == "ENABLE" and int(body["max_concurrency"]) == 1 and body["no_catchup"] is True
+    assert body["runtime_config"]["pipeline_root"] == spec.default_pipeline_root
+    assert f"{kfp_api.host}/#/recurringrun/details/rr-1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cron, expected", [("0 0 3 * * *", "0 0 3 * * *"), ("30 2 * * 1-5", "0 30 2 * * 1-5"),
+                                            ("@daily", "@daily")])
+def test_cron_expressions_become_kfps_six_fields(cron, expected):
+    from pipelines import kubeflow_runner
+
+    assert kubeflow_runner.kfp_cron(cron) == expected
+
+
+def test_a_malformed_cron_is_refused_before_anything_is_uploaded(kfp_api, capsys):
+    from pipelines import kubeflow_runner
+
+    assert kubeflow_runner.main(["schedule", "--host", kfp_api.host, "--cron", "3 * *", "--package", "x.yaml"]) == 2
+    assert "--cron '3 * *'" in capsys.readouterr().err and kfp_api.requests == []
