@@ -20,7 +20,16 @@ import yaml
 TYPES = ("int", "float", "string")
 TRANSFORMS = ("zscore", "log", "vocabulary", "bucketize", "hash", "passthrough")
 TASKS = ("binary", "multiclass", "regression")
-STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+STRATEGIES = ("default", "mirrored", "multi_worker", "parameter_server", "tpu")
+# What each strategy type accepts beside `type` (components/strategy.py reads them), as
+# (python type, smallest value for numbers or the allowed values for strings).
+STRATEGY_OPTIONS = {
+    "default": {},
+    "mirrored": {"num_devices": (int, 1)},
+    "multi_worker": {"communication": (str, ("auto", "ring", "nccl"))},
+    "parameter_server": {"examples_per_epoch": (int, 1)},
+    "tpu": {"tpu": (str, None)},
+}
 LABEL_OPS = (">", ">=", "<", "<=")
 # Transforms whose output is an integer id fed to an embedding; the rest are floats.
 CATEGORICAL_TRANSFORMS = ("vocabulary", "bucketize", "hash")
@@ -381,9 +390,10 @@ def _threshold(ctx: _Ctx, metric: str, raw: Any) -> Threshold:
 def _training(ctx: _Ctx, raw: Mapping[str, Any]) -> Training:
     ctx.known_keys(raw, "training", {"strategy", "deterministic", "seed", "hidden_units",
                                      "embedding_dim", "shuffle_buffer", "schedule"})
-    strategy = ctx.get(raw, "strategy", dict, "training", default={"type": "default"})
-    if strategy.get("type", "default") not in STRATEGIES:
-        ctx.fail("training.strategy.type", f"'{strategy.get('type')}' is not one of {', '.join(STRATEGIES)}")
+    strategy = _strategy(ctx, ctx.get(raw, "strategy", dict, "training", default={"type": "default"}))
+    if strategy["type"] == "parameter_server" and raw.get("deterministic") is True:
+        ctx.fail("training.deterministic", "cannot be true with training.strategy.type parameter_server: "
+                                           "its workers update the variables asynchronously")
     schedule = []
     for i, s in enumerate(ctx.get(raw, "schedule", list, "training",
                                   default=[{"learning_rate": 0.001, "batch_size": 128, "epochs": 5}])):
@@ -404,7 +414,7 @@ def _training(ctx: _Ctx, raw: Mapping[str, Any]) -> Training:
         if k in raw and (not isinstance(raw[k], int) or raw[k] < 1):
             ctx.fail(f"training.{k}", f"must be a positive integer, got {raw[k]!r}")
     return Training(
-        strategy={"type": "default", **strategy},
+        strategy=strategy,
         schedule=tuple(schedule),
         deterministic=ctx.get(raw, "deterministic", bool, "training", default=False),
         seed=ctx.get(raw, "seed", int, "training", default=42),
@@ -412,6 +422,27 @@ def _training(ctx: _Ctx, raw: Mapping[str, Any]) -> Training:
         embedding_dim=ctx.get(raw, "embedding_dim", int, "training", default=8),
         shuffle_buffer=ctx.get(raw, "shuffle_buffer", int, "training", default=10000),
     )
+
+
+def _strategy(ctx: _Ctx, raw: Mapping[str, Any]) -> Dict[str, Any]:
+    """The training.strategy block: a type and the options that type accepts (see STRATEGY_OPTIONS)."""
+    kind = ctx.get(raw, "type", str, "training.strategy", default="default")
+    if kind not in STRATEGIES:
+        ctx.fail("training.strategy.type", f"'{kind}' is not one of {', '.join(STRATEGIES)}")
+    options = STRATEGY_OPTIONS[kind]
+    for key in raw:
+        if key != "type" and key not in options:
+            allowed = ", ".join(sorted(options)) or "no options"
+            ctx.fail(f"training.strategy.{key}", f"unknown key for strategy '{kind}' (allowed: {allowed})")
+    for key, (typ, limit) in options.items():
+        value = ctx.get(raw, key, typ, "training.strategy", default=None)
+        if value is None:
+            continue
+        if typ is int and value < limit:
+            ctx.fail(f"training.strategy.{key}", f"must be at least {limit}, got {value}")
+        if typ is str and limit is not None and value not in limit:
+            ctx.fail(f"training.strategy.{key}", f"'{value}' is not one of {', '.join(limit)}")
+    return {**raw, "type": kind}
 
 
 # --- checking a spec against its data --------------------------------------------------

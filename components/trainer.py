@@ -1,17 +1,24 @@
-"""TFX Trainer entry point: feeds, trains in stages under a tf.distribute strategy, exports."""
+"""TFX Trainer entry point: feeds, trains in stages under a tf.distribute strategy, exports.
 
+`run_fn` is what the pipeline's Trainer calls; `python -m components.trainer` runs the same
+`train_and_export` on an existing Transform output (a Kubeflow TFJob replica, deploy/tfjob.yaml).
+In a distributed run every process calls it; components/strategy.py decides each one's part.
+"""
+
+import argparse
 import json
 import logging
+import math
 import os
-from typing import Dict
+from typing import Any, Dict, List, Mapping, Optional
 
 import tensorflow as tf
 import tensorflow_transform as tft
 
 from components import export, feeder, model as model_lib
-from components.feature_spec import FeatureSpec
+from components import strategy as strategy_lib
+from components.feature_spec import FeatureSpec, load as load_spec, parse as parse_spec
 from components.preprocessing import label_key
-from components.strategy import make_strategy
 
 METRICS_FILE = "training_metrics.json"
 
@@ -33,7 +40,7 @@ def _skip_autograph_for_tf_keras() -> None:
 
 
 def run_fn(fn_args) -> None:
-    """Called by the TFX Trainer (GenericExecutor) with FnArgs."""
+    """Called by the TFX Trainer (GenericExecutor) with FnArgs, in every replica of a distributed run."""
     spec = FeatureSpec.from_custom_config(fn_args.custom_config)
     metrics = train_and_export(
         spec,
@@ -42,49 +49,136 @@ def run_fn(fn_args) -> None:
         eval_files=fn_args.eval_files,
         serving_model_dir=fn_args.serving_model_dir,
     )
-    with tf.io.gfile.GFile(os.path.join(fn_args.model_run_dir, METRICS_FILE), "w") as f:
-        f.write(json.dumps(metrics, indent=2, sort_keys=True))
+    if strategy_lib.cluster_role().is_chief:
+        _write_metrics(os.path.join(fn_args.model_run_dir, METRICS_FILE), metrics)
 
 
 def train_and_export(spec: FeatureSpec, transform_output_dir: str, train_files, eval_files,
                      serving_model_dir: str) -> Dict[str, float]:
-    """Trains through every stage of the schedule and saves the model; returns eval metrics."""
+    """Trains through every stage of the schedule and saves the model; returns eval metrics.
+
+    Every process of a distributed run calls this. Parameter-server cluster servers (worker
+    and ps tasks) never return from it: they serve the coordinator until the platform stops them.
+    """
     train = spec.training
+    strategy_lib.serve_if_cluster_server(train.strategy)
+    if train.deterministic and train.strategy["type"] == "parameter_server":
+        raise ValueError("training.deterministic: cannot be true with training.strategy.type parameter_server: "
+                         "its workers update the variables asynchronously")
     _skip_autograph_for_tf_keras()
     if train.deterministic:
         tf.keras.utils.set_random_seed(train.seed)
         tf.config.experimental.enable_op_determinism()
-    strategy = make_strategy(train.strategy)
+    strategy = strategy_lib.make_strategy(train.strategy)
+    logging.info("training with %s", strategy_lib.describe(strategy))
     tf_transform_output = tft.TFTransformOutput(transform_output_dir)
-    feature_spec = tf_transform_output.transformed_feature_spec()
-    target = label_key(spec)
-
-    def dataset(files, batch_size, shuffle):
-        return feeder.make_dataset(files, feature_spec, target, batch_size, shuffle=shuffle,
-                                   seed=train.seed, deterministic=train.deterministic,
-                                   shuffle_buffer=train.shuffle_buffer)
-
+    feed = _Feed(spec, strategy, tf_transform_output.transformed_feature_spec(), train_files, eval_files)
     with strategy.scope():
         model = model_lib.build(spec, model_lib.input_cardinalities(spec, tf_transform_output))
+        if feed.asynchronous:
+            _exact_distributed_evaluation(model, eval_files)
     epochs_done = 0
     for i, stage in enumerate(train.schedule):
         # Each stage: a feeder at its own batch size, a new learning rate, the same weights.
         model.optimizer.learning_rate.assign(stage.learning_rate)
         logging.info("stage %d: learning_rate=%g batch_size=%d epochs=%d",
                      i, stage.learning_rate, stage.batch_size, stage.epochs)
-        model.fit(dataset(train_files, stage.batch_size, shuffle=True),
-                  initial_epoch=epochs_done, epochs=epochs_done + stage.epochs, verbose=0,
-                  callbacks=[_LogEpoch()])
+        data, steps = feed.training(stage.batch_size)
+        model.fit(data, initial_epoch=epochs_done, epochs=epochs_done + stage.epochs, verbose=0,
+                  callbacks=[_LogEpoch()], **steps)
         epochs_done += stage.epochs
-    results = model.evaluate(dataset(eval_files, 1024, shuffle=False), return_dict=True, verbose=0)
-    if _is_chief(strategy):
-        model.save(serving_model_dir, save_format="tf",
-                   signatures=export.signatures(model, spec, tf_transform_output))
+    results = model.evaluate(feed.evaluation(), return_dict=True, verbose=0)
+    _export(model, spec, tf_transform_output, strategy, serving_model_dir)
+    return {k: float(v) for k, v in results.items()}
+
+
+class _Feed:
+    """The trainer's input under its strategy (the tf.data pipeline itself is components/feeder.py)."""
+
+    def __init__(self, spec: FeatureSpec, strategy: tf.distribute.Strategy, feature_spec, train_files, eval_files):
+        self._train, self._feature_spec, self._label = spec.training, feature_spec, label_key(spec)
+        self._train_files, self._eval_files = train_files, eval_files
+        self.asynchronous = strategy_lib.is_parameter_server(strategy)
+        # Synchronous workers shard each global batch by DATA (feeder): every worker must read
+        # the examples in the same order, or their shares overlap. Parameter-server workers each
+        # read their own copy of the data: an unseeded shuffle gives each a different order.
+        self._ordered = self._train.deterministic or strategy_lib.is_multi_worker(strategy)
+        self._seed = None if self.asynchronous else self._train.seed
+        self._examples_per_epoch = None
+
+    def _dataset(self, files, batch_size, shuffle, repeat=False):
+        return feeder.make_dataset(files, self._feature_spec, self._label, batch_size, shuffle=shuffle,
+                                   seed=self._seed, deterministic=self._ordered,
+                                   shuffle_buffer=self._train.shuffle_buffer, repeat=repeat)
+
+    def training(self, batch_size: int):
+        """(data, extra fit arguments) for one stage."""
+        if not self.asynchronous:
+            return self._dataset(self._train_files, batch_size, shuffle=True), {}
+        # The coordinator hands out steps to whichever worker is free, from endless streams.
+        if self._examples_per_epoch is None:
+            self._examples_per_epoch = (self._train.strategy.get("examples_per_epoch")
+                                        or _count_examples(self._train_files))
+        return (self._dataset(self._train_files, batch_size, shuffle=True, repeat=True),
+                {"steps_per_epoch": math.ceil(self._examples_per_epoch / batch_size)})
+
+    def evaluation(self):
+        if not self.asynchronous:
+            return self._dataset(self._eval_files, 1024, shuffle=False)
+        # Exact evaluation builds the dataset on each worker from a function.
+        return tf.keras.utils.experimental.DatasetCreator(
+            lambda input_context: self._dataset(self._eval_files, 1024, shuffle=False))
+
+
+def _export(model: tf.keras.Model, spec: FeatureSpec, tf_transform_output, strategy, serving_model_dir: str) -> None:
+    """Every process saves (collective reads need them all); only the chief's copy is kept."""
+    with strategy_lib.save_location(strategy, serving_model_dir) as target_dir:
+        model.save(target_dir, save_format="tf", signatures=export.signatures(model, spec, tf_transform_output))
+        if target_dir != serving_model_dir:
+            logging.info("non-chief %s: saved to %s, which is removed now",
+                         strategy_lib.cluster_role().describe(), target_dir)
+    if strategy_lib.is_chief(strategy):
         path = os.path.join(serving_model_dir, export.SERVING_SPEC_FILE)
         tf.io.gfile.makedirs(os.path.dirname(path))
         with tf.io.gfile.GFile(path, "w") as f:
             f.write(json.dumps(export.serving_spec(spec), indent=2))
-    return {k: float(v) for k, v in results.items()}
+
+
+def _exact_distributed_evaluation(model: tf.keras.Model, eval_files) -> None:
+    """Parameter-server evaluation that sees every eval example once (Keras' exact evaluation).
+
+    Without it, Keras needs a step count and a repeated dataset, and workers evaluate
+    overlapping batches. Exact evaluation splits the eval data into shards by FILE (it ignores
+    the dataset's DATA policy), so there can be no more shards than files: with one file a
+    single worker evaluates it all. The only switch is compile's `pss_evaluation_shards`, so
+    the model is compiled again with its own configuration (before training: a fresh
+    optimizer is fine).
+    """
+    files = sum((tf.io.gfile.glob(pattern) for pattern in eval_files), [])
+    if not files:
+        raise ValueError(f"no eval files match {list(eval_files)}")
+    # Keras' own heuristic is 5 shards per worker; fewer when there are fewer files.
+    shards = min(len(files), 5 * len(strategy_lib.cluster_role().cluster["worker"]))
+    config = tf.keras.saving.deserialize_keras_object(model.get_compile_config())
+    model.compile(**config, pss_evaluation_shards=shards)
+
+
+def _count_examples(file_patterns) -> int:
+    files = tf.data.Dataset.list_files(list(file_patterns), shuffle=False)
+    records = files.interleave(lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
+                               num_parallel_calls=tf.data.AUTOTUNE)
+    count = int(records.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+    if not count:
+        raise ValueError(f"no training examples in {list(file_patterns)}")
+    logging.info("parameter_server: an epoch is %d examples (counted; set "
+                 "training.strategy.examples_per_epoch to skip the count)", count)
+    return count
+
+
+def _write_metrics(path: str, metrics: Dict[str, float]) -> None:
+    tf.io.gfile.makedirs(os.path.dirname(path) or ".")
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(json.dumps(metrics, indent=2, sort_keys=True))
 
 
 class _LogEpoch(tf.keras.callbacks.Callback):
@@ -92,9 +186,55 @@ class _LogEpoch(tf.keras.callbacks.Callback):
         logging.info("epoch %d: %s", epoch + 1, " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items()))
 
 
-def _is_chief(strategy: tf.distribute.Strategy) -> bool:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return True
-    return resolver.task_type in (None, "chief") or (resolver.task_type == "worker" and resolver.task_id == 0
-                                                     and "chief" not in resolver.cluster_spec().as_dict())
+def _json_object(text: str) -> Dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as {{\"type\": \"multi_worker\"}}, got {text!r}")
+    return value
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m components.trainer",
+        description="Trains and exports like the pipeline's Trainer, on an existing Transform output; "
+                    "run it in every replica of a distributed job (the cluster comes from TF_CONFIG).")
+    parser.add_argument("--spec", required=True, help="the dataset's feature spec (YAML)")
+    parser.add_argument("--strategy", type=_json_object,
+                        help="JSON that replaces the spec's training.strategy block, e.g. '{\"type\": \"multi_worker\"}'")
+    parser.add_argument("--transform_graph", required=True, help="Transform's transform_graph directory")
+    parser.add_argument("--train_files", required=True, nargs="+", help="transformed training TFRecord patterns")
+    parser.add_argument("--eval_files", required=True, nargs="+", help="transformed eval TFRecord patterns")
+    parser.add_argument("--serving_model_dir", required=True, help="where the chief exports the SavedModel")
+    parser.add_argument("--metrics_file", help="where the chief writes the evaluation metrics (JSON)")
+    return parser
+
+
+def spec_with_strategy(spec: FeatureSpec, strategy: Mapping[str, Any]) -> FeatureSpec:
+    """The spec with another training.strategy block, checked like one written in the file."""
+    raw = {**spec.raw, "training": {**(spec.raw.get("training") or {}), "strategy": dict(strategy)}}
+    return parse_spec(raw, source=f"{spec.source} (--strategy)")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Runs train_and_export (the code run_fn runs) outside TFX, e.g. in each replica of a TFJob.
+
+    Only the chief writes the export and the metrics file.
+    """
+    args = argument_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    tf.get_logger().propagate = False  # TensorFlow's logger prints for itself
+    spec = load_spec(args.spec)
+    if args.strategy is not None:
+        spec = spec_with_strategy(spec, args.strategy)
+    metrics = train_and_export(spec, args.transform_graph, args.train_files, args.eval_files,
+                               args.serving_model_dir)
+    logging.info("evaluation: %s", json.dumps(metrics, sort_keys=True))
+    if args.metrics_file and strategy_lib.cluster_role().is_chief:
+        _write_metrics(args.metrics_file, metrics)
+
+
+if __name__ == "__main__":
+    main()

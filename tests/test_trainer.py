@@ -1,14 +1,12 @@
-"""Trainer behaviour on the small transform: staged schedule, determinism, strategies."""
+"""Trainer behaviour on the small transform: staged schedule, determinism.
 
-import json
+Strategies (mirrored, multi-worker, parameter server) are tested in test_distributed.py.
+"""
+
 import logging
-import os
-import subprocess
-import sys
-
 
 from components import feature_spec
-from tests.conftest import REPO, fast_spec
+from tests.conftest import fast_spec
 
 
 def test_deterministic_runs_give_identical_metrics_and_predictions(taxi_spec, small_transform, tmp_path):
@@ -59,24 +57,3 @@ def test_each_stage_sets_its_learning_rate_and_batch_size(taxi_spec, small_trans
     epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert [e.split(":")[0] for e in epochs] == ["epoch 1", "epoch 2", "epoch 3"]  # weights carried on
 
-
-def test_mirrored_strategy_on_two_virtual_cpus(small_transform, tmp_path):
-    """A fresh process, so the two virtual devices are set before TensorFlow starts."""
-    graph_dir, train_files, eval_files = small_transform
-    script = f"""
-import json, dataclasses, tensorflow as tf
-from components import feature_spec, strategy, trainer
-from tests.conftest import fast_spec
-spec = fast_spec(feature_spec.load({os.path.join(REPO, 'configs', 'taxi.yaml')!r}),
-                 strategy={{"type": "mirrored", "num_devices": 2}})
-s = strategy.make_strategy(spec.training.strategy)
-metrics = trainer.train_and_export(spec, {graph_dir!r}, [{train_files!r}], [{eval_files!r}], {str(tmp_path / 'm')!r})
-print("RESULT", json.dumps({{"replicas": s.num_replicas_in_sync, **metrics}}))
-"""
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", PYTHONPATH=REPO)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.split("RESULT", 1)[1])
-    assert result["replicas"] == 2
-    assert result["auc"] > 0.85
-    assert os.path.exists(tmp_path / "m" / "saved_model.pb")
