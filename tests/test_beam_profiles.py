@@ -180,6 +180,8 @@ def test_local_pipeline_runs_under_the_multi_processing_profile(tmp_path):
     # their log lines come back through the local job service, which in-memory runs do not start.
     with open(tmp_path / "logs" / "taxi.log") as f:
         log = f.read()
-    assert "direct_running_mode=multi_processing" in log and "direct_running_mode=in_memory" not in log
+    # (Which INFO lines of TFX reach the file depends on logging set up earlier in the process;
+    # the workers' own lines always come back, and they print their options.)
     assert re.search(r"local_job_service: Worker: .*direct_running_mode\\?': \\?'multi_processing", log)
+    assert "=in_memory" not in log and "'in_memory'" not in log
     assert summary["metrics"]["overall"]["example_count"] > 500
