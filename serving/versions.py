@@ -77,7 +77,7 @@ def serving_image_tensorflow(dockerfile: Path) -> str:
     return tag
 
 
-def _instructions(text: str):
+def dockerfile_instructions(text: str):
     """(KEYWORD, arguments) of each Dockerfile instruction, continuation lines joined, comments dropped."""
     pending = ""
     for line in text.splitlines():
@@ -104,7 +104,7 @@ def training_image_tensorflow(dockerfile: Path, root: Path = Path(".")) -> str:
     found: Dict[str, str] = {}
     copied: Dict[str, str] = {}  # path in the image -> path in the build context
     workdir = "/"
-    for keyword, arguments in _instructions(text):
+    for keyword, arguments in dockerfile_instructions(text):
         if keyword == "FROM":  # each stage starts at / with nothing copied
             workdir, copied = "/", {}
         elif keyword == "WORKDIR":

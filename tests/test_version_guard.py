@@ -177,19 +177,7 @@ def test_the_exported_taxi_model_loads_in_a_tensorflow_only_process(small_model)
 # --- the TF Serving image --------------------------------------------------------------------
 
 def _instructions(text):
-    """(KEYWORD, arguments) per instruction: continuation lines joined, comment lines dropped."""
-    found, pending = [], ""
-    for line in text.splitlines():
-        if line.lstrip().startswith("#"):
-            continue
-        if line.rstrip().endswith("\\"):
-            pending += line.rstrip()[:-1] + " "
-            continue
-        line, pending = (pending + line).strip(), ""
-        if line:
-            keyword, _, arguments = line.partition(" ")
-            found.append((keyword.upper(), arguments.strip()))
-    return found
+    return list(versions.dockerfile_instructions(text))
 
 
 def _substitute(text, variables):
