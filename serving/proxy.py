@@ -224,8 +224,11 @@ class Backends:
             parts = urlsplit(backend)
             conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
             pool[backend] = conn
-        conn.timeout = timeout
-        if conn.sock is not None:
+        if conn.sock is None:
+            conn.connect()  # here, so the socket options are set once per connection, not per request
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if conn.timeout != timeout:  # PROXY_TIMEOUT_SECONDS was reloaded
+            conn.timeout = timeout
             conn.sock.settimeout(timeout)
         return conn
 
@@ -238,11 +241,9 @@ class Backends:
              who: str) -> Tuple[int, bytes]:
         last = None
         for attempt in range(retries + 1):
-            conn = self._connection(backend, timeout)
             try:
+                conn = self._connection(backend, timeout)
                 conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
-                if conn.sock is not None:
-                    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 response = conn.getresponse()
                 data = response.read()
                 if response.will_close:
