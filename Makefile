@@ -66,17 +66,22 @@ data: ## write the CSVs of configs/synthetic_{multiclass,regression}.yaml under 
 schema: ## infer the schema of $(SPEC)'s data and write it to the spec's schema path for review
 	$(PY) -m pipelines.schema_tool --spec $(SPEC)
 
-promote: ## promote a pushed, blessed version: make promote VERSION=n [LABEL=stable|canary]
-	$(PY) -m pipelines.release promote --version $(VERSION) --label $(or $(LABEL),stable) $(if $(SERVING_URL),--serving_url $(SERVING_URL))
+promote: ## promote a pushed, blessed version: make promote VERSION=n [LABEL=stable|canary] [BASE_PATH=/models]
+	$(PY) -m pipelines.release promote --version $(VERSION) --label $(or $(LABEL),stable) $(if $(SERVING_URL),--serving_url $(SERVING_URL)) $(if $(BASE_PATH),--serving_base_path $(BASE_PATH))
 
 rollback: ## move a label back to the version it replaced: make rollback [LABEL=stable]
-	$(PY) -m pipelines.release rollback --label $(or $(LABEL),stable) $(if $(SERVING_URL),--serving_url $(SERVING_URL))
+	$(PY) -m pipelines.release rollback --label $(or $(LABEL),stable) $(if $(SERVING_URL),--serving_url $(SERVING_URL)) $(if $(BASE_PATH),--serving_base_path $(BASE_PATH))
 
 parity: ## the taxi eval split through training path, both signatures and REST; writes build/parity.json
 	$(PY) -m pipelines.parity
 
-serve: ## local TF-Serving-compatible server on :8501 and the proxy on :8080 (logs to build/prediction_log.sqlite)
-	@$(PY) -m serving.server --model_base_path build/model_repository --rest_api_port 8501 & server=$$!; \
+serve: ## TF-Serving twin (REST :8501, gRPC :8500) from build/model_repository/models.config, and the proxy on :8080
+	@config=build/model_repository/models.config; \
+	if [ -f $$config ]; then source="--model_config_file $$config --model_config_file_poll_wait_seconds 2 --allow_version_labels_for_unavailable_models"; \
+	else echo "no $$config yet (make promote VERSION=n writes it): serving the latest pushed $(or $(MODEL),taxi)"; \
+	  source="--model_name $(or $(MODEL),taxi) --model_base_path build/model_repository/$(or $(MODEL),taxi)"; fi; \
+	$(PY) -m serving.server $$source --rest_api_port 8501 --port 8500 --enable_batching \
+	  --batching_parameters_file serving/config/batching.config & server=$$!; \
 	PROXY_ENV_FILE=configs/proxy.env $(PY) -m serving.proxy --port 8080 --log build/prediction_log.sqlite & proxy=$$!; \
 	trap 'kill -TERM $$proxy $$server 2>/dev/null' INT TERM; \
 	wait $$proxy; kill -TERM $$server 2>/dev/null; wait $$server

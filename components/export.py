@@ -1,8 +1,17 @@
 """Serving signatures: the Transform graph rides inside the SavedModel.
 
 serving_default     raw features as named tensors (one value per row) -> predictions
-serving_tf_example  serialized tf.Example                               -> predictions
+serving_tf_example  serialized tf.Example                               -> predictions (Evaluator)
+classification      `inputs`: serialized tf.Example -> `classes`, `scores`  (TF Serving :classify)
+regression          `inputs`: serialized tf.Example -> `outputs`            (TF Serving :regress)
 transform_features  serialized tf.Example (label included)              -> transformed features (Evaluator)
+
+`classification` / `regression` carry TF Serving's classify / regress method names, which
+tf.saved_model.save cannot set: `set_method_names` writes them into saved_model.pb after the
+save (TF Serving's classifier.cc and regressor.cc refuse any other method name).
+
+A required feature (spec `required: true`) is enforced by the model itself: a row without a
+value fails the call with INVALID_ARGUMENT, so TF Serving and the local server refuse it alike.
 
 A missing value at serving is "" for strings and NaN for numbers (int columns are
 taken as float64 so they can carry NaN; every int below 2**53 is exact). Such values
@@ -11,6 +20,7 @@ training tf.Example, and the Transform graph then fills them by the same policy.
 """
 
 import math
+import os
 from typing import Any, Dict, List
 
 import tensorflow as tf
@@ -21,6 +31,11 @@ SERVING_DTYPES = {"string": tf.string, "float": tf.float32, "int": tf.float64}
 
 
 SERVING_SPEC_FILE = "assets.extra/serving_spec.json"
+# TF Serving's names (tensorflow/core/saved_model/signature_constants.h): the method names its
+# Classify and Regress APIs require, and their input / output keys.
+CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
+REGRESS_METHOD_NAME = "tensorflow/serving/regress"
+CLASSIFY_SIGNATURE, REGRESS_SIGNATURE = "classification", "regression"
 
 
 def serving_spec(spec: FeatureSpec) -> Dict:
@@ -52,6 +67,27 @@ def _to_sparse(value: tf.Tensor, column_type: str) -> tf.SparseTensor:
     return tf.SparseTensor(indices, values, tf.stack([tf.shape(value, out_type=tf.int64)[0], 1]))
 
 
+def _present(name: str, value) -> tf.Tensor:
+    """Per row: does it carry a value for the feature? (value: a dense raw tensor or a sparse one)."""
+    if isinstance(value, tf.SparseTensor):
+        rows = tf.shape(value, out_type=tf.int64)[0]
+        counts = tf.math.bincount(value.indices[:, 0], minlength=rows, maxlength=rows, dtype=tf.int64)
+        return counts > 0
+    return tf.not_equal(value, "") if value.dtype == tf.string else tf.logical_not(tf.math.is_nan(value))
+
+
+def _require(spec: FeatureSpec, features: Dict[str, Any]) -> List[tf.Operation]:
+    """Assertions that every row has a value for each required feature (INVALID_ARGUMENT if not)."""
+    checks = []
+    for name, f in spec.features.items():
+        if f.required:
+            checks.append(tf.debugging.Assert(
+                tf.reduce_all(_present(name, features[name])),
+                [f"feature {name} is required (spec: required: true) but a row has no value for it "
+                 f"(an empty string, NaN or absent): send a value for {name} in every row"], name=f"require_{name}"))
+    return checks
+
+
 def _outputs(spec: FeatureSpec, prediction: tf.Tensor) -> Dict[str, tf.Tensor]:
     if spec.task == "regression":
         return {"value": tf.reshape(prediction, [-1])}
@@ -77,17 +113,33 @@ def signatures(model: tf.keras.Model, spec: FeatureSpec, tf_transform_output) ->
     raw_spec = tf_transform_output.raw_feature_spec()
     serving_raw_spec = {k: v for k, v in raw_spec.items() if k in spec.features}
 
-    def predict(raw_features):
-        transformed = model.tft_layer(raw_features)
+    def predict(raw_features, checked):
+        with tf.control_dependencies(_require(spec, checked)):
+            transformed = model.tft_layer(raw_features)
         return _outputs(spec, model({k: transformed[k] for k in model_inputs}))
+
+    def predict_examples(examples):
+        parsed = tf.io.parse_example(examples, serving_raw_spec)
+        return predict(parsed, parsed)
 
     @tf.function
     def serve_raw(**features):
-        return predict({name: _to_sparse(features[name], spec.features[name].type) for name in spec.features})
+        return predict({name: _to_sparse(features[name], spec.features[name].type) for name in spec.features},
+                       features)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
     def serve_tf_example(examples):
-        return predict(tf.io.parse_example(examples, serving_raw_spec))
+        return predict_examples(examples)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    def classify(inputs):
+        probabilities = predict_examples(inputs)["probabilities"]
+        names = tf.broadcast_to(tf.constant(spec.label.classes), tf.shape(probabilities))
+        return {"classes": names, "scores": probabilities}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    def regress(inputs):
+        return {"outputs": predict_examples(inputs)["value"]}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
     def transform_features(examples):
@@ -97,7 +149,28 @@ def signatures(model: tf.keras.Model, spec: FeatureSpec, tf_transform_output) ->
         "serving_default": serve_raw.get_concrete_function(**serving_input_specs(spec)),
         "serving_tf_example": serve_tf_example.get_concrete_function(),
         "transform_features": transform_features.get_concrete_function(),
+        **({REGRESS_SIGNATURE: regress.get_concrete_function()} if spec.task == "regression"
+           else {CLASSIFY_SIGNATURE: classify.get_concrete_function()}),
     }
+
+
+def set_method_names(saved_model_dir: str) -> None:
+    """Gives `classification` / `regression` TF Serving's classify / regress method names.
+
+    tf.saved_model.save writes every signature as a predict signature; the method name is only
+    read by servers (tf.saved_model.load ignores it), so it is set in saved_model.pb after the save.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = os.path.join(saved_model_dir, "saved_model.pb")
+    saved_model = saved_model_pb2.SavedModel.FromString(tf.io.gfile.GFile(path, "rb").read())
+    for meta_graph in saved_model.meta_graphs:
+        for name, method in ((CLASSIFY_SIGNATURE, CLASSIFY_METHOD_NAME), (REGRESS_SIGNATURE, REGRESS_METHOD_NAME)):
+            if name in meta_graph.signature_def:
+                meta_graph.signature_def[name].method_name = method
+    with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
+        f.write(saved_model.SerializeToString())
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
 def raw_inputs(examples: List[bytes], input_specs: Dict[str, tf.TensorSpec]) -> Dict[str, tf.Tensor]:
@@ -115,21 +188,3 @@ def raw_inputs(examples: List[bytes], input_specs: Dict[str, tf.TensorSpec]) -> 
                 values.append(float(value[0]) if value else math.nan)
         columns[name] = tf.constant(values, spec.dtype)
     return columns
-
-
-def json_instances(columns: Dict[str, tf.Tensor]) -> List[Dict[str, Any]]:
-    """The same rows as TF Serving REST `instances`; a missing value is left out of its row."""
-    names = list(columns)
-    arrays = [columns[n].numpy() for n in names]
-    rows = []
-    for i in range(len(arrays[0]) if arrays else 0):
-        row = {}
-        for name, array in zip(names, arrays):
-            v = array[i]
-            if isinstance(v, bytes):
-                if v:
-                    row[name] = v.decode()
-            elif not math.isnan(v):
-                row[name] = float(v)
-        rows.append(row)
-    return rows

@@ -98,8 +98,9 @@ class SandboxServer:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")])))
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "serving.server", "--model_base_path", self.root, "--port", "0",
-                 "--port_file", self.port_file, "--poll_seconds", "3600"],
+                [sys.executable, "-m", "serving.server", "--model_name", self.model_name, "--model_base_path",
+                 os.path.join(self.root, self.model_name), "--rest_api_port", "0", "--port", "0",
+                 "--port_file", self.port_file, "--file_system_poll_wait_seconds", "3600"],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=_REPO_ROOT)
         return self
 
@@ -121,7 +122,7 @@ class SandboxServer:
                                    f"its log: {self.log_path}\n{self._log_tail()}")
             if self.port is None and os.path.exists(self.port_file):
                 with open(self.port_file) as f:
-                    self.port = int(f.read())
+                    self.port = int(f.read().split()[0])  # "rest_port grpc_port"
             if self.port is not None:
                 try:
                     status, body = self.request("GET", f"/v1/models/{self.model_name}/versions/{self.version}")
@@ -361,7 +362,8 @@ def validate(model_dir: str, model_name: str, examples: List[bytes], config: San
     """
     import tensorflow as tf
 
-    from components.export import json_instances, raw_inputs
+    from components.export import raw_inputs
+    from serving.json_tensor import instances
 
     started = time.perf_counter()
     server = SandboxServer(model_dir, model_name, work_dir, config.start_timeout_seconds).start()
@@ -369,7 +371,7 @@ def validate(model_dir: str, model_name: str, examples: List[bytes], config: San
         signature = tf.saved_model.load(model_dir).signatures["serving_default"]
         _, input_specs = signature.structured_input_signature
         columns = raw_inputs(examples, input_specs)
-        rows = json_instances(columns)
+        rows = instances({k: v.numpy() for k, v in columns.items()})  # the wire form: NaN / "" for a gap
         # Batched as the REST replay batches them: a kernel may round differently for another batch
         # size (measured: 2e-6 on a multiclass softmax), and the check is "same request, same answer".
         batches = [signature(**{k: v[i:i + REPLAY_BATCH] for k, v in columns.items()})

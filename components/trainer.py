@@ -134,6 +134,7 @@ def _export(model: tf.keras.Model, spec: FeatureSpec, tf_transform_output, strat
     """Every process saves (collective reads need them all); only the chief's copy is kept."""
     with strategy_lib.save_location(strategy, serving_model_dir) as target_dir:
         model.save(target_dir, save_format="tf", signatures=export.signatures(model, spec, tf_transform_output))
+        export.set_method_names(target_dir)
         if target_dir != serving_model_dir:
             logging.info("non-chief %s: saved to %s, which is removed now",
                          strategy_lib.cluster_role().describe(), target_dir)

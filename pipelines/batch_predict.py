@@ -60,7 +60,6 @@ from components import feature_spec
 SIGNATURE = "serving_default"  # what REST :predict calls
 METRICS_NAMESPACE = "skewless_batch_predict"
 DEFAULT_ENV = "configs/local.yaml"
-LABELS_FILE = "labels.json"  # serving/repository.py's layout
 SERVING_SPEC_FILE = "assets.extra/serving_spec.json"
 PREDICTIONS, ERRORS, SUMMARY = "predictions", "errors", "summary.json"
 MAX_EXACT_INT = 2 ** 53  # the signature takes int columns as float64
@@ -97,15 +96,12 @@ def resolve_version(repository: str, model: str, version: Optional[int] = None,
     pushed = sorted(int(v.rstrip("/")) for v in tf.io.gfile.listdir(base) if v.rstrip("/").isdigit()
                     and tf.io.gfile.exists(os.path.join(base, v.rstrip("/"), "saved_model.pb")))
     if label is not None:
-        labels_path = os.path.join(base, LABELS_FILE)
+        from serving import model_config
+
         try:
-            labels = json.loads(tf.io.gfile.GFile(labels_path).read()) if tf.io.gfile.exists(labels_path) else {}
-        except ValueError as e:
-            raise BatchPredictError(f"{labels_path}: not valid JSON: {e}") from None
-        if label not in labels:
-            raise BatchPredictError(f"model '{model}': label '{label}' is not in {labels_path} "
-                                    f"(labels: {', '.join(sorted(labels)) or 'none'})")
-        version = int(labels[label])
+            version = model_config.label_version(repository, model, label)
+        except model_config.ConfigError as e:
+            raise BatchPredictError(str(e)) from None
     if version is None:
         if not pushed:
             raise BatchPredictError(f"model '{model}': no pushed version (a numeric folder with "
@@ -502,7 +498,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--model", required=True, help="model name in the repository (e.g. taxi)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--version", type=int, help="a pushed version (default: the latest pushed)")
-    which.add_argument("--label", help="the version a label points at (labels.json, e.g. stable)")
+    which.add_argument("--label", help="the version a label points at (models.config's version_labels, e.g. stable)")
     parser.add_argument("--input", required=True, help="the CSV file (header line first)")
     parser.add_argument("--output", required=True, help="folder for predictions-*.jsonl, errors-*.jsonl, summary.json")
     parser.add_argument("--model_repository", help="default: model_repository of --env")

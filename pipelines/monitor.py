@@ -408,13 +408,13 @@ def load_statistics_file(path: str):
 
 def served_version(model_repository: str, model: str) -> int:
     """The version the `stable` label points at, else the latest version in the repository."""
+    from serving import model_config
+
     model_dir = os.path.join(model_repository, model)
-    labels_path = os.path.join(model_dir, "labels.json")
-    if os.path.isfile(labels_path):
-        with open(labels_path) as f:
-            labels = json.load(f)
-        if "stable" in labels:
-            return int(labels["stable"])
+    try:
+        return model_config.label_version(model_repository, model, "stable")
+    except model_config.ConfigError:
+        pass  # no models.config, or no stable label yet
     versions = [int(v) for v in os.listdir(model_dir) if v.isdigit()] if os.path.isdir(model_dir) else []
     if not versions:
         raise MonitorError(f"{model_dir}: no pushed version and no `stable` label: pass --training_statistics, "

@@ -18,7 +18,6 @@ import glob
 import json
 import os
 import sys
-import threading
 from typing import Dict, List
 
 import numpy as np
@@ -42,17 +41,20 @@ def _score(outputs) -> np.ndarray:
 def _rest(model_repository: str, model: str, version: int, rows: List[Dict]) -> np.ndarray:
     import http.client
 
+    from serving import model_config
+    from serving.core import Servables
+    from serving.json_tensor import dumps
     from serving.repository import Repository
-    from serving.server import make_server
+    from serving.server import LocalServer
 
-    server = make_server(Repository(model_repository, poll_seconds=3600), port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+    config = model_config.single_model(model, os.path.join(model_repository, model), versions=[version])
+    server = LocalServer(Servables(Repository(config=config, poll_seconds=3600)), rest_port=0).start()
+    conn = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=60)
     scores = []
     try:
         for start in range(0, len(rows), 100):
             conn.request("POST", f"/v1/models/{model}/versions/{version}:predict",
-                         body=json.dumps({"instances": rows[start:start + 100]}))
+                         body=dumps({"instances": rows[start:start + 100]}))
             response = json.loads(conn.getresponse().read())
             if "error" in response:
                 raise RuntimeError(f"REST error: {response['error']}")
@@ -60,7 +62,7 @@ def _rest(model_repository: str, model: str, version: int, rows: List[Dict]) -> 
             key = "probabilities" if "probabilities" in predictions[0] else "value"
             scores.extend(np.reshape(p[key], -1) for p in predictions)
     finally:
-        server.shutdown()
+        server.stop()
     return np.asarray(scores, dtype=np.float64)
 
 
@@ -150,14 +152,15 @@ def run(model: str = "taxi", version: int = None, limit: int = 0, model_reposito
     label_key = next(k for k in loaded.signatures["transform_features"].structured_outputs
                      if k not in {n for n in inputs} and k.endswith("_xf") and not any(
                          k.startswith(n + "_") for n in inputs))
-    from components.export import json_instances, raw_inputs
+    from components.export import raw_inputs
+    from serving.json_tensor import instances
 
     columns = raw_inputs(examples, inputs)
     paths = {
         "serving_default": _score({k: v.numpy() for k, v in loaded.signatures["serving_default"](**columns).items()}),
         "serving_tf_example": _score({k: v.numpy() for k, v in
                                       loaded.signatures["serving_tf_example"](examples=tf.constant(examples)).items()}),
-        "rest": _rest(model_repository, model, version, json_instances(columns)).reshape(len(examples), -1),
+        "rest": _rest(model_repository, model, version, instances({k: v.numpy() for k, v in columns.items()})).reshape(len(examples), -1),
     }
     training, labels, feature_diff = _match_training_path(loaded, examples, materialized, label_key)
     report = {"model": model, "version": version, "rows": len(examples), "tolerance": TOLERANCE,

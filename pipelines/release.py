@@ -3,10 +3,9 @@
     python -m pipelines.release promote --version N [--label stable|canary]
     python -m pipelines.release rollback [--label stable]
 
-One decision, two readers, one writer (this module):
-  <model_repository>/<model>/labels.json   the local server's labels
-  <model_repository>/models.config         TF Serving's ModelServerConfig (--model_config_file)
-and one JSON line per decision in <model_repository>/<model>/release_log.jsonl: who, when,
+One decision, one file, one writer (this module): <model_repository>/models.config, TF Serving's
+ModelServerConfig (--model_config_file), which TF Serving's image and the local server both read
+(serving/model_config.py owns its format); labels live only in its version_labels. And one JSON line per decision in <model_repository>/<model>/release_log.jsonl: who, when,
 version, label, the version it replaced, the version's evaluation metrics and its lineage from
 ML Metadata (data, schema, transform graph, model, sandbox report, code commit). A version that
 was not pushed after both blessings is refused. The log is append-only: a rollback is a new
@@ -30,7 +29,10 @@ from typing import Any, Dict, List, Optional
 
 from pipelines.report import custom_property
 
-LABELS_FILE, LOG_FILE, MODEL_CONFIG_FILE = "labels.json", "release_log.jsonl", "models.config"
+from serving import model_config
+
+LOG_FILE = "release_log.jsonl"
+MODEL_CONFIG_FILE = model_config.MODEL_CONFIG_FILE
 CODE_COMMIT = "code_commit"  # custom property the local runner sets on its pipeline_run context
 
 
@@ -118,21 +120,13 @@ def lineage(metadata_path: str, model_name: str, version: int) -> Dict[str, Any]
     }
 
 
-def _read_labels(model_dir: str) -> Dict[str, int]:
-    path = os.path.join(model_dir, LABELS_FILE)
+def read_labels(model_repository: str, model_name: str) -> Dict[str, int]:
+    """The labels models.config gives the model (none before the first promotion)."""
+    path = os.path.join(model_repository, MODEL_CONFIG_FILE)
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return {k: int(v) for k, v in json.load(f).items()}
-
-
-def _write_labels(model_dir: str, labels: Dict[str, int]) -> None:
-    tmp = os.path.join(model_dir, f".{LABELS_FILE}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(labels, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(model_dir, LABELS_FILE))  # servers never see half a file
+    model = model_config.find(model_config.read(path), model_name)
+    return model_config.labels(model) if model is not None else {}
 
 
 def _append_log(model_dir: str, entry: Dict[str, Any]) -> None:
@@ -150,10 +144,9 @@ def read_log(model_dir: str) -> List[Dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def served_versions(model_dir: str) -> List[int]:
+def served_versions(model_dir: str, labels: Dict[str, int]) -> List[int]:
     """What TF Serving should hold: every labelled version, plus the version each label replaced
     last (kept for one release, so a rollback is a label move, not a load)."""
-    labels = _read_labels(model_dir)
     keep = set(labels.values())
     last: Dict[str, Dict] = {}
     for entry in read_log(model_dir):
@@ -163,36 +156,30 @@ def served_versions(model_dir: str) -> List[int]:
     return sorted(keep)
 
 
-def write_model_config(model_repository: str, base_path: str = "/models", adding: Optional[Dict[str, int]] = None) -> str:
-    """Renders <model_repository>/models.config from every model's labels (and `adding`: versions
-    to load before a label may point at them). base_path is where the server sees the repository."""
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
-    adding = adding or {}
-    config = model_server_config_pb2.ModelServerConfig()
+def write_model_config(model_repository: str, base_path: Optional[str] = None,
+                       adding: Optional[Dict[str, int]] = None, labels: Optional[Dict[str, Dict[str, int]]] = None) -> str:
+    """Renders <model_repository>/models.config: per model the labelled versions (`labels`
+    overrides a model's current ones) and `adding` (versions to load before a label may point at
+    them). base_path is where the server sees the repository (default: this path, absolute)."""
+    base_path = (base_path or os.path.abspath(model_repository)).rstrip("/")
+    adding, labels = adding or {}, labels or {}
+    config = model_config.ModelServerConfig()
     for name in sorted(os.listdir(model_repository)):
         model_dir = os.path.join(model_repository, name)
         if not os.path.isdir(model_dir):
             continue
-        versions = sorted(set(served_versions(model_dir)) | ({adding[name]} if name in adding else set()))
+        model_labels = labels[name] if name in labels else read_labels(model_repository, name)
+        versions = sorted(set(served_versions(model_dir, model_labels)) | ({adding[name]} if name in adding else set()))
         if not versions:
             continue  # pushed but never promoted: a candidate is not served
-        model = config.model_config_list.config.add(name=name, base_path=f"{base_path.rstrip('/')}/{name}",
+        model = config.model_config_list.config.add(name=name, base_path=f"{base_path}/{name}",
                                                     model_platform="tensorflow")
         model.model_version_policy.specific.versions.extend(versions)
-        for label, version in sorted(_read_labels(model_dir).items()):
+        for label, version in sorted(model_labels.items()):
             model.version_labels[label] = version
-    header = ("# Written by `make promote` / `make rollback` (pipelines/release.py) from labels.json and\n"
-              "# release_log.jsonl: edit those through the tool, not this file.\n")
-    path = os.path.join(model_repository, MODEL_CONFIG_FILE)
-    tmp = os.path.join(model_repository, f".{MODEL_CONFIG_FILE}.tmp")
-    with open(tmp, "w") as f:
-        f.write(header + text_format.MessageToString(config))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # the server's config poll never reads half a file
-    return path
+    header = ("# Written by `make promote` / `make rollback` (pipelines/release.py) with release_log.jsonl:\n"
+              "# change it through the tool, not by hand.\n")
+    return model_config.write(os.path.join(model_repository, MODEL_CONFIG_FILE), config, header)
 
 
 def wait_until_available(serving_url: str, model_name: str, version: int, timeout: float,
@@ -222,7 +209,7 @@ def wait_until_available(serving_url: str, model_name: str, version: int, timeou
 
 
 def release(model_repository: str, model_name: str, entry: Dict[str, Any], serving_url: Optional[str] = None,
-            wait_seconds: float = 300, base_path: str = "/models") -> None:
+            wait_seconds: float = 300, base_path: Optional[str] = None) -> None:
     """Carries out a recorded decision: load the version, wait for it, log, then move the label."""
     model_dir = os.path.join(model_repository, model_name)
     label, version = entry["label"], entry["version"]
@@ -230,13 +217,13 @@ def release(model_repository: str, model_name: str, entry: Dict[str, Any], servi
     if serving_url:
         wait_until_available(serving_url, model_name, version, wait_seconds)
     _append_log(model_dir, entry)  # the decision is recorded before the label moves
-    _write_labels(model_dir, {**_read_labels(model_dir), label: version})
-    write_model_config(model_repository, base_path)
+    labels = {**read_labels(model_repository, model_name), label: version}
+    write_model_config(model_repository, base_path, labels={model_name: labels})
 
 
 def promote(model_repository: str, metadata_path: str, model_name: str, version: int, label: str = "stable",
             action: str = "promote", who: Optional[str] = None, serving_url: Optional[str] = None,
-            wait_seconds: float = 300, base_path: str = "/models") -> Dict[str, Any]:
+            wait_seconds: float = 300, base_path: Optional[str] = None) -> Dict[str, Any]:
     model_dir = os.path.join(model_repository, model_name)
     if not os.path.exists(os.path.join(model_dir, str(version), "saved_model.pb")):
         raise ReleaseError(f"{model_dir}/{version}: no such version in the model repository")
@@ -244,7 +231,7 @@ def promote(model_repository: str, metadata_path: str, model_name: str, version:
     from pipelines.report import load_metrics
 
     metrics = load_metrics(evidence["evaluation"]).get("Overall", {})
-    entry = {"action": action, "label": label, "version": version, "previous": _read_labels(model_dir).get(label),
+    entry = {"action": action, "label": label, "version": version, "previous": read_labels(model_repository, model_name).get(label),
              "who": who or os.environ.get("SKEWLESS_USER") or getpass.getuser(),
              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "metrics": metrics,
              "lineage": evidence}
@@ -255,7 +242,7 @@ def promote(model_repository: str, metadata_path: str, model_name: str, version:
 def rollback(model_repository: str, metadata_path: str, model_name: str, label: str = "stable",
              who: Optional[str] = None, **release_args) -> Dict[str, Any]:
     model_dir = os.path.join(model_repository, model_name)
-    current = _read_labels(model_dir).get(label)
+    current = read_labels(model_repository, model_name).get(label)
     for entry in reversed(read_log(model_dir)):
         if entry["label"] == label and entry["version"] == current and entry["previous"] is not None:
             return promote(model_repository, metadata_path, model_name, entry["previous"], label, "rollback", who,
@@ -274,8 +261,9 @@ def main(argv=None) -> int:
     parser.add_argument("--serving_url", help="TF Serving (or local server) REST root, e.g. http://host:8501: "
                         "the label moves only once it reports the version AVAILABLE")
     parser.add_argument("--wait_seconds", type=float, default=300)
-    parser.add_argument("--serving_base_path", default="/models",
-                        help="where the server sees the model repository (models.config base_path)")
+    parser.add_argument("--serving_base_path",
+                        help="where the server sees the model repository (models.config base_path; default: "
+                             "--model_repository as an absolute path, e.g. /models for a mount at /models)")
     args = parser.parse_args(argv)
     release_args = dict(serving_url=args.serving_url, wait_seconds=args.wait_seconds, base_path=args.serving_base_path)
     metadata = args.metadata or f"build/metadata/{args.model}.sqlite"

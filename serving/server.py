@@ -1,390 +1,343 @@
-"""Local TF-Serving-compatible REST server (the embedded default behind `make serve`).
+"""Local TensorFlow Serving twin: the REST API on tornado's HTTP server, gRPC on grpcio.
 
-Speaks TensorFlow Serving's REST API over a model repository (see serving/repository.py):
+    python -m serving.server --model_config_file build/model_repository/models.config \\
+        --rest_api_port 8501 --port 8500 [--enable_batching --batching_parameters_file F]
+    python -m serving.server --model_name taxi --model_base_path build/model_repository/taxi
 
-    POST /v1/models/{m}[/versions/{n}|/labels/{l}]:predict    instances (rows) or inputs (columns)
-    POST /v1/models/{m}[/versions/{n}|/labels/{l}]:classify   examples (+ context), tf.Example signature
-    POST /v1/models/{m}[/versions/{n}|/labels/{l}]:regress
-    GET  /v1/models/{m}[/versions/{n}|/labels/{l}]            model status
-    GET  /v1/models/{m}[/versions/{n}|/labels/{l}]/metadata   signature defs
-    GET  /monitoring/prometheus/metrics                       TF Serving's metric names
+Flags are tensorflow_model_server's (model_servers/main.cc), with its defaults; the REST API
+(serving/wire.py, serving/json_tensor.py) and gRPC (serving/grpc_server.py) answer through one
+core (serving/core.py), so both give the same answers. Stricter than TF Serving on purpose: a
+body limit (`--rest_api_max_body_bytes`), header/body/idle timeouts, a connection cap and a
+bounded worker pool; every error body is JSON.
 
-Errors are {"error": "..."} with TF Serving's codes (INVALID_ARGUMENT 400, NOT_FOUND 404).
-A bad request is answered and logged; it never stops the server.
-
-    python -m serving.server --model_base_path build/model_repository --port 8501
+Why tornado: it is in the pinned stack already (no new pins for the serving image), it refuses a
+request carrying both Transfer-Encoding and Content-Length and any transfer coding but chunked,
+checks Content-Length before reading the body, times out slow headers and bodies, and gunzips
+request bodies with the size limit applied to the decompressed bytes.
 """
 
 import argparse
-import base64
-import json
+import asyncio
+import concurrent.futures
 import logging
-import math
 import os
 import re
+import signal
+import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, Optional
+from typing import Optional, Tuple
 
-import numpy as np
-import prometheus_client as prom
-import tensorflow as tf
+from tornado import httputil
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
 
-from serving.repository import LoadedVersion, NotFound, Repository
+from serving import json_tensor, metrics, model_config, wire
+from serving.core import ModelSpec, Servables
+from serving.repository import Repository
+from serving.wire import ServingError
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
-EXAMPLE_SIGNATURE = "serving_tf_example"
-_PATH = re.compile(r"^/v1/models/(?P<model>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
-                   r"(?:(?P<metadata>/metadata)|:(?P<verb>predict|classify|regress))?$")
-
-REGISTRY = prom.CollectorRegistry()
-REQUEST_COUNT = prom.Counter(":tensorflow:serving:request_count", "Requests by model and status.",
-                             ["model_name", "status"], registry=REGISTRY)
-REQUEST_LATENCY = prom.Histogram(":tensorflow:serving:request_latency", "Request latency in microseconds.",
-                                 ["model_name", "API", "entrypoint"], registry=REGISTRY,
-                                 buckets=[100 * 1.8 ** i for i in range(20)])
-RUNTIME_LATENCY = prom.Histogram(":tensorflow:serving:runtime_latency", "Model call latency in microseconds.",
-                                 ["model_name", "API", "runtime"], registry=REGISTRY,
-                                 buckets=[50 * 1.8 ** i for i in range(20)])
+METRICS_PATH = "/monitoring/prometheus/metrics"
+_ORIGIN = re.compile(r"https?://")
 
 
-class BadRequest(ValueError):
-    """INVALID_ARGUMENT -> HTTP 400; the message names the field at fault."""
+class RestApi:
+    """One REST request -> (HTTP status, body, content type). Runs on a worker thread."""
 
+    def __init__(self, servables: Servables):
+        self.servables = servables
 
-class TooLarge(BadRequest):
-    """A body over MAX_BODY_BYTES -> HTTP 413, refused before it is read."""
-
-
-# --- JSON <-> tensors ----------------------------------------------------------------------
-
-def _reject_constant(name: str):
-    raise BadRequest(f"JSON value {name} is not allowed: send a number, or leave the feature out")
-
-
-def parse_body(raw: bytes) -> Dict[str, Any]:
-    try:
-        body = json.loads(raw or b"{}", parse_constant=_reject_constant)
-    except BadRequest:
-        raise
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"malformed JSON request body: {e}") from None
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    return body
-
-
-def _missing_value(dtype: tf.DType):
-    return "" if dtype == tf.string else math.nan
-
-
-def _convert(name: str, values: List[Any], dtype: tf.DType) -> tf.Tensor:
-    if dtype == tf.string:
-        out = []
-        for v in values:
-            if isinstance(v, dict) and set(v) == {"b64"} and isinstance(v["b64"], str):
-                try:
-                    out.append(base64.b64decode(v["b64"], validate=True))
-                except ValueError:
-                    raise BadRequest(f"feature '{name}': invalid base64 in {{\"b64\": ...}}") from None
-            elif isinstance(v, str):
-                out.append(v.encode())
-            else:
-                raise BadRequest(f"feature '{name}': expected a string, got {type(v).__name__} ({v!r})")
-        return tf.constant(out, tf.string)
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise BadRequest(f"feature '{name}': expected a number, got {type(v).__name__} ({v!r})")
-    return tf.constant(np.asarray(values, dtype=dtype.as_numpy_dtype))
-
-
-def _rows_to_columns(instances: List[Any], specs: Dict[str, tf.TensorSpec], required=frozenset()) -> Dict[str, List[Any]]:
-    if not isinstance(instances, list) or not instances:
-        raise BadRequest("'instances' must be a non-empty list")
-    columns = {name: [] for name in specs}
-    for i, row in enumerate(instances):
-        if len(specs) == 1 and not isinstance(row, dict):
-            row = {next(iter(specs)): row}
-        if not isinstance(row, dict):
-            raise BadRequest(f"instances[{i}] must be an object of named features")
-        unknown = sorted(set(row) - set(specs))
-        if unknown:
-            raise BadRequest(f"instances[{i}]: unknown feature '{unknown[0]}' (the signature takes: "
-                             f"{', '.join(sorted(specs))})")
-        absent = sorted(required - set(row))
-        if absent:
-            raise BadRequest(f"instances[{i}]: missing required feature '{absent[0]}'")
-        for name, spec in specs.items():
-            # An absent optional feature is a missing value, filled by the model's own policy.
-            columns[name].append(row.get(name, _missing_value(spec.dtype)))
-    return columns
-
-
-def _columns(inputs: Any, specs: Dict[str, tf.TensorSpec], required=frozenset()) -> Dict[str, List[Any]]:
-    if len(specs) == 1 and not isinstance(inputs, dict):
-        inputs = {next(iter(specs)): inputs}
-    if not isinstance(inputs, dict):
-        raise BadRequest("'inputs' must be an object of named columns")
-    unknown = sorted(set(inputs) - set(specs))
-    if unknown:
-        raise BadRequest(f"inputs: unknown feature '{unknown[0]}' (the signature takes: {', '.join(sorted(specs))})")
-    absent = sorted(required - set(inputs))
-    if absent:
-        raise BadRequest(f"inputs: missing required feature '{absent[0]}'")
-    sizes = {len(v) if isinstance(v, list) else -1 for v in inputs.values()}
-    if -1 in sizes or len(sizes) != 1 or 0 in sizes:
-        raise BadRequest("'inputs' columns must be non-empty lists of the same length")
-    n = sizes.pop()
-    return {name: inputs.get(name, [_missing_value(spec.dtype)] * n) for name, spec in specs.items()}
-
-
-def _to_json(value: Any) -> Any:
-    """numpy values (arrays, scalars, bytes) as JSON; bytes that are not UTF-8 as {"b64": ...}."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode()
-        except UnicodeDecodeError:
-            return {"b64": base64.b64encode(value).decode()}
-    if isinstance(value, np.ndarray):
-        return [_to_json(v) for v in value] if value.dtype == object else value.tolist()
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _example(features: Dict[str, Any], where: str) -> bytes:
-    """A JSON example (as in TF Serving's :classify / :regress) as a serialized tf.Example."""
-    feature = {}
-    for name, value in features.items():
-        values = value if isinstance(value, list) else [value]
-        if all(isinstance(v, str) for v in values):
-            feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode() for v in values]))
-        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=values))
-        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=values))
-        else:
-            raise BadRequest(f"{where}: feature '{name}' must be strings or numbers, got {value!r}")
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
-# --- the API -------------------------------------------------------------------------------
-
-def _signature(loaded: LoadedVersion, name: Optional[str]):
-    name = name or "serving_default"
-    if not isinstance(name, str) or name not in loaded.signatures:
-        raise BadRequest(f"serving signature name: '{name}' not found in signature def "
-                         f"(available: {', '.join(sorted(loaded.signatures))})")
-    return loaded.signatures[name]
-
-
-def predict(loaded: LoadedVersion, body: Dict[str, Any]) -> Dict[str, Any]:
-    if ("instances" in body) == ("inputs" in body):
-        raise BadRequest("request must have exactly one of 'instances' (rows) or 'inputs' (columns)")
-    fn = _signature(loaded, body.get("signature_name"))
-    _, specs = fn.structured_input_signature
-    required = loaded.required & set(specs)
-    columns = (_rows_to_columns(body["instances"], specs, required) if "instances" in body
-               else _columns(body["inputs"], specs, required))
-    tensors = {name: _convert(name, columns[name], specs[name].dtype) for name in specs}
-    started = time.perf_counter()
-    try:
-        outputs = {k: v.numpy() for k, v in fn(**tensors).items()}
-    except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
-        raise BadRequest(f"the model rejected the input: {str(e).splitlines()[0]}") from None
-    RUNTIME_LATENCY.labels(loaded.model, "predict", "TF").observe((time.perf_counter() - started) * 1e6)
-    result = {k: _to_json(v) for k, v in outputs.items()}  # each output converted once, whole
-    if "instances" in body:
-        if len(result) == 1:
-            return {"predictions": next(iter(result.values()))}
-        names = list(result)
-        return {"predictions": [dict(zip(names, values)) for values in zip(*result.values())]}
-    return {"outputs": next(iter(result.values())) if len(result) == 1 else result}
-
-
-def classify_or_regress(loaded: LoadedVersion, body: Dict[str, Any], verb: str) -> Dict[str, Any]:
-    examples, context = body.get("examples"), body.get("context", {})
-    if not isinstance(examples, list) or not examples:
-        raise BadRequest("'examples' must be a non-empty list of objects")
-    if not isinstance(context, dict):
-        raise BadRequest("'context' must be an object")
-    serialized = []
-    for i, ex in enumerate(examples):
-        if not isinstance(ex, dict):
-            raise BadRequest(f"examples[{i}] must be an object")
-        serialized.append(_example({**context, **ex}, f"examples[{i}]"))
-    fn = _signature(loaded, body.get("signature_name") or EXAMPLE_SIGNATURE)
-    try:
-        out = fn(examples=tf.constant(serialized))
-    except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
-        raise BadRequest(f"the model rejected the examples: {str(e).splitlines()[0]}") from None
-    if verb == "regress":
-        if "value" not in out:
-            raise BadRequest("this model does not regress: its signature has no 'value' output")
-        return {"results": out["value"].numpy().tolist()}
-    if "probabilities" not in out:
-        raise BadRequest("this model does not classify: its signature has no 'probabilities' output")
-    probabilities = out["probabilities"].numpy()
-    classes = loaded.classes if len(loaded.classes) == probabilities.shape[1] else \
-        [str(i) for i in range(probabilities.shape[1])]
-    return {"results": [[[c, float(p)] for c, p in zip(classes, row)] for row in probabilities]}
-
-
-def status(repo: Repository, model: str, version: Optional[int], label: Optional[str]) -> Dict[str, Any]:
-    snapshot = repo.snapshot(model)
-    ok = {"state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
-    states = {v: ok for v in snapshot.versions}
-    states.update({v: {"state": "END", "status": {"error_code": "UNKNOWN", "error_message": error}}
-                   for v, error in snapshot.failed.items()})
-    if label is not None or (version is not None and version not in snapshot.failed):
-        chosen = [snapshot.resolve(model, version, label).version]
-    elif version is not None:
-        chosen = [version]
-    else:
-        chosen = sorted(states, reverse=True)
-    return {"model_version_status": [{"version": str(v), **states[v]} for v in chosen]}
-
-
-def metadata(loaded: LoadedVersion) -> Dict[str, Any]:
-    signature_def = {}
-    for name, fn in loaded.signatures.items():
-        _, inputs = fn.structured_input_signature
-        signature_def[name] = {
-            "inputs": {k: {"dtype": s.dtype.name, "tensor_shape": s.shape.as_list(), "name": k}
-                       for k, s in inputs.items()},
-            "outputs": {k: {"dtype": s.dtype.name, "tensor_shape": s.shape.as_list(), "name": k}
-                        for k, s in fn.structured_outputs.items()},
-            "method_name": "tensorflow/serving/predict"}
-    return {"model_spec": {"name": loaded.model, "signature_name": "", "version": str(loaded.version)},
-            "metadata": {"signature_def": {"signature_def": signature_def}}}
-
-
-# --- HTTP ----------------------------------------------------------------------------------
-
-class Handler(BaseHTTPRequestHandler):
-    repo: Repository = None  # set by make_server
-    protocol_version = "HTTP/1.1"  # keep-alive: clients and the proxy reuse connections
-    # Headers and body leave in separate writes; with Nagle on, a keep-alive client waits for
-    # the delayed ACK (~40 ms per request here).
-    disable_nagle_algorithm = True
-
-    def log_message(self, fmt, *args):  # access log at debug level, not on stderr
-        logging.debug("%s " + fmt, self.address_string(), *args)
-
-    def do_GET(self):
-        self._handle("GET")
-
-    def do_POST(self):
-        self._handle("POST")
-
-    def _handle(self, method: str):
+    def handle(self, method: str, target: str, body: bytes) -> Tuple[int, bytes, str]:
         started = time.perf_counter()
-        model, api, code = "", "unknown", 500
+        model, api, status = "", "", "OK"
         try:
-            if method == "GET" and self.path == "/monitoring/prometheus/metrics":
-                return self._send(200, prom.generate_latest(REGISTRY), prom.CONTENT_TYPE_LATEST)
-            match = _PATH.match(self.path.split("?", 1)[0])
-            if not match:
-                raise NotFound(f"Malformed request: {method} {self.path}")
-            model = match["model"]
-            version = self._version(match["version"])
-            api = match["verb"] or ("metadata" if match["metadata"] else "status")
-            body = self._read_body() if method == "POST" else {}
-            if (method == "POST") != (match["verb"] is not None):
-                raise BadRequest(f"{method} is not supported for {self.path}")
+            if target.split("?", 1)[0] == METRICS_PATH and method == "GET":
+                if target != METRICS_PATH:
+                    raise wire.invalid(f"Unexpected path: {target}. Should be {METRICS_PATH}")
+                return 200, metrics.page(), metrics.CONTENT_TYPE
+            if not wire.is_api_path(target):
+                raise ServingError("NOT_FOUND", f"Not found: {method} {target} (the API is under /v1/)")
+            route = wire.parse(method, target)
+            model, api = route.model, route.api
+            spec = ModelSpec(route.model, route.version, route.label)
             if api == "status":
-                result = status(self.repo, model, version, match["label"])
+                out = _proto_json(self.servables.status(spec), preserve_names=False)
+            elif api == "metadata":
+                out = _metadata_json(self.servables.metadata(spec))
             else:
-                loaded = self.repo.resolve(model, version, match["label"])
-                if api == "metadata":
-                    result = metadata(loaded)
-                elif api == "predict":
-                    result = predict(loaded, body)
-                else:
-                    result = classify_or_regress(loaded, body, api)
-            code = 200
-            self._send_json(code, result)
-        except BadRequest as e:
-            code = 413 if isinstance(e, TooLarge) else 400
-            self._send_json(code, {"error": str(e)})
-        except NotFound as e:
-            code = 404
-            self._send_json(code, {"error": str(e)})
-        except Exception as e:  # a server bug: answer, log, keep serving
-            logging.exception("internal error on %s %s", method, self.path)
-            code = 500
-            self._send_json(code, {"error": f"internal error: {type(e).__name__}: {e}"})
+                doc = json_tensor.loads(body)
+                spec.signature_name = json_tensor.signature_name(doc)
+                out = self._call(api, spec, doc)
+            return 200, out, "application/json"
+        except ServingError as e:
+            status = e.code
+            return e.http_status, wire.error_body(e.message), "application/json"
+        except Exception as e:  # a bug here must not take the server down: answer 500, log it
+            logging.exception("internal error on %s %s", method, target[:200])
+            status = "INTERNAL"
+            return 500, wire.error_body(f"Internal error: {type(e).__name__}"), "application/json"
         finally:
             if model:
-                REQUEST_COUNT.labels(model, "OK" if code == 200 else str(code)).inc()
-                REQUEST_LATENCY.labels(model, api, "REST").observe((time.perf_counter() - started) * 1e6)
+                name = model if model in self.servables.repository.models() else metrics.UNKNOWN_MODEL
+                metrics.REQUEST_COUNT.labels(name, status).inc()
+                if status == "OK":
+                    metrics.REQUEST_LATENCY.labels(name, api, "REST").observe((time.perf_counter() - started) * 1e6)
+
+    def _call(self, api: str, spec: ModelSpec, doc) -> bytes:
+        if api == "predict":
+            loaded = self.servables.resolve(spec)
+            infos = self.servables.input_infos(loaded, spec.signature_name)
+            form, inputs = json_tensor.predict_request(doc, infos)
+            spec.version, spec.label = loaded.version, None  # the version resolved above answers
+            _, _, outputs = self.servables.predict(spec, inputs)
+            return json_tensor.predict_response(outputs, form)
+        examples = json_tensor.examples_request(doc)
+        if api == "classify":
+            return json_tensor.classify_response(self.servables.classify(spec, examples)[2])
+        return json_tensor.regress_response(self.servables.regress(spec, examples)[2])
+
+
+def _proto_json(message, preserve_names: bool) -> bytes:
+    from google.protobuf import json_format
+
+    return json_format.MessageToJson(message, including_default_value_fields=True,
+                                     preserving_proto_field_name=preserve_names, indent=None).encode()
+
+
+def _metadata_json(response) -> bytes:
+    """http_rest_api_util.cc:147-201: model_spec and the unpacked SignatureDefMap."""
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(signature_map)
+    return (b'{"model_spec": ' + _proto_json(response.model_spec, True) + b', "metadata": {"signature_def": '
+            + _proto_json(signature_map, True) + b"}}")
+
+
+# --- HTTP on tornado ---------------------------------------------------------------------------
+
+class _Exchange(httputil.HTTPMessageDelegate):
+    """One request on a connection: collect the body, answer from the worker pool."""
+
+    def __init__(self, frontend: "RestFrontend", connection):
+        self.frontend, self.connection = frontend, connection
+        self.chunks, self.size = [], 0
+
+    def headers_received(self, start_line, headers):
+        self.method, self.target, self.headers = start_line.method, start_line.path, headers
+        return None
+
+    def data_received(self, chunk):
+        self.chunks.append(chunk)
+        return None
+
+    def finish(self):
+        asyncio.ensure_future(self.frontend.respond(self))
+
+    def on_connection_close(self):
+        self.chunks = []
+
+
+class RestFrontend(httputil.HTTPServerConnectionDelegate):
+    def __init__(self, api: RestApi, workers: concurrent.futures.ThreadPoolExecutor, timeout_ms: int):
+        self.api, self.workers, self.timeout = api, workers, timeout_ms / 1000.0 if timeout_ms > 0 else None
+
+    def start_request(self, server_conn, request_conn):
+        return _Exchange(self, request_conn)
+
+    async def respond(self, exchange: _Exchange):
+        method, target = exchange.method, exchange.target
+        if method == "OPTIONS":  # CORS preflight (http_server.cc:170-178)
+            ok = _ORIGIN.search(exchange.headers.get("Origin", "")) is not None
+            return self._write(exchange, 200 if ok else 400, b"", None)
+        body = b"".join(exchange.chunks)
+        exchange.chunks = []
+        future = asyncio.wrap_future(self.workers.submit(self.api.handle, method, target, body))
+        try:
+            code, payload, content_type = await asyncio.wait_for(future, self.timeout)
+        except asyncio.TimeoutError:
+            code, payload, content_type = 504, wire.error_body(
+                f"Request timed out after {self.timeout * 1000:.0f} ms (--rest_api_timeout_in_ms)"), "application/json"
+        self._write(exchange, code, payload if method != "HEAD" else b"", content_type)
 
     @staticmethod
-    def _version(text: Optional[str]) -> Optional[int]:
-        if text is None:
-            return None
-        if not text.isdigit():
-            raise BadRequest(f"version must be a positive integer, got '{text}'")
-        return int(text)
-
-    def _read_body(self) -> Dict[str, Any]:
+    def _write(exchange: _Exchange, code: int, payload: bytes, content_type: Optional[str]):
+        headers = httputil.HTTPHeaders({"Content-Length": str(len(payload))})
+        if content_type:
+            headers["Content-Type"] = content_type
         try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            raise BadRequest("invalid Content-Length header") from None
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True  # do not read what we refuse
-            raise TooLarge(f"request body too large: {length} bytes (limit {MAX_BODY_BYTES})")
-        return parse_body(self.rfile.read(length))
-
-    def _send_json(self, code: int, payload: Dict[str, Any]):
-        self._send(code, json.dumps(payload).encode(), "application/json")
-
-    def _send(self, code: int, data: bytes, content_type: str):
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        # Headers and body in one write (end_headers() would flush the headers on their own).
-        self._headers_buffer.append(b"\r\n" + data)
-        self.wfile.write(b"".join(self._headers_buffer))
-        self._headers_buffer = []
+            exchange.connection.write_headers(
+                httputil.ResponseStartLine("HTTP/1.1", code, httputil.responses.get(code, "Unknown")), headers, payload)
+            exchange.connection.finish()
+        except Exception:  # the client went away: nothing to answer
+            logging.debug("client gone before the answer to %s %s", exchange.method, exchange.target[:200])
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    # The stdlib default backlog (5) resets connections under a burst of concurrent clients.
-    request_queue_size = 256
+class _CappedHTTPServer(HTTPServer):
+    """At most `max_connections` open connections; one more is closed at once (the client's
+    load balancer retries elsewhere) instead of holding memory for it."""
+
+    def initialize(self, *args, max_connections: int = 1024, **kwargs):
+        self.max_connections = max_connections
+        super().initialize(*args, **kwargs)
+
+    def handle_stream(self, stream, address):
+        if len(self._connections) >= self.max_connections:
+            stream.close()
+            return
+        super().handle_stream(stream, address)
 
 
-def make_server(repo: Repository, host: str = "127.0.0.1", port: int = 8501) -> Server:
-    handler = type("BoundHandler", (Handler,), {"repo": repo})
-    return Server((host, port), handler)
+class LocalServer:
+    """REST (and gRPC when grpc_port is given) over one Servables, on an IOLoop thread."""
+
+    def __init__(self, servables: Servables, host: str = "127.0.0.1", rest_port: int = 8501,
+                 grpc_port: Optional[int] = None, num_threads: int = 0, timeout_ms: int = 30000,
+                 max_connections: int = 1024, idle_timeout: float = 60.0, body_timeout: float = 30.0,
+                 max_body_bytes: int = MAX_BODY_BYTES):
+        self.servables = servables
+        threads = num_threads or 4 * (os.cpu_count() or 1)  # TF Serving's --rest_api_num_threads default
+        self.workers = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rest")
+        self._ready = threading.Event()
+        self._settings = dict(host=host, rest_port=rest_port, timeout_ms=timeout_ms, max_connections=max_connections,
+                              idle_timeout=idle_timeout, body_timeout=body_timeout, max_body_bytes=max_body_bytes)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rest-ioloop")
+        self.grpc = None
+        if grpc_port is not None:
+            from serving.grpc_server import make_grpc_server
+
+            self.grpc, self.grpc_port = make_grpc_server(servables, host, grpc_port, threads)
+
+    def _run(self):
+        asyncio.set_event_loop(asyncio.new_event_loop())
+        self.loop = IOLoop.current()
+        s = self._settings
+        frontend = RestFrontend(RestApi(self.servables), self.workers, s["timeout_ms"])
+        self.http = _CappedHTTPServer(frontend, max_connections=s["max_connections"], decompress_request=True,
+                                      max_body_size=s["max_body_bytes"], max_header_size=64 * 1024,
+                                      idle_connection_timeout=s["idle_timeout"], body_timeout=s["body_timeout"],
+                                      no_keep_alive=False)
+        sockets = __import__("tornado.netutil", fromlist=["bind_sockets"]).bind_sockets(
+            s["rest_port"], address=s["host"], backlog=1024)
+        self.http.add_sockets(sockets)
+        self.rest_port = sockets[0].getsockname()[1]
+        self._ready.set()
+        self.loop.start()
+
+    def start(self) -> "LocalServer":
+        self._thread.start()
+        self._ready.wait(30)
+        if self.grpc is not None:
+            self.grpc.start()
+        return self
+
+    def stop(self) -> None:
+        if self.grpc is not None:
+            self.grpc.stop(grace=2).wait()
+        if self._ready.is_set():
+            async def close():
+                self.http.stop()
+                await self.http.close_all_connections()
+                self.loop.stop()
+            self.loop.add_callback(lambda: asyncio.ensure_future(close()))
+            self._thread.join(10)
+        self.workers.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._settings['host']}:{self.rest_port}"
+
+
+def make_servables(args) -> Servables:
+    """The model config and batching from tensorflow_model_server's flags."""
+    batcher = None
+    if args.batching_parameters_file and not args.enable_batching:
+        raise SystemExit("server_options.batching_parameters_file is set without setting "
+                         "server_options.enable_batching to true.")
+    if args.enable_batching:
+        from serving.batching import Batcher, read_parameters
+
+        batcher = Batcher(read_parameters(args.batching_parameters_file) if args.batching_parameters_file else None)
+    retry_seconds = max(args.load_retry_interval_micros, 0) / 1e6
+    options = dict(poll_seconds=max(args.file_system_poll_wait_seconds, 0.05),
+                   max_num_load_retries=args.max_num_load_retries, load_retry_interval=retry_seconds,
+                   allow_labels_for_unavailable=args.allow_version_labels_for_unavailable_models)
+    holder = {}
+
+    def warm(loaded, log):
+        holder["servables"].warm(loaded, log)
+
+    if args.model_config_file:
+        repo = Repository(config_file=args.model_config_file,
+                          config_poll_seconds=args.model_config_file_poll_wait_seconds, warmup=warm, **options)
+    else:
+        if not args.model_base_path:
+            raise SystemExit("Both server_options.model_base_path and server_options.model_config_file are empty!")
+        repo = Repository.single(args.model_name, args.model_base_path, warmup=warm, **options)
+    servables = Servables(repo, batcher, method_name_check=args.enable_signature_method_name_check)
+    holder["servables"] = servables
+    return servables
+
+
+def _flag_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add = p.add_argument
+    add("--port", type=int, default=8500, help="gRPC port (0: no gRPC)")
+    add("--rest_api_port", type=int, default=8501, help="REST port (TF Serving's default is 0: off)")
+    add("--rest_api_num_threads", type=int, default=0, help="worker threads (default: 4 x CPUs)")
+    add("--rest_api_timeout_in_ms", type=int, default=30000)
+    add("--model_config_file", default="")
+    add("--model_config_file_poll_wait_seconds", type=float, default=0)
+    add("--model_name", default="default")
+    add("--model_base_path", default="")
+    add("--file_system_poll_wait_seconds", type=float, default=1)
+    add("--max_num_load_retries", type=int, default=5)
+    add("--load_retry_interval_micros", type=int, default=60 * 1000 * 1000)
+    add("--enable_batching", type=_flag_bool, nargs="?", const=True, default=False)
+    add("--batching_parameters_file", default="")
+    add("--enable_signature_method_name_check", type=_flag_bool, nargs="?", const=True, default=False)
+    add("--allow_version_labels_for_unavailable_models", type=_flag_bool, nargs="?", const=True, default=False)
+    add("--monitoring_config_file", default="", help="accepted for TF Serving compatibility; metrics are always on")
+    # Ours, not TF Serving's.
+    add("--host", default="127.0.0.1")
+    add("--port_file", help="write 'rest_port grpc_port' here once listening (use with port 0)")
+    add("--rest_api_max_connections", type=int, default=1024)
+    add("--rest_api_idle_timeout_seconds", type=float, default=60)
+    add("--rest_api_max_body_bytes", type=int, default=MAX_BODY_BYTES)
+    return p
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model_base_path", default="build/model_repository",
-                        help="repository root: <root>/<model>/<version>/")
-    parser.add_argument("--rest_api_port", "--port", type=int, default=8501)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--num_latest", type=int, default=2, help="versions kept loaded besides labelled ones")
-    parser.add_argument("--poll_seconds", type=float, default=2.0)
-    parser.add_argument("--port_file", help="write the bound port here once listening (use with --port 0)")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    repo = Repository(args.model_base_path, num_latest=args.num_latest, poll_seconds=args.poll_seconds).start()
-    server = make_server(repo, args.host, args.rest_api_port)
-    if args.port_file:  # written whole (rename), after bind: a reader never sees a partial port
-        with open(args.port_file + ".tmp", "w") as f:
-            f.write(str(server.server_address[1]))
-        os.replace(args.port_file + ".tmp", args.port_file)
-    logging.info("serving %s on http://%s:%d", ", ".join(repo.models()) or "(no models yet)", args.host,
-                 args.rest_api_port)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        repo.stop()
+        servables = make_servables(args)
+    except model_config.ConfigError as e:
+        raise SystemExit(str(e)) from None
+    servables.repository.start()
+    server = LocalServer(servables, args.host, args.rest_api_port, args.port or None, args.rest_api_num_threads,
+                         args.rest_api_timeout_in_ms, args.rest_api_max_connections,
+                         args.rest_api_idle_timeout_seconds, max_body_bytes=args.rest_api_max_body_bytes).start()
+    if args.port_file:  # written whole (rename), after bind: a reader never sees a partial line
+        with open(args.port_file + ".tmp", "w") as f:
+            f.write(f"{server.rest_port} {server.grpc_port if server.grpc else 0}")
+        os.replace(args.port_file + ".tmp", args.port_file)
+    logging.info("serving %s: REST on %s, gRPC on %s", ", ".join(servables.repository.models()) or "(no models yet)",
+                 server.url, f"{args.host}:{server.grpc_port}" if server.grpc else "off")
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    server.stop()
+    servables.repository.stop()
     return 0
 
 

@@ -125,3 +125,34 @@ def small_model(taxi_spec, small_transform, tmp_path_factory):
     model_dir = str(tmp_path_factory.mktemp("small_model") / "model")
     metrics = train_and_export(fast_spec(taxi_spec), graph_dir, [train_files], [eval_files], model_dir)
     return model_dir, metrics
+
+
+def write_models_config(root, labels=None, num_latest=2, base_paths=None):
+    """<root>/models.config serving every model folder under root (latest `num_latest` versions)
+    with `labels` ({model: {label: version}}): the file `make promote` writes, for tests."""
+    from serving import model_config
+
+    labels = labels or {}
+    config = model_config.ModelServerConfig()
+    for name in sorted(os.listdir(root)):
+        if os.path.isdir(os.path.join(root, name)):
+            model = config.model_config_list.config.add(name=name, base_path=os.path.join(str(root), name))
+            model.model_version_policy.latest.num_versions = num_latest
+            for label, version in labels.get(name, {}).items():
+                model.version_labels[label] = version
+    return model_config.write(os.path.join(str(root), model_config.MODEL_CONFIG_FILE), config)
+
+
+def serve(root, labels=None, num_latest=2, poll_seconds=3600.0, grpc=False, batcher=None, **server_args):
+    """A started local server (REST, and gRPC with grpc=True) over every model under root;
+    `.servables.repository` is the repository, `.url` the REST root. Stop it with .stop()."""
+    from serving.core import Servables
+    from serving.repository import Repository
+    from serving.server import LocalServer
+
+    path = write_models_config(root, labels, num_latest)
+    holder = {}
+    repo = Repository(config_file=path, poll_seconds=poll_seconds, config_poll_seconds=poll_seconds,
+                      warmup=lambda loaded, log: holder["s"].warm(loaded, log))
+    servables = holder["s"] = Servables(repo, batcher)
+    return LocalServer(servables, rest_port=0, grpc_port=0 if grpc else None, **server_args).start()

@@ -12,6 +12,8 @@ import urllib.request
 import numpy as np
 import pytest
 
+from tests.conftest import write_models_config
+
 # Before apache_beam is imported: it puts IPython/extensions on sys.path, whose regular `tests`
 # package would then shadow this namespace package.
 from tests.conftest import write_sample  # isort: skip
@@ -30,13 +32,11 @@ def repository(small_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server_url(repository):
-    from serving.repository import Repository
-    from serving.server import make_server
+    from tests.conftest import serve
 
-    httpd = make_server(Repository(repository, poll_seconds=3600), port=0)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    server = serve(repository)
+    yield server.url
+    server.stop()
 
 
 def _rest_predictions(url, rows, spec):
@@ -219,7 +219,7 @@ def test_a_label_picks_its_version(tmp_path):
     for version in (4, 5, 6):
         (tmp_path / "taxi" / str(version)).mkdir(parents=True)
         (tmp_path / "taxi" / str(version) / "saved_model.pb").write_bytes(b"")
-    (tmp_path / "taxi" / "labels.json").write_text(json.dumps({"stable": 5, "canary": 7}))
+    write_models_config(tmp_path, {"taxi": {"stable": 5, "canary": 7}})
     assert batch_predict.resolve_version(str(tmp_path), "taxi") == 6
     assert batch_predict.resolve_version(str(tmp_path), "taxi", label="stable") == 5
     with pytest.raises(batch_predict.BatchPredictError, match=r"version 7 is not pushed .*\(pushed: 4, 5, 6\)"):

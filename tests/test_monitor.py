@@ -386,7 +386,9 @@ def test_served_version_is_the_stable_label_else_the_latest(tmp_path):
     for version in ("100", "300", "200"):
         (tmp_path / "taxi" / version).mkdir(parents=True)
     assert monitor.served_version(str(tmp_path), "taxi") == 300
-    (tmp_path / "taxi" / "labels.json").write_text(json.dumps({"stable": 200, "canary": 300}))
+    from tests.conftest import write_models_config
+
+    write_models_config(tmp_path, {"taxi": {"stable": 200, "canary": 300}})
     assert monitor.served_version(str(tmp_path), "taxi") == 200
     with pytest.raises(monitor.MonitorError, match="no pushed version"):
         monitor.served_version(str(tmp_path), "other")

@@ -239,10 +239,9 @@ def test_promote_records_lineage_refuses_the_unblessed_and_rolls_back(pipeline_r
         release.promote(repo, metadata, "taxi", v2, who="tester")
         back = release.rollback(repo, metadata, "taxi", who="tester")
         assert (back["action"], back["previous"], back["version"]) == ("rollback", v2, v1)
-    with open(os.path.join(repo, "taxi", "labels.json")) as f:
-        assert json.load(f) == {"stable": v1}
-    with open(os.path.join(repo, "models.config")) as f:  # TF Serving's copy of the same decision
-        assert f'key: "stable"\n      value: {v1}' in f.read()
+    assert release.read_labels(repo, "taxi") == {"stable": v1}
+    with open(os.path.join(repo, "models.config")) as f:  # the one file both servers read
+        assert f'key: "stable"\n    value: {v1}' in f.read()
     assert lineage["sandbox"] and os.path.exists(os.path.join(lineage["sandbox"], "sandbox_report.json"))
     log = release.read_log(os.path.join(repo, "taxi"))
     assert [e["version"] for e in log] == ([v1, v2, v1] if changed_data_run["pushed"] else [v1])

@@ -349,15 +349,12 @@ def test_backend_down_is_a_503_naming_it_and_the_proxy_recovers_when_it_returns(
 def test_against_the_local_server_answers_equal_direct_calls(small_model, tmp_path):
     import shutil
 
-    from serving.repository import Repository
-    from serving.server import make_server
+    from tests.conftest import serve
 
     for version in (1, 2):
         shutil.copytree(small_model[0], tmp_path / "repo" / "taxi" / str(version))
-    (tmp_path / "repo" / "taxi" / "labels.json").write_text(json.dumps({"stable": 1, "canary": 2}))
-    server = make_server(Repository(str(tmp_path / "repo"), poll_seconds=3600), port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    direct = f"http://127.0.0.1:{server.server_address[1]}"
+    server = serve(tmp_path / "repo", {"taxi": {"stable": 1, "canary": 2}})
+    direct = server.url
     env = {"PROXY_BACKEND": direct, "PROXY_VARIANTS": json.dumps({"stable": {"label": "stable", "weight": 1},
                                                                   "canary": {"label": "canary", "weight": 1}})}
     _, url, stop = start_proxy(env, log_path=str(tmp_path / "log.sqlite"))
@@ -371,7 +368,7 @@ def test_against_the_local_server_answers_equal_direct_calls(small_model, tmp_pa
             assert body["skewless"]["model_version"] == {"stable": 1, "canary": 2}[variant]
     finally:
         stop()
-        server.shutdown()
+        server.stop()
     assert len(rows(str(tmp_path / "log.sqlite"))) == 20
 
 

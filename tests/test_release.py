@@ -20,7 +20,9 @@ def _repository(tmp_path, versions=(100, 200), labels=None):
     for v in versions:
         os.makedirs(tmp_path / "taxi" / str(v))
     if labels:
-        (tmp_path / "taxi" / "labels.json").write_text(json.dumps(labels))
+        from tests.conftest import write_models_config
+
+        write_models_config(tmp_path, {"taxi": labels})
     return str(tmp_path)
 
 
@@ -75,12 +77,12 @@ def test_models_config_is_a_model_server_config_with_labels_on_loaded_versions(t
     from pipelines import release
 
     repo = _repository(tmp_path, versions=(100,))
-    release.release(repo, "taxi", _entry(100))
+    release.release(repo, "taxi", _entry(100), base_path="/models")
     config = _config(repo)
     _check_model_config(config, version=100)
     # A model pushed but never promoted is not served at all (train-then-serve).
     os.makedirs(tmp_path / "other" / "5")
-    release.write_model_config(repo)
+    release.write_model_config(repo, "/models")
     assert [c.name for c in _config(repo).model_config_list.config] == ["taxi"]
 
 
@@ -100,7 +102,7 @@ def test_the_label_moves_only_after_the_server_reports_the_new_version_available
     assert dict(model.version_labels) == {"stable": 200}
     # The replaced version stays loaded for one release, so a rollback is a label move.
     assert list(model.model_version_policy.specific.versions) == [100, 200]
-    assert json.loads((tmp_path / "taxi" / "labels.json").read_text()) == {"stable": 200}
+    assert release.read_labels(str(tmp_path), "taxi") == {"stable": 200}
     assert [e["version"] for e in release.read_log(str(tmp_path / "taxi"))] == [200]
 
 
@@ -128,7 +130,7 @@ def test_a_version_the_server_does_not_load_keeps_the_label_where_it_was(tmp_pat
             release.release(repo, "taxi", _entry(200, previous=100), serving_url=stub.url, wait_seconds=1)
     finally:
         stub.close()
-    assert json.loads((tmp_path / "taxi" / "labels.json").read_text()) == {"stable": 100}
+    assert release.read_labels(str(tmp_path), "taxi") == {"stable": 100}
     assert release.read_log(str(tmp_path / "taxi")) == []  # nothing took effect, nothing is logged
     assert dict(_config(repo).model_config_list.config[0].version_labels) == {"stable": 100}
 
@@ -139,14 +141,12 @@ def test_the_local_server_is_a_valid_serving_url(small_model, tmp_path):
     import urllib.request
 
     from pipelines import release
-    from serving.repository import Repository
-    from serving.server import make_server
+    from tests.conftest import serve
 
     shutil.copytree(small_model[0], tmp_path / "taxi" / "7")
-    repo = Repository(str(tmp_path), poll_seconds=0.2).start()
-    httpd = make_server(repo, port=0)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    server = serve(tmp_path, poll_seconds=0.2)
+    repo = server.servables.repository.start()
+    url = server.url
     try:
         release.release(str(tmp_path), "taxi", _entry(7), serving_url=url, wait_seconds=30)
         deadline = time.monotonic() + 30
@@ -155,5 +155,5 @@ def test_the_local_server_is_a_valid_serving_url(small_model, tmp_path):
         with urllib.request.urlopen(f"{url}/v1/models/taxi/labels/stable") as r:
             assert json.loads(r.read())["model_version_status"][0]["version"] == "7"
     finally:
-        httpd.shutdown()
+        server.stop()
         repo.stop()

@@ -69,8 +69,9 @@ def test_thresholds_from_the_config_decide_the_blessing(sandbox_run):
 def test_a_prediction_off_by_more_than_the_tolerance_is_caught(small_model, taxi_spec, taxi_rows, tmp_path):
     import tensorflow as tf
 
-    from components.export import json_instances, raw_inputs
+    from components.export import raw_inputs
     from components.sandbox import SandboxServer, compare_predictions
+    from serving.json_tensor import instances
 
     signature = tf.saved_model.load(small_model[0]).signatures["serving_default"]
     columns = raw_inputs(_raw_examples(taxi_rows[:50], taxi_spec), signature.structured_input_signature[1])
@@ -78,13 +79,15 @@ def test_a_prediction_off_by_more_than_the_tolerance_is_caught(small_model, taxi
     expected["probabilities"][7] += 2e-6  # a serving path that is off in the sixth decimal, in one row
     expected["classes"][11] = b"no" if expected["classes"][11] == b"yes" else b"yes"
     with SandboxServer(small_model[0], "taxi", str(tmp_path), 180) as server:
-        result = compare_predictions(server, expected, json_instances(columns), tolerance=1e-6)
+        result = compare_predictions(server, expected, instances({k: v.numpy() for k, v in columns.items()}),
+                                     tolerance=1e-6)
     assert result["rows"] == 50 and result["rows_differing"] == 2
     assert 1e-6 < result["max_abs_diff"]["probabilities"] < 3e-6
 
 
 def test_warmup_records_replay_in_the_local_server(sandbox_run, small_model, tmp_path):
     from components.sandbox import write_warmed_model
+    from serving.core import Servables
     from serving.repository import LoadedVersion
 
     config, _, warmup = sandbox_run
@@ -92,7 +95,7 @@ def test_warmup_records_replay_in_the_local_server(sandbox_run, small_model, tmp
     path = write_warmed_model(small_model[0], str(tmp_path / "1"), warmup)
     assert path.endswith(os.path.join("assets.extra", "tf_serving_warmup_requests"))
     assert not os.path.exists(os.path.join(small_model[0], "assets.extra", "tf_serving_warmup_requests"))
-    assert LoadedVersion("taxi", 1, str(tmp_path / "1")).warm_up() == 40
+    assert LoadedVersion("taxi", 1, str(tmp_path / "1")).warm_up(Servables(None).warm) == 40
 
 
 def test_a_model_the_server_cannot_load_is_not_served(small_model, tmp_path):

@@ -51,8 +51,31 @@ def eval_rows(taxi_rows):
     return taxi_rows[1500:]
 
 
-def test_all_three_signatures_are_exported(loaded):
-    assert set(loaded.signatures) == {"serving_default", "serving_tf_example", "transform_features"}
+def test_every_signature_is_exported_with_tf_servings_method_names(loaded, small_model):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    assert set(loaded.signatures) == {"serving_default", "serving_tf_example", "transform_features", "classification"}
+    with open(f"{small_model[0]}/saved_model.pb", "rb") as f:
+        (graph,) = saved_model_pb2.SavedModel.FromString(f.read()).meta_graphs
+    # classifier.cc (PreProcessClassification): one DT_STRING input named "inputs"; outputs
+    # "classes" (DT_STRING) and/or "scores" (DT_FLOAT); the method name TF Serving checks.
+    classification = graph.signature_def["classification"]
+    assert classification.method_name == "tensorflow/serving/classify"
+    assert list(classification.inputs) == ["inputs"] and classification.inputs["inputs"].dtype == 7
+    assert {k: v.dtype for k, v in classification.outputs.items()} == {"classes": 7, "scores": 1}
+    assert graph.signature_def["serving_default"].method_name == "tensorflow/serving/predict"
+
+
+def test_a_required_feature_is_refused_by_the_model_itself(loaded, taxi_spec, eval_rows):
+    import tensorflow as tf
+
+    inputs = _raw_inputs(eval_rows[:3], taxi_spec)
+    inputs["payment_type"] = tf.constant(["Cash", "", "Cash"])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="payment_type is required"):
+        loaded.signatures["serving_default"](**inputs)
+    examples = _examples(eval_rows[:2], taxi_spec, [c for c in taxi_spec.features if c != "payment_type"])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="payment_type is required"):
+        loaded.signatures["classification"](inputs=examples)
 
 
 def test_serving_default_takes_named_raw_features_without_the_label(loaded, taxi_spec):

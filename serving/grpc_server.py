@@ -1,0 +1,143 @@
+"""TF Serving's gRPC API (port 8500) on grpcio, with tensorflow-serving-api's generated stubs:
+PredictionService (Predict, Classify, Regress, GetModelMetadata) and ModelService
+(GetModelStatus, HandleReloadConfigRequest). The same core as REST (serving/core.py) answers,
+so both give identical results; only the wire differs (TensorProto instead of JSON).
+Specification: model_servers/prediction_service_impl.cc and model_service_impl.cc.
+"""
+
+import logging
+import time
+from concurrent import futures
+from typing import Tuple
+
+import grpc
+import tensorflow as tf
+from tensorflow_serving.apis import (classification_pb2, model_management_pb2, model_service_pb2_grpc, predict_pb2,
+                                     prediction_service_pb2_grpc, regression_pb2)
+
+from serving import metrics
+from serving.core import ModelSpec, Servables, serialized_examples
+from serving.wire import ServingError
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def _spec(model_spec) -> ModelSpec:
+    choice = model_spec.WhichOneof("version_choice")
+    return ModelSpec(model_spec.name, model_spec.version.value if choice == "version" else None,
+                     model_spec.version_label if choice == "version_label" else None, model_spec.signature_name)
+
+
+def _fill_spec(out, name: str, version: int, signature: str) -> None:
+    out.name, out.signature_name = name, signature
+    out.version.value = version
+
+
+class _Calls:
+    """Error handling and metrics shared by every method."""
+
+    def __init__(self, servables: Servables):
+        self.servables = servables
+
+    def call(self, context, api: str, model: str, fn):
+        started = time.perf_counter()
+        status = "OK"
+        try:
+            return fn()
+        except ServingError as e:
+            status = e.code
+            context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN), e.message)
+        except Exception as e:  # a bug here answers INTERNAL and the server keeps serving
+            if isinstance(e, grpc.RpcError) or type(e).__name__ == "_AbortError":
+                raise
+            logging.exception("internal error in gRPC %s", api)
+            status = "INTERNAL"
+            context.abort(grpc.StatusCode.INTERNAL, f"Internal error: {type(e).__name__}")
+        finally:
+            if model:
+                name = model if model in self.servables.repository.models() else metrics.UNKNOWN_MODEL
+                metrics.REQUEST_COUNT.labels(name, status).inc()
+                if status == "OK":
+                    metrics.REQUEST_LATENCY.labels(name, api, "GRPC").observe((time.perf_counter() - started) * 1e6)
+
+
+class PredictionService(_Calls, prediction_service_pb2_grpc.PredictionServiceServicer):
+    def Predict(self, request, context):
+        def run():
+            spec = _spec(request.model_spec)
+            inputs = {}
+            for name, proto in request.inputs.items():
+                try:
+                    inputs[name] = tf.make_ndarray(proto)
+                except (TypeError, ValueError) as e:
+                    raise ServingError("INVALID_ARGUMENT", f"input '{name}': not a valid TensorProto: {e}") from None
+            loaded, signature, outputs = self.servables.predict(spec, inputs, list(request.output_filter))
+            response = predict_pb2.PredictResponse()
+            _fill_spec(response.model_spec, spec.name, loaded.version, signature)
+            for name, value in outputs.items():
+                response.outputs[name].CopyFrom(tf.make_tensor_proto(value))
+            return response
+        return self.call(context, "predict", request.model_spec.name, run)
+
+    def Classify(self, request, context):
+        def run():
+            spec = _spec(request.model_spec)
+            loaded, signature, results = self.servables.classify(spec, serialized_examples(request.input))
+            response = classification_pb2.ClassificationResponse()
+            _fill_spec(response.model_spec, spec.name, loaded.version, signature)
+            for row in results:
+                classifications = response.result.classifications.add()
+                for label, score in row:
+                    classifications.classes.add(label=label, score=score)
+            return response
+        return self.call(context, "classify", request.model_spec.name, run)
+
+    def Regress(self, request, context):
+        def run():
+            spec = _spec(request.model_spec)
+            loaded, signature, values = self.servables.regress(spec, serialized_examples(request.input))
+            response = regression_pb2.RegressionResponse()
+            _fill_spec(response.model_spec, spec.name, loaded.version, signature)
+            for value in values:
+                response.result.regressions.add(value=value)
+            return response
+        return self.call(context, "regress", request.model_spec.name, run)
+
+    def GetModelMetadata(self, request, context):
+        return self.call(context, "metadata", request.model_spec.name,
+                         lambda: self.servables.metadata(_spec(request.model_spec), list(request.metadata_field)))
+
+    def MultiInference(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not supported by the local server")
+
+
+class ModelService(_Calls, model_service_pb2_grpc.ModelServiceServicer):
+    def GetModelStatus(self, request, context):
+        return self.call(context, "status", request.model_spec.name,
+                         lambda: self.servables.status(_spec(request.model_spec)))
+
+    def HandleReloadConfigRequest(self, request, context):
+        """model_service_impl.cc: take the new ModelServerConfig; the answer carries the status."""
+        from serving import model_config
+
+        response = model_management_pb2.ReloadConfigResponse()
+        try:
+            self.servables.repository.reload_config(request.config)
+            response.status.error_code = 0
+        except model_config.ConfigError as e:
+            response.status.error_code = 3  # INVALID_ARGUMENT
+            response.status.error_message = str(e)
+        return response
+
+
+def make_grpc_server(servables: Servables, host: str, port: int, threads: int) -> Tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
+                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+                         maximum_concurrent_rpcs=1024)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(servables), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(servables), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise SystemExit(f"cannot listen for gRPC on {host}:{port}")
+    return server, bound

@@ -1,0 +1,109 @@
+"""TF Serving's REST wire: the URL grammar, status codes and error bodies. Standard library only,
+so the proxy (which has no TensorFlow) and the local server read URLs by one set of rules.
+
+The specification is tensorflow/serving's own source:
+- tensorflow_serving/model_servers/http_rest_api_util.cc:31-34 (the two regexes, case-insensitive,
+  matched against the whole path *and query*), :90-131 (ParseModelInfo: the model name and label
+  are URL-decoded, the version must fit an int64);
+- http_rest_api_handler.cc:65-109 (POST only for :predict/:classify/:regress, GET only for status
+  and metadata; anything else is "Malformed request: <METHOD> <path>", INVALID_ARGUMENT);
+- http_server.cc:46-85 (status code -> HTTP status), :139-150 (only paths matching
+  "(?i)/v1/.*" reach the API; any other path is 404).
+"""
+
+import json
+import re
+from typing import NamedTuple, Optional
+from urllib.parse import unquote_to_bytes
+
+API_PATH = re.compile(r"/v1/.*", re.IGNORECASE | re.DOTALL)
+# Python's re spells RE2's \d as [0-9] here: RE2's \d is ASCII-only, Python's is not.
+PREDICTION_PATH = re.compile(
+    r"/v1/models/([^/:]+)(?:(?:/versions/([0-9]+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)",
+    re.IGNORECASE | re.DOTALL)
+STATUS_PATH = re.compile(
+    r"/v1/models(?:/([^/:]+))?(?:(?:/versions/([0-9]+))|(?:/labels/([^/:]+)))?(?:/(metadata))?",
+    re.IGNORECASE | re.DOTALL)
+INT64_MAX = 2 ** 63 - 1
+
+# absl status codes -> HTTP, as http_server.cc:46-85 maps them.
+HTTP_STATUS = {
+    "OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504,
+    "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
+    "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501,
+    "INTERNAL": 500, "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401,
+}
+
+
+class ServingError(Exception):
+    """A failed call with TF Serving's status code (a key of HTTP_STATUS) and message."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS.get(self.code, 500)
+
+
+def invalid(message: str) -> ServingError:
+    return ServingError("INVALID_ARGUMENT", message)
+
+
+class Route(NamedTuple):
+    model: str
+    version: Optional[int]
+    label: Optional[str]
+    api: str  # predict | classify | regress | status | metadata
+
+
+def _decode(text: str, what: str) -> str:
+    """curl_easy_unescape, as ParseModelInfo applies it: %XX sequences become bytes."""
+    raw = unquote_to_bytes(text)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid(f"Failed to decode {what}:{text}") from None
+
+
+def is_api_path(path: str) -> bool:
+    return API_PATH.fullmatch(path) is not None
+
+
+def parse(method: str, path: str) -> Route:
+    """The route of a request to /v1/...; `path` is the request target (path and query, as sent)."""
+    malformed = invalid(f"Malformed request: {method} {path}")
+    if method == "POST":
+        match = PREDICTION_PATH.fullmatch(path)
+    elif method == "GET":
+        match = STATUS_PATH.fullmatch(path)
+    else:
+        raise malformed
+    if match is None:
+        raise malformed
+    model, version_text, label = match.group(1), match.group(2), match.group(3)
+    model = _decode(model, "model name") if model else ""
+    version = None
+    if version_text:
+        version = int(version_text)
+        if version > INT64_MAX:
+            raise invalid(f"Failed to convert version: {version_text} to numeric.")
+    if label:
+        label = _decode(label, "model version label")
+    # The regexes ignore case, but the verb is compared as written (http_rest_api_handler.cc:85-103):
+    # ":PREDICT" is malformed, "/METADATA" is a status request.
+    if method == "POST":
+        api = match.group(4)
+        if api not in ("predict", "classify", "regress"):
+            raise malformed
+    else:
+        api = "metadata" if match.group(4) == "metadata" else "status"
+    if not model:
+        raise invalid("Missing model name in request.")
+    return Route(model, version, label or None, api)
+
+
+def error_body(message: str) -> bytes:
+    """{"error": "..."} (json_tensor.cc MakeJsonFromStatus); always valid JSON, any message."""
+    return json.dumps({"error": message}).encode()
