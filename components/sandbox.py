@@ -100,7 +100,9 @@ class SandboxServer:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "serving.server", "--model_name", self.model_name, "--model_base_path",
                  os.path.join(self.root, self.model_name), "--rest_api_port", "0", "--port", "0",
-                 "--port_file", self.port_file, "--file_system_poll_wait_seconds", "3600"],
+                 "--port_file", self.port_file, "--file_system_poll_wait_seconds", "3600",
+                 # One try: a candidate that does not load is refused now, not after 5 minutes of retries.
+                 "--max_num_load_retries", "0"],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=_REPO_ROOT)
         return self
 

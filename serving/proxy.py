@@ -26,6 +26,12 @@ refused with a message naming the key, and the previous settings stay in force.
                           with shadow=1 and compared with the answer given
   PROXY_ROUTING_HEADER    request header whose value keys the sticky split  X-User-Id
                           (no such header: the request id, i.e. no stickiness)
+  PROXY_COMPLETE_MISSING  true | false (default true): a :predict row ("instances" objects) that
+                          leaves out named inputs of the signature gets them from the model's
+                          own metadata (backend GET .../metadata, cached 5 s) as the one wire form
+                          of a missing value: NaN for a number, "" for a string. Both servers
+                          refuse a row without every named input, as TF Serving does; a required
+                          feature is still refused by the model itself
   PROXY_MODEL             the model /readyz checks: ready only when every variant's label or
                           version is AVAILABLE on its backend (unset: only that backends answer)
 
@@ -138,6 +144,7 @@ class Settings:
             raise ConfigError(f"PROXY_RETRIES: expected a whole number, got {retries:g}")
         self.retries = int(retries)
         self.routing_header = get("PROXY_ROUTING_HEADER", "X-User-Id").strip()
+        self.complete_missing = _flag("PROXY_COMPLETE_MISSING", get("PROXY_COMPLETE_MISSING", "true"))
         self.model = get("PROXY_MODEL", "").strip() or None
         if self.model is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model):
             raise ConfigError(f"PROXY_MODEL: expected a model name, got '{self.model}'")
@@ -282,6 +289,7 @@ class Proxy:
         self._shadow_slots = threading.BoundedSemaphore(MAX_SHADOW_IN_FLIGHT)
         self._versions: Dict[Tuple[str, str, str], Tuple[float, Optional[int]]] = {}
         self._versions_lock = threading.Lock()
+        self._inputs: Dict[Tuple[str, str, str], Tuple[float, Dict[str, str]]] = {}
         self._stop = threading.Event()
         self._in_flight = 0
         self._stopping = False
@@ -379,19 +387,63 @@ class Proxy:
             cached = self._versions.get(key)
         if cached and now - cached[0] < max_age:
             return cached[1]
-        path = f"/v1/models/{model}" + (f"/labels/{variant.label}" if variant.label else "")
+        # Metadata, not status: TF Serving's status ignores a label and lists every version
+        # (get_model_status_impl.cc:82-101); metadata resolves it (its model_spec.version).
+        path = f"/v1/models/{model}" + (f"/labels/{variant.label}" if variant.label else "") + "/metadata"
         version = None
         try:
             status, data = self.backends.call(variant.backend, "GET", path, None, self.settings.timeout, 0, variant.name)
             if status == 200:
-                states = json.loads(data).get("model_version_status", [])
-                available = [int(s["version"]) for s in states if s.get("state") == "AVAILABLE"]
-                version = max(available) if available else None
+                version = int(json.loads(data)["model_spec"]["version"])
         except (BackendError, ValueError, KeyError, TypeError):
             version = cached[1] if cached else None
         with self._versions_lock:
             self._versions[key] = (now, version)
         return version
+
+    # --- completing rows -------------------------------------------------------------------
+    def input_types(self, backend: str, model_path: str, signature: str, max_age: float = 5.0) -> Dict[str, str]:
+        """{input name: DT_ type} of a signature, from the backend's metadata (TF Serving's JSON)."""
+        key = (backend, model_path, signature)
+        now = time.monotonic()
+        with self._versions_lock:
+            cached = self._inputs.get(key)
+        if cached and now - cached[0] < max_age:
+            return cached[1]
+        types: Dict[str, str] = {}
+        try:
+            status, data = self.backends.call(backend, "GET", model_path + "/metadata", None, self.settings.timeout, 0,
+                                              "metadata")
+            if status == 200:
+                defs = json.loads(data)["metadata"]["signature_def"]["signature_def"]
+                types = {k: v.get("dtype", "") for k, v in defs.get(signature, {}).get("inputs", {}).items()}
+        except (BackendError, ValueError, KeyError, TypeError, AttributeError):
+            types = cached[1] if cached else {}
+        with self._versions_lock:
+            self._inputs[key] = (now, types)
+        return types
+
+    def complete(self, backend: str, model_path: str, body: Dict[str, Any]) -> bool:
+        """Adds absent named inputs to every :predict row as NaN / "" (True if a row changed)."""
+        rows = body.get("instances")
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+            return False
+        signature = body.get("signature_name") or "serving_default"
+        if not isinstance(signature, str):
+            return False
+        types = self.input_types(backend, model_path, signature)
+        if len(types) < 2:  # a single input is sent bare; nothing to complete
+            return False
+        gaps = {"DT_STRING": "", "DT_FLOAT": math.nan, "DT_DOUBLE": math.nan, "DT_HALF": math.nan}
+        changed = False
+        for row in rows:
+            if "b64" in row and len(row) == 1:
+                continue
+            for name, dtype in types.items():
+                if name not in row and dtype in gaps:
+                    row[name] = gaps[dtype]
+                    changed = True
+        return changed
 
     # --- answering -----------------------------------------------------------------------
     def fallback(self, body: Dict[str, Any], verb: str) -> Dict[str, Any]:
@@ -528,7 +580,8 @@ class Handler(BaseHTTPRequestHandler):
         problems = []
         for variant in settings.variants.values():
             if settings.model:
-                target = variant.path(settings.model, "")[:-1]  # /v1/models/m[/labels/l|/versions/n]
+                # Metadata answers only once the label or version can serve (status ignores labels).
+                target = variant.path(settings.model, "")[:-1] + "/metadata"
             else:
                 target = "/monitoring/prometheus/metrics"
             try:
@@ -540,9 +593,8 @@ class Handler(BaseHTTPRequestHandler):
             if status != 200:
                 problems.append(f"variant '{variant.name}': GET {target} answered {status}: "
                                 f"{_loads(data).get('error', '')}")
-            elif settings.model and not any(s.get("state") == "AVAILABLE"
-                                            for s in _loads(data).get("model_version_status", [])):
-                problems.append(f"variant '{variant.name}': no version of {target} is AVAILABLE yet")
+            elif settings.model and "model_spec" not in _loads(data):
+                problems.append(f"variant '{variant.name}': {target} has no servable version yet")
         self._send_json(503 if problems else 200, {"status": "unavailable" if problems else "ok",
                                                    "problems": problems})
 
@@ -616,6 +668,10 @@ class Handler(BaseHTTPRequestHandler):
                 variant = settings.choose(routing_key or request_id)
                 path = variant.path(model, verb)
             variant_name = variant.name
+            if verb == "predict" and settings.complete_missing:
+                model_path = path.rsplit(":", 1)[0]
+                if proxy.complete(variant.backend, model_path, body):
+                    raw = json.dumps(body).encode()  # what the model sees is what is logged
             call_started = time.perf_counter()
             try:
                 code, data = proxy.backends.call(variant.backend, "POST", path, raw, settings.timeout,

@@ -49,8 +49,14 @@ class LoadedVersion:
         from tensorflow.core.protobuf import saved_model_pb2
 
         self.model, self.version, self.path = model, version, path
-        with tf.io.gfile.GFile(os.path.join(path, "saved_model.pb"), "rb") as f:
-            saved_model = saved_model_pb2.SavedModel.FromString(f.read())
+        pb = os.path.join(path, "saved_model.pb")
+        if not tf.io.gfile.exists(pb):
+            raise FileNotFoundError(f"{pb}: no SavedModel here (yet)")
+        with tf.io.gfile.GFile(pb, "rb") as f:
+            try:
+                saved_model = saved_model_pb2.SavedModel.FromString(f.read())
+            except Exception as e:  # protobuf's DecodeError: a truncated or foreign file
+                raise ValueError(f"{pb}: not a SavedModel ({e})") from None
         meta_graph = next((m for m in saved_model.meta_graphs if "serve" in m.meta_info_def.tags), None)
         if meta_graph is None:
             raise ValueError(f"{path}: the SavedModel has no meta graph tagged 'serve'")

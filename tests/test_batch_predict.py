@@ -40,9 +40,10 @@ def server_url(repository):
 
 
 def _rest_predictions(url, rows, spec):
-    """What an online client gets for these CSV rows: a missing value is left out of the row."""
-    instances = [{name: (r[name] if f.type == "string" else float(r[name]))
-                  for name, f in spec.features.items() if r[name] != ""} for r in rows]
+    """What an online client gets for these CSV rows, sent in the one wire form (every feature;
+    NaN for a missing number, "" for a missing string)."""
+    instances = [{name: (r[name] if f.type == "string" else float(r[name]) if r[name] != "" else math.nan)
+                  for name, f in spec.features.items()} for r in rows]
     predictions = []
     for start in range(0, len(instances), 100):
         body = json.dumps({"instances": instances[start:start + 100]}).encode()
@@ -193,7 +194,7 @@ def test_the_model_is_resolved_and_checked_before_the_job(repository, taxi_spec,
     assert batch_predict.resolve_version(repository, "taxi") == VERSION
     with pytest.raises(batch_predict.BatchPredictError, match=r"version 9 is not pushed .*\(pushed: 3\)"):
         batch_predict.resolve_version(repository, "taxi", 9)
-    with pytest.raises(batch_predict.BatchPredictError, match="label 'stable' is not in"):
+    with pytest.raises(batch_predict.BatchPredictError, match="models.config: cannot read the model config"):
         batch_predict.resolve_version(repository, "taxi", label="stable")
     with pytest.raises(batch_predict.BatchPredictError, match="model 'nope': no folder"):
         batch_predict.resolve_version(repository, "nope")

@@ -5,6 +5,7 @@ test can tell which variant and version answered); the last one uses the real lo
 """
 
 import json
+import math
 import os
 import signal
 import socket
@@ -48,6 +49,13 @@ class FakeServing:
                 self.wfile.write(data)
 
             def do_GET(self):
+                if self.path.endswith("/metadata"):  # TF Serving's metadata resolves a label to its version
+                    label = self.path.split("/labels/")[1].split("/")[0] if "/labels/" in self.path else None
+                    version = VERSIONS.get(label) if label else 2
+                    if version is None:
+                        return self._reply(400, {"error": f"Unrecognized servable version label: {label}"})
+                    return self._reply(200, {"model_spec": {"name": "taxi", "version": str(version)},
+                                             "metadata": {"signature_def": {"signature_def": {}}}})
                 if self.path.startswith("/v1/models/taxi/labels/"):
                     version = VERSIONS.get(self.path.rsplit("/", 1)[1])
                     if version is None:
@@ -359,11 +367,17 @@ def test_against_the_local_server_answers_equal_direct_calls(small_model, tmp_pa
                                                                   "canary": {"label": "canary", "weight": 1}})}
     _, url, stop = start_proxy(env, log_path=str(tmp_path / "log.sqlite"))
     instance = {"payment_type": "Cash", "fare": 7.25, "trip_miles": 1.1, "trip_start_hour": 14}
+    inputs = server.servables.repository.resolve("taxi").signatures["serving_default"].structured_input_signature[1]
+    full = {name: instance.get(name, "" if spec.dtype.name == "string" else math.nan) for name, spec in inputs.items()}
     try:
+        # The server refuses a row without every named input, as TF Serving does; the proxy
+        # completes it from the model's metadata with the wire form of a gap (NaN / "").
+        code, body, _ = post(direct, {"instances": [instance]}, path="/v1/models/taxi/labels/stable:predict")
+        assert code == 400 and "keys must be equal to" in body["error"]
         for user in range(20):
             code, body, headers = post(url, {"instances": [instance]}, {"X-User-Id": str(user)})
             variant = headers["X-Skewless-Variant"]
-            want = post(direct, {"instances": [instance]}, path=f"/v1/models/taxi/labels/{variant}:predict")[1]
+            want = post(direct, {"instances": [full]}, path=f"/v1/models/taxi/labels/{variant}:predict")[1]
             assert code == 200 and body["predictions"] == want["predictions"]
             assert body["skewless"]["model_version"] == {"stable": 1, "canary": 2}[variant]
     finally:
@@ -422,7 +436,8 @@ def test_readiness_waits_for_every_variants_label(backend):
         VERSIONS.pop("canary")  # the canary label is not there (not promoted yet)
         code, body = ready(url)
         assert code == 503 and len(body["problems"]) == 1
-        assert "variant 'canary': GET /v1/models/taxi/labels/canary answered 404" in body["problems"][0]
+        # TF Serving answers an unknown label with 400 INVALID_ARGUMENT (server_core.cc:873-892).
+        assert "variant 'canary': GET /v1/models/taxi/labels/canary/metadata answered 400" in body["problems"][0]
     finally:
         VERSIONS["canary"] = 2
         stop()

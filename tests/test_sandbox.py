@@ -105,7 +105,7 @@ def test_a_model_the_server_cannot_load_is_not_served(small_model, tmp_path):
     shutil.copytree(small_model[0], broken)
     with open(broken / "saved_model.pb", "wb") as f:
         f.write(b"not a SavedModel")
-    with pytest.raises(SandboxError, match="could not load the model: .*saved_model.pb"):
+    with pytest.raises(SandboxError, match="could not load the model: .*saved_model.pb: not a SavedModel"):
         with SandboxServer(str(broken), "taxi", str(tmp_path / "work"), start_timeout=60):
             pass
 
