@@ -44,7 +44,7 @@ def _start(args, work, name, env=None):
             raise RuntimeError(f"{name} did not start; see {log.name}")
         time.sleep(0.1)
     with open(port_file) as f:
-        return process, int(f.read())
+        return process, int(f.read().split()[0])  # the server writes "rest_port grpc_port"
 
 
 def _post(conn, path, data):
@@ -104,16 +104,28 @@ def concurrent(port, path, data, clients, seconds):
             "requests_per_second": len(flat) / elapsed, **_percentiles(flat)}
 
 
+def full_row(port, model):
+    """ROW in the one wire form (every named input; NaN / "" for the rest), from the metadata."""
+    import math
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models/{model}/metadata", timeout=30) as r:
+        inputs = json.loads(r.read())["metadata"]["signature_def"]["signature_def"]["serving_default"]["inputs"]
+    return {name: ROW.get(name, "" if info["dtype"] == "DT_STRING" else math.nan) for name, info in inputs.items()}
+
+
 def run(model="taxi", model_base_path="build/model_repository", seconds=60.0, clients=50, sequential_n=500):
     work = tempfile.mkdtemp(prefix="bench-proxy-")
     log_path = os.path.join(work, "prediction_log.sqlite")
-    server, server_port = _start(["serving.server", "--model_base_path", model_base_path, "--poll_seconds", "3600"],
-                                 work, "server")
+    # REST on an ephemeral port; --port 0 (added by _start) turns gRPC off, as in TF Serving.
+    server, server_port = _start(["serving.server", "--model_name", model, "--model_base_path",
+                                  os.path.join(model_base_path, model), "--rest_api_port", "0",
+                                  "--file_system_poll_wait_seconds", "3600"], work, "server")
     proxy = None
     try:
         proxy, proxy_port = _start(["serving.proxy", "--log", log_path], work, "proxy",
                                    {"PROXY_BACKEND": f"http://127.0.0.1:{server_port}"})
-        path, data = f"/v1/models/{model}:predict", json.dumps({"instances": [ROW]}).encode()
+        path, data = f"/v1/models/{model}:predict", json.dumps({"instances": [full_row(server_port, model)]}).encode()
         ports = {"direct": server_port, "proxy": proxy_port}
         single = sequential(ports, path, data, sequential_n)
         loaded = {name: concurrent(port, path, data, clients, seconds) for name, port in ports.items()}

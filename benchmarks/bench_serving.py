@@ -1,139 +1,193 @@
-"""`make bench-serving`: the in-process signature call (the floor here) against the local
-REST server, single row and a batch of 100, p50/p99 and requests/s, as ratios in one run.
+"""`make bench-serving`: the local TF Serving twin against the in-process signature call (the
+floor), REST and gRPC, single row and a batch of 100; then 1, 8 and 50 concurrent single-row
+clients with server-side batching off and on. One run, ratios against references measured in it.
 
-    python -m benchmarks.bench_serving [--model_base_path build/model_repository] [--model taxi]
+    python -m benchmarks.bench_serving [--model_repository build/model_repository] [--model taxi]
+
+The servers run in their own processes (`python -m serving.server`, as `make serve` starts them),
+so the clients' Python does not share the server's interpreter. Targets (issue 9): single-row
+REST p50 <= 1.5x in-process, gRPC p50 <= 1.3x in-process; with batching, 50 concurrent
+single-row clients >= 4x the requests/s of one sequential client, with p99 <= 50 ms.
+Writes build/bench_serving.json.
 """
 
 import argparse
 import concurrent.futures
+import http.client
 import json
 import math
 import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
-import http.client
-import urllib.parse
 
 import numpy as np
-import tensorflow as tf
 
-from serving.repository import Repository
-from serving.server import make_server
-
-ROW = {"fare": 12.5, "trip_miles": 2.1, "trip_seconds": 600, "trip_start_hour": 19, "trip_start_day": 6,
-       "trip_start_month": 5, "trip_start_timestamp": 1400269500, "payment_type": "Credit Card",
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROW = {"fare": 12.5, "trip_miles": 2.1, "trip_seconds": 600.0, "trip_start_hour": 19.0, "trip_start_day": 6.0,
+       "trip_start_month": 5.0, "trip_start_timestamp": 1400269500.0, "payment_type": "Credit Card",
        "company": "Chicago Elite Cab Corp."}
 
 
-def _tensors(signature, rows):
-    _, specs = signature.structured_input_signature
-    out = {}
-    for name, spec in specs.items():
-        missing = "" if spec.dtype == tf.string else math.nan
-        out[name] = tf.constant([r.get(name, missing) for r in rows], spec.dtype)
-    return out
+def full_row(specs):
+    """The one wire form: every named input, NaN / "" for the gaps (serving/json_tensor.py)."""
+    return {name: ROW.get(name, "" if spec.dtype.name == "string" else math.nan) for name, spec in specs.items()}
 
 
-def _percentiles(seconds):
+def percentiles(seconds):
     ms = np.asarray(seconds) * 1000
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "n": len(ms)}
 
 
-def time_in_process(signature, rows, n):
-    tensors = _tensors(signature, rows)
-    signature(**tensors)
+def timed(fn, n):
+    fn()
     times = []
     for _ in range(n):
         t = time.perf_counter()
-        signature(**tensors)
+        fn()
         times.append(time.perf_counter() - t)
-    return _percentiles(times)
+    return percentiles(times)
 
 
-class Client:
-    """One keep-alive HTTP/1.1 connection, as a real client (or the proxy) would hold."""
+class ServerProcess:
+    def __init__(self, model: str, base_path: str, batching: bool):
+        self.work = tempfile.mkdtemp(prefix="bench_serving_")
+        port_file = os.path.join(self.work, "ports")
+        args = [sys.executable, "-m", "serving.server", "--model_name", model, "--model_base_path", base_path,
+                "--rest_api_port", "0", "--port", "0", "--port_file", port_file,
+                "--file_system_poll_wait_seconds", "3600"]
+        if batching:
+            args += ["--enable_batching", "--batching_parameters_file",
+                     os.path.join(REPO, "serving", "config", "batching.config")]
+        self.log = open(os.path.join(self.work, "server.log"), "w")
+        self.process = subprocess.Popen(args, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while not os.path.exists(port_file):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start; see {self.log.name}")
+            time.sleep(0.2)
+        with open(port_file) as f:
+            self.rest_port, self.grpc_port = (int(p) for p in f.read().split())
 
-    def __init__(self, url):
-        parsed = urllib.parse.urlsplit(url)
-        self.path = parsed.path
-        self.conn = http.client.HTTPConnection(parsed.netloc, timeout=30)
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(30)
+        self.log.close()
 
-    def post(self, data):
-        self.conn.request("POST", self.path, body=data, headers={"Content-Type": "application/json"})
-        response = self.conn.getresponse()
-        response.read()
+
+def rest_caller(port: int, path: str, body: bytes):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def call():
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
         if response.status != 200:
-            raise RuntimeError(f"HTTP {response.status}")
-        return response.status
+            raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
+    return call
 
 
-def time_rest(url, rows, n):
-    data = json.dumps({"instances": rows}).encode()
-    client = Client(url)
-    client.post(data)
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        client.post(data)
-        times.append(time.perf_counter() - t)
-    return _percentiles(times)
+def grpc_caller(port: int, model: str, specs, rows):
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    for name, spec in specs.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto([r[name] for r in rows], dtype=spec.dtype))
+    return lambda: stub.Predict(request, timeout=30)
 
 
-def throughput(url, rows, clients, seconds):
-    data = json.dumps({"instances": rows}).encode()
-    stop, latencies, errors = threading.Event(), [], []
+def load(port: int, path: str, body: bytes, clients: int, seconds: float):
+    stop, latencies, errors = threading.Event(), [[] for _ in range(clients)], []
 
-    def client():
-        connection = Client(url)
+    def client(i):
+        call = rest_caller(port, path, body)
         while not stop.is_set():
             t = time.perf_counter()
             try:
-                connection.post(data)
-                latencies.append(time.perf_counter() - t)
+                call()
+                latencies[i].append(time.perf_counter() - t)
             except Exception as e:  # counted, reported
                 errors.append(repr(e))
+                call = rest_caller(port, path, body)
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        for _ in range(clients):
-            pool.submit(client)
+        for i in range(clients):
+            pool.submit(client, i)
         time.sleep(seconds)
         stop.set()
-    return {"requests_per_s": len(latencies) / seconds, "errors": len(errors), **_percentiles(latencies)}
+    flat = [x for per in latencies for x in per]
+    return {"clients": clients, "requests_per_s": len(flat) / seconds, "errors": len(errors), **percentiles(flat)}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model_base_path", default="build/model_repository")
+    parser.add_argument("--model_repository", default="build/model_repository")
     parser.add_argument("--model", default="taxi")
     parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=8.0)
     args = parser.parse_args(argv)
-    repo = Repository(args.model_base_path, poll_seconds=3600)
-    loaded = repo.resolve(args.model)
-    server = make_server(repo, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1/models/{args.model}:predict"
-    signature = loaded.signatures["serving_default"]
-    results = {"model": args.model, "version": loaded.version}
-    for label, rows in (("single_row", [ROW]), ("batch_100", [ROW] * 100)):
-        floor = time_in_process(signature, rows, args.requests)
-        rest = time_rest(url, rows, args.requests)
-        results[label] = {"in_process": floor, "rest": rest,
-                          "p50_ratio": rest["p50_ms"] / floor["p50_ms"], "p99_ratio": rest["p99_ms"] / floor["p99_ms"]}
-    results["concurrent_single_row"] = throughput(url, [ROW], args.clients, args.seconds)
-    results["concurrent_single_row"]["clients"] = args.clients
-    server.shutdown()
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    import tensorflow as tf
+
+    from serving import model_config
+
+    base = os.path.join(args.model_repository, args.model)
+    versions = model_config.versions_on_disk(base)
+    if not versions:
+        raise SystemExit(f"no pushed version under {base}: run `make run` first")
+    signature = tf.saved_model.load(os.path.join(base, str(versions[-1]))).signatures["serving_default"]
+    specs = signature.structured_input_signature[1]
+    row = full_row(specs)
+    path = f"/v1/models/{args.model}:predict"
+    results = {"model": args.model, "version": versions[-1]}
+
+    plain = ServerProcess(args.model, base, batching=False)
+    try:
+        for label, rows in (("single_row", [row]), ("batch_100", [row] * 100)):
+            tensors = {k: tf.constant([r[k] for r in rows], s.dtype) for k, s in specs.items()}
+            floor = timed(lambda: signature(**tensors), args.requests)
+            rest = timed(rest_caller(plain.rest_port, path, json.dumps({"instances": rows}).encode()), args.requests)
+            grpc_ = timed(grpc_caller(plain.grpc_port, args.model, specs, rows), args.requests)
+            results[label] = {"in_process": floor, "rest": rest, "grpc": grpc_,
+                              "rest_p50_ratio": rest["p50_ms"] / floor["p50_ms"],
+                              "grpc_p50_ratio": grpc_["p50_ms"] / floor["p50_ms"]}
+        body = json.dumps({"instances": [row]}).encode()
+        results["unbatched"] = [load(plain.rest_port, path, body, c, args.seconds) for c in (1, 8, 50)]
+    finally:
+        plain.stop()
+    batched = ServerProcess(args.model, base, batching=True)
+    try:
+        results["batched"] = [load(batched.rest_port, path, body, c, args.seconds) for c in (1, 8, 50)]
+    finally:
+        batched.stop()
+
     for label in ("single_row", "batch_100"):
         r = results[label]
-        print(f"{label:>10}: in-process p50 {r['in_process']['p50_ms']:.2f} ms p99 {r['in_process']['p99_ms']:.2f} ms | "
-              f"REST p50 {r['rest']['p50_ms']:.2f} ms p99 {r['rest']['p99_ms']:.2f} ms | "
-              f"ratio p50 {r['p50_ratio']:.2f}x p99 {r['p99_ratio']:.2f}x")
-    c = results["concurrent_single_row"]
-    print(f"{args.clients} clients, single row: {c['requests_per_s']:.0f} req/s, p50 {c['p50_ms']:.2f} ms, "
-          f"p99 {c['p99_ms']:.2f} ms, errors {c['errors']}")
-    target = results["single_row"]["p50_ratio"] <= 2.0
-    print(f"target single-row REST p50 <= 2x in-process: {'PASS' if target else 'MISS'}")
+        print(f"{label:>10}: in-process p50 {r['in_process']['p50_ms']:.2f} ms | REST p50 {r['rest']['p50_ms']:.2f} ms "
+              f"({r['rest_p50_ratio']:.2f}x) | gRPC p50 {r['grpc']['p50_ms']:.2f} ms ({r['grpc_p50_ratio']:.2f}x)")
+    for mode in ("unbatched", "batched"):
+        for c in results[mode]:
+            print(f"{mode:>10}, {c['clients']:>2} clients: {c['requests_per_s']:7.0f} req/s, p50 {c['p50_ms']:.2f} ms, "
+                  f"p99 {c['p99_ms']:.2f} ms, errors {c['errors']}")
+    sequential = results["unbatched"][0]["requests_per_s"]
+    fifty = results["batched"][2]
+    results["targets"] = {
+        "rest_single_row_p50_ratio<=1.5": results["single_row"]["rest_p50_ratio"] <= 1.5,
+        "grpc_single_row_p50_ratio<=1.3": results["single_row"]["grpc_p50_ratio"] <= 1.3,
+        "batched_50_clients_throughput_ratio>=4": fifty["requests_per_s"] / sequential >= 4,
+        "batched_50_clients_p99<=50ms": fifty["p99_ms"] <= 50,
+    }
+    results["batched_50_vs_sequential_throughput_ratio"] = fifty["requests_per_s"] / sequential
+    print(f"50 batched clients vs one sequential client: {results['batched_50_vs_sequential_throughput_ratio']:.2f}x "
+          f"requests/s")
+    for name, ok in results["targets"].items():
+        print(f"target {name}: {'PASS' if ok else 'MISS'}")
     os.makedirs("build", exist_ok=True)
     with open("build/bench_serving.json", "w") as f:
         json.dump(results, f, indent=2)

@@ -32,6 +32,9 @@ from pipelines.report import custom_property
 from serving import model_config
 
 LOG_FILE = "release_log.jsonl"
+# Where Dockerfile.serve and deploy/k8s mount the model repository: promote with
+# --serving_base_path /models (make promote BASE_PATH=/models) for them.
+IMAGE_BASE_PATH = "/models"
 MODEL_CONFIG_FILE = model_config.MODEL_CONFIG_FILE
 CODE_COMMIT = "code_commit"  # custom property the local runner sets on its pipeline_run context
 

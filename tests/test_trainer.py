@@ -21,7 +21,10 @@ def test_deterministic_runs_give_identical_metrics_and_predictions(taxi_spec, sm
     runs = [train_and_export(spec, graph_dir, [train_files], [eval_files], str(tmp_path / f"m{i}"))
             for i in range(2)]
     assert runs[0] == runs[1]
-    examples = tf.constant([b""] * 3)  # all features missing: exercises the fill path too
+    # Every feature but the required payment_type missing: exercises the fill path too.
+    only_payment = tf.train.Example(features=tf.train.Features(feature={
+        "payment_type": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"Cash"]))})).SerializeToString()
+    examples = tf.constant([only_payment] * 3)
     preds = [tf.saved_model.load(str(tmp_path / f"m{i}")).signatures["serving_tf_example"](examples=examples)
              for i in range(2)]
     np.testing.assert_array_equal(preds[0]["probabilities"].numpy(), preds[1]["probabilities"].numpy())
