@@ -51,12 +51,21 @@ def timed(fn, n):
     return percentiles(times)
 
 
+def free_port() -> int:
+    """A port for gRPC (TF Serving's --port 0 turns gRPC off rather than picking one)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class ServerProcess:
     def __init__(self, model: str, base_path: str, batching: bool):
         self.work = tempfile.mkdtemp(prefix="bench_serving_")
         port_file = os.path.join(self.work, "ports")
         args = [sys.executable, "-m", "serving.server", "--model_name", model, "--model_base_path", base_path,
-                "--rest_api_port", "0", "--port", "0", "--port_file", port_file,
+                "--rest_api_port", "0", "--port", str(free_port()), "--port_file", port_file,
                 "--file_system_poll_wait_seconds", "3600"]
         if batching:
             args += ["--enable_batching", "--batching_parameters_file",

@@ -52,9 +52,10 @@ class Parameters:
 
 def read_parameters(path: str) -> Parameters:
     from google.protobuf import text_format
-    from tensorflow_serving.servables.tensorflow import session_bundle_config_pb2
 
-    proto = session_bundle_config_pb2.BatchingParameters()
+    from serving.upstream_protos import message_class
+
+    proto = message_class("BatchingParameters")()
     try:
         with open(path) as f:
             text_format.Parse(f.read(), proto)

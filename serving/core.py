@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from serving import metrics
 from serving.repository import LoadedVersion, NotFound, Repository, UnknownLabel
 from serving.wire import ServingError, invalid
 
@@ -76,17 +77,13 @@ class Servables:
         fn = loaded.signatures.get(signature)
         if fn is None:
             raise ServingError("FAILED_PRECONDITION", f'Serving signature key "{signature}" cannot be run here')
-        specs = fn.structured_input_signature[1]
+        specs = loaded.input_dtypes(signature)
         tensors = {}
         for name, value in inputs.items():
-            spec = specs[name]
-            want = spec.dtype.as_numpy_dtype if spec.dtype != tf.string else object
-            if value.dtype != np.dtype(want) and not (spec.dtype == tf.string and value.dtype.kind in "OSU"):
-                raise invalid(f"Expects arg '{name}' to be {spec.dtype.name} but {_dtype_name(value)} is provided")
-            if not spec.shape.is_compatible_with(value.shape):
-                raise invalid(f"input '{name}': shape {list(value.shape)} is not compatible with the signature's "
-                              f"{spec.shape.as_list()}")
-            tensors[name] = tf.constant(value, dtype=spec.dtype)
+            dtype, want = specs[name]
+            if value.dtype != want and not (dtype == tf.string and value.dtype.kind in "OSU"):
+                raise invalid(f"Expects arg '{name}' to be {dtype.name} but {_dtype_name(value)} is provided")
+            tensors[name] = tf.constant(value, dtype=dtype)  # shapes are checked by the function itself
         started = time.perf_counter()
         try:
             outputs = fn(**tensors)
@@ -95,7 +92,6 @@ class Servables:
         except (ValueError, TypeError) as e:
             raise invalid(str(e).splitlines()[0]) from None
         result = {k: v.numpy() for k, v in outputs.items()}
-        from serving import metrics
         metrics.RUNTIME_LATENCY.labels(loaded.model, "Predict", "TF2").observe((time.perf_counter() - started) * 1e6)
         return result
 

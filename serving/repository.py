@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 from serving import model_config
@@ -71,6 +72,15 @@ class LoadedVersion:
             with open(spec_path) as f:
                 spec = json.load(f)
         self.classes: List[str] = list(spec.get("classes", []))
+
+    def input_dtypes(self, signature: str):
+        """{input: (tf dtype, numpy dtype)} of a signature, computed once."""
+        cache = self.__dict__.setdefault("_input_dtypes", {})
+        if signature not in cache:
+            specs = self.signatures[signature].structured_input_signature[1]
+            cache[signature] = {k: (s.dtype, np.dtype(object if s.dtype == tf.string else s.dtype.as_numpy_dtype))
+                                for k, s in specs.items()}
+        return cache[signature]
 
     def method_name(self, signature: str) -> str:
         return self.signature_defs[signature].method_name if signature in self.signature_defs else ""
@@ -157,6 +167,9 @@ class Repository:
     def models(self) -> List[str]:
         with self._lock:
             return sorted(self._snapshots)
+
+    def knows(self, model: str) -> bool:
+        return model in self._snapshots  # a dict lookup: atomic, no lock needed
 
     def snapshot(self, model: str) -> Snapshot:
         with self._lock:

@@ -78,7 +78,7 @@ class RestApi:
             return 500, wire.error_body(f"Internal error: {type(e).__name__}"), "application/json"
         finally:
             if model:
-                name = model if model in self.servables.repository.models() else metrics.UNKNOWN_MODEL
+                name = model if self.servables.repository.knows(model) else metrics.UNKNOWN_MODEL
                 metrics.REQUEST_COUNT.labels(name, status).inc()
                 if status == "OK":
                     metrics.REQUEST_LATENCY.labels(name, api, "REST").observe((time.perf_counter() - started) * 1e6)
@@ -317,6 +317,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         servables = make_servables(args)

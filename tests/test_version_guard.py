@@ -323,41 +323,11 @@ def test_training_build_context_is_what_the_dockerfile_copies():
 # --- serving configs parse as the protos TF Serving reads --------------------------------------
 
 def _upstream_mirror():
-    """BatchingParameters and MonitoringConfig built from TF Serving's .proto definitions.
+    """tensorflow-serving-api ships neither session_bundle_config_pb2 nor monitoring_config_pb2:
+    serving/upstream_protos.py builds them from upstream's definitions, for the server too."""
+    from serving.upstream_protos import message_class
 
-    tensorflow-serving-api ships apis/ and config/model_server_config but neither
-    servables/tensorflow/session_bundle_config_pb2 nor config/monitoring_config_pb2: these
-    descriptors copy the upstream field names and types (session_bundle_config.proto,
-    monitoring_config.proto), so a misspelt field or a wrong type still fails to parse.
-    """
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
-
-    F = descriptor_pb2.FieldDescriptorProto
-    proto = descriptor_pb2.FileDescriptorProto(
-        name="skewless/tf_serving_mirror.proto", package="tensorflow.serving", syntax="proto3",
-        dependency=["google/protobuf/wrappers.proto"])
-
-    def message(name, fields):
-        added = proto.message_type.add(name=name)
-        for number, (field, kind, type_name, label) in enumerate(fields, start=1):
-            added.field.add(name=field, number=number, type=kind, type_name=type_name, label=label)
-
-    optional, repeated, wrapped = F.LABEL_OPTIONAL, F.LABEL_REPEATED, F.TYPE_MESSAGE
-    message("BatchingParameters", [
-        ("max_batch_size", wrapped, ".google.protobuf.Int64Value", optional),
-        ("batch_timeout_micros", wrapped, ".google.protobuf.Int64Value", optional),
-        ("max_enqueued_batches", wrapped, ".google.protobuf.Int64Value", optional),
-        ("num_batch_threads", wrapped, ".google.protobuf.Int64Value", optional),
-        ("thread_pool_name", wrapped, ".google.protobuf.StringValue", optional),
-        ("allowed_batch_sizes", F.TYPE_INT64, None, repeated),
-        ("pad_variable_length_inputs", F.TYPE_BOOL, None, optional)])
-    message("PrometheusConfig", [("enable", F.TYPE_BOOL, None, optional),
-                                 ("path", F.TYPE_STRING, None, optional)])
-    message("MonitoringConfig", [("prometheus_config", wrapped, ".tensorflow.serving.PrometheusConfig", optional)])
-    pool = descriptor_pool.DescriptorPool()
-    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
-    pool.AddSerializedFile(proto.SerializeToString())
-    return lambda name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tensorflow.serving.{name}"))
+    return message_class
 
 
 def _proto(module, name):

@@ -1,0 +1,368 @@
+"""The local server as an operator meets it: models.config (policies, labels, polling, reload),
+failed and half-written versions, server-side batching, slow and hostile clients.
+
+Repository tests use tiny SavedModels (y = k * x) so each loads in well under a second; the
+batching test uses the small taxi model. TF Serving references as in test_serving_conformance.py.
+"""
+
+import concurrent.futures
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tests.conftest import serve, write_models_config
+
+
+def tiny_model(path, k: float) -> str:
+    """A SavedModel whose serving_default maps x (float, [None]) to y = k * x."""
+    import tensorflow as tf
+
+    class Times(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": x * k}
+
+    module = Times()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Three built versions to copy around: {k: path}."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {k: tiny_model(root / str(k), float(k)) for k in (1, 2, 3)}
+
+
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def predict(url, path="/v1/models/m:predict", x=1.0):
+    request = urllib.request.Request(url + path, data=json.dumps({"instances": [x]}).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def states(url, model="m"):
+    code, body = get(f"{url}/v1/models/{model}")
+    return {int(s["version"]): s["state"] for s in body.get("model_version_status", [])} if code == 200 else {}
+
+
+def wait_for(condition, seconds=30.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def repository_server(root, config_text, server_args=None, **kwargs):
+    from serving.core import Servables
+    from serving.repository import Repository
+    from serving.server import LocalServer
+
+    path = root / "models.config"
+    path.write_text(config_text)
+    holder = {}
+    repo = Repository(config_file=str(path), warmup=lambda loaded, log: holder["s"].warm(loaded, log), **kwargs)
+    holder["s"] = Servables(repo)
+    server = LocalServer(holder["s"], rest_port=0, grpc_port=0, **(server_args or {})).start()
+    repo.start()
+    stop = server.stop
+
+    def stop_both():
+        repo.stop()
+        stop()
+    server.stop = stop_both
+    return server
+
+
+def config(root, name="m", policy="", labels=None):
+    text = f'model_config_list {{ config {{ name: "{name}" base_path: "{root / name}" model_platform: "tensorflow" '
+    text += policy + "".join(f' version_labels {{ key: "{k}" value: {v} }}' for k, v in (labels or {}).items())
+    return text + " } }"
+
+
+# --- version policies and labels (file_system_storage_path_source.proto, SC:549-614) ----------
+
+def test_version_policies_pick_versions_from_disk(tiny, tmp_path):
+    for v in (1, 2, 3):
+        shutil.copytree(tiny[v], tmp_path / "m" / str(v))
+    cases = {"": {3}, "model_version_policy { latest { num_versions: 2 } }": {2, 3},
+             "model_version_policy { all {} }": {1, 2, 3}, "model_version_policy { specific { versions: 1 versions: 3 } }": {1, 3}}
+    for policy, want in cases.items():
+        server = repository_server(tmp_path, config(tmp_path, policy=policy), poll_seconds=3600)
+        try:
+            assert {v for v, s in states(server.url).items() if s == "AVAILABLE"} == want, policy
+            assert predict(server.url, x=2.0)[1] == {"predictions": [2.0 * max(want)]}  # latest answers
+        finally:
+            server.stop()
+
+
+def test_labels_come_from_models_config_and_may_only_name_loaded_versions(tiny, tmp_path):
+    for v in (1, 2):
+        shutil.copytree(tiny[v], tmp_path / "m" / str(v))
+    policy = "model_version_policy { all {} }"
+    server = repository_server(tmp_path, config(tmp_path, policy=policy, labels={"stable": 1}), poll_seconds=0.1,
+                               config_poll_seconds=0.1)
+    try:
+        assert predict(server.url, "/v1/models/m/labels/stable:predict", 3.0) == (200, {"predictions": [3.0]})
+        # A label on a version that is not loaded is refused whole (SC:574-584): stable stays on 1.
+        (tmp_path / "models.config").write_text(config(tmp_path, policy=policy, labels={"stable": 2, "canary": 9}))
+        time.sleep(0.5)
+        assert predict(server.url, "/v1/models/m/labels/stable:predict", 3.0) == (200, {"predictions": [3.0]})
+        assert predict(server.url, "/v1/models/m/labels/canary:predict")[0] == 400  # still unknown
+        (tmp_path / "models.config").write_text(config(tmp_path, policy=policy, labels={"stable": 2, "canary": 1}))
+        assert wait_for(lambda: predict(server.url, "/v1/models/m/labels/stable:predict", 3.0)[1] == {"predictions": [6.0]})
+        assert predict(server.url, "/v1/models/m/labels/canary:predict", 3.0) == (200, {"predictions": [3.0]})
+        # A config that does not parse leaves the one in force (server_core keeps its config).
+        (tmp_path / "models.config").write_text("model_config_list { config { name: ")
+        time.sleep(0.5)
+        assert predict(server.url, "/v1/models/m/labels/stable:predict", 3.0) == (200, {"predictions": [6.0]})
+    finally:
+        server.stop()
+
+
+def test_several_models_and_a_reload_over_grpc(tiny, tmp_path):
+    import grpc
+    from google.protobuf import text_format
+    from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
+    from tensorflow_serving.config import model_server_config_pb2
+
+    for name, v in (("m", 1), ("n", 2)):
+        shutil.copytree(tiny[v], tmp_path / name / "1")
+    server = repository_server(tmp_path, config(tmp_path, "m"), poll_seconds=3600)
+    try:
+        assert predict(server.url, x=1.0)[1] == {"predictions": [1.0]}
+        assert predict(server.url, "/v1/models/n:predict")[0] == 404
+        both = config(tmp_path, "m")[:-2] + config(tmp_path, "n")[len("model_config_list { "):]
+        request = model_management_pb2.ReloadConfigRequest()
+        text_format.Parse(both, request.config)
+        stub = model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}"))
+        assert stub.HandleReloadConfigRequest(request, timeout=30).status.error_code == 0
+        assert predict(server.url, "/v1/models/n:predict", 1.0)[1] == {"predictions": [2.0]}
+        duplicate = model_server_config_pb2.ModelServerConfig()
+        text_format.Parse(config(tmp_path, "m")[:-2] + config(tmp_path, "m")[len("model_config_list { "):], duplicate)
+        request.config.CopyFrom(duplicate)
+        answer = stub.HandleReloadConfigRequest(request, timeout=30)
+        assert answer.status.error_code == 3 and "appears twice" in answer.status.error_message
+    finally:
+        server.stop()
+
+
+# --- failed and half-written versions (loader_harness.cc, availability_preserving_policy.cc) ---
+
+def test_a_half_written_version_never_takes_traffic_and_a_failed_load_is_retried(tiny, tmp_path):
+    shutil.copytree(tiny[1], tmp_path / "m" / "1")
+    server = repository_server(tmp_path, config(tmp_path), poll_seconds=0.05, max_num_load_retries=3,
+                               load_retry_interval=0.3)
+    try:
+        os.makedirs(tmp_path / "m" / "2" / "variables")  # a push in progress: no saved_model.pb yet
+        assert wait_for(lambda: states(server.url).get(2) == "LOADING")
+        answered = [predict(server.url, x=1.0) for _ in range(20)]
+        assert answered == [(200, {"predictions": [1.0]})] * 20  # version 1 serves throughout
+        shutil.rmtree(tmp_path / "m" / "2")
+        shutil.copytree(tiny[2], tmp_path / "m" / "2")  # the push completes: the next try loads it
+        assert wait_for(lambda: predict(server.url, x=1.0)[1] == {"predictions": [2.0]})
+        assert states(server.url) == {2: "AVAILABLE", 1: "END"}  # then 1 is unloaded (latest 1)
+        # A version that never loads: END after 1 + 3 tries, with the error; 2 keeps serving.
+        os.makedirs(tmp_path / "m" / "3")
+        (tmp_path / "m" / "3" / "saved_model.pb").write_bytes(b"garbage")
+        assert wait_for(lambda: states(server.url).get(3) == "END", 10)
+        code, body = get(f"{server.url}/v1/models/m/versions/3")
+        assert body["model_version_status"][0]["status"]["error_message"].endswith("saved_model.pb: not a SavedModel "
+                                                                                   "(Error parsing message)")
+        assert predict(server.url, x=1.0) == (200, {"predictions": [2.0]})
+    finally:
+        server.stop()
+
+
+def test_hot_swap_under_20_concurrent_clients_fails_no_request(tiny, tmp_path):
+    shutil.copytree(tiny[1], tmp_path / "m" / "1")
+    server = repository_server(tmp_path, config(tmp_path), poll_seconds=0.05)
+    stop, results = threading.Event(), []
+
+    def client():
+        while not stop.is_set():
+            results.append(predict(server.url, x=1.0))
+
+    threads = [threading.Thread(target=client) for _ in range(20)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        shutil.copytree(tiny[2], tmp_path / "m" / ".2.tmp")
+        os.rename(tmp_path / "m" / ".2.tmp", tmp_path / "m" / "2")
+        assert wait_for(lambda: results and results[-1][1] == {"predictions": [2.0]})
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        server.stop()
+    assert len(results) > 100 and {code for code, _ in results} == {200}
+    assert {json.dumps(body) for _, body in results} == {'{"predictions": [1.0]}', '{"predictions": [2.0]}'}
+
+
+# --- server-side batching (batching_session.cc) -------------------------------------------------
+
+def test_batched_answers_equal_unbatched_answers(small_model, taxi_spec, taxi_rows, tmp_path):
+    from serving import metrics
+    from serving.batching import Batcher, Parameters
+    from serving.json_tensor import instances
+
+    shutil.copytree(small_model[0], tmp_path / "taxi" / "1")
+    fn = __import__("tensorflow").saved_model.load(small_model[0]).signatures["serving_default"]
+    names = fn.structured_input_signature[1]
+    rows = instances({name: [r[name] if taxi_spec.features[name].type == "string" else
+                             (float(r[name]) if r[name] else float("nan")) for r in taxi_rows[:64]] for name in names})
+    plain = serve(tmp_path)
+    batched = serve(tmp_path, batcher=Batcher(Parameters(max_batch_size=32, batch_timeout_micros=5000,
+                                                         num_batch_threads=2, allowed_batch_sizes=(8, 16, 32))),
+                    num_threads=32)
+    def batch_stats():
+        samples = {s.name: s.value for s in metrics.BATCH_SIZE.collect()[0].samples
+                   if s.labels.get("signature") == "serving_default" and not s.name.endswith("_bucket")}
+        return samples.get(metrics.BATCH_SIZE._name + "_count", 0), samples.get(metrics.BATCH_SIZE._name + "_sum", 0)
+
+    try:
+        def ask(url, row):
+            request = urllib.request.Request(f"{url}/v1/models/taxi:predict", method="POST",
+                                             data=json.dumps({"instances": [row]}).encode())
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return json.loads(r.read())["predictions"][0]
+
+        want = [ask(plain.url, row) for row in rows]
+        calls_before, rows_before = batch_stats()
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            got = list(pool.map(lambda row: ask(batched.url, row), rows))
+        # Row for row: the same classes; scores equal within 1e-6. Not bit for bit: the kernels sum in
+        # an order that depends on the batch size (measured: 1-3 float32 ulp on 1 of 3 values, with
+        # and without oneDNN), as in TF Serving, whose batching changes batch sizes the same way.
+        assert [g["classes"] for g in got] == [w["classes"] for w in want]
+        assert [g["class_ids"] for g in got] == [w["class_ids"] for w in want]
+        np.testing.assert_allclose([g["probabilities"] for g in got], [w["probabilities"] for w in want], atol=1e-6)
+        # Rows were merged: fewer model calls than requests; padded batches carry at least the rows.
+        calls, merged = (after - before for after, before in zip(batch_stats(), (calls_before, rows_before)))
+        assert calls < len(rows) and merged >= len(rows), (calls, merged)
+        request = urllib.request.Request(f"{batched.url}/v1/models/taxi:predict", method="POST",
+                                         data=json.dumps({"instances": rows[:33]}).encode())
+        with pytest.raises(urllib.error.HTTPError) as too_big:
+            urllib.request.urlopen(request, timeout=60)
+        assert too_big.value.code == 400
+        assert "Task size 33 is larger than maximum input batch size 32" in json.loads(too_big.value.read())["error"]
+    finally:
+        plain.stop()
+        batched.stop()
+
+
+def test_batching_parameters_file_is_tf_servings_text_proto(tmp_path):
+    from serving.batching import read_parameters
+
+    p = read_parameters(os.path.join(os.path.dirname(__file__), "..", "serving", "config", "batching.config"))
+    assert (p.max_batch_size, p.batch_timeout, p.num_batch_threads, p.max_enqueued_batches) == (1024, 0.0, 4, 4)
+    bad = tmp_path / "b.config"
+    bad.write_text("max_batch_size { value: 64 } allowed_batch_sizes: 8 allowed_batch_sizes: 32")
+    with pytest.raises(SystemExit, match="Last entry in allowed_batch_sizes must match max_batch_size; last entry "
+                                         "was 32; expected 64"):
+        read_parameters(str(bad))
+
+
+# --- slow and hostile clients -------------------------------------------------------------------
+
+def test_slow_headers_are_cut_and_idle_connections_hold_no_thread(tiny, tmp_path):
+    shutil.copytree(tiny[1], tmp_path / "m" / "1")
+    server = repository_server(tmp_path, config(tmp_path), {"idle_timeout": 1.0, "max_connections": 300},
+                               poll_seconds=3600)
+    try:
+        threads_before = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", server.rest_port)) for _ in range(250)]
+        for s in idle[:50]:
+            s.sendall(b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        time.sleep(0.3)
+        assert threading.active_count() - threads_before < 10  # connections wait on the event loop
+        assert predict(server.url, x=1.0) == (200, {"predictions": [1.0]})
+        time.sleep(1.5)
+        closed = 0
+        for s in idle:
+            s.settimeout(2)
+            try:
+                closed += s.recv(1) == b""
+            except (socket.timeout, ConnectionResetError):
+                closed += 1
+            s.close()
+        assert closed == 250  # the header / idle timeout ended every one
+    finally:
+        server.stop()
+
+
+def test_connections_over_the_cap_are_closed_at_once(tiny, tmp_path):
+    shutil.copytree(tiny[1], tmp_path / "m" / "1")
+    server = repository_server(tmp_path, config(tmp_path), {"max_connections": 5}, poll_seconds=3600)
+    try:
+        held = [socket.create_connection(("127.0.0.1", server.rest_port)) for _ in range(5)]
+        time.sleep(0.2)
+        extra = socket.create_connection(("127.0.0.1", server.rest_port))
+        extra.settimeout(5)
+        try:
+            extra.sendall(b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert extra.recv(100) == b""  # closed, not queued
+        except ConnectionResetError:
+            pass  # closed before the request arrived: also not queued
+        for s in held:
+            s.close()
+        time.sleep(0.2)
+        assert predict(server.url, x=1.0) == (200, {"predictions": [1.0]})
+    finally:
+        server.stop()
+
+
+def test_a_request_over_the_rest_timeout_is_a_504(small_model, tmp_path, taxi_spec):
+    from serving.json_tensor import instances
+
+    shutil.copytree(small_model[0], tmp_path / "taxi" / "1")
+    server = serve(tmp_path, timeout_ms=1)
+    try:
+        names = server.servables.repository.resolve("taxi").signatures["serving_default"].structured_input_signature[1]
+        row = {n: ("Cash" if taxi_spec.features[n].type == "string" else 1.0) for n in names}
+        request = urllib.request.Request(f"{server.url}/v1/models/taxi:predict", method="POST",
+                                         data=json.dumps({"instances": instances({n: [row[n]] * 5000
+                                                                                  for n in names})}).encode())
+        with pytest.raises(urllib.error.HTTPError) as timed_out:
+            urllib.request.urlopen(request, timeout=60)
+        assert timed_out.value.code == 504  # DEADLINE_EXCEEDED (http_server.cc:58)
+        assert "rest_api_timeout_in_ms" in json.loads(timed_out.value.read())["error"]
+    finally:
+        server.stop()
+
+
+def test_metrics_use_tf_serving_names_and_urls_add_no_series(tiny, tmp_path):
+    shutil.copytree(tiny[1], tmp_path / "m" / "1")
+    server = repository_server(tmp_path, config(tmp_path), poll_seconds=3600)
+    try:
+        predict(server.url, x=1.0)
+        for i in range(50):
+            predict(server.url, f"/v1/models/random{i}:predict")
+        with urllib.request.urlopen(f"{server.url}/monitoring/prometheus/metrics", timeout=30) as r:
+            page = r.read().decode()
+        assert ':tensorflow:serving:request_count_total{model_name="m",status="OK"}' in page
+        assert "random" not in page  # an unknown model name is not a label value
+    finally:
+        server.stop()
