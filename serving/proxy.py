@@ -60,19 +60,16 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional, Tuple
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import prometheus_client as prom
 
+from serving import wire
+from serving.http import HttpServer, Request, Response
 from serving.predlog import PredictionLog
 
-MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_SHADOW_IN_FLIGHT = 64
-_PATH = re.compile(r"^/v1/models/(?P<model>[^/:]+)(?P<pinned>/versions/[^/:]+|/labels/[^/:]+)?"
-                   r"(?::(?P<verb>predict|classify|regress))?(?P<rest>/metadata)?$")
-
 
 class ConfigError(ValueError):
     """A setting with a bad value; the message names the key."""
@@ -551,31 +548,39 @@ def _row_count(body: Dict[str, Any]) -> int:
     return 0
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 120  # an idle keep-alive connection is closed after this many seconds
-    proxy: Proxy = None
+class ProxyApi:
+    """One client request -> one Response; runs on serving/http.py's worker pool."""
 
-    def log_message(self, fmt, *args):
-        logging.debug("%s " + fmt, self.address_string(), *args)
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
 
-    def setup(self):
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def handle(self, request: Request) -> Response:
+        if request.method == "GET":
+            if request.target == "/monitoring/prometheus/metrics":
+                return Response(200, prom.generate_latest(self.proxy.registry), prom.CONTENT_TYPE_LATEST)
+            if request.target == "/healthz":
+                return _answer(200, {"status": "ok"})
+            if request.target == "/readyz":
+                return self._ready()
+        try:
+            route = wire.parse(request.method, request.target) if wire.is_api_path(request.target) else None
+        except wire.ServingError as e:  # TF Serving's answer for a malformed URL, without a backend call
+            return _answer(e.http_status, {"error": e.message})
+        if route is None:
+            return _answer(404, {"error": f"Not found: {request.method} {request.target[:200]} (the API is under /v1/)"})
+        if request.method == "GET":
+            return self._forward_get(route)
+        if not self.proxy.begin():
+            return _answer(503, {"error": "the proxy is shutting down; retry on another replica"},
+                         {"Connection": "close"})
+        try:
+            return self._post(request, route)
+        finally:
+            self.proxy.end()
 
-    def do_GET(self):
-        if self.path == "/monitoring/prometheus/metrics":
-            self._send(200, prom.generate_latest(self.proxy.registry), prom.CONTENT_TYPE_LATEST)
-        elif self.path == "/healthz":
-            self._send_json(200, {"status": "ok"})
-        elif self.path == "/readyz":
-            self._ready()
-        else:
-            self._forward_get()
-
-    def _ready(self):
+    def _ready(self) -> Response:
         """Ready when every variant can answer (used by Kubernetes): with PROXY_MODEL, its label or
-        version is AVAILABLE on its backend; without, the backend at least answers."""
+        version resolves on its backend; without, the backend at least answers."""
         settings = self.proxy.settings
         problems = []
         for variant in settings.variants.values():
@@ -595,59 +600,32 @@ class Handler(BaseHTTPRequestHandler):
                                 f"{_loads(data).get('error', '')}")
             elif settings.model and "model_spec" not in _loads(data):
                 problems.append(f"variant '{variant.name}': {target} has no servable version yet")
-        self._send_json(503 if problems else 200, {"status": "unavailable" if problems else "ok",
-                                                   "problems": problems})
+        return _answer(503 if problems else 200, {"status": "unavailable" if problems else "ok", "problems": problems})
 
-    def _forward_get(self):
+    def _forward_get(self, route: wire.Route) -> Response:
         settings = self.proxy.settings
         variant = settings.answering[0]
         try:
-            status, data = self.proxy.backends.call(variant.backend, "GET", self.path, None, settings.timeout,
-                                                    settings.retries, f"variant '{variant.name}'")
-            self._send(status, data, "application/json")
+            status, data = self.proxy.backends.call(variant.backend, "GET", _backend_path(route), None,
+                                                    settings.timeout, settings.retries, f"variant '{variant.name}'")
+            return Response(status, data)
         except BackendError as e:
-            self._send_json(e.code, {"error": str(e)})
+            return _answer(e.code, {"error": str(e)})
 
-    def do_POST(self):
-        if not self.proxy.begin():
-            self.close_connection = True
-            self._send_json(503, {"error": "the proxy is shutting down; retry on another replica"})
-            return
-        try:
-            self._post()
-        finally:
-            self.proxy.end()
-
-    def _post(self):
+    def _post(self, request: Request, route: wire.Route) -> Response:
         started, ts = time.perf_counter(), time.time()
         proxy, settings = self.proxy, self.proxy.settings  # one settings object for the whole request
-        request_id = self.headers.get("X-Request-Id") or uuid.uuid4().hex
-        match = _PATH.match(self.path)
-        model = match["model"] if match else ""
+        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        model, verb, raw = route.model, route.api, request.body
         variant_name, version, code, answer = "none", None, 500, {"error": "internal error"}
-        raw, verb = b"", (match["verb"] if match else None) or ""
-        routing_key = self.headers.get(settings.routing_header) if settings.routing_header else None
+        routing_key = request.headers.get(settings.routing_header) if settings.routing_header else None
         extra_headers: Dict[str, str] = {}
         backend_seconds = None
         try:
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                self.close_connection = True
-                code, answer = 400, {"error": "invalid Content-Length header"}
-                return
-            if length > MAX_BODY_BYTES:
-                self.close_connection = True  # do not read what we refuse
-                code, answer = 413, {"error": f"request body too large: {length} bytes (limit {MAX_BODY_BYTES})"}
-                return
-            raw = self.rfile.read(length)
-            if not match or not match["verb"] or match["rest"]:
-                code, answer = 404, {"error": f"Malformed request: POST {self.path}"}
-                return
-            try:
                 body = json.loads(raw)
-            except ValueError as e:
-                code, answer = 400, {"error": f"JSON Parse error: {e}"}
+            except (ValueError, RecursionError) as e:
+                code, answer = 400, {"error": f"JSON Parse error: {type(e).__name__}: {str(e)[:200]}"}
                 return
             if not isinstance(body, dict):
                 code, answer = 400, {"error": "JSON Value: the request body must be a JSON object"}
@@ -658,19 +636,15 @@ class Handler(BaseHTTPRequestHandler):
                 extra_headers["X-Skewless-Fallback"] = "true"
                 proxy.m_fallback.labels(model).inc()
                 return
-            if match["pinned"]:  # the client chose the version or label itself: no split
+            if route.version is not None or route.label is not None:  # the client chose: no split
                 variant = Variant("direct", settings.answering[0].backend, 1, None, None)
-                path = self.path
-                pinned = match["pinned"].split("/")
-                if pinned[1] == "versions" and pinned[2].isdigit():
-                    version = int(pinned[2])
+                path, version = _backend_path(route), route.version
             else:
                 variant = settings.choose(routing_key or request_id)
                 path = variant.path(model, verb)
             variant_name = variant.name
             if verb == "predict" and settings.complete_missing:
-                model_path = path.rsplit(":", 1)[0]
-                if proxy.complete(variant.backend, model_path, body):
+                if proxy.complete(variant.backend, path.rsplit(":", 1)[0], body):
                     raw = json.dumps(body).encode()  # what the model sees is what is logged
             call_started = time.perf_counter()
             try:
@@ -695,8 +669,8 @@ class Handler(BaseHTTPRequestHandler):
             if settings.shadow and variant.name != "direct":
                 proxy.shadow(settings, model, verb, raw, request_id, ts, routing_key, answer if code == 200 else None)
         except Exception as e:  # a proxy bug: answer, log, keep serving
-            logging.exception("proxy error on POST %s", self.path)
-            code, answer = 500, {"error": f"internal error: {type(e).__name__}: {e}"}
+            logging.exception("proxy error on POST %s", request.target[:200])
+            code, answer = 500, {"error": f"internal error: {type(e).__name__}"}
         finally:
             latency = time.perf_counter() - started
             data = json.dumps(answer).encode()
@@ -712,33 +686,48 @@ class Handler(BaseHTTPRequestHandler):
                 proxy.m_backend_latency.labels(model, variant_name).observe(backend_seconds)
             headers = {"X-Request-Id": request_id, "X-Skewless-Variant": variant_name,
                        **({"X-Skewless-Model-Version": str(version)} if version is not None else {}), **extra_headers}
-            self._send(code, data, "application/json", headers)
-
-    def _send_json(self, code: int, payload: Dict[str, Any]):
-        self._send(code, json.dumps(payload).encode(), "application/json")
-
-    def _send(self, code: int, data: bytes, content_type: str, headers: Optional[Dict[str, str]] = None):
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        # Headers and body in one write (end_headers() would flush the headers on their own):
-        # one segment on the wire, one wake-up for the client.
-        self._headers_buffer.append(b"\r\n" + data)
-        self.wfile.write(b"".join(self._headers_buffer))
-        self._headers_buffer = []
+            # In the finally block: every path above, early exits included, answers what it logged.
+            return Response(code, data, "application/json", headers)  # noqa: B012
 
 
-class ProxyServer(ThreadingHTTPServer):
-    # Connection threads may idle on keep-alive; Proxy.close() waits for requests in flight instead.
-    daemon_threads = True
-    request_queue_size = 256
+def _backend_path(route: wire.Route) -> str:
+    """The URL for the backend, rebuilt from the parsed route (never the client's raw bytes)."""
+    pinned = (f"/versions/{route.version}" if route.version is not None else
+              f"/labels/{quote(route.label, safe='')}" if route.label is not None else "")
+    base = f"/v1/models/{quote(route.model, safe='')}{pinned}"
+    if route.api == "status":
+        return base
+    if route.api == "metadata":
+        return base + "/metadata"
+    return f"{base}:{route.api}"
+
+
+def _answer(code: int, payload: Dict[str, Any], headers: Optional[Dict[str, str]] = None) -> Response:
+    return Response(code, json.dumps(payload).encode(), "application/json", headers)
+
+
+class ProxyServer:
+    """The proxy on serving/http.py: `server_address`, `serve_forever`, `shutdown` for its callers."""
+
+    def __init__(self, proxy: Proxy, host: str, port: int):
+        self.http = HttpServer(ProxyApi(proxy).handle, host, port, num_threads=64, name="proxy")
+        self._stopped = threading.Event()
+        self.http.start()
+        self.server_address = (host, self.http.port)
+
+    def serve_forever(self) -> None:
+        self._stopped.wait()
+
+    def shutdown(self) -> None:
+        self.http.stop()
+        self._stopped.set()
+
+    def server_close(self) -> None:
+        pass
 
 
 def make_server(proxy: Proxy, host: str = "127.0.0.1", port: int = 8080) -> ProxyServer:
-    handler = type("BoundProxyHandler", (Handler,), {"proxy": proxy})
-    return ProxyServer((host, port), handler)
+    return ProxyServer(proxy, host, port)
 
 
 def main(argv=None) -> int:

@@ -8,17 +8,10 @@ Flags are tensorflow_model_server's (model_servers/main.cc), with its defaults; 
 (serving/wire.py, serving/json_tensor.py) and gRPC (serving/grpc_server.py) answer through one
 core (serving/core.py), so both give the same answers. Stricter than TF Serving on purpose: a
 body limit (`--rest_api_max_body_bytes`), header/body/idle timeouts, a connection cap and a
-bounded worker pool; every error body is JSON.
-
-Why tornado: it is in the pinned stack already (no new pins for the serving image), it refuses a
-request carrying both Transfer-Encoding and Content-Length and any transfer coding but chunked,
-checks Content-Length before reading the body, times out slow headers and bodies, and gunzips
-request bodies with the size limit applied to the decompressed bytes.
+bounded worker pool (serving/http.py, on tornado); every error body is JSON.
 """
 
 import argparse
-import asyncio
-import concurrent.futures
 import logging
 import os
 import re
@@ -27,16 +20,11 @@ import threading
 import time
 from typing import Optional, Tuple
 
-from tornado import httputil
-from tornado.httpserver import HTTPServer
-from tornado.ioloop import IOLoop
-
 from serving import json_tensor, metrics, model_config, wire
 from serving.core import ModelSpec, Servables
+from serving.http import MAX_BODY_BYTES, HttpServer, Request, Response
 from serving.repository import Repository
 from serving.wire import ServingError
-
-MAX_BODY_BYTES = 8 * 1024 * 1024
 METRICS_PATH = "/monitoring/prometheus/metrics"
 _ORIGIN = re.compile(r"https?://")
 
@@ -114,119 +102,36 @@ def _metadata_json(response) -> bytes:
             + _proto_json(signature_map, True) + b"}}")
 
 
-# --- HTTP on tornado ---------------------------------------------------------------------------
-
-class _Exchange(httputil.HTTPMessageDelegate):
-    """One request on a connection: collect the body, answer from the worker pool."""
-
-    def __init__(self, frontend: "RestFrontend", connection):
-        self.frontend, self.connection = frontend, connection
-        self.chunks, self.size = [], 0
-
-    def headers_received(self, start_line, headers):
-        self.method, self.target, self.headers = start_line.method, start_line.path, headers
-        return None
-
-    def data_received(self, chunk):
-        self.chunks.append(chunk)
-        return None
-
-    def finish(self):
-        asyncio.ensure_future(self.frontend.respond(self))
-
-    def on_connection_close(self):
-        self.chunks = []
-
-
-class RestFrontend(httputil.HTTPServerConnectionDelegate):
-    def __init__(self, api: RestApi, workers: concurrent.futures.ThreadPoolExecutor, timeout_ms: int):
-        self.api, self.workers, self.timeout = api, workers, timeout_ms / 1000.0 if timeout_ms > 0 else None
-
-    def start_request(self, server_conn, request_conn):
-        return _Exchange(self, request_conn)
-
-    async def respond(self, exchange: _Exchange):
-        method, target = exchange.method, exchange.target
-        if method == "OPTIONS":  # CORS preflight (http_server.cc:170-178)
-            ok = _ORIGIN.search(exchange.headers.get("Origin", "")) is not None
-            return self._write(exchange, 200 if ok else 400, b"", None)
-        body = b"".join(exchange.chunks)
-        exchange.chunks = []
-        future = asyncio.wrap_future(self.workers.submit(self.api.handle, method, target, body))
-        try:
-            code, payload, content_type = await asyncio.wait_for(future, self.timeout)
-        except asyncio.TimeoutError:
-            code, payload, content_type = 504, wire.error_body(
-                f"Request timed out after {self.timeout * 1000:.0f} ms (--rest_api_timeout_in_ms)"), "application/json"
-        self._write(exchange, code, payload if method != "HEAD" else b"", content_type)
-
-    @staticmethod
-    def _write(exchange: _Exchange, code: int, payload: bytes, content_type: Optional[str]):
-        headers = httputil.HTTPHeaders({"Content-Length": str(len(payload))})
-        if content_type:
-            headers["Content-Type"] = content_type
-        try:
-            exchange.connection.write_headers(
-                httputil.ResponseStartLine("HTTP/1.1", code, httputil.responses.get(code, "Unknown")), headers, payload)
-            exchange.connection.finish()
-        except Exception:  # the client went away: nothing to answer
-            logging.debug("client gone before the answer to %s %s", exchange.method, exchange.target[:200])
-
-
-class _CappedHTTPServer(HTTPServer):
-    """At most `max_connections` open connections; one more is closed at once (the client's
-    load balancer retries elsewhere) instead of holding memory for it."""
-
-    def initialize(self, *args, max_connections: int = 1024, **kwargs):
-        self.max_connections = max_connections
-        super().initialize(*args, **kwargs)
-
-    def handle_stream(self, stream, address):
-        if len(self._connections) >= self.max_connections:
-            stream.close()
-            return
-        super().handle_stream(stream, address)
-
-
 class LocalServer:
-    """REST (and gRPC when grpc_port is given) over one Servables, on an IOLoop thread."""
+    """REST (and gRPC when grpc_port is given) over one Servables."""
 
     def __init__(self, servables: Servables, host: str = "127.0.0.1", rest_port: int = 8501,
                  grpc_port: Optional[int] = None, num_threads: int = 0, timeout_ms: int = 30000,
                  max_connections: int = 1024, idle_timeout: float = 60.0, body_timeout: float = 30.0,
                  max_body_bytes: int = MAX_BODY_BYTES):
-        self.servables = servables
+        self.servables, self.host = servables, host
+        self.api = RestApi(servables)
         threads = num_threads or 4 * (os.cpu_count() or 1)  # TF Serving's --rest_api_num_threads default
-        self.workers = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rest")
-        self._ready = threading.Event()
-        self._settings = dict(host=host, rest_port=rest_port, timeout_ms=timeout_ms, max_connections=max_connections,
-                              idle_timeout=idle_timeout, body_timeout=body_timeout, max_body_bytes=max_body_bytes)
-        self._thread = threading.Thread(target=self._run, daemon=True, name="rest-ioloop")
+        self.http = HttpServer(self._handle, host, rest_port, threads, timeout_ms, max_connections, idle_timeout,
+                               body_timeout, max_body_bytes, on_timeout=self._timed_out, name="rest")
+        self.timeout_ms = timeout_ms
         self.grpc = None
         if grpc_port is not None:
             from serving.grpc_server import make_grpc_server
 
             self.grpc, self.grpc_port = make_grpc_server(servables, host, grpc_port, threads)
 
-    def _run(self):
-        asyncio.set_event_loop(asyncio.new_event_loop())
-        self.loop = IOLoop.current()
-        s = self._settings
-        frontend = RestFrontend(RestApi(self.servables), self.workers, s["timeout_ms"])
-        self.http = _CappedHTTPServer(frontend, max_connections=s["max_connections"], decompress_request=True,
-                                      max_body_size=s["max_body_bytes"], max_header_size=64 * 1024,
-                                      idle_connection_timeout=s["idle_timeout"], body_timeout=s["body_timeout"],
-                                      no_keep_alive=False)
-        sockets = __import__("tornado.netutil", fromlist=["bind_sockets"]).bind_sockets(
-            s["rest_port"], address=s["host"], backlog=1024)
-        self.http.add_sockets(sockets)
-        self.rest_port = sockets[0].getsockname()[1]
-        self._ready.set()
-        self.loop.start()
+    def _handle(self, request: Request) -> Response:
+        if request.method == "OPTIONS":  # CORS preflight (http_server.cc:170-178): no body either way
+            return Response(200 if _ORIGIN.search(request.headers.get("Origin", "")) else 400, b"", None)
+        code, body, content_type = self.api.handle(request.method, request.target, request.body)
+        return Response(code, body, content_type)
+
+    def _timed_out(self, request: Request) -> Response:
+        return Response(504, wire.error_body(f"Request timed out after {self.timeout_ms} ms (--rest_api_timeout_in_ms)"))
 
     def start(self) -> "LocalServer":
-        self._thread.start()
-        self._ready.wait(30)
+        self.http.start()
         if self.grpc is not None:
             self.grpc.start()
         return self
@@ -234,18 +139,15 @@ class LocalServer:
     def stop(self) -> None:
         if self.grpc is not None:
             self.grpc.stop(grace=2).wait()
-        if self._ready.is_set():
-            async def close():
-                self.http.stop()
-                await self.http.close_all_connections()
-                self.loop.stop()
-            self.loop.add_callback(lambda: asyncio.ensure_future(close()))
-            self._thread.join(10)
-        self.workers.shutdown(wait=False, cancel_futures=True)
+        self.http.stop()
+
+    @property
+    def rest_port(self) -> int:
+        return self.http.port
 
     @property
     def url(self) -> str:
-        return f"http://{self._settings['host']}:{self.rest_port}"
+        return f"http://{self.host}:{self.rest_port}"
 
 
 def make_servables(args) -> Servables:

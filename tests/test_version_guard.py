@@ -384,17 +384,18 @@ def test_monitoring_config_exposes_prometheus_where_tf_serving_documents_it():
     assert monitoring.prometheus_config.path == "/monitoring/prometheus/metrics"
 
 
-def test_proxy_image_holds_the_proxy_only_with_the_locked_prometheus_client():
+def test_proxy_image_holds_the_proxy_only_with_the_locked_prometheus_client_and_tornado():
     text = (REPO / "Dockerfile.proxy").read_text()
     arguments, stages = _stages(text)
     final = list(stages)[-1]
     sources = _context_sources(stages, final, arguments)
-    assert sorted(sources) == ["serving/__init__.py", "serving/predlog.py", "serving/proxy.py"]
+    assert sorted(sources) == ["serving/__init__.py", "serving/http.py", "serving/predlog.py", "serving/proxy.py",
+                               "serving/wire.py"]
     # What the proxy imports beyond the standard library is what the image installs, at the lock's pin.
     installs = [rest for keyword, rest in _image(stages, final, arguments) if keyword == "RUN" and "pip install" in rest]
     pins = dict(re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s\\]*)", " ".join(installs)))
     lock = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (REPO / "requirements" / "lock.txt").read_text(), re.M))
-    assert pins == {"prometheus-client": lock["prometheus-client"]}
+    assert pins == {"prometheus-client": lock["prometheus-client"], "tornado": lock["tornado"]}
     users = [rest for keyword, rest in _image(stages, final, arguments) if keyword == "USER"]
     assert users and users[-1].split(":")[0].isdigit() and int(users[-1].split(":")[0]) != 0
     ignored = (REPO / "Dockerfile.proxy.dockerignore").read_text().split()

@@ -1,0 +1,155 @@
+"""The HTTP/1.1 server both the local TF Serving twin and the proxy run on: tornado's server,
+with the request handled on a bounded worker pool. Standard library and tornado only, so the
+proxy image needs no TensorFlow.
+
+Why tornado: it is in the pinned stack already (no new pins for either image); it refuses a
+request that carries both Transfer-Encoding and Content-Length, any transfer coding but
+chunked, and unequal or non-numeric Content-Lengths; it checks Content-Length against the body
+limit before reading the body; it times out slow headers (the idle timeout) and slow bodies;
+and it gunzips request bodies with the limit applied to the decompressed bytes. A refused
+request gets "400 Bad Request" and the connection closes. Connections wait on one event loop,
+so 4,000 idle clients hold no thread; at most `max_connections` are open at once.
+"""
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+from typing import Callable, Dict, NamedTuple, Optional
+
+from tornado import httputil
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+from tornado.netutil import bind_sockets
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class Request(NamedTuple):
+    method: str
+    target: str  # path and query, as sent
+    headers: httputil.HTTPHeaders
+    body: bytes
+
+
+class Response(NamedTuple):
+    code: int
+    body: bytes
+    content_type: Optional[str] = "application/json"
+    headers: Optional[Dict[str, str]] = None
+
+
+class _Exchange(httputil.HTTPMessageDelegate):
+    def __init__(self, server: "HttpServer", connection):
+        self.server, self.connection, self.chunks = server, connection, []
+
+    def headers_received(self, start_line, headers):
+        self.method, self.target, self.headers = start_line.method, start_line.path, headers
+
+    def data_received(self, chunk):
+        self.chunks.append(chunk)
+
+    def finish(self):
+        asyncio.ensure_future(self.server.respond(self))
+
+    def on_connection_close(self):
+        self.chunks = []
+
+
+class _Delegate(httputil.HTTPServerConnectionDelegate):
+    def __init__(self, server: "HttpServer"):
+        self.server = server
+
+    def start_request(self, server_conn, request_conn):
+        return _Exchange(self.server, request_conn)
+
+
+class _CappedHTTPServer(HTTPServer):
+    def initialize(self, *args, max_connections: int = 1024, **kwargs):
+        self.max_connections = max_connections
+        super().initialize(*args, **kwargs)
+
+    def handle_stream(self, stream, address):
+        if len(self._connections) >= self.max_connections:  # closed at once: not queued, not read
+            stream.close()
+            return
+        super().handle_stream(stream, address)
+
+
+class HttpServer:
+    """`handler(Request) -> Response` runs on a pool of `num_threads` workers; the event loop
+    runs on its own thread. `on_timeout(Request)` answers a request the handler did not finish
+    within `timeout_ms` (the handler's work goes on; its answer is dropped)."""
+
+    def __init__(self, handler: Callable[[Request], Response], host: str = "127.0.0.1", port: int = 0,
+                 num_threads: int = 0, timeout_ms: int = 0, max_connections: int = 1024, idle_timeout: float = 60.0,
+                 body_timeout: float = 30.0, max_body_bytes: int = MAX_BODY_BYTES,
+                 on_timeout: Optional[Callable[[Request], Response]] = None, name: str = "http"):
+        self.handler, self.on_timeout = handler, on_timeout
+        self.timeout = timeout_ms / 1000.0 if timeout_ms > 0 else None
+        threads = num_threads or 4 * (os.cpu_count() or 1)
+        self.workers = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self.settings = dict(host=host, port=port, max_connections=max_connections, idle_timeout=idle_timeout,
+                             body_timeout=body_timeout, max_body_bytes=max_body_bytes)
+        self.host, self.port = host, None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"{name}-ioloop")
+
+    def _run(self):
+        asyncio.set_event_loop(asyncio.new_event_loop())
+        self.loop = IOLoop.current()
+        s = self.settings
+        self.http = _CappedHTTPServer(_Delegate(self), max_connections=s["max_connections"], decompress_request=True,
+                                      max_body_size=s["max_body_bytes"], max_header_size=64 * 1024,
+                                      idle_connection_timeout=s["idle_timeout"], body_timeout=s["body_timeout"])
+        sockets = bind_sockets(s["port"], address=s["host"], backlog=1024)
+        self.http.add_sockets(sockets)
+        self.port = sockets[0].getsockname()[1]
+        self._ready.set()
+        self.loop.start()
+
+    def start(self) -> "HttpServer":
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the HTTP server did not start")
+        return self
+
+    async def respond(self, exchange: _Exchange):
+        request = Request(exchange.method, exchange.target, exchange.headers, b"".join(exchange.chunks))
+        exchange.chunks = []
+        future = asyncio.wrap_future(self.workers.submit(self.handler, request))
+        try:
+            response = await asyncio.wait_for(future, self.timeout)
+        except asyncio.TimeoutError:
+            response = self.on_timeout(request) if self.on_timeout else Response(504, b'{"error": "timed out"}')
+        except Exception:  # the handler itself failed: a bug, answered as one
+            logging.exception("unhandled error on %s %s", request.method, request.target[:200])
+            response = Response(500, b'{"error": "internal error"}')
+        self._write(exchange, response, head_only=request.method == "HEAD")
+
+    @staticmethod
+    def _write(exchange: _Exchange, response: Response, head_only: bool):
+        body = b"" if head_only else response.body
+        headers = httputil.HTTPHeaders({"Content-Length": str(len(body))})
+        if response.content_type:
+            headers["Content-Type"] = response.content_type
+        for k, v in (response.headers or {}).items():
+            headers[k] = v
+        try:
+            exchange.connection.write_headers(
+                httputil.ResponseStartLine("HTTP/1.1", response.code, httputil.responses.get(response.code, "Unknown")),
+                headers, body)
+            exchange.connection.finish()
+        except Exception:  # the client went away: nothing to answer
+            logging.debug("client gone before the answer to %s %s", exchange.method, exchange.target[:200])
+
+    def stop(self) -> None:
+        if self._ready.is_set():
+            async def close():
+                self.http.stop()
+                await self.http.close_all_connections()
+                self.loop.stop()
+            self.loop.add_callback(lambda: asyncio.ensure_future(close()))
+            self._thread.join(10)
+        self.workers.shutdown(wait=False, cancel_futures=True)
