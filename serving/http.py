@@ -6,8 +6,9 @@ Why tornado: it is in the pinned stack already (no new pins for either image); i
 request that carries both Transfer-Encoding and Content-Length, any transfer coding but
 chunked, and unequal or non-numeric Content-Lengths; it checks Content-Length against the body
 limit before reading the body; it times out slow headers (the idle timeout) and slow bodies;
-and it gunzips request bodies with the limit applied to the decompressed bytes. A refused
-request gets "400 Bad Request" and the connection closes. Connections wait on one event loop,
+and a refused request gets "400 Bad Request" and the connection closes. A body whose
+Content-Encoding names gzip is gunzipped here (as TF Serving's evhttp_request.cc:261-269 does),
+with the body limit applied to the decompressed bytes; one that is not gzip is a 400. Connections wait on one event loop,
 so 4,000 idle clients hold no thread; at most `max_connections` are open at once.
 """
 
@@ -16,6 +17,7 @@ import concurrent.futures
 import logging
 import os
 import threading
+import zlib
 from typing import Callable, Dict, NamedTuple, Optional
 
 from tornado import httputil
@@ -38,6 +40,12 @@ class Response(NamedTuple):
     body: bytes
     content_type: Optional[str] = "application/json"
     headers: Optional[Dict[str, str]] = None
+
+
+def json_string(text: str) -> bytes:
+    import json
+
+    return json.dumps(text).encode()
 
 
 class _Exchange(httputil.HTTPMessageDelegate):
@@ -100,7 +108,8 @@ class HttpServer:
         asyncio.set_event_loop(asyncio.new_event_loop())
         self.loop = IOLoop.current()
         s = self.settings
-        self.http = _CappedHTTPServer(_Delegate(self), max_connections=s["max_connections"], decompress_request=True,
+        self.max_body_bytes = s["max_body_bytes"]
+        self.http = _CappedHTTPServer(_Delegate(self), max_connections=s["max_connections"], decompress_request=False,
                                       max_body_size=s["max_body_bytes"], max_header_size=64 * 1024,
                                       idle_connection_timeout=s["idle_timeout"], body_timeout=s["body_timeout"])
         sockets = bind_sockets(s["port"], address=s["host"], backlog=1024)
@@ -115,9 +124,25 @@ class HttpServer:
             raise RuntimeError("the HTTP server did not start")
         return self
 
+    def _gunzip(self, body: bytes) -> bytes:
+        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out = inflate.decompress(body, self.max_body_bytes + 1)
+        if len(out) > self.max_body_bytes:
+            raise ValueError(f"the body is over {self.max_body_bytes} bytes once decompressed")
+        if not inflate.eof:
+            raise ValueError("the gzip stream is cut short")
+        return out
+
     async def respond(self, exchange: _Exchange):
-        request = Request(exchange.method, exchange.target, exchange.headers, b"".join(exchange.chunks))
+        body = b"".join(exchange.chunks)
         exchange.chunks = []
+        if "gzip" in exchange.headers.get("Content-Encoding", "").lower():
+            try:
+                body = self._gunzip(body)
+            except (zlib.error, ValueError) as e:
+                message = f"Content-Encoding gzip: the body cannot be decompressed ({e}); send gzip or drop the header"
+                return self._write(exchange, Response(400, b'{"error": %s}' % json_string(message)), False)
+        request = Request(exchange.method, exchange.target, exchange.headers, body)
         future = asyncio.wrap_future(self.workers.submit(self.handler, request))
         try:
             response = await asyncio.wait_for(future, self.timeout)
