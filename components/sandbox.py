@@ -1,12 +1,13 @@
 """Sandbox validation: the candidate served the way production serves it, before Pusher.
 
 The Evaluator judges the model's quality; this component judges the model as a service.
-It lays the candidate out as a one-version TF Serving model repository, starts the local
-server on it in a separate process (its own interpreter, nothing shared with training),
-waits for the version to be AVAILABLE and then
+It lays the candidate out as a one-version TF Serving model repository, starts a server on it
+in a separate process (its own interpreter, nothing shared with training) with the proxy in
+front of it, as production runs them, waits for the version to be AVAILABLE and then
 
-  1. replays eval examples over REST and blesses only if every prediction equals the
-     in-process serving_default call on the same rows (within `tolerance`);
+  1. replays eval examples in the production wire form (every named input; NaN / "" for a
+     gap) through the proxy's :predict, the path clients use, and blesses only if every
+     prediction equals the in-process serving_default call on the same rows (within `tolerance`);
   2. measures single-row latency (p50, p99) and throughput with concurrent keep-alive
      clients, against the thresholds of the environment config (`sandbox:` in configs/local.yaml).
 
@@ -15,6 +16,11 @@ Evaluator's blessing. When blessed it also carries a copy of the model with warm
 (assets.extra/tf_serving_warmup_requests: PredictionLog records built from eval examples,
 at most 1000) and sets `has_model`, the way InfraValidator's make_warmup does: Pusher then
 pushes that warmed copy, so the first real request to a new version is not the slow one.
+
+The server is the local TF Serving twin (`server: local`, the default) or real TF Serving
+(`server: tf_serving`): `tf_serving_binary` starts that tensorflow_model_server on the same
+one-version repository with the same flags, or `tf_serving_url` checks a running TF Serving that
+already serves the candidate under `model_name` (e.g. a staging deployment the pipeline pushed to).
 
 TFX's InfraValidator would start the real TF Serving image, but TFX 1.16's KubeflowV2DagRunner
 refuses it (NotImplementedError in its step builder), so this component runs on Kubeflow too
@@ -56,6 +62,10 @@ class SandboxConfig:
     throughput_seconds: float = 2.0
     min_requests_per_second: float = 50.0
     warmup_records: int = 100            # PredictionLog records written into the pushed model
+    server: str = "local"                # local (serving.server) | tf_serving
+    tf_serving_binary: str = ""          # server: tf_serving: a tensorflow_model_server to start
+    tf_serving_url: str = ""             # server: tf_serving: a running TF Serving's REST root instead
+    through_proxy: int = 1               # 1: replay through serving.proxy in front of the server
     start_timeout_seconds: float = 180.0
 
     @classmethod
@@ -66,10 +76,20 @@ class SandboxConfig:
         if unknown:
             raise ValueError(f"sandbox config: unknown key(s) {unknown}; known keys: {sorted(known)}")
         for key, value in values.items():
+            if known[key] in (str, "str"):
+                if not isinstance(value, str):
+                    raise ValueError(f"sandbox config: '{key}' must be a string, got {value!r}")
+                continue
             kind = int if known[key] in (int, "int") else float
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"sandbox config: '{key}' must be a non-negative number, got {value!r}")
             values[key] = kind(value)
+        if values.get("server", "local") not in ("local", "tf_serving"):
+            raise ValueError(f"sandbox config: 'server' must be 'local' or 'tf_serving', got {values['server']!r}")
+        if values.get("server") == "tf_serving" and bool(values.get("tf_serving_binary")) == bool(
+                values.get("tf_serving_url")):
+            raise ValueError("sandbox config: server: tf_serving needs exactly one of 'tf_serving_binary' (a "
+                             "tensorflow_model_server to start) or 'tf_serving_url' (a running TF Serving)")
         if values.get("warmup_records", 0) > MAX_WARMUP_RECORDS:
             raise ValueError(f"sandbox config: 'warmup_records' is at most {MAX_WARMUP_RECORDS} "
                              f"(TF Serving reads no more), got {values['warmup_records']}")
@@ -78,36 +98,70 @@ class SandboxConfig:
 
 # --- the served candidate ---------------------------------------------------------------------
 
-class SandboxServer:
-    """The local server in its own process over a one-version repository; a context manager."""
+def _free_port() -> int:
+    import socket
 
-    def __init__(self, model_dir: str, model_name: str, work_dir: str, start_timeout: float):
-        self.model_name, self.version = model_name, 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SandboxServer:
+    """The candidate served in its own processes over a one-version repository, with the proxy
+    in front (the production wire); a context manager. `port` is where clients' requests go."""
+
+    def __init__(self, model_dir: str, model_name: str, work_dir: str, start_timeout: float,
+                 config: Optional[SandboxConfig] = None):
+        config = config or SandboxConfig()
+        self.model_name, self.version, self.config = model_name, 1, config
         self.root = os.path.join(work_dir, "repository")
         # A symlink, not a copy: the server only reads the model.
         os.makedirs(os.path.join(self.root, model_name))
         os.symlink(os.path.abspath(model_dir), os.path.join(self.root, model_name, str(self.version)))
-        self.port_file = os.path.join(work_dir, "port")
+        self.work_dir, self.start_timeout = work_dir, start_timeout
         self.log_path = os.path.join(work_dir, "server.log")
-        self.start_timeout = start_timeout
-        self.process: Optional[subprocess.Popen] = None
+        self.processes: List[subprocess.Popen] = []
+        self.server_url = config.tf_serving_url.rstrip("/") if config.tf_serving_url else None
         self.port: Optional[int] = None
+        self.proxy_port_file = os.path.join(work_dir, "proxy.port")
+        self._started = False
+        if self.server_url:  # a running TF Serving: whatever version of the model it serves latest
+            self.version = None
+
+    def _server_command(self, rest_port: int, grpc_port: int) -> List[str]:
+        """tensorflow_model_server's own flags: the local twin and the real binary take the same."""
+        binary = [self.config.tf_serving_binary] if self.config.server == "tf_serving" else \
+            [sys.executable, "-m", "serving.server"]
+        return binary + [f"--model_name={self.model_name}",
+                         f"--model_base_path={os.path.abspath(os.path.join(self.root, self.model_name))}",
+                         f"--rest_api_port={rest_port}", f"--port={grpc_port}",
+                         "--file_system_poll_wait_seconds=3600",
+                         # One try: a candidate that does not load is refused now, not after 5 minutes of retries.
+                         "--max_num_load_retries=0"]
 
     def start(self) -> "SandboxServer":
-        """Starts the process and returns at once (the caller can work while the server loads)."""
+        """Starts the processes and returns at once (the caller can work while the server loads)."""
+        self._started = True
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")])))
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "serving.server", "--model_name", self.model_name, "--model_base_path",
-                 os.path.join(self.root, self.model_name), "--rest_api_port", "0", "--port", "0",
-                 "--port_file", self.port_file, "--file_system_poll_wait_seconds", "3600",
-                 # One try: a candidate that does not load is refused now, not after 5 minutes of retries.
-                 "--max_num_load_retries", "0"],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=_REPO_ROOT)
+        log = open(self.log_path, "w")
+        if self.server_url is None:
+            rest_port = _free_port()
+            self.processes.append(subprocess.Popen(self._server_command(rest_port, _free_port()), stdout=log,
+                                                   stderr=subprocess.STDOUT, env=env, cwd=_REPO_ROOT))
+            self.server_url = f"http://127.0.0.1:{rest_port}"
+        if self.config.through_proxy:
+            variant = {"weight": 1, **({"version": self.version} if self.version else {})}
+            proxy_env = dict(env, PROXY_BACKEND=self.server_url, PROXY_MODEL=self.model_name, PROXY_RETRIES="0",
+                             PROXY_VARIANTS=json.dumps({"candidate": variant}))
+            proxy_env.pop("PROXY_ENV_FILE", None)
+            self.processes.append(subprocess.Popen(
+                [sys.executable, "-m", "serving.proxy", "--port", "0", "--port_file", self.proxy_port_file,
+                 "--log", os.path.join(self.work_dir, "prediction_log.sqlite")],
+                stdout=log, stderr=subprocess.STDOUT, env=proxy_env, cwd=_REPO_ROOT))
         return self
 
     def __enter__(self) -> "SandboxServer":
-        if self.process is None:
+        if not self._started:
             self.start()
         try:
             self.wait_available()
@@ -116,28 +170,52 @@ class SandboxServer:
             raise
         return self
 
+    def _direct(self, method: str, path: str):
+        parts = self.server_url.split("//", 1)[1].split(":")
+        conn = http.client.HTTPConnection(parts[0], int(parts[1].split("/")[0]) if len(parts) > 1 else 80, timeout=30)
+        try:
+            conn.request(method, path)
+            response = conn.getresponse()
+            return response.status, json.loads(response.read() or b"{}")
+        finally:
+            conn.close()
+
     def wait_available(self) -> None:
         deadline = time.monotonic() + self.start_timeout
+        available = False
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SandboxError(f"the sandbox server exited with code {self.process.returncode} before serving; "
-                                   f"its log: {self.log_path}\n{self._log_tail()}")
-            if self.port is None and os.path.exists(self.port_file):
-                with open(self.port_file) as f:
-                    self.port = int(f.read().split()[0])  # "rest_port grpc_port"
-            if self.port is not None:
-                try:
-                    status, body = self.request("GET", f"/v1/models/{self.model_name}/versions/{self.version}")
-                    state = body["model_version_status"][0] if status == 200 else {}
-                    if state.get("state") == "AVAILABLE":
-                        return
+            for process in self.processes:
+                if process.poll() is not None:
+                    raise SandboxError(f"a sandbox process exited with code {process.returncode} before serving "
+                                       f"({' '.join(process.args[:3])}); its log: {self.log_path}\n{self._log_tail()}")
+            try:
+                if not available:
+                    pinned = f"/versions/{self.version}" if self.version else ""
+                    status, body = self._direct("GET", f"/v1/models/{self.model_name}{pinned}")
+                    versions = body.get("model_version_status", []) if status == 200 else []
+                    state = next((v for v in versions if v.get("state") == "AVAILABLE"), versions[0] if versions else {})
                     if state.get("state") == "END":  # the server gave up loading it
                         raise SandboxError(f"the sandbox server could not load the model: "
                                            f"{state['status']['error_message']}; its log: {self.log_path}")
-                except (OSError, http.client.HTTPException):
-                    pass
+                    available = state.get("state") == "AVAILABLE"
+                if available and not self.config.through_proxy:
+                    self.port = int(self.server_url.rsplit(":", 1)[1].split("/")[0])  # (a loopback URL)
+                    return
+                if available and os.path.exists(self.proxy_port_file):
+                    with open(self.proxy_port_file) as f:
+                        port = int(f.read().split()[0])
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                    conn.request("GET", "/readyz")
+                    if conn.getresponse().status == 200:
+                        self.port = port
+                        conn.close()
+                        return
+                    conn.close()
+            except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError):
+                pass
             time.sleep(0.2)
-        raise SandboxError(f"the sandbox server did not report version {self.version} AVAILABLE within "
+        raise SandboxError(f"the sandbox server did not report version {self.version} AVAILABLE "
+                           f"{'behind the proxy ' if self.config.through_proxy else ''}within "
                            f"{self.start_timeout:.0f} s; its log: {self.log_path}\n{self._log_tail()}")
 
     def _log_tail(self, lines: int = 20) -> str:
@@ -160,13 +238,15 @@ class SandboxServer:
                 conn.close()
 
     def __exit__(self, *exc) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        self.processes = []
 
 
 class SandboxError(RuntimeError):
@@ -176,6 +256,8 @@ class SandboxError(RuntimeError):
 # --- the checks -------------------------------------------------------------------------------
 
 def _predict_path(server: SandboxServer) -> str:
+    if server.config.through_proxy or server.version is None:  # the clients' path: the proxy's split picks it
+        return f"/v1/models/{server.model_name}:predict"
     return f"/v1/models/{server.model_name}/versions/{server.version}:predict"
 
 
@@ -368,7 +450,7 @@ def validate(model_dir: str, model_name: str, examples: List[bytes], config: San
     from serving.json_tensor import instances
 
     started = time.perf_counter()
-    server = SandboxServer(model_dir, model_name, work_dir, config.start_timeout_seconds).start()
+    server = SandboxServer(model_dir, model_name, work_dir, config.start_timeout_seconds, config).start()
     try:  # the in-process answers, computed while the server process starts
         signature = tf.saved_model.load(model_dir).signatures["serving_default"]
         _, input_specs = signature.structured_input_signature

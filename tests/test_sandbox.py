@@ -35,12 +35,13 @@ def sandbox_run(small_model, taxi_spec, taxi_rows, tmp_path_factory):
     config = SandboxConfig.from_dict({"rows": 300, "latency_requests": 100, "throughput_seconds": 1,
                                       "max_p50_ms": 1000, "max_p99_ms": 5000, "min_requests_per_second": 1,
                                       "warmup_records": 40})
-    report, warmup = validate(small_model[0], "taxi", examples, config, str(tmp_path_factory.mktemp("sandbox")))
-    return config, report, warmup
+    work = tmp_path_factory.mktemp("sandbox")
+    report, warmup = validate(small_model[0], "taxi", examples, config, str(work))
+    return config, report, warmup, work
 
 
 def test_candidate_served_in_a_separate_process_matches_in_process_predictions(sandbox_run):
-    _, report, _ = sandbox_run
+    _, report, _, _ = sandbox_run
     assert report["blessed"], report["reasons"]
     predictions = report["predictions"]
     assert predictions["rows"] == 300 and predictions["rows_differing"] == 0
@@ -54,7 +55,7 @@ def test_candidate_served_in_a_separate_process_matches_in_process_predictions(s
 def test_thresholds_from_the_config_decide_the_blessing(sandbox_run):
     from components.sandbox import SandboxConfig, verdict
 
-    _, report, _ = sandbox_run
+    _, report, _, _ = sandbox_run
     strict = SandboxConfig.from_dict({"max_p50_ms": report["latency"]["p50_ms"] / 2,
                                       "max_p99_ms": report["latency"]["p99_ms"] / 2,
                                       "min_requests_per_second": report["throughput"]["requests_per_second"] * 2})
@@ -90,7 +91,7 @@ def test_warmup_records_replay_in_the_local_server(sandbox_run, small_model, tmp
     from serving.core import Servables
     from serving.repository import LoadedVersion
 
-    config, _, warmup = sandbox_run
+    config, _, warmup, _ = sandbox_run
     assert len(warmup) == config.warmup_records == 40
     path = write_warmed_model(small_model[0], str(tmp_path / "1"), warmup)
     assert path.endswith(os.path.join("assets.extra", "tf_serving_warmup_requests"))
@@ -121,3 +122,56 @@ def test_config_errors_name_the_key(config, message):
 
     with pytest.raises(ValueError, match=message):
         SandboxConfig.from_dict(config)
+
+
+def test_the_replay_goes_through_the_proxy_in_the_production_wire_form(sandbox_run):
+    """Every replayed request passed the proxy (its prediction log has them) with every named
+    input present and NaN / "" for the gaps: the request clients send."""
+    import json
+    import sqlite3
+
+    config, report, _, work = sandbox_run
+    with sqlite3.connect(str(work / "prediction_log.sqlite")) as db:
+        rows = db.execute("SELECT variant, status, request FROM predictions").fetchall()
+    replay_requests = config.rows // 100 + config.latency_requests
+    assert len(rows) >= replay_requests and {(v, s) for v, s, _ in rows} == {("candidate", 200)}
+    first = json.loads(rows[0][2])["instances"][0]
+    assert len(first) == 17 and any(isinstance(v, float) and v != v for v in first.values())  # NaN sent as such
+
+
+def _stand_in_binary(tmp_path):
+    """A `tensorflow_model_server` stand-in: the local server, given the real binary's flags."""
+    import stat
+    import sys
+
+    from tests.conftest import REPO
+
+    binary = tmp_path / "tensorflow_model_server"
+    binary.write_text(f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m serving.server \"$@\"\n")
+    binary.chmod(binary.stat().st_mode | stat.S_IEXEC)
+    return str(binary)
+
+
+def test_server_tf_serving_runs_the_same_checks_on_a_binary_or_a_running_url(small_model, taxi_spec, taxi_rows,
+                                                                              tmp_path):
+    import shutil
+
+    from components.sandbox import SandboxConfig, validate
+    from tests.conftest import serve
+
+    examples = _raw_examples(taxi_rows[1500:1600], taxi_spec)
+    loose = {"rows": 100, "latency_requests": 20, "throughput_seconds": 0.5, "max_p50_ms": 1000, "max_p99_ms": 5000,
+             "min_requests_per_second": 1, "warmup_records": 5, "server": "tf_serving"}
+    config = SandboxConfig.from_dict({**loose, "tf_serving_binary": _stand_in_binary(tmp_path)})
+    report, _ = validate(small_model[0], "taxi", examples, config, str(tmp_path / "binary"))
+    assert report["blessed"] and report["predictions"]["rows_differing"] == 0, report.get("reasons")
+    shutil.copytree(small_model[0], tmp_path / "staging" / "taxi" / "3")
+    staging = serve(tmp_path / "staging")  # a running TF Serving that serves the candidate
+    try:
+        config = SandboxConfig.from_dict({**loose, "tf_serving_url": staging.url})
+        report, _ = validate(small_model[0], "taxi", examples, config, str(tmp_path / "url"))
+        assert report["blessed"] and report["predictions"]["rows_differing"] == 0, report.get("reasons")
+    finally:
+        staging.stop()
+    with pytest.raises(ValueError, match="needs exactly one of 'tf_serving_binary'"):
+        SandboxConfig.from_dict({"server": "tf_serving"})
