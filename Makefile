@@ -37,7 +37,7 @@ lock: $(VENV)/bin/uv ## re-resolve requirements/*.in into requirements/lock.txt 
 	  --override requirements/overrides.txt -o requirements/lock.txt
 
 test: ## the whole suite (slow end-to-end runs included)
-	$(PY) -m pytest -n 2 --dist loadgroup tests
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=20 tests
 
 test-fast: ## the suite without the slow end-to-end pipeline runs
 	$(PY) -m pytest -n 2 -m "not slow" tests

@@ -80,13 +80,21 @@ class Servables:
         specs = loaded.input_dtypes(signature)
         tensors = {}
         for name, value in inputs.items():
-            dtype, want = specs[name]
+            dtype, want, shape = specs[name]
             if value.dtype != want and not (dtype == tf.string and value.dtype.kind in "OSU"):
                 raise invalid(f"Expects arg '{name}' to be {dtype.name} but {_dtype_name(value)} is provided")
-            tensors[name] = tf.constant(value, dtype=dtype)  # shapes are checked by the function itself
+            if shape is not None and (value.ndim != len(shape) or any(
+                    d is not None and d != n for d, n in zip(shape, value.shape))):
+                raise invalid(f"input '{name}': shape {list(value.shape)} does not match the signature's "
+                              f"{['?' if d is None else d for d in shape]}")
+            tensors[name] = tf.constant(value, dtype=dtype)
+        order = loaded.flat_order(signature)
         started = time.perf_counter()
         try:
-            outputs = fn(**tensors)
+            if order is not None and set(tensors) == set(order):
+                outputs = fn._call_flat([tensors[k] for k in order], fn.captured_inputs)
+            else:
+                outputs = fn(**tensors)
         except tf.errors.OpError as e:
             raise ServingError(_TF_CODES.get(e.error_code, "UNKNOWN"), _op_error_message(e.message)) from None
         except (ValueError, TypeError) as e:

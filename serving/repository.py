@@ -74,12 +74,31 @@ class LoadedVersion:
         self.classes: List[str] = list(spec.get("classes", []))
 
     def input_dtypes(self, signature: str):
-        """{input: (tf dtype, numpy dtype)} of a signature, computed once."""
+        """{input: (tf dtype, numpy dtype, shape as a list with None for any)} of a signature, once."""
         cache = self.__dict__.setdefault("_input_dtypes", {})
         if signature not in cache:
             specs = self.signatures[signature].structured_input_signature[1]
-            cache[signature] = {k: (s.dtype, np.dtype(object if s.dtype == tf.string else s.dtype.as_numpy_dtype))
+            cache[signature] = {k: (s.dtype, np.dtype(object if s.dtype == tf.string else s.dtype.as_numpy_dtype),
+                                    s.shape.as_list() if s.shape.rank is not None else None)
                                 for k, s in specs.items()}
+        return cache[signature]
+
+    def flat_order(self, signature: str) -> Optional[List[str]]:
+        """The signature's inputs in the order of its flat call, when the function says so.
+
+        Calling the flat function skips TensorFlow's per-call binding of keyword arguments (0.4 ms
+        of a 2 ms single-row call here); the caller then checks dtypes and shapes itself. None when
+        the function's parameters are not exactly the signature's inputs: use the keyword call.
+        """
+        cache = self.__dict__.setdefault("_flat_order", {})
+        if signature not in cache:
+            fn = self.signatures[signature]
+            try:
+                names = [p.name for p in fn.function_type.parameters.values()]
+            except AttributeError:
+                names = None
+            cache[signature] = names if names is not None and sorted(names) == sorted(
+                fn.structured_input_signature[1]) and hasattr(fn, "_call_flat") else None
         return cache[signature]
 
     def method_name(self, signature: str) -> str:

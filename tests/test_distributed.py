@@ -153,8 +153,11 @@ def _assert_exported(model_dir):
     assert os.path.exists(os.path.join(model_dir, "assets.extra", "serving_spec.json"))
     loaded = tf.saved_model.load(model_dir)
     assert set(loaded.signatures) == SIGNATURES
-    # All features missing: the Transform graph inside the model fills them and the model answers.
-    scores = loaded.signatures["serving_tf_example"](examples=tf.constant([b""] * 2))["score"].numpy()
+    # Every feature but the required payment_type missing: the Transform graph inside the model
+    # fills them and the model answers.
+    only_payment = tf.train.Example(features=tf.train.Features(feature={
+        "payment_type": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"Cash"]))})).SerializeToString()
+    scores = loaded.signatures["serving_tf_example"](examples=tf.constant([only_payment] * 2))["score"].numpy()
     assert scores.shape == (2,) and ((scores >= 0) & (scores <= 1)).all()
 
 

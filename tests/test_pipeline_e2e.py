@@ -241,7 +241,7 @@ def test_promote_records_lineage_refuses_the_unblessed_and_rolls_back(pipeline_r
         assert (back["action"], back["previous"], back["version"]) == ("rollback", v2, v1)
     assert release.read_labels(repo, "taxi") == {"stable": v1}
     with open(os.path.join(repo, "models.config")) as f:  # the one file both servers read
-        assert f'key: "stable"\n    value: {v1}' in f.read()
+        assert f'key: "stable"\n      value: {v1}' in f.read()
     assert lineage["sandbox"] and os.path.exists(os.path.join(lineage["sandbox"], "sandbox_report.json"))
     log = release.read_log(os.path.join(repo, "taxi"))
     assert [e["version"] for e in log] == ([v1, v2, v1] if changed_data_run["pushed"] else [v1])

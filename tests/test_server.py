@@ -366,3 +366,57 @@ def test_metrics_use_tf_serving_names_and_urls_add_no_series(tiny, tmp_path):
         assert "random" not in page  # an unknown model name is not a label value
     finally:
         server.stop()
+
+
+def tiny_regressor(path) -> str:
+    """A SavedModel with TF Serving's regress signature: `inputs` (serialized tf.Example with a
+    float feature x) -> `outputs` = 2x + 1; method name set as components/export.py sets it."""
+    import tensorflow as tf
+
+    from components.export import set_method_names
+
+    class Regressor(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+        def regress(self, inputs):
+            x = tf.io.parse_example(inputs, {"x": tf.io.FixedLenFeature([], tf.float32, default_value=0.0)})["x"]
+            return {"outputs": 2.0 * x + 1.0}
+
+    module = Regressor()
+    tf.saved_model.save(module, str(path), signatures={"regression": module.regress})
+    set_method_names(str(path))
+    return str(path)
+
+
+def test_regress_over_rest_and_grpc_with_the_method_name_check_on(tmp_path):
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc, regression_pb2
+
+    from serving.core import Servables
+    from serving.repository import Repository
+    from serving.server import LocalServer
+
+    tiny_regressor(tmp_path / "r" / "1")
+    repo = Repository.single("r", str(tmp_path / "r"), poll_seconds=3600)
+    server = LocalServer(Servables(repo, method_name_check=True), rest_port=0, grpc_port=0).start()
+    try:
+        body = json.dumps({"signature_name": "regression", "examples": [{"x": 1.5}, {"x": -2.0}]}).encode()
+        request = urllib.request.Request(f"{server.url}/v1/models/r:regress", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert json.loads(r.read()) == {"results": [4.0, -3.0]}  # J:1103-1127
+        # regressor.cc:154-161: with --enable_signature_method_name_check a regress signature is
+        # refused for :classify by its method name.
+        request = urllib.request.Request(f"{server.url}/v1/models/r:classify", data=body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert json.loads(refused.value.read())["error"] == (
+            "Expected classification signature method_name to be tensorflow/serving/classify. "
+            "Was: tensorflow/serving/regress")
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}"))
+        req = regression_pb2.RegressionRequest()
+        req.model_spec.name, req.model_spec.signature_name = "r", "regression"
+        for x in (1.5, -2.0):
+            req.input.example_list.examples.add().features.feature["x"].float_list.value.append(x)
+        answer = stub.Regress(req, timeout=30)
+        assert [r.value for r in answer.result.regressions] == [4.0, -3.0] and answer.model_spec.version.value == 1
+    finally:
+        server.stop()

@@ -207,6 +207,8 @@ PREDICT_ERRORS = [
     (lambda i: {"inputs": {k: [v] for k, v in full_row(i, **FEATURES_CASH).items() if k != "fare"}},
      "Missing named input: fare in 'inputs' object.", "J:633-637"),
     (lambda i: {"instances": [1.0, 2.0]}, "instances is a plain list, but expecting list of objects", "J:540-546"),
+    (lambda i: {"instances": [full_row(i, **dict(FEATURES_CASH, fare=[7.25]))]}, "input 'fare': shape [1, 1]",
+     "PU:109-111 the runtime refuses a shape its signature does not take (a [-1] input fed [1, 1])"),
     (lambda i: {"instances": [full_row(i, **FEATURES_CASH), [1.0]]}, "Expecting object but got list at item 1",
      "J:552-555"),
     (b"", "JSON Parse error: The document is empty", "J:473-476"),
@@ -402,6 +404,8 @@ def test_import_contract_is_kept_and_catches_a_violation(tmp_path):
     (tmp_path / "serving" / "predlog.py").write_text("import json\n")
     (tmp_path / "serving" / "proxy.py").write_text("from serving import server\n")  # server needs TensorFlow
     (tmp_path / "serving" / "server.py").write_text("import tensorflow\n")
+    (tmp_path / "serving" / "wire.py").write_text("import json\n")
+    (tmp_path / "serving" / "http.py").write_text("import json\n")
     (tmp_path / "components" / "preprocessing.py").write_text("")
     bad = subprocess.run([lint, "--config", os.path.join(REPO, ".importlinter")], cwd=tmp_path,
                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
