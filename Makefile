@@ -81,7 +81,7 @@ serve: ## TF-Serving twin (REST :8501, gRPC :8500) from build/model_repository/m
 	else echo "no $$config yet (make promote VERSION=n writes it): serving the latest pushed $(or $(MODEL),taxi)"; \
 	  source="--model_name $(or $(MODEL),taxi) --model_base_path build/model_repository/$(or $(MODEL),taxi)"; fi; \
 	$(PY) -m serving.server $$source --rest_api_port 8501 --port 8500 --enable_batching \
-	  --batching_parameters_file serving/config/batching.config & server=$$!; \
+	  --batching_parameters_file serving/config/batching.config --rest_api_num_threads 64 & server=$$!; \
 	PROXY_ENV_FILE=configs/proxy.env $(PY) -m serving.proxy --port 8080 --log build/prediction_log.sqlite & proxy=$$!; \
 	trap 'kill -TERM $$proxy $$server 2>/dev/null' INT TERM; \
 	wait $$proxy; kill -TERM $$server 2>/dev/null; wait $$server

@@ -61,12 +61,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: str, base_path: str, batching: bool):
+    def __init__(self, model: str, base_path: str, batching: bool, extra=()):
         self.work = tempfile.mkdtemp(prefix="bench_serving_")
         port_file = os.path.join(self.work, "ports")
         args = [sys.executable, "-m", "serving.server", "--model_name", model, "--model_base_path", base_path,
                 "--rest_api_port", "0", "--port", str(free_port()), "--port_file", port_file,
                 "--file_system_poll_wait_seconds", "3600"]
+        args += list(extra)
         if batching:
             args += ["--enable_batching", "--batching_parameters_file",
                      os.path.join(REPO, "serving", "config", "batching.config")]
@@ -170,7 +171,9 @@ def main(argv=None) -> int:
         results["unbatched"] = [load(plain.rest_port, path, body, c, args.seconds) for c in (1, 8, 50)]
     finally:
         plain.stop()
-    batched = ServerProcess(args.model, base, batching=True)
+    # Each REST worker blocks while its request waits in the batch queue (as TF Serving's do), so
+    # with batching the pool is sized for the clients, not the cores.
+    batched = ServerProcess(args.model, base, batching=True, extra=["--rest_api_num_threads=64"])
     try:
         results["batched"] = [load(batched.rest_port, path, body, c, args.seconds) for c in (1, 8, 50)]
     finally:

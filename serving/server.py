@@ -208,6 +208,8 @@ def parser() -> argparse.ArgumentParser:
     add("--enable_signature_method_name_check", type=_flag_bool, nargs="?", const=True, default=False)
     add("--allow_version_labels_for_unavailable_models", type=_flag_bool, nargs="?", const=True, default=False)
     add("--monitoring_config_file", default="", help="accepted for TF Serving compatibility; metrics are always on")
+    add("--tensorflow_intra_op_parallelism", type=int, default=0, help="threads inside one op (0: TensorFlow's choice)")
+    add("--tensorflow_inter_op_parallelism", type=int, default=0, help="ops run at once (0: TensorFlow's choice)")
     # Ours, not TF Serving's.
     add("--host", default="127.0.0.1")
     add("--port_file", help="write 'rest_port grpc_port' here once listening (use with port 0)")
