@@ -26,15 +26,13 @@ from typing import Any, Dict, List
 import tensorflow as tf
 
 from components.feature_spec import FeatureSpec
+from serving.wire import CLASSIFY_METHOD, REGRESS_METHOD
 
 SERVING_DTYPES = {"string": tf.string, "float": tf.float32, "int": tf.float64}
 
 
 SERVING_SPEC_FILE = "assets.extra/serving_spec.json"
-# TF Serving's names (tensorflow/core/saved_model/signature_constants.h): the method names its
-# Classify and Regress APIs require, and their input / output keys.
-CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
-REGRESS_METHOD_NAME = "tensorflow/serving/regress"
+# The signatures TF Serving's Classify and Regress APIs run (method names: serving/wire.py).
 CLASSIFY_SIGNATURE, REGRESS_SIGNATURE = "classification", "regression"
 
 
@@ -165,7 +163,7 @@ def set_method_names(saved_model_dir: str) -> None:
     path = os.path.join(saved_model_dir, "saved_model.pb")
     saved_model = saved_model_pb2.SavedModel.FromString(tf.io.gfile.GFile(path, "rb").read())
     for meta_graph in saved_model.meta_graphs:
-        for name, method in ((CLASSIFY_SIGNATURE, CLASSIFY_METHOD_NAME), (REGRESS_SIGNATURE, REGRESS_METHOD_NAME)):
+        for name, method in ((CLASSIFY_SIGNATURE, CLASSIFY_METHOD), (REGRESS_SIGNATURE, REGRESS_METHOD)):
             if name in meta_graph.signature_def:
                 meta_graph.signature_def[name].method_name = method
     with tf.io.gfile.GFile(path + ".tmp", "wb") as f:

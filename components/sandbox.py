@@ -44,8 +44,9 @@ from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArti
 from tfx.dsl.component.experimental.decorators import component
 from tfx.types.standard_artifacts import Examples, InfraBlessing, Model, ModelBlessing
 
+from serving.repository import MAX_WARMUP_RECORDS  # TF Serving reads no more warmup records
+
 SANDBOX_REPORT = "sandbox_report.json"
-MAX_WARMUP_RECORDS = 1000  # TF Serving reads at most this many warmup records
 REPLAY_BATCH = 100  # rows per REST request in the equality check
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

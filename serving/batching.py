@@ -85,7 +85,8 @@ class _Task:
 class _Queue:
     """Tasks of one (version, signature), grouped into batches as they arrive."""
 
-    def __init__(self):
+    def __init__(self, loaded, signature: str, call: Callable):
+        self.loaded, self.signature, self.call = loaded, signature, call
         self.batches: Deque[List[_Task]] = deque()  # open batch last
         self.opened: Deque[float] = deque()
         self.rows: Deque[int] = deque()
@@ -111,8 +112,9 @@ class Batcher:
         shape_key = tuple(sorted((k, v.dtype.str, v.shape[1:]) for k, v in inputs.items()))
         task = _Task(inputs, size, (id(loaded), signature, shape_key))
         with self._cv:
-            queue = self._queues.setdefault(task.key, _Queue())
-            queue.loaded, queue.signature, queue.call = loaded, signature, call
+            queue = self._queues.get(task.key)
+            if queue is None:  # the key holds id(loaded): one queue per loaded version and signature
+                queue = self._queues[task.key] = _Queue(loaded, signature, call)
             if queue.batches and queue.rows[-1] + size <= self.p.max_batch_size:
                 queue.batches[-1].append(task)
                 queue.rows[-1] += size

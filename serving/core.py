@@ -8,7 +8,6 @@ Rules from tensorflow/serving (file:line in tests/test_serving_conformance.py):
 - status: model_servers/get_model_status_impl.cc; metadata: get_model_metadata_impl.cc.
 """
 
-import logging
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -17,12 +16,9 @@ import tensorflow as tf
 
 from serving import metrics
 from serving.repository import LoadedVersion, NotFound, Repository, UnknownLabel
-from serving.wire import ServingError, invalid
+from serving.wire import CLASSIFY_METHOD, PREDICT_METHOD, REGRESS_METHOD, ServingError, invalid
 
 DEFAULT_SIGNATURE = "serving_default"
-PREDICT_METHOD = "tensorflow/serving/predict"
-CLASSIFY_METHOD = "tensorflow/serving/classify"
-REGRESS_METHOD = "tensorflow/serving/regress"
 SIGNATURE_DEF_FIELD = "signature_def"
 # tf.errors.OpError.error_code (absl numbering) -> status code name.
 _TF_CODES = {1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND",
@@ -103,10 +99,11 @@ class Servables:
         metrics.RUNTIME_LATENCY.labels(loaded.model, "Predict", "TF2").observe((time.perf_counter() - started) * 1e6)
         return result
 
-    def predict(self, spec: ModelSpec, inputs: Dict[str, np.ndarray], output_filter: Sequence[str] = ()
-                ) -> Tuple[LoadedVersion, str, Dict[str, np.ndarray]]:
-        """predict_util.cc:82-160 RunPredict / PreProcessPrediction."""
-        loaded = self.resolve(spec)
+    def predict(self, spec: ModelSpec, inputs: Dict[str, np.ndarray], output_filter: Sequence[str] = (),
+                loaded: Optional[LoadedVersion] = None) -> Tuple[LoadedVersion, str, Dict[str, np.ndarray]]:
+        """predict_util.cc:82-160 RunPredict / PreProcessPrediction. `loaded`: the version the
+        request already resolved (REST resolves it first to read the signature's inputs)."""
+        loaded = loaded or self.resolve(spec)
         name = spec.signature_name or DEFAULT_SIGNATURE
         signature = loaded.signature_defs.get(name)
         if signature is None:
@@ -247,20 +244,21 @@ class Servables:
         response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_map)
         return response
 
-    # --- warmup --------------------------------------------------------------------------------
-    def warm(self, loaded: LoadedVersion, log) -> None:
-        """Runs one PredictionLog record of a warmup file on the version being loaded."""
-        kind = log.WhichOneof("log_type")
-        if kind == "predict_log":
-            request = log.predict_log.request
-            name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-            self._call(loaded, name, {k: tf.make_ndarray(v) for k, v in request.inputs.items()})
-        elif kind in ("classify_log", "regress_log"):
-            request = getattr(log, kind).request
-            name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-            self._call(loaded, name, {"inputs": _strings(serialized_examples(request.input))})
-        else:
-            raise ValueError(f"warmup record of kind {kind} is not supported")
+
+def warm(loaded: LoadedVersion, log) -> None:
+    """Runs one PredictionLog record of a warmup file on the version being loaded (the
+    Repository's `warmup` hook; unbatched, as TF Serving replays warmup before serving)."""
+    kind = log.WhichOneof("log_type")
+    if kind == "predict_log":
+        request = log.predict_log.request
+        name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+        Servables._call(loaded, name, {k: tf.make_ndarray(v) for k, v in request.inputs.items()})
+    elif kind in ("classify_log", "regress_log"):
+        request = getattr(log, kind).request
+        name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+        Servables._call(loaded, name, {"inputs": _strings(serialized_examples(request.input))})
+    else:
+        raise ValueError(f"warmup record of kind {kind} is not supported")
 
 
 def serialized_examples(model_input) -> List[bytes]:
@@ -305,7 +303,3 @@ def _error_code(name: str) -> int:
     from tensorflow_serving.apis import status_pb2
 
     return status_pb2.StatusProto.DESCRIPTOR.fields_by_name["error_code"].enum_type.values_by_name[name].number
-
-
-def log_internal_error(what: str) -> None:
-    logging.exception("internal error on %s", what)

@@ -55,10 +55,7 @@ class _Calls:
             context.abort(grpc.StatusCode.INTERNAL, f"Internal error: {type(e).__name__}")
         finally:
             if model:
-                name = model if self.servables.repository.knows(model) else metrics.UNKNOWN_MODEL
-                metrics.REQUEST_COUNT.labels(name, status).inc()
-                if status == "OK":
-                    metrics.REQUEST_LATENCY.labels(name, api, "GRPC").observe((time.perf_counter() - started) * 1e6)
+                metrics.record_request(model, self.servables.repository.knows(model), api, "GRPC", status, started)
 
 
 class PredictionService(_Calls, prediction_service_pb2_grpc.PredictionServiceServicer):

@@ -14,6 +14,7 @@ so 4,000 idle clients hold no thread; at most `max_connections` are open at once
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import os
 import threading
@@ -40,12 +41,6 @@ class Response(NamedTuple):
     body: bytes
     content_type: Optional[str] = "application/json"
     headers: Optional[Dict[str, str]] = None
-
-
-def json_string(text: str) -> bytes:
-    import json
-
-    return json.dumps(text).encode()
 
 
 class _Exchange(httputil.HTTPMessageDelegate):
@@ -141,7 +136,7 @@ class HttpServer:
                 body = self._gunzip(body)
             except (zlib.error, ValueError) as e:
                 message = f"Content-Encoding gzip: the body cannot be decompressed ({e}); send gzip or drop the header"
-                return self._write(exchange, Response(400, b'{"error": %s}' % json_string(message)), False)
+                return self._write(exchange, Response(400, json.dumps({"error": message}).encode()), False)
         request = Request(exchange.method, exchange.target, exchange.headers, body)
         future = asyncio.wrap_future(self.workers.submit(self.handler, request))
         try:

@@ -349,6 +349,16 @@ def signature_name(doc: Dict[str, Any]) -> str:
     return name
 
 
+def _nonempty_list(doc: Dict[str, Any], key: str, not_a_list: str, empty: str) -> List[Any]:
+    """doc[key] as a non-empty list, with TF Serving's message (about the whole doc) if it is not."""
+    value = doc[key]
+    if not isinstance(value, list):
+        raise invalid(f"JSON Value: {debug_string(doc)} {not_a_list}")
+    if not value:
+        raise invalid(f"JSON Value: {debug_string(doc)} {empty}")
+    return value
+
+
 def predict_request(doc: Dict[str, Any], infos: Dict[str, int]) -> Tuple[str, Dict[str, np.ndarray]]:
     """json_tensor.cc:662-705 FillPredictRequestFromJson: (format 'row' | 'columnar', input arrays).
     `infos` maps the signature's input names to their DataType enum values."""
@@ -358,11 +368,8 @@ def predict_request(doc: Dict[str, Any], infos: Dict[str, int]) -> Tuple[str, Di
         if "inputs" in doc:
             raise invalid(f"JSON Value: {debug_string(doc)} Not formatted correctly expecting only one of 'inputs' "
                           f"or 'instances' keys to exist ")
-        instances = doc["instances"]
-        if not isinstance(instances, list):
-            raise invalid(f"JSON Value: {debug_string(doc)} Expecting 'instances' to be an list/array")
-        if not instances:
-            raise invalid(f"JSON Value: {debug_string(doc)} No values in 'instances' array")
+        instances = _nonempty_list(doc, "instances", "Expecting 'instances' to be an list/array",
+                                   "No values in 'instances' array")
         return "row", _instances(instances, infos)
     if "inputs" in doc:
         return "columnar", _inputs(doc["inputs"], infos)
@@ -423,11 +430,8 @@ def examples_request(doc: Dict[str, Any]) -> List[bytes]:
     if "examples" not in doc:
         raise invalid(f"JSON Value: {debug_string(doc)} When method is classify, key 'examples' is expected and "
                       f"was not found")
-    examples = doc["examples"]
-    if not isinstance(examples, list):
-        raise invalid(f"JSON Value: {debug_string(doc)} Expecting 'examples' value to be an list/array")
-    if not examples:
-        raise invalid(f"JSON Value: {debug_string(doc)} 'examples' value is an empty array")
+    examples = _nonempty_list(doc, "examples", "Expecting 'examples' value to be an list/array",
+                              "'examples' value is an empty array")
     return [context + example(e) for e in examples]
 
 

@@ -1,6 +1,8 @@
 """Prometheus metrics under TF Serving's names (util/prometheus_exporter.cc exports them with the
 leading ':' of its metric paths), shared by the REST and gRPC front ends."""
 
+import time
+
 import prometheus_client as prom
 
 REGISTRY = prom.CollectorRegistry()
@@ -17,6 +19,15 @@ BATCH_SIZE = prom.Histogram(":tensorflow:serving:batching_session:processed_batc
                             buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
 # A model name is only a label value once the repository knows the model: a URL cannot add series.
 UNKNOWN_MODEL = "(unknown)"
+
+
+def record_request(model: str, known: bool, api: str, entrypoint: str, status: str, started: float) -> None:
+    """One answered request (REST or GRPC entrypoint): its status count, and its latency if OK.
+    `known`: the repository serves the model (else the name goes in as UNKNOWN_MODEL)."""
+    name = model if known else UNKNOWN_MODEL
+    REQUEST_COUNT.labels(name, status).inc()
+    if status == "OK":
+        REQUEST_LATENCY.labels(name, api, entrypoint).observe((time.perf_counter() - started) * 1e6)
 
 
 def page() -> bytes:

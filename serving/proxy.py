@@ -284,9 +284,8 @@ class Proxy:
         self.backends = Backends()
         self.shadow_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="shadow")
         self._shadow_slots = threading.BoundedSemaphore(MAX_SHADOW_IN_FLIGHT)
-        self._versions: Dict[Tuple[str, str, str], Tuple[float, Optional[int]]] = {}
-        self._versions_lock = threading.Lock()
-        self._inputs: Dict[Tuple[str, str, str], Tuple[float, Dict[str, str]]] = {}
+        self._metadata: Dict[Tuple[str, str], Tuple[float, Optional[Dict[str, Any]]]] = {}
+        self._metadata_lock = threading.Lock()
         self._stop = threading.Event()
         self._in_flight = 0
         self._stopping = False
@@ -373,52 +372,45 @@ class Proxy:
             if mtime != self._env_file_mtime:
                 self.reload()
 
-    # --- model versions, for the log ------------------------------------------------------
-    def model_version(self, variant: Variant, model: str, max_age: float = 5.0) -> Optional[int]:
-        """The version a variant's label (or latest) resolves to, asked of the backend at most every 5 s."""
-        if variant.version:
-            return variant.version
-        key = (variant.backend, model, variant.label or "")
+    # --- the backend's metadata: versions for the log, input names for completing rows ----
+    def metadata(self, backend: str, model_path: str, max_age: float = 5.0) -> Optional[Dict[str, Any]]:
+        """TF Serving's metadata JSON for /v1/models/m[/labels/l|/versions/n], asked of the backend
+        at most every `max_age` s; on a failed ask the last answer stands (None: never had one).
+        Metadata, not status: status ignores a label (get_model_status_impl.cc:82-101)."""
+        key = (backend, model_path)
         now = time.monotonic()
-        with self._versions_lock:
-            cached = self._versions.get(key)
+        with self._metadata_lock:
+            cached = self._metadata.get(key)
         if cached and now - cached[0] < max_age:
             return cached[1]
-        # Metadata, not status: TF Serving's status ignores a label and lists every version
-        # (get_model_status_impl.cc:82-101); metadata resolves it (its model_spec.version).
-        path = f"/v1/models/{model}" + (f"/labels/{variant.label}" if variant.label else "") + "/metadata"
-        version = None
-        try:
-            status, data = self.backends.call(variant.backend, "GET", path, None, self.settings.timeout, 0, variant.name)
-            if status == 200:
-                version = int(json.loads(data)["model_spec"]["version"])
-        except (BackendError, ValueError, KeyError, TypeError):
-            version = cached[1] if cached else None
-        with self._versions_lock:
-            self._versions[key] = (now, version)
-        return version
-
-    # --- completing rows -------------------------------------------------------------------
-    def input_types(self, backend: str, model_path: str, signature: str, max_age: float = 5.0) -> Dict[str, str]:
-        """{input name: DT_ type} of a signature, from the backend's metadata (TF Serving's JSON)."""
-        key = (backend, model_path, signature)
-        now = time.monotonic()
-        with self._versions_lock:
-            cached = self._inputs.get(key)
-        if cached and now - cached[0] < max_age:
-            return cached[1]
-        types: Dict[str, str] = {}
+        answer = cached[1] if cached else None
         try:
             status, data = self.backends.call(backend, "GET", model_path + "/metadata", None, self.settings.timeout, 0,
                                               "metadata")
             if status == 200:
-                defs = json.loads(data)["metadata"]["signature_def"]["signature_def"]
-                types = {k: v.get("dtype", "") for k, v in defs.get(signature, {}).get("inputs", {}).items()}
-        except (BackendError, ValueError, KeyError, TypeError, AttributeError):
-            types = cached[1] if cached else {}
-        with self._versions_lock:
-            self._inputs[key] = (now, types)
-        return types
+                answer = json.loads(data)
+        except (BackendError, ValueError):
+            pass
+        with self._metadata_lock:
+            self._metadata[key] = (now, answer)
+        return answer
+
+    def model_version(self, variant: Variant, model: str) -> Optional[int]:
+        """The version a variant's label (or latest) resolves to (its metadata's model_spec)."""
+        if variant.version:
+            return variant.version
+        try:
+            return int(self.metadata(variant.backend, variant.path(model, "")[:-1])["model_spec"]["version"])
+        except (TypeError, KeyError, ValueError):
+            return None
+
+    def input_types(self, backend: str, model_path: str, signature: str) -> Dict[str, str]:
+        """{input name: DT_ type} of a signature, from the backend's metadata."""
+        try:
+            defs = self.metadata(backend, model_path)["metadata"]["signature_def"]["signature_def"]
+            return {k: v.get("dtype", "") for k, v in defs.get(signature, {}).get("inputs", {}).items()}
+        except (TypeError, KeyError, AttributeError):
+            return {}
 
     def complete(self, backend: str, model_path: str, body: Dict[str, Any]) -> bool:
         """Adds absent named inputs to every :predict row as NaN / "" (True if a row changed)."""

@@ -34,7 +34,6 @@ from serving import model_config
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 SERVING_SPEC_FILE = os.path.join("assets.extra", "serving_spec.json")  # written by the trainer
 MAX_WARMUP_RECORDS = 1000  # TF Serving's limit (saved_model_warmup_util.cc)
-PREDICT_METHOD_NAME = "tensorflow/serving/predict"
 
 
 class NotFound(LookupError):

@@ -21,7 +21,7 @@ import time
 from typing import Optional, Tuple
 
 from serving import json_tensor, metrics, model_config, wire
-from serving.core import ModelSpec, Servables
+from serving.core import ModelSpec, Servables, warm
 from serving.http import MAX_BODY_BYTES, HttpServer, Request, Response
 from serving.repository import Repository
 from serving.wire import ServingError
@@ -66,18 +66,14 @@ class RestApi:
             return 500, wire.error_body(f"Internal error: {type(e).__name__}"), "application/json"
         finally:
             if model:
-                name = model if self.servables.repository.knows(model) else metrics.UNKNOWN_MODEL
-                metrics.REQUEST_COUNT.labels(name, status).inc()
-                if status == "OK":
-                    metrics.REQUEST_LATENCY.labels(name, api, "REST").observe((time.perf_counter() - started) * 1e6)
+                metrics.record_request(model, self.servables.repository.knows(model), api, "REST", status, started)
 
     def _call(self, api: str, spec: ModelSpec, doc) -> bytes:
         if api == "predict":
             loaded = self.servables.resolve(spec)
             infos = self.servables.input_infos(loaded, spec.signature_name)
             form, inputs = json_tensor.predict_request(doc, infos)
-            spec.version, spec.label = loaded.version, None  # the version resolved above answers
-            _, _, outputs = self.servables.predict(spec, inputs)
+            _, _, outputs = self.servables.predict(spec, inputs, loaded=loaded)  # the version resolved above
             return json_tensor.predict_response(outputs, form)
         examples = json_tensor.examples_request(doc)
         if api == "classify":
@@ -164,11 +160,6 @@ def make_servables(args) -> Servables:
     options = dict(poll_seconds=max(args.file_system_poll_wait_seconds, 0.05),
                    max_num_load_retries=args.max_num_load_retries, load_retry_interval=retry_seconds,
                    allow_labels_for_unavailable=args.allow_version_labels_for_unavailable_models)
-    holder = {}
-
-    def warm(loaded, log):
-        holder["servables"].warm(loaded, log)
-
     if args.model_config_file:
         repo = Repository(config_file=args.model_config_file,
                           config_poll_seconds=args.model_config_file_poll_wait_seconds, warmup=warm, **options)
@@ -176,9 +167,7 @@ def make_servables(args) -> Servables:
         if not args.model_base_path:
             raise SystemExit("Both server_options.model_base_path and server_options.model_config_file are empty!")
         repo = Repository.single(args.model_name, args.model_base_path, warmup=warm, **options)
-    servables = Servables(repo, batcher, method_name_check=args.enable_signature_method_name_check)
-    holder["servables"] = servables
-    return servables
+    return Servables(repo, batcher, method_name_check=args.enable_signature_method_name_check)
 
 
 def _flag_bool(text: str) -> bool:

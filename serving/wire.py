@@ -25,6 +25,11 @@ STATUS_PATH = re.compile(
     r"/v1/models(?:/([^/:]+))?(?:(?:/versions/([0-9]+))|(?:/labels/([^/:]+)))?(?:/(metadata))?",
     re.IGNORECASE | re.DOTALL)
 INT64_MAX = 2 ** 63 - 1
+# SignatureDef method names (tensorflow/core/saved_model/signature_constants.h): what the model
+# export writes and what :classify / :regress check.
+PREDICT_METHOD = "tensorflow/serving/predict"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+REGRESS_METHOD = "tensorflow/serving/regress"
 
 # absl status codes -> HTTP, as http_server.cc:46-85 maps them.
 HTTP_STATUS = {

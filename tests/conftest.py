@@ -146,13 +146,11 @@ def write_models_config(root, labels=None, num_latest=2, base_paths=None):
 def serve(root, labels=None, num_latest=2, poll_seconds=3600.0, grpc=False, batcher=None, **server_args):
     """A started local server (REST, and gRPC with grpc=True) over every model under root;
     `.servables.repository` is the repository, `.url` the REST root. Stop it with .stop()."""
-    from serving.core import Servables
+    from serving.core import Servables, warm
     from serving.repository import Repository
     from serving.server import LocalServer
 
     path = write_models_config(root, labels, num_latest)
-    holder = {}
-    repo = Repository(config_file=path, poll_seconds=poll_seconds, config_poll_seconds=poll_seconds,
-                      warmup=lambda loaded, log: holder["s"].warm(loaded, log))
-    servables = holder["s"] = Servables(repo, batcher)
+    repo = Repository(config_file=path, poll_seconds=poll_seconds, config_poll_seconds=poll_seconds, warmup=warm)
+    servables = Servables(repo, batcher)
     return LocalServer(servables, rest_port=0, grpc_port=0 if grpc else None, **server_args).start()

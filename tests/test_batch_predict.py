@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import threading
 import urllib.request
 
 import numpy as np

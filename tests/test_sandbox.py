@@ -88,7 +88,7 @@ def test_a_prediction_off_by_more_than_the_tolerance_is_caught(small_model, taxi
 
 def test_warmup_records_replay_in_the_local_server(sandbox_run, small_model, tmp_path):
     from components.sandbox import write_warmed_model
-    from serving.core import Servables
+    from serving.core import warm
     from serving.repository import LoadedVersion
 
     config, _, warmup, _ = sandbox_run
@@ -96,7 +96,7 @@ def test_warmup_records_replay_in_the_local_server(sandbox_run, small_model, tmp
     path = write_warmed_model(small_model[0], str(tmp_path / "1"), warmup)
     assert path.endswith(os.path.join("assets.extra", "tf_serving_warmup_requests"))
     assert not os.path.exists(os.path.join(small_model[0], "assets.extra", "tf_serving_warmup_requests"))
-    assert LoadedVersion("taxi", 1, str(tmp_path / "1")).warm_up(Servables(None).warm) == 40
+    assert LoadedVersion("taxi", 1, str(tmp_path / "1")).warm_up(warm) == 40
 
 
 def test_a_model_the_server_cannot_load_is_not_served(small_model, tmp_path):

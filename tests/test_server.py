@@ -18,7 +18,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.conftest import serve, write_models_config
+from tests.conftest import serve
 
 
 def tiny_model(path, k: float) -> str:
@@ -74,16 +74,14 @@ def wait_for(condition, seconds=30.0):
 
 
 def repository_server(root, config_text, server_args=None, **kwargs):
-    from serving.core import Servables
+    from serving.core import Servables, warm
     from serving.repository import Repository
     from serving.server import LocalServer
 
     path = root / "models.config"
     path.write_text(config_text)
-    holder = {}
-    repo = Repository(config_file=str(path), warmup=lambda loaded, log: holder["s"].warm(loaded, log), **kwargs)
-    holder["s"] = Servables(repo)
-    server = LocalServer(holder["s"], rest_port=0, grpc_port=0, **(server_args or {})).start()
+    repo = Repository(config_file=str(path), warmup=warm, **kwargs)
+    server = LocalServer(Servables(repo), rest_port=0, grpc_port=0, **(server_args or {})).start()
     repo.start()
     stop = server.stop
 
