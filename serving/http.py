@@ -46,6 +46,7 @@ class Response(NamedTuple):
 class _Exchange(httputil.HTTPMessageDelegate):
     def __init__(self, server: "HttpServer", connection):
         self.server, self.connection, self.chunks = server, connection, []
+        self.gone = False  # the client closed the connection: work not yet started is dropped
 
     def headers_received(self, start_line, headers):
         self.method, self.target, self.headers = start_line.method, start_line.path, headers
@@ -58,6 +59,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
 
     def on_connection_close(self):
         self.chunks = []
+        self.gone = True
 
 
 class _Delegate(httputil.HTTPServerConnectionDelegate):
@@ -81,15 +83,20 @@ class _CappedHTTPServer(HTTPServer):
 
 
 class HttpServer:
-    """`handler(Request) -> Response` runs on a pool of `num_threads` workers; the event loop
-    runs on its own thread. `on_timeout(Request)` answers a request the handler did not finish
-    within `timeout_ms` (the handler's work goes on; its answer is dropped)."""
+    """`handler(Request) -> Response` runs on a pool of `num_threads` workers, or, when it is a
+    coroutine function, on the event loop itself (the proxy: it only waits on its backend). The
+    event loop runs on its own thread. `on_timeout(Request)` answers a request the handler did not
+    finish within `timeout_ms` (a coroutine is cancelled; a worker's work goes on, its answer is
+    dropped). A request whose client has gone before a worker takes it is never handled: a caller
+    that gave up (the proxy at its deadline closes the connection) costs no model call."""
 
     def __init__(self, handler: Callable[[Request], Response], host: str = "127.0.0.1", port: int = 0,
                  num_threads: int = 0, timeout_ms: int = 0, max_connections: int = 1024, idle_timeout: float = 60.0,
                  body_timeout: float = 30.0, max_body_bytes: int = MAX_BODY_BYTES,
                  on_timeout: Optional[Callable[[Request], Response]] = None, name: str = "http"):
         self.handler, self.on_timeout = handler, on_timeout
+        self.is_async = asyncio.iscoroutinefunction(handler)
+        self.dropped = 0  # requests not handled because their client had gone
         self.timeout = timeout_ms / 1000.0 if timeout_ms > 0 else None
         threads = num_threads or 4 * (os.cpu_count() or 1)
         self.workers = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
@@ -138,15 +145,30 @@ class HttpServer:
                 message = f"Content-Encoding gzip: the body cannot be decompressed ({e}); send gzip or drop the header"
                 return self._write(exchange, Response(400, json.dumps({"error": message}).encode()), False)
         request = Request(exchange.method, exchange.target, exchange.headers, body)
-        future = asyncio.wrap_future(self.workers.submit(self.handler, request))
+        if self.is_async:
+            future = self.handler(request)
+        else:
+            future = asyncio.wrap_future(self.workers.submit(self._work, exchange, request))
         try:
             response = await asyncio.wait_for(future, self.timeout)
+            if response is None:  # the client left before the work began
+                return
         except asyncio.TimeoutError:
             response = self.on_timeout(request) if self.on_timeout else Response(504, b'{"error": "timed out"}')
         except Exception:  # the handler itself failed: a bug, answered as one
             logging.exception("unhandled error on %s %s", request.method, request.target[:200])
             response = Response(500, b'{"error": "internal error"}')
         self._write(exchange, response, head_only=request.method == "HEAD")
+
+    def _work(self, exchange: _Exchange, request: Request) -> Optional[Response]:
+        if exchange.gone:
+            self.dropped += 1
+            return None
+        return self.handler(request)
+
+    def run(self, coroutine, timeout: float = 30.0):
+        """Runs a coroutine on the server's event loop from another thread and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop.asyncio_loop).result(timeout)
 
     @staticmethod
     def _write(exchange: _Exchange, response: Response, head_only: bool):

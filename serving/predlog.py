@@ -1,32 +1,32 @@
-"""Prediction log: every request and response the proxy answers, in SQLite (WAL) by default.
+"""Prediction log writer: every request and response the proxy answers, kept exactly under faults.
 
-Schema (one row per client request; a shadow copy's answer is a second row):
+The records and where they are stored (SQLite by default, PostgreSQL for several replicas, by
+URL) belong to serving/logstore.py; this module is the proxy's writer in front of it.
 
-    request_id    TEXT PRIMARY KEY   the proxy's id (X-Request-Id if the client sent one);
-                                     a shadow answer is "<request_id>:shadow"
-    ts            REAL               unix seconds when the proxy received the request
-    model         TEXT               model name in the URL
-    variant       TEXT               who answered: an A/B variant name, or "fallback"
-    model_version INTEGER            the version that answered (NULL when unknown or fallback)
-    shadow        INTEGER            1 for a shadow copy's answer (never returned to the client)
-    api           TEXT               predict | classify | regress
-    status        INTEGER            HTTP status returned
-    latency_ms    REAL               proxy receipt to response, milliseconds
-    routing_key   TEXT               the sticky key the split used (NULL if none)
-    request       TEXT               the JSON body as received: raw features
-    response      TEXT               the JSON body returned: outputs (or {"error": ...})
+Path of one record. `log()` runs on the request path, before the answer leaves:
+  1. it appends the record as one JSON line to the current spool segment (one write(2) to a
+     descriptor this writer opened and still owns: a crash of the process loses nothing
+     acknowledged), and
+  2. it queues the record for the writer thread, which inserts queued records in batches and
+     deletes a spool segment once nothing in it waits.
+Neither step ever raises into the request: the answer is sent whatever the storage does.
 
-Durability, without putting the database on the request path: `log()` appends the record as one
-JSON line to a spool segment (one write(2): survives a crash of the process) and queues it; a
-writer thread inserts queued records in batches and deletes a spool segment once every record
-in it is committed. At start, leftover segments are replayed (INSERT OR IGNORE: idempotent), so a
-crash loses nothing that was acknowledged. The queue is bounded: when it is full, or the database
-is unavailable, requests are still served, the records wait in the spool for the next start, and
-the counts are reported (metrics below and `stats()`).
+Exact accounting. Every record this process receives is, at every moment, in exactly one of
+    written   committed to the store (by this process);
+    queued    in memory, waiting for the writer;
+    deferred  not queued (the queue was full, or the writer gave up at a stop with the store down),
+              but whole in a spool segment: replayed into the store once it answers again (in
+              this process, or the next one at start);
+    lost      neither queued nor spooled (spool unwritable or full and the queue full, or the
+              store down at a stop): counted once, here and in skewless_prediction_log_lost.
+so `received == written + queued + deferred + lost` always holds, and after a graceful stop
+with the store up, `received == written + lost`. Torn spool lines (a crash mid-write, or a
+short write when the disk filled) are skipped at replay and counted in `torn`: never fatal,
+never an acknowledged record (a record whose line was cut short stays queued).
 
-Production sink: the same records as JSON lines to a log shipper or Pub/Sub, loaded into
-BigQuery (the `request`/`response` columns as JSON); `read_records` is the only reader the
-monitoring jobs need, so a BigQuery reader with the same output replaces it.
+The spool never writes to a descriptor it does not own: a segment that cannot be rotated
+leaves the writer without a segment (records go to the queue alone) until a new one opens.
+The memory the queue may hold is bounded by records and by bytes.
 """
 
 import collections
@@ -34,82 +34,79 @@ import glob
 import json
 import logging
 import os
-import sqlite3
 import threading
 import time
-from typing import Any, Deque, Dict, Iterator, List, Optional
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import prometheus_client as prom
 
-COLUMNS = ("request_id", "ts", "model", "variant", "model_version", "shadow", "api", "status", "latency_ms",
-           "routing_key", "request", "response")
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS predictions (
-    request_id TEXT PRIMARY KEY,
-    ts REAL NOT NULL,
-    model TEXT NOT NULL,
-    variant TEXT NOT NULL,
-    model_version INTEGER,
-    shadow INTEGER NOT NULL DEFAULT 0,
-    api TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    latency_ms REAL NOT NULL,
-    routing_key TEXT,
-    request TEXT NOT NULL,
-    response TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);
-"""
-_INSERT = f"INSERT OR IGNORE INTO predictions ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-_SEGMENT_DONE = object()
+from serving import logstore
+from serving.logstore import COLUMNS, instances, read_records  # noqa: F401  (the log's readers import them here)
 
 
-def connect(path: str, readonly: bool = False) -> sqlite3.Connection:
-    if readonly:
-        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-    db = sqlite3.connect(path, timeout=10, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a process crash loses no commit
-    db.executescript(SCHEMA)
-    return db
+class _Segment:
+    """Bookkeeping of one spool segment: records in it still queued, records only in it (deferred)."""
+
+    __slots__ = ("number", "queued", "deferred", "closed", "torn")
+
+    def __init__(self, number: int):
+        self.number, self.queued, self.deferred, self.closed, self.torn = number, 0, 0, False, False
 
 
 class PredictionLog:
-    """Bounded, batched, crash-safe writer. log() is cheap and never raises."""
+    """Bounded, batched, crash-safe writer in front of a logstore URL. log() is cheap and never raises."""
 
-    def __init__(self, path: str, registry: Optional[prom.CollectorRegistry] = None, queue_size: int = 10000,
-                 batch_size: int = 500, flush_seconds: float = 0.2, segment_records: int = 5000,
-                 retry_seconds: float = 1.0):
-        self.path = path
-        self.spool_dir = path + ".spool"
+    def __init__(self, url: str, registry: Optional[prom.CollectorRegistry] = None, queue_size: int = 10000,
+                 queue_bytes: int = 256 * 1024 * 1024, batch_size: int = 500, flush_seconds: float = 0.2,
+                 segment_records: int = 5000, retry_seconds: float = 1.0, spool_dir: Optional[str] = None):
+        self.url = url
+        self.spool_dir = spool_dir or _default_spool(url)
         self.batch_size, self.flush_seconds = batch_size, flush_seconds
         self.segment_records, self.retry_seconds = segment_records, retry_seconds
+        self.queue_size, self.queue_bytes = queue_size, queue_bytes
         # A deque, not a queue.Queue: the writer wakes every flush_seconds and takes what is there,
-        # so a request never pays for waking it (measured: a Condition.notify per record).
-        self._queue: Deque[tuple] = collections.deque()
-        self.queue_size = queue_size
+        # so a request never pays for waking it.
+        self._queue: Deque[Tuple[tuple, Optional[_Segment], int]] = collections.deque()
+        self._queued_bytes = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._counts = {"logged": 0, "written": 0, "deferred": 0, "lost": 0, "recovered": 0}
+        self._counts = {"received": 0, "written": 0, "deferred": 0, "lost": 0, "recovered": 0, "torn": 0}
+        self._problems: Dict[str, str] = {}  # part ("spool", "store") -> the last error while it is failing
         self._last_error: Optional[str] = None
+        self._closed = False
+        self._in_writer = 0  # records the writer has taken from the queue and not yet committed
         registry = registry if registry is not None else prom.REGISTRY
-        self._metric_written = prom.Counter("skewless_prediction_log_written", "Records committed to the store.",
-                                            registry=registry)
-        self._metric_deferred = prom.Counter(
-            "skewless_prediction_log_deferred", "Records not written now (queue full or store unavailable); "
-            "kept in the spool for the next start.", registry=registry)
-        self._metric_lost = prom.Counter("skewless_prediction_log_lost",
-                                         "Records neither written nor spooled (spool unwritable).", registry=registry)
-        self._metric_queue = prom.Gauge("skewless_prediction_log_queue_depth", "Records waiting for the writer.",
-                                        registry=registry)
-        os.makedirs(self.spool_dir, exist_ok=True)
-        self._recover()
-        self._segment = max([self._segment_number(p) for p in self._segments()] + [0]) + 1
-        self._first_segment = self._segment
-        self._segment_fd: Optional[int] = None
-        self._segment_count = 0
-        self._segment_clean = True  # every record of the current segment reached the queue
-        self._open_segment()
+        self._m_received = prom.Counter("skewless_prediction_log_received", "Records the proxy asked to log "
+                                        "(one per answer, shadow answers included).", registry=registry)
+        self._m_written = prom.Counter("skewless_prediction_log_written", "Records committed to the store "
+                                       "(replayed spool records included).", registry=registry)
+        self._m_lost = prom.Counter("skewless_prediction_log_lost", "Records neither stored nor spooled "
+                                    "(spool unwritable or full while the queue was full), each counted once.",
+                                    registry=registry)
+        self._m_torn = prom.Counter("skewless_prediction_log_torn_lines", "Spool lines skipped at replay "
+                                    "(cut short by a crash or a full disk; never an acknowledged record).",
+                                    registry=registry)
+        self._m_deferred = prom.Gauge("skewless_prediction_log_deferred", "Records only in the spool, waiting "
+                                      "for the store.", registry=registry)
+        self._m_queue = prom.Gauge("skewless_prediction_log_queue_depth", "Records waiting for the writer.",
+                                   registry=registry)
+        self._m_healthy = prom.Gauge("skewless_prediction_log_healthy", "1 while the part works, 0 while it fails.",
+                                     ["part"], registry=registry)
+        for part in ("spool", "store"):
+            self._m_healthy.labels(part).set(1)
+        self._segments: Dict[int, _Segment] = {}
+        self._current: Optional[_Segment] = None
+        self._fd: Optional[int] = None
+        self._next_segment = 1
+        self._old_segments: List[str] = []  # left by an earlier process: replayed by the writer
+        try:
+            os.makedirs(self.spool_dir, exist_ok=True)
+            self._old_segments = self._segment_files()
+            self._next_segment = max([_segment_number(p) for p in self._old_segments] + [0]) + 1
+        except OSError as e:  # served anyway: records go to the queue alone until the spool opens
+            self._problem("spool", f"{self.spool_dir}: {e}")
+        with self._lock:
+            self._open_segment()
         self._thread = threading.Thread(target=self._write_loop, daemon=True, name="prediction-log")
         self._thread.start()
 
@@ -118,173 +115,284 @@ class PredictionLog:
         row = tuple(record.get(c) for c in COLUMNS)
         line = (json.dumps(dict(zip(COLUMNS, row))) + "\n").encode()
         with self._lock:
-            self._counts["logged"] += 1
-            try:
-                if self._segment_fd is None:
-                    raise OSError("the prediction log is closed")
-                os.write(self._segment_fd, line)  # one append: on disk (page cache) before we answer
-            except OSError as e:
-                self._counts["lost"] += 1
-                self._metric_lost.inc()
-                self._last_error = f"spool: {e}"
-                spooled = False
+            self._counts["received"] += 1
+            self._m_received.inc()
+            if self._closed:
+                self._lose(1, "the prediction log is closed")
+                return
+            segment = self._spool(line)
+            if len(self._queue) < self.queue_size and self._queued_bytes + len(line) <= self.queue_bytes:
+                self._queue.append((row, segment, len(line)))
+                self._queued_bytes += len(line)
+                if segment is not None:
+                    segment.queued += 1
+            elif segment is not None:  # whole in the spool: replayed once the writer catches up
+                segment.deferred += 1
+                self._counts["deferred"] += 1
+                self._m_deferred.inc()
             else:
-                spooled = True
-                self._segment_count += 1
-            if len(self._queue) < self.queue_size:
-                self._queue.append(row)
-            else:
-                self._segment_clean = False  # keep this segment: it holds records the writer never saw
-                if spooled:
-                    self._counts["deferred"] += 1
-                    self._metric_deferred.inc()
-            if self._segment_count >= self.segment_records:
-                self._rotate()
+                self._lose(1, self._problems.get("spool", "the queue is full"))
+            if self._current is not None and self._current.queued + self._current.deferred >= self.segment_records:
+                self._close_segment()
+
+    def _spool(self, line: bytes) -> Optional[_Segment]:
+        """Under the lock: the segment now holding the whole line, or None."""
+        if self._fd is None:
+            self._open_segment()
+            if self._fd is None:
+                return None
+        segment = self._current
+        try:
+            written = os.write(self._fd, line)
+        except OSError as e:
+            self._problem("spool", f"{self._segment_path(segment.number)}: {e}")
+            segment.torn = True  # a failed append may have left part of the line
+            self._close_segment()
+            return None
+        if written != len(line):  # a short write (file-size limit, full disk): the tail of the line is missing
+            self._problem("spool", f"{self._segment_path(segment.number)}: short write ({written} of "
+                                   f"{len(line)} bytes)")
+            segment.torn = True
+            self._close_segment()
+            return None
+        self._healthy("spool")
+        return segment
 
     # --- segments --------------------------------------------------------------------------
-    def _segments(self) -> List[str]:
-        return sorted(glob.glob(os.path.join(self.spool_dir, "segment-*.jsonl")), key=self._segment_number)
-
-    @staticmethod
-    def _segment_number(path: str) -> int:
-        return int(os.path.basename(path)[len("segment-"):-len(".jsonl")])
+    def _segment_files(self) -> List[str]:
+        return sorted(glob.glob(os.path.join(self.spool_dir, "segment-*.jsonl")), key=_segment_number)
 
     def _segment_path(self, number: int) -> str:
         return os.path.join(self.spool_dir, f"segment-{number:09d}.jsonl")
 
     def _open_segment(self) -> None:
-        self._segment_fd = os.open(self._segment_path(self._segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self._segment_count, self._segment_clean = 0, True
-
-    def _rotate(self) -> None:
-        """Under self._lock: close the segment; the writer deletes it after committing what precedes the marker."""
-        os.close(self._segment_fd)
-        done = (self._segment, self._segment_clean)
-        self._segment += 1
-        self._open_segment()
-        self._queue.append((_SEGMENT_DONE, done))  # markers are few: not bounded
-
-    def _recover(self) -> None:
-        """Replays spool segments a previous process left (it crashed, or its store was down)."""
-        segments = self._segments()
-        if not segments:
-            return
-        rows = []
-        for path in segments:
-            with open(path, "rb") as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except ValueError:  # a torn last line from a crash mid-write: it was never acknowledged
-                        continue
-                    rows.append(tuple(record.get(c) for c in COLUMNS))
+        """Under the lock. On failure there is no current segment (and no descriptor), never a stale one."""
+        self._fd, self._current = None, None
+        number = self._next_segment
         try:
-            db = connect(self.path)
-            with db:
-                before = db.total_changes
-                db.executemany(_INSERT, rows)
-                self._counts["recovered"] = db.total_changes - before
-            db.close()
-        except sqlite3.Error as e:
-            self._last_error = f"recovery: {e}"
-            logging.error("prediction log: cannot replay %d spooled records into %s: %s (kept in %s)",
-                          len(rows), self.path, e, self.spool_dir)
+            os.makedirs(self.spool_dir, exist_ok=True)
+            fd = os.open(self._segment_path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            self._problem("spool", f"{self._segment_path(number)}: {e}")
             return
-        for path in segments:
-            os.remove(path)
-        logging.info("prediction log: replayed %d spooled records, %d were not yet in %s",
-                     len(rows), self._counts["recovered"], self.path)
+        self._next_segment += 1
+        self._fd, self._current = fd, _Segment(number)
+        self._segments[number] = self._current
+
+    def _close_segment(self) -> None:
+        """Under the lock: the current segment takes no more lines; the next log() opens a new one."""
+        fd, segment = self._fd, self._current
+        self._fd, self._current = None, None  # forget the number before closing it: it may be reused at once
+        if segment is not None:
+            segment.closed = True
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _finished(self) -> List[_Segment]:
+        """Under the lock: closed segments with nothing waiting in them (their files can go)."""
+        return [s for s in self._segments.values() if s.closed and s.queued == 0 and s.deferred == 0]
+
+    def _to_replay(self) -> List[_Segment]:
+        """Under the lock: closed segments whose queued records are all done but that hold deferred ones."""
+        return [s for s in self._segments.values() if s.closed and s.queued == 0 and s.deferred > 0]
+
+    def _remove(self, segments: List[_Segment]) -> None:
+        for segment in segments:
+            try:
+                os.remove(self._segment_path(segment.number))
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # an immutable or read-only spool: kept, tried again later
+                self._problem("spool", f"{self._segment_path(segment.number)}: cannot remove ({e})")
+                continue
+            with self._lock:
+                self._segments.pop(segment.number, None)
+
+    def _read_segment(self, path: str) -> Tuple[List[tuple], int]:
+        """The whole records of a segment file, and how many lines were torn or not records."""
+        rows, torn = [], 0
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    if not isinstance(record, dict) or not record.get("request_id"):
+                        raise ValueError("not a record")
+                except ValueError:
+                    torn += 1
+                    continue
+                rows.append(tuple(record.get(c) for c in COLUMNS))
+        return rows, torn
+
+    def _count_torn(self, torn: int, path: str) -> None:
+        if torn:
+            with self._lock:
+                self._counts["torn"] += torn
+            self._m_torn.inc(torn)
+            logging.warning("prediction log: %d torn line(s) skipped in %s", torn, path)
 
     # --- writer ----------------------------------------------------------------------------
     def _write_loop(self) -> None:
-        db = None
-        pending: List[tuple] = []
-        finished_segments: List[tuple] = []
+        store: Optional[logstore.Store] = None
+        pending: List[Tuple[tuple, Optional[_Segment], int]] = []
+        next_try = 0.0
         while True:
             stopping = self._stop.is_set()
             if not pending and not stopping:
                 self._stop.wait(self.flush_seconds)
-            while len(pending) < self.batch_size:
-                try:
-                    item = self._queue.popleft()
-                except IndexError:
-                    break
-                if isinstance(item, tuple) and item and item[0] is _SEGMENT_DONE:
-                    finished_segments.append(item[1])
-                    if not pending:
-                        self._delete_finished(finished_segments)
-                    continue
-                pending.append(item)
-            self._metric_queue.set(len(self._queue))
-            if pending:
-                try:
-                    db = db or connect(self.path)
-                    with db:
-                        db.executemany(_INSERT, pending)
-                except sqlite3.Error as e:
-                    self._last_error = f"store: {e}"
-                    logging.error("prediction log: %s unavailable (%s); %d records wait in the spool",
-                                  self.path, e, len(pending))
-                    db = None
-                    if stopping:
-                        self._defer(pending)
-                        pending = []
-                        break
-                    self._stop.wait(self.retry_seconds)
-                    continue
-                with self._lock:
-                    self._counts["written"] += len(pending)
-                self._metric_written.inc(len(pending))
-                pending = []
-                self._delete_finished(finished_segments)
-            elif stopping:
-                break
-        self._defer(list(self._drain()))
-        if db is not None:
-            db.close()
-
-    def _drain(self) -> Iterator[tuple]:
-        while True:
-            try:
-                item = self._queue.popleft()
-            except IndexError:
-                return
-            if not (isinstance(item, tuple) and item and item[0] is _SEGMENT_DONE):
-                yield item
-
-    def _defer(self, rows: List[tuple]) -> None:
-        if rows:
             with self._lock:
-                self._counts["deferred"] += len(rows)
-            self._metric_deferred.inc(len(rows))
-
-    def _delete_finished(self, finished: List[tuple]) -> None:
-        while finished:
-            number, clean = finished.pop(0)
-            if clean:
+                while len(pending) < self.batch_size and self._queue:
+                    pending.append(self._queue.popleft())
+                self._in_writer = len(pending)
+                self._m_queue.set(len(self._queue) + len(pending))
+                if store is not None and self._current is not None and self._current.deferred:
+                    self._close_segment()  # the store answers again: replay what waited, do not wait for rotation
+            work = pending or self._old_segments or self._to_replay_now()
+            if work and store is None and (time.monotonic() >= next_try or stopping):
                 try:
-                    os.remove(self._segment_path(number))
-                except OSError:
-                    pass
+                    store = logstore.open_store(self.url)
+                    self._healthy("store")
+                except (logstore.StoreError, ValueError) as e:
+                    self._problem("store", str(e))
+                    next_try = time.monotonic() + self.retry_seconds
+            if store is not None:
+                try:
+                    if pending:
+                        inserted = store.insert([item[0] for item in pending])
+                        self._committed(pending, inserted)
+                        pending = []
+                        self._in_writer = 0
+                    self._replay(store)
+                    self._healthy("store")
+                except logstore.StoreError as e:
+                    self._problem("store", str(e))
+                    logging.error("prediction log: %s (%d records wait)", e, len(pending) + len(self._queue))
+                    _close_quietly(store)
+                    store, next_try = None, time.monotonic() + self.retry_seconds
+            if stopping and (store is None or not (pending or self._queue or self._to_replay_now())):
+                with self._lock:
+                    rest = pending + list(self._queue)
+                    self._queue.clear()
+                    self._queued_bytes = 0
+                    self._in_writer = 0
+                self._give_up(rest)
+                break
+            if pending and store is None and not stopping:
+                self._stop.wait(min(self.retry_seconds, max(0.0, next_try - time.monotonic())))
+        if store is not None:
+            _close_quietly(store)
+
+    def _to_replay_now(self) -> bool:
+        with self._lock:
+            return bool(self._to_replay())
+
+    def _committed(self, items: List[Tuple[tuple, Optional[_Segment], int]], inserted: int) -> None:
+        with self._lock:
+            self._counts["written"] += inserted
+            self._queued_bytes -= sum(item[2] for item in items)
+            for _, segment, _ in items:
+                if segment is not None:
+                    segment.queued -= 1
+            duplicates = len(items) - inserted  # an id already stored: this record is not in the log
+            if duplicates:
+                self._lose(duplicates, "duplicate request_id")
+            finished = self._finished()
+        self._m_written.inc(inserted)
+        self._remove(finished)
+
+    def _replay(self, store: "logstore.Store") -> None:
+        """Spool segments with records the store has not seen: an earlier process's, then this one's deferred."""
+        while self._old_segments:
+            path = self._old_segments[0]
+            rows, torn = self._read_segment(path)
+            inserted = store.insert(rows) if rows else 0  # idempotent: what was already stored is skipped
+            self._count_torn(torn, path)
+            with self._lock:
+                self._counts["recovered"] += inserted
+            self._m_written.inc(inserted)
+            try:
+                os.remove(path)
+            except OSError as e:
+                self._problem("spool", f"{path}: cannot remove ({e})")
+            self._old_segments.pop(0)
+            logging.info("prediction log: replayed %s: %d records, %d new", os.path.basename(path), len(rows),
+                         inserted)
+        with self._lock:
+            segments = self._to_replay()
+        for segment in segments:
+            path = self._segment_path(segment.number)
+            rows, torn = self._read_segment(path)
+            inserted = store.insert(rows) if rows else 0  # the segment's queued records are stored already
+            self._count_torn(torn, path)
+            with self._lock:
+                self._counts["written"] += inserted
+                self._counts["deferred"] -= segment.deferred
+                self._m_deferred.dec(segment.deferred)
+                if inserted < segment.deferred:  # cannot happen unless the file was altered
+                    self._lose(segment.deferred - inserted, f"{path}: records missing at replay")
+                segment.deferred = 0
+            self._m_written.inc(inserted)
+            self._remove([segment])
+
+    def _give_up(self, items: List[Tuple[tuple, Optional[_Segment], int]]) -> None:
+        """At a stop with the store down: spooled records wait for the next start, the others are lost."""
+        with self._lock:
+            lost = 0
+            for _, segment, _ in items:
+                if segment is not None:
+                    segment.queued -= 1
+                    segment.deferred += 1
+                    self._counts["deferred"] += 1
+                    self._m_deferred.inc()
+                else:
+                    lost += 1
+            if lost:
+                self._lose(lost, self._problems.get("store", "the store is unavailable"))
+            self._m_queue.set(0)
+
+    # --- health ----------------------------------------------------------------------------
+    def _problem(self, part: str, message: str) -> None:
+        if self._problems.get(part) != message:
+            logging.error("prediction log %s: %s", part, message)
+        self._problems[part] = message
+        self._last_error = f"{part}: {message}"
+        self._m_healthy.labels(part).set(0)
+
+    def _healthy(self, part: str) -> None:
+        if self._problems.pop(part, None) is not None:
+            logging.info("prediction log %s works again", part)
+            self._m_healthy.labels(part).set(1)
+
+    def _lose(self, n: int, why: str) -> None:
+        self._counts["lost"] += n
+        self._m_lost.inc(n)
+        self._last_error = f"lost: {why}"
 
     # --- lifecycle -------------------------------------------------------------------------
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Waits until nothing is queued or deferred (True), or the timeout passes (False)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                idle = not self._queue and self._counts["deferred"] == 0 and not self._old_segments
+            if idle and self._in_writer == 0:
+                return True
+            time.sleep(0.05)
+        return False
+
     def close(self, timeout: float = 30.0) -> Dict[str, Any]:
         """Graceful stop: everything queued is written (or left in the spool, counted); returns stats()."""
+        with self._lock:
+            self._closed = True
+            if self._current is not None:
+                self._close_segment()
         self._stop.set()
         self._thread.join(timeout)
         with self._lock:
-            if self._segment_fd is not None:
-                os.close(self._segment_fd)
-                self._segment_fd = None
-                late = [r for r in self._drain()]  # logged after the writer's last look: spooled only
-                if late:
-                    self._counts["deferred"] += len(late)
-                    self._metric_deferred.inc(len(late))
-                if self._counts["deferred"] == 0 and self._counts["lost"] == 0 and self._segment_clean:
-                    # Everything this process logged is committed: no segment needs to survive it.
-                    for path in self._segments():
-                        if self._segment_number(path) >= self._first_segment:
-                            os.remove(path)
+            finished = self._finished()
+        self._remove(finished)
         stats = self.stats()
         if stats["deferred"] or stats["lost"]:
             logging.error("prediction log: %d records deferred to the spool, %d lost (%s)",
@@ -293,55 +401,24 @@ class PredictionLog:
 
     def stats(self) -> Dict[str, Any]:
         with self._lock:
-            return {**self._counts, "queued": len(self._queue), "last_error": self._last_error}
+            return {**self._counts, "queued": len(self._queue), "last_error": self._last_error,
+                    "state": "degraded" if self._problems else "ok", "problems": dict(self._problems)}
 
 
-def read_records(path: str, start: Optional[float] = None, end: Optional[float] = None,
-                 model: Optional[str] = None, include_shadow: bool = False) -> Iterator[Dict[str, Any]]:
-    """Records with start <= ts < end, oldest first; request/response decoded from JSON."""
-    where, args = ["1=1"], []
-    if start is not None:
-        where.append("ts >= ?")
-        args.append(start)
-    if end is not None:
-        where.append("ts < ?")
-        args.append(end)
-    if model is not None:
-        where.append("model = ?")
-        args.append(model)
-    if not include_shadow:
-        where.append("shadow = 0")
-    db = connect(path, readonly=True)
+def _segment_number(path: str) -> int:
+    return int(os.path.basename(path)[len("segment-"):-len(".jsonl")])
+
+
+def _default_spool(url: str) -> str:
+    """Beside a SQLite file; for a database URL, under $PREDLOG_SPOOL_DIR (default build/prediction_log.spool)."""
+    where = logstore.masked_url(url)
+    if where.startswith("sqlite://"):
+        return where[len("sqlite://"):] + ".spool"
+    return os.environ.get("PREDLOG_SPOOL_DIR", os.path.join("build", "prediction_log.spool"))
+
+
+def _close_quietly(store: "logstore.Store") -> None:
     try:
-        for row in db.execute(f"SELECT {', '.join(COLUMNS)} FROM predictions WHERE {' AND '.join(where)} "
-                              "ORDER BY ts, request_id", args):
-            record = dict(zip(COLUMNS, row))
-            # A body that was not JSON (the client's mistake, answered 400) is logged as sent: None here.
-            record["request"], record["response"] = _decode(record["request"]), _decode(record["response"])
-            yield record
-    finally:
-        db.close()
-
-
-def _decode(text: Optional[str]) -> Any:
-    try:
-        return json.loads(text) if text is not None else None
-    except ValueError:
-        return None
-
-
-def instances(request: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The rows of a logged :predict body (`instances` rows or `inputs` columns) as feature dicts."""
-    if not isinstance(request, dict):
-        return []
-    if "instances" in request:
-        return [dict(r) for r in request["instances"] if isinstance(r, dict)]
-    inputs = request.get("inputs")
-    if isinstance(inputs, dict) and inputs:
-        n = max(len(v) if isinstance(v, list) else 1 for v in inputs.values())
-        return [{k: (v[i] if isinstance(v, list) else v) for k, v in inputs.items()
-                 if not isinstance(v, list) or i < len(v)} for i in range(n)]
-    if "examples" in request:  # :classify / :regress
-        context = request.get("context", {})
-        return [{**context, **e} for e in request["examples"] if isinstance(e, dict)]
-    return []
+        store.close()
+    except Exception:  # closing a broken connection: nothing left to do
+        pass

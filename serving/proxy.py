@@ -1,7 +1,7 @@
 """Proxy in front of TF Serving (or the local server): parameter-based control, A/B and shadow
 traffic, prediction logging. Clients speak TF Serving's REST API to it, unchanged.
 
-    python -m serving.proxy [--port 8080] [--log build/prediction_log.sqlite] [--env_file configs/proxy.env]
+    python -m serving.proxy [--port 8080] [--log sqlite:///build/prediction_log.sqlite] [--env_file configs/proxy.env]
 
 Settings are environment variables, overlaid by the KEY=VALUE lines of PROXY_ENV_FILE (or
 --env_file). The file is re-read on SIGHUP and whenever it changes (a Kubernetes ConfigMap
@@ -16,7 +16,8 @@ refused with a message naming the key, and the previous settings stay in force.
   PROXY_THRESHOLD         decision threshold on a binary model's `score`: class_ids (and
                           classes, with PROXY_CLASSES) are recomputed as score >= threshold
   PROXY_CLASSES           JSON list of class names in class-id order, e.g. ["no", "yes"]
-  PROXY_TIMEOUT_SECONDS   per backend call                                 5
+  PROXY_TIMEOUT_SECONDS   per backend call; at the deadline the call is cancelled (its
+                          connection closed, so the server drops it if it has not started)  5
   PROXY_RETRIES           extra tries after a connection error or a 503   1
   PROXY_VARIANTS          JSON {name: {"weight": w, "label": l | "version": n, "backend": url}}
                           a variant with neither label nor version gets the latest version;
@@ -26,43 +27,71 @@ refused with a message naming the key, and the previous settings stay in force.
                           with shadow=1 and compared with the answer given
   PROXY_ROUTING_HEADER    request header whose value keys the sticky split  X-User-Id
                           (no such header: the request id, i.e. no stickiness)
+  PROXY_ALLOW_CLIENT_ROUTING  true | false (default false): whether a client may choose what
+                          answers, by a URL naming a version or label (/versions/n, /labels/l)
+                          or by the X-Skewless-Variant request header; refused (403) otherwise
+  PROXY_AUTH_TOKENS_FILE  a file of bearer tokens, one per line: when set, every /v1/ request
+                          needs `Authorization: Bearer <token>` (401 otherwise); the health,
+                          readiness and metrics paths stay open
+  PROXY_MAX_ROWS          rows per request (instances, examples or inputs)  1000
+  PROXY_MAX_IN_FLIGHT     backend calls at once; beyond, a request waits within its deadline  256
   PROXY_COMPLETE_MISSING  true | false (default true): a :predict row ("instances" objects) that
                           leaves out named inputs of the signature gets them from the model's
-                          own metadata (backend GET .../metadata, cached 5 s) as the one wire form
-                          of a missing value: NaN for a number, "" for a string. Both servers
-                          refuse a row without every named input, as TF Serving does; a required
-                          feature is still refused by the model itself
+                          own metadata as the one wire form of a missing value: NaN for a
+                          number, "" for a string
+  PROXY_HASH_ROUTING_KEY  true | false (default false): log sha256(PROXY_HASH_SALT + key)
+                          instead of the routing key (the split itself is unchanged)
+  PROXY_REDACT_FEATURES   JSON list of feature names logged as "[redacted]" (the model still
+                          gets them; the monitor then skips them)          []
+  PROXY_LOG_MAX_BODY_BYTES  a logged request or response longer than this is stored as
+                          {"skewless_truncated": true, "bytes": n, "head": "..."}  65536
   PROXY_MODEL             the model /readyz checks: ready only when every variant's label or
                           version is AVAILABLE on its backend (unset: only that backends answer)
+  PROXY_LOG               where the prediction log goes (--log overrides): a path or
+                          sqlite:///path (embedded default), or postgresql://user:pw@host/db
+                          for several replicas sharing one store (serving/logstore.py)
+
+The version that answered is the version logged: the proxy resolves a variant's label (or the
+latest version) to a number from the backend's own metadata (refreshed every second, and at
+once when the backend no longer has that version) and calls that version by its explicit URL
+/versions/n, so the number in the log, the X-Skewless-Model-Version header and the body's
+"skewless" object is the one that computed the answer, also while a label moves.
 
 Every answer says who answered: headers X-Skewless-Variant, X-Skewless-Model-Version and
-X-Request-Id, and a "skewless" object beside "predictions"/"results" in the body. A URL that
-names a version or label (/versions/n, /labels/l) bypasses the split (variant "direct").
+X-Request-Id (made by the proxy; a client's own X-Request-Id is kept apart in the log's
+client_request_id and echoed as X-Client-Request-Id), and a "skewless" object beside
+"predictions"/"results" in the body.
 
 Every request and response goes to the prediction log (serving/predlog.py) before the answer is
-sent; a graceful stop (SIGTERM, SIGINT) writes all of it; a crash loses nothing acknowledged.
+sent; a graceful stop (SIGTERM, SIGINT) writes all of it; a crash loses nothing acknowledged;
+storage that fails never fails a request (what cannot be kept is counted, exactly once).
 Backend down: 503 with a message naming the variant and the backend; no answer in time: 504.
-Imports the standard library and prometheus-client only: the proxy image needs no TensorFlow.
+Client mistakes are 4xx and never counted as backend failures.
+
+The HTTP server is serving/http.py's (tornado); requests are handled on its event loop, and
+backend calls use aiohttp's client (keep-alive pools, per-call timeouts, cancellation), so a
+slow client or a slow backend holds no thread. The proxy image needs no TensorFlow.
 """
 
 import argparse
+import asyncio
 import hashlib
-import http.client
 import json
 import logging
 import math
 import os
 import re
+import resource
+import secrets
 import signal
-import socket
 import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
+import aiohttp
 import prometheus_client as prom
 
 from serving import wire
@@ -70,6 +99,10 @@ from serving.http import HttpServer, Request, Response
 from serving.predlog import PredictionLog
 
 MAX_SHADOW_IN_FLIGHT = 64
+METADATA_MAX_AGE = 1.0  # seconds a label's resolution is trusted before the backend is asked again
+MAX_MODEL_LABELS = 64  # distinct model names in metrics; others are counted as "other"
+MAX_CLIENT_ID = 200
+LARGE_BODY = 256 * 1024  # bodies above this are parsed off the event loop
 
 class ConfigError(ValueError):
     """A setting with a bad value; the message names the key."""
@@ -142,6 +175,17 @@ class Settings:
         self.retries = int(retries)
         self.routing_header = get("PROXY_ROUTING_HEADER", "X-User-Id").strip()
         self.complete_missing = _flag("PROXY_COMPLETE_MISSING", get("PROXY_COMPLETE_MISSING", "true"))
+        self.max_rows = int(_number("PROXY_MAX_ROWS", get("PROXY_MAX_ROWS", "1000"), 1, 1_000_000))
+        self.max_in_flight = int(_number("PROXY_MAX_IN_FLIGHT", get("PROXY_MAX_IN_FLIGHT", "256"), 1, 100_000))
+        self.allow_client_routing = _flag("PROXY_ALLOW_CLIENT_ROUTING", get("PROXY_ALLOW_CLIENT_ROUTING", "false"))
+        self.auth_tokens_file = get("PROXY_AUTH_TOKENS_FILE", "").strip() or None
+        self.auth_tokens = _read_tokens(self.auth_tokens_file) if self.auth_tokens_file else None
+        self.hash_routing_key = _flag("PROXY_HASH_ROUTING_KEY", get("PROXY_HASH_ROUTING_KEY", "false"))
+        self.hash_salt = get("PROXY_HASH_SALT", "")
+        self.redact = _json("PROXY_REDACT_FEATURES", get("PROXY_REDACT_FEATURES", "[]"), list)
+        if not all(isinstance(name, str) and name for name in self.redact):
+            raise ConfigError(f"PROXY_REDACT_FEATURES: expected a JSON list of feature names, got {self.redact}")
+        self.log_max_body = int(_number("PROXY_LOG_MAX_BODY_BYTES", get("PROXY_LOG_MAX_BODY_BYTES", "65536"), 256))
         self.model = get("PROXY_MODEL", "").strip() or None
         if self.model is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model):
             raise ConfigError(f"PROXY_MODEL: expected a model name, got '{self.model}'")
@@ -207,6 +251,19 @@ def read_env_file(path: str) -> Dict[str, str]:
     return values
 
 
+
+def _read_tokens(path: str) -> frozenset:
+    """Bearer tokens, one per line (# comments); a missing or empty file is refused, naming it."""
+    try:
+        with open(path) as f:
+            tokens = frozenset(t for t in (line.split("#", 1)[0].strip() for line in f) if t)
+    except OSError as e:
+        raise ConfigError(f"PROXY_AUTH_TOKENS_FILE: cannot read {path} ({e.strerror})") from None
+    if not tokens:
+        raise ConfigError(f"PROXY_AUTH_TOKENS_FILE: {path} holds no token (one per line); unset the key to turn "
+                          "authentication off")
+    return tokens
+
 # --- backend calls ------------------------------------------------------------------------
 
 class BackendError(Exception):
@@ -216,55 +273,44 @@ class BackendError(Exception):
 
 
 class Backends:
-    """Keep-alive connections per thread and backend; retries on connection errors and 503."""
+    """aiohttp keep-alive pools per backend, on the proxy's event loop; retries on connection errors and 503.
+    A call past its timeout is cancelled: aiohttp closes its connection, so the backend (TF Serving, or
+    serving/http.py's server, which drops work whose client has gone) does not compute for nobody."""
 
     def __init__(self):
-        self._local = threading.local()
+        self._session: Optional[aiohttp.ClientSession] = None
 
-    def _connection(self, backend: str, timeout: float) -> http.client.HTTPConnection:
-        pool = self._local.__dict__.setdefault("pool", {})
-        conn = pool.get(backend)
-        if conn is None:
-            parts = urlsplit(backend)
-            conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
-            pool[backend] = conn
-        if conn.sock is None:
-            conn.connect()  # here, so the socket options are set once per connection, not per request
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if conn.timeout != timeout:  # PROXY_TIMEOUT_SECONDS was reloaded
-            conn.timeout = timeout
-            conn.sock.settimeout(timeout)
-        return conn
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True),
+                skip_auto_headers=("User-Agent",), auto_decompress=False)
+        return self._session
 
-    def _drop(self, backend: str) -> None:
-        conn = self._local.__dict__.get("pool", {}).pop(backend, None)
-        if conn is not None:
-            conn.close()
-
-    def call(self, backend: str, method: str, path: str, body: Optional[bytes], timeout: float, retries: int,
-             who: str) -> Tuple[int, bytes]:
+    async def call(self, backend: str, method: str, path: str, body: Optional[bytes], timeout: float, retries: int,
+                   who: str) -> Tuple[int, bytes]:
         last = None
+        headers = {"Content-Type": "application/json"} if body else {}
         for attempt in range(retries + 1):
             try:
-                conn = self._connection(backend, timeout)
-                conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
-                response = conn.getresponse()
-                data = response.read()
-                if response.will_close:
-                    self._drop(backend)
-            except socket.timeout:
-                self._drop(backend)
+                async with self._client().request(method, backend + path, data=body, headers=headers,
+                                                  timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                    status, data = response.status, await response.read()
+            except asyncio.TimeoutError:
                 raise BackendError(504, "timeout", f"{who} ({backend}) did not answer within {timeout:g} s") from None
-            except (OSError, http.client.HTTPException) as e:
-                self._drop(backend)
+            except (aiohttp.ClientError, OSError) as e:
                 last = f"{type(e).__name__}: {e}"
                 continue
-            if response.status == 503 and attempt < retries:
+            if status == 503 and attempt < retries:
                 last = f"HTTP 503: {data[:200].decode(errors='replace')}"
                 continue
-            return response.status, data
+            return status, data
         raise BackendError(503, "unavailable", f"{who} ({backend}) unavailable after {retries + 1} "
                                                f"tr{'y' if retries == 0 else 'ies'}: {last}")
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
 
 
 # --- the proxy ----------------------------------------------------------------------------
@@ -282,12 +328,13 @@ class Proxy:
         self._publish_settings()
         self.log = PredictionLog(log_path, registry=self.registry) if log_path else None
         self.backends = Backends()
-        self.shadow_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="shadow")
-        self._shadow_slots = threading.BoundedSemaphore(MAX_SHADOW_IN_FLIGHT)
         self._metadata: Dict[Tuple[str, str], Tuple[float, Optional[Dict[str, Any]]]] = {}
-        self._metadata_lock = threading.Lock()
+        self._metadata_asks: Dict[Tuple[str, str], "asyncio.Future"] = {}
+        self._known_models: set = set()
         self._stop = threading.Event()
         self._in_flight = 0
+        self._backend_slots: Optional[asyncio.Semaphore] = None
+        self._shadows: set = set()
         self._stopping = False
         self._idle = threading.Condition()
         self._watcher = None
@@ -307,12 +354,18 @@ class Proxy:
                                                 "Time spent waiting for the backend.", ["model", "variant"], registry=r,
                                                 buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
         self.m_score = prom.Histogram("skewless_proxy_prediction_score", "Positive-class score of each row answered "
-                                      "(binary models; `value` for regression).", ["model", "variant"], registry=r,
+                                      "(binary models; `value` for regression); finite values only.",
+                                      ["model", "variant"], registry=r,
                                       buckets=tuple(round(0.05 * i, 2) for i in range(1, 21)))
+        self.m_nonfinite = prom.Counter("skewless_proxy_nonfinite_scores", "Scores that were NaN or infinite "
+                                        "(kept out of skewless_proxy_prediction_score).", ["model", "variant"],
+                                        registry=r)
         self.m_fallback = prom.Counter("skewless_proxy_fallback", "Requests answered with the fallback (disabled).",
                                        ["model"], registry=r)
-        self.m_backend_errors = prom.Counter("skewless_proxy_backend_errors", "Backend unavailable, timed out or 5xx.",
-                                             ["model", "variant", "reason"], registry=r)
+        self.m_backend_errors = prom.Counter("skewless_proxy_backend_errors", "Backend unavailable, timed out or 5xx "
+                                             "(never a client's mistake).", ["model", "variant", "reason"], registry=r)
+        self.m_client_errors = prom.Counter("skewless_proxy_client_errors", "Requests refused before any backend "
+                                            "call, by reason.", ["reason"], registry=r)
         self.m_shadow = prom.Counter("skewless_proxy_shadow", "Shadow copies, by outcome: same_class, "
                                      "different_class, error, skipped (too many in flight).",
                                      ["model", "variant", "outcome"], registry=r)
@@ -323,6 +376,14 @@ class Proxy:
                                       registry=r)
         self.m_weight = prom.Gauge("skewless_proxy_variant_weight", "Traffic share per answering variant.",
                                    ["variant"], registry=r)
+
+    def model_label(self, model: str) -> str:
+        """The metrics label for a model name: names the backend knows, up to MAX_MODEL_LABELS; else "other"."""
+        return model if model in self._known_models else "other"
+
+    def _saw_model(self, model: str, status: int) -> None:
+        if status != 404 and model not in self._known_models and len(self._known_models) < MAX_MODEL_LABELS:
+            self._known_models.add(model)
 
     # --- settings ------------------------------------------------------------------------
     def _values(self) -> Dict[str, str]:
@@ -357,6 +418,7 @@ class Proxy:
             logging.error("proxy settings not reloaded, previous ones stay in force: %s", e)
             return False
         self.settings = settings
+        self._backend_slots = None  # PROXY_MAX_IN_FLIGHT may have changed
         self._publish_settings()
         self.m_reloads.labels("ok").inc()
         logging.info("proxy settings reloaded: enabled=%s threshold=%s variants=%s shadow=%s", settings.enabled,
@@ -372,47 +434,57 @@ class Proxy:
             if mtime != self._env_file_mtime:
                 self.reload()
 
-    # --- the backend's metadata: versions for the log, input names for completing rows ----
-    def metadata(self, backend: str, model_path: str, max_age: float = 5.0) -> Optional[Dict[str, Any]]:
-        """TF Serving's metadata JSON for /v1/models/m[/labels/l|/versions/n], asked of the backend
-        at most every `max_age` s; on a failed ask the last answer stands (None: never had one).
-        Metadata, not status: status ignores a label (get_model_status_impl.cc:82-101)."""
+    # --- the backend's metadata: versions for routing, input names for completing rows ----
+    async def metadata(self, backend: str, model_path: str, max_age: float = METADATA_MAX_AGE,
+                       fresh: bool = False) -> Optional[Dict[str, Any]]:
+        """TF Serving's metadata JSON for /v1/models/m[/labels/l|/versions/n], asked of the backend at most
+        every `max_age` s (one ask at a time per path); on a failed ask the last answer stands. Metadata,
+        not status: status ignores a label (get_model_status_impl.cc:82-101)."""
         key = (backend, model_path)
-        now = time.monotonic()
-        with self._metadata_lock:
-            cached = self._metadata.get(key)
-        if cached and now - cached[0] < max_age:
+        cached = self._metadata.get(key)
+        if cached and not fresh and time.monotonic() - cached[0] < max_age:
             return cached[1]
-        answer = cached[1] if cached else None
+        ask = self._metadata_asks.get(key)
+        if ask is None:
+            ask = asyncio.ensure_future(self._ask_metadata(key, cached[1] if cached else None))
+            self._metadata_asks[key] = ask
+            ask.add_done_callback(lambda _: self._metadata_asks.pop(key, None))
+        return await asyncio.shield(ask)
+
+    async def _ask_metadata(self, key: Tuple[str, str], previous: Optional[Dict[str, Any]]):
+        answer = previous
         try:
-            status, data = self.backends.call(backend, "GET", model_path + "/metadata", None, self.settings.timeout, 0,
-                                              "metadata")
+            status, data = await self.backends.call(key[0], "GET", key[1] + "/metadata", None,
+                                                    self.settings.timeout, 0, "metadata")
             if status == 200:
                 answer = json.loads(data)
+            elif 400 <= status < 500:
+                answer = None  # the label or model is gone: do not keep routing to it
         except (BackendError, ValueError):
             pass
-        with self._metadata_lock:
-            self._metadata[key] = (now, answer)
+        self._metadata[key] = (time.monotonic(), answer)
         return answer
 
-    def model_version(self, variant: Variant, model: str) -> Optional[int]:
-        """The version a variant's label (or latest) resolves to (its metadata's model_spec)."""
+    async def resolve(self, variant: "Variant", model: str, fresh: bool = False) -> Optional[int]:
+        """The version number a variant's label (or the latest) names on its backend now."""
         if variant.version:
             return variant.version
+        meta = await self.metadata(variant.backend, variant.path(model, "")[:-1], fresh=fresh)
         try:
-            return int(self.metadata(variant.backend, variant.path(model, "")[:-1])["model_spec"]["version"])
+            return int(meta["model_spec"]["version"])
         except (TypeError, KeyError, ValueError):
             return None
 
-    def input_types(self, backend: str, model_path: str, signature: str) -> Dict[str, str]:
-        """{input name: DT_ type} of a signature, from the backend's metadata."""
+    async def input_types(self, backend: str, model_path: str, signature: str) -> Dict[str, str]:
+        """{input name: DT_ type} of a signature, from the backend's metadata (a version's never changes)."""
+        meta = await self.metadata(backend, model_path, max_age=3600.0 if "/versions/" in model_path else 5.0)
         try:
-            defs = self.metadata(backend, model_path)["metadata"]["signature_def"]["signature_def"]
+            defs = meta["metadata"]["signature_def"]["signature_def"]
             return {k: v.get("dtype", "") for k, v in defs.get(signature, {}).get("inputs", {}).items()}
         except (TypeError, KeyError, AttributeError):
             return {}
 
-    def complete(self, backend: str, model_path: str, body: Dict[str, Any]) -> bool:
+    async def complete(self, backend: str, model_path: str, body: Dict[str, Any]) -> bool:
         """Adds absent named inputs to every :predict row as NaN / "" (True if a row changed)."""
         rows = body.get("instances")
         if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
@@ -420,7 +492,7 @@ class Proxy:
         signature = body.get("signature_name") or "serving_default"
         if not isinstance(signature, str):
             return False
-        types = self.input_types(backend, model_path, signature)
+        types = await self.input_types(backend, model_path, signature)
         if len(types) < 2:  # a single input is sent bare; nothing to complete
             return False
         gaps = {"DT_STRING": "", "DT_FLOAT": math.nan, "DT_DOUBLE": math.nan, "DT_HALF": math.nan}
@@ -434,6 +506,38 @@ class Proxy:
                     changed = True
         return changed
 
+    async def call_version(self, variant: "Variant", model: str, verb: str, body: Dict[str, Any], raw: bytes,
+                           retries: int, who: str) -> Tuple[int, bytes, Optional[int], bytes]:
+        """Calls the variant at the explicit version its label (or latest) resolves to.
+        Returns (status, data, version that answered or None, the body sent)."""
+        settings = self.settings
+        version = await self.resolve(variant, model)
+        for attempt in range(2):
+            if version is None:  # unresolved (backend down, label unknown): the backend's own answer
+                path = variant.path(model, verb)
+            else:
+                path = f"/v1/models/{quote(model, safe='')}/versions/{version}:{verb}"
+            sent = raw
+            if verb == "predict" and settings.complete_missing and await self.complete(
+                    variant.backend, path.rsplit(":", 1)[0], body):
+                sent = json.dumps(body).encode()  # what the model sees is what is logged
+            async with self.backend_slots():
+                status, data = await self.backends.call(variant.backend, "POST", path, sent, settings.timeout,
+                                                        retries, who)
+            if status == 404 and version is not None and not variant.version and attempt == 0:
+                # The version was unloaded after we resolved the label: resolve again, call the new one.
+                newer = await self.resolve(variant, model, fresh=True)
+                if newer is not None and newer != version:
+                    version = newer
+                    continue
+            return status, data, (version if status == 200 or version is None else version), sent
+        return status, data, version, sent
+
+    def backend_slots(self) -> asyncio.Semaphore:
+        if self._backend_slots is None:
+            self._backend_slots = asyncio.Semaphore(self.settings.max_in_flight)
+        return self._backend_slots
+
     # --- answering -----------------------------------------------------------------------
     def fallback(self, body: Dict[str, Any], verb: str) -> Dict[str, Any]:
         rows = _row_count(body)
@@ -446,34 +550,60 @@ class Proxy:
             return
         for prediction in answer.get("predictions", []):
             if isinstance(prediction, dict) and isinstance(prediction.get("score"), (int, float)):
+                if not math.isfinite(prediction["score"]):
+                    continue  # no class from a NaN score: the model's own fields stand
                 class_id = int(prediction["score"] >= threshold)
                 prediction["class_ids"] = class_id
                 if classes is not None:
                     prediction["classes"] = classes[class_id]
 
     def observe_scores(self, model: str, variant: str, answer: Dict[str, Any]) -> None:
-        histogram = self.m_score.labels(model, variant)
-        for prediction in answer.get("predictions", []):
+        histogram = None
+        predictions = answer.get("predictions", [])
+        for prediction in predictions if isinstance(predictions, list) else []:
             if isinstance(prediction, dict):
                 value = prediction.get("score", prediction.get("value"))
-                if isinstance(value, (int, float)):
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    if not math.isfinite(value):
+                        self.m_nonfinite.labels(model, variant).inc()
+                        continue
+                    histogram = histogram or self.m_score.labels(model, variant)
                     histogram.observe(value)
 
-    def shadow(self, settings: Settings, model: str, verb: str, raw: bytes, request_id: str, ts: float,
-               routing_key: Optional[str], answer: Optional[Dict[str, Any]]) -> None:
+    def log_text(self, text: str, settings: "Settings") -> str:
+        """A body as the log keeps it: whole, or truncated with a marker past PROXY_LOG_MAX_BODY_BYTES."""
+        size = len(text.encode("utf-8", "replace"))
+        if size <= settings.log_max_body:
+            return text
+        return json.dumps({"skewless_truncated": True, "bytes": size, "head": text[:settings.log_max_body // 8]})
+
+    def logged_request(self, body: Optional[Dict[str, Any]], sent: bytes, settings: "Settings") -> str:
+        if body is not None and settings.redact:
+            redacted = _redact(body, set(settings.redact))
+            return self.log_text(_dumps(redacted), settings)
+        return self.log_text(sent.decode(errors="replace"), settings)
+
+    def logged_key(self, key: Optional[str], settings: "Settings") -> Optional[str]:
+        if key is None or not settings.hash_routing_key:
+            return key
+        return "sha256:" + hashlib.sha256((settings.hash_salt + key).encode()).hexdigest()
+
+    def shadow(self, settings: "Settings", model: str, verb: str, body: Dict[str, Any], raw: bytes, record_id: str,
+               client_id: Optional[str], ts: float, routing_key: Optional[str], answer: Optional[Dict[str, Any]]):
         variant = settings.variants[settings.shadow]
-        if not self._shadow_slots.acquire(blocking=False):
-            self.m_shadow.labels(model, variant.name, "skipped").inc()
+        if len(self._shadows) >= MAX_SHADOW_IN_FLIGHT:
+            self.m_shadow.labels(self.model_label(model), variant.name, "skipped").inc()
             return
 
-        def run():
+        async def run():
             try:
                 started = time.perf_counter()
+                version = None
                 try:
-                    status, data = self.backends.call(variant.backend, "POST", variant.path(model, verb), raw,
-                                                      settings.timeout, 0, f"shadow variant '{variant.name}'")
+                    status, data, version, sent = await self.call_version(
+                        variant, model, verb, json.loads(raw), raw, 0, f"shadow variant '{variant.name}'")
                 except BackendError as e:
-                    status, data = e.code, json.dumps({"error": str(e)}).encode()
+                    status, data, sent = e.code, json.dumps({"error": str(e)}).encode(), raw
                 latency = (time.perf_counter() - started) * 1e3
                 response = _loads(data)
                 outcome = "error"
@@ -482,19 +612,20 @@ class Proxy:
                             for a, b in zip(answer.get("predictions", []), response.get("predictions", []))
                             if isinstance(a, dict) and isinstance(b, dict)]
                     outcome = "same_class" if all(same) else "different_class"
-                self.m_shadow.labels(model, variant.name, outcome).inc()
+                self.m_shadow.labels(self.model_label(model), variant.name, outcome).inc()
                 if self.log:
-                    self.log.log({"request_id": f"{request_id}:shadow", "ts": ts, "model": model,
-                                  "variant": variant.name, "model_version": self.model_version(variant, model),
-                                  "shadow": 1, "api": verb, "status": status, "latency_ms": latency,
-                                  "routing_key": routing_key, "request": raw.decode(errors="replace"),
-                                  "response": json.dumps(response)})
+                    self.log.log({"request_id": f"{record_id}:shadow", "client_request_id": client_id, "ts": ts,
+                                  "model": model, "variant": variant.name,
+                                  "model_version": version if status == 200 else None, "shadow": 1, "api": verb,
+                                  "status": status, "latency_ms": latency, "routing_key": routing_key,
+                                  "request": self.logged_request(body, sent, settings),
+                                  "response": self.log_text(_dumps(response), settings)})
             except Exception:  # a shadow must never disturb anything
                 logging.exception("shadow request failed")
-            finally:
-                self._shadow_slots.release()
 
-        self.shadow_pool.submit(run)
+        task = asyncio.ensure_future(run())
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
 
     def begin(self) -> bool:
         """A request starts; False once the proxy is stopping (it is then refused with a 503)."""
@@ -509,22 +640,62 @@ class Proxy:
             self._in_flight -= 1
             self._idle.notify_all()
 
-    def close(self, timeout: float = 30.0) -> Dict[str, Any]:
-        """Graceful stop: refuse new requests, let those in flight answer (and log), write the log."""
+    def drain(self, timeout: float = 30.0) -> None:
+        """Refuse new requests; wait for those in flight and their shadow copies (called off the event loop)."""
+        deadline = time.monotonic() + timeout
         with self._idle:
             self._stopping = True
             self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+        while self._shadows and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def close(self, timeout: float = 30.0) -> Dict[str, Any]:
+        """After drain(): stop the settings watcher and write the log; returns the log's stats."""
+        with self._idle:
+            self._stopping = True
         self._stop.set()
-        self.shadow_pool.shutdown(wait=True)
-        return self.log.close() if self.log else {}
+        return self.log.close(timeout) if self.log else {}
 
 
 def _loads(data: bytes) -> Dict[str, Any]:
     try:
         value = json.loads(data)
         return value if isinstance(value, dict) else {"error": "backend answered a non-object"}
-    except ValueError:
+    except (ValueError, RecursionError):
         return {"error": f"backend answered non-JSON: {data[:200].decode(errors='replace')}"}
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _dumps(value: Any) -> str:
+    """Always valid JSON: a NaN or infinity (TF Serving writes them as bare tokens) becomes null."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), allow_nan=False)
+
+
+def _redact(body: Dict[str, Any], names: set) -> Dict[str, Any]:
+    def row(r):
+        return {k: ("[redacted]" if k in names else v) for k, v in r.items()} if isinstance(r, dict) else r
+    out = dict(body)
+    if isinstance(out.get("instances"), list):
+        out["instances"] = [row(r) for r in out["instances"]]
+    if isinstance(out.get("inputs"), dict):
+        out["inputs"] = row(out["inputs"])
+    if isinstance(out.get("examples"), list):
+        out["examples"] = [row(r) for r in out["examples"]]
+    if isinstance(out.get("context"), dict):
+        out["context"] = row(out["context"])
+    return out
 
 
 def _row_count(body: Dict[str, Any]) -> int:
@@ -540,37 +711,52 @@ def _row_count(body: Dict[str, Any]) -> int:
     return 0
 
 
+_PRINTABLE = re.compile(r"[\x21-\x7e]+")
+
+
 class ProxyApi:
-    """One client request -> one Response; runs on serving/http.py's worker pool."""
+    """One client request -> one Response, on serving/http.py's event loop."""
 
     def __init__(self, proxy: Proxy):
         self.proxy = proxy
 
-    def handle(self, request: Request) -> Response:
+    async def handle(self, request: Request) -> Response:
+        settings = self.proxy.settings
         if request.method == "GET":
             if request.target == "/monitoring/prometheus/metrics":
                 return Response(200, prom.generate_latest(self.proxy.registry), prom.CONTENT_TYPE_LATEST)
             if request.target == "/healthz":
-                return _answer(200, {"status": "ok"})
+                log = self.proxy.log.stats() if self.proxy.log else None
+                return _answer(200, {"status": "ok", **({"prediction_log": {
+                    k: log[k] for k in ("state", "problems", "received", "written", "queued", "deferred", "lost",
+                                        "torn")}} if log else {})})
             if request.target == "/readyz":
-                return self._ready()
+                return await self._ready()
         try:
             route = wire.parse(request.method, request.target) if wire.is_api_path(request.target) else None
         except wire.ServingError as e:  # TF Serving's answer for a malformed URL, without a backend call
-            return _answer(e.http_status, {"error": e.message})
+            return self._refuse(e.http_status, "url", e.message)
         if route is None:
-            return _answer(404, {"error": f"Not found: {request.method} {request.target[:200]} (the API is under /v1/)"})
+            return self._refuse(404, "url", f"Not found: {request.method} {request.target[:200]} "
+                                            "(the API is under /v1/)")
+        if settings.auth_tokens is not None and not _authorized(request.headers.get("Authorization"), settings):
+            return self._refuse(401, "auth", "missing or unknown bearer token: send 'Authorization: Bearer <token>'",
+                                {"WWW-Authenticate": 'Bearer realm="skewless"'})
         if request.method == "GET":
-            return self._forward_get(route)
+            return await self._forward_get(route)
         if not self.proxy.begin():
             return _answer(503, {"error": "the proxy is shutting down; retry on another replica"},
-                         {"Connection": "close"})
+                           {"Connection": "close"})
         try:
-            return self._post(request, route)
+            return await self._post(request, route, settings)
         finally:
             self.proxy.end()
 
-    def _ready(self) -> Response:
+    def _refuse(self, code: int, reason: str, message: str, headers: Optional[Dict[str, str]] = None) -> Response:
+        self.proxy.m_client_errors.labels(reason).inc()
+        return _answer(code, {"error": message}, headers)
+
+    async def _ready(self) -> Response:
         """Ready when every variant can answer (used by Kubernetes): with PROXY_MODEL, its label or
         version resolves on its backend; without, the backend at least answers."""
         settings = self.proxy.settings
@@ -582,8 +768,8 @@ class ProxyApi:
             else:
                 target = "/monitoring/prometheus/metrics"
             try:
-                status, data = self.proxy.backends.call(variant.backend, "GET", target, None, settings.timeout, 0,
-                                                        f"variant '{variant.name}'")
+                status, data = await self.proxy.backends.call(variant.backend, "GET", target, None, settings.timeout,
+                                                              0, f"variant '{variant.name}'")
             except BackendError as e:
                 problems.append(str(e))
                 continue
@@ -594,92 +780,130 @@ class ProxyApi:
                 problems.append(f"variant '{variant.name}': {target} has no servable version yet")
         return _answer(503 if problems else 200, {"status": "unavailable" if problems else "ok", "problems": problems})
 
-    def _forward_get(self, route: wire.Route) -> Response:
+    async def _forward_get(self, route: wire.Route) -> Response:
         settings = self.proxy.settings
         variant = settings.answering[0]
         try:
-            status, data = self.proxy.backends.call(variant.backend, "GET", _backend_path(route), None,
-                                                    settings.timeout, settings.retries, f"variant '{variant.name}'")
+            status, data = await self.proxy.backends.call(variant.backend, "GET", _backend_path(route), None,
+                                                          settings.timeout, settings.retries,
+                                                          f"variant '{variant.name}'")
             return Response(status, data)
         except BackendError as e:
             return _answer(e.code, {"error": str(e)})
 
-    def _post(self, request: Request, route: wire.Route) -> Response:
+    async def _post(self, request: Request, route: wire.Route, settings: Settings) -> Response:
         started, ts = time.perf_counter(), time.time()
-        proxy, settings = self.proxy, self.proxy.settings  # one settings object for the whole request
-        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        proxy = self.proxy
+        record_id = uuid.uuid4().hex  # the proxy's own: a client can neither repeat nor choose it
+        client_id = request.headers.get("X-Request-Id")
         model, verb, raw = route.model, route.api, request.body
         variant_name, version, code, answer = "none", None, 500, {"error": "internal error"}
         routing_key = request.headers.get(settings.routing_header) if settings.routing_header else None
         extra_headers: Dict[str, str] = {}
         backend_seconds = None
+        body: Optional[Dict[str, Any]] = None
+        sent = raw
         try:
+            if client_id is not None and (len(client_id) > MAX_CLIENT_ID or not _PRINTABLE.fullmatch(client_id)):
+                code, answer = 400, {"error": f"X-Request-Id: expected 1 to {MAX_CLIENT_ID} printable ASCII "
+                                              "characters without spaces"}
+                client_id = None
+                return
+            choice = request.headers.get("X-Skewless-Variant")
+            client_routes = route.version is not None or route.label is not None or choice is not None
+            if client_routes and not settings.allow_client_routing:
+                what = "a URL naming a version or label" if choice is None else "the X-Skewless-Variant header"
+                code, answer = 403, {"error": f"{what} chooses what answers, which this proxy does not allow "
+                                              "(PROXY_ALLOW_CLIENT_ROUTING=false): call /v1/models/<model>:<verb>"}
+                return
             try:
-                body = json.loads(raw)
+                parsed = (await asyncio.get_running_loop().run_in_executor(None, json.loads, raw)
+                          if len(raw) > LARGE_BODY else json.loads(raw))
             except (ValueError, RecursionError) as e:
                 code, answer = 400, {"error": f"JSON Parse error: {type(e).__name__}: {str(e)[:200]}"}
                 return
-            if not isinstance(body, dict):
+            if not isinstance(parsed, dict):
                 code, answer = 400, {"error": "JSON Value: the request body must be a JSON object"}
+                return
+            body = parsed
+            rows = _row_count(body)
+            if rows > settings.max_rows:
+                code, answer = 400, {"error": f"{rows} rows in one request; at most {settings.max_rows} "
+                                              "(PROXY_MAX_ROWS): split the request"}
                 return
             if not settings.enabled:
                 variant_name, code, answer = "fallback", 200, proxy.fallback(body, verb)
                 answer["skewless"] = {"fallback": True}
                 extra_headers["X-Skewless-Fallback"] = "true"
-                proxy.m_fallback.labels(model).inc()
+                proxy.m_fallback.labels(proxy.model_label(model)).inc()
                 return
-            if route.version is not None or route.label is not None:  # the client chose: no split
-                variant = Variant("direct", settings.answering[0].backend, 1, None, None)
-                path, version = _backend_path(route), route.version
+            if route.version is not None or route.label is not None:  # the client chose (allowed): no split
+                variant = Variant("direct", settings.answering[0].backend, 1, route.label, route.version)
+            elif choice is not None:
+                if choice not in settings.variants:
+                    code, answer = 400, {"error": f"X-Skewless-Variant: no variant '{choice[:100]}'; "
+                                                  f"variants: {sorted(settings.variants)}"}
+                    return
+                variant = settings.variants[choice]
             else:
-                variant = settings.choose(routing_key or request_id)
-                path = variant.path(model, verb)
+                variant = settings.choose(routing_key or record_id)
             variant_name = variant.name
-            if verb == "predict" and settings.complete_missing:
-                if proxy.complete(variant.backend, path.rsplit(":", 1)[0], body):
-                    raw = json.dumps(body).encode()  # what the model sees is what is logged
             call_started = time.perf_counter()
             try:
-                code, data = proxy.backends.call(variant.backend, "POST", path, raw, settings.timeout,
-                                                 settings.retries, f"variant '{variant.name}'")
+                code, data, version, sent = await proxy.call_version(variant, model, verb, body, raw,
+                                                                     settings.retries, f"variant '{variant.name}'")
             except BackendError as e:
-                proxy.m_backend_errors.labels(model, variant.name, e.reason).inc()
+                proxy.m_backend_errors.labels(proxy.model_label(model), variant.name, e.reason).inc()
                 code, answer = e.code, {"error": str(e)}
                 return
             finally:
                 backend_seconds = time.perf_counter() - call_started
+            proxy._saw_model(model, code)
             answer = _loads(data)
             if code >= 500:
-                proxy.m_backend_errors.labels(model, variant.name, f"http_{code}").inc()
-            if code == 200:
+                proxy.m_backend_errors.labels(proxy.model_label(model), variant.name, f"http_{code}").inc()
+            if code != 200:
+                version = None  # nothing was computed
+            else:
                 proxy.apply_threshold(answer)
-                proxy.observe_scores(model, variant.name, answer)
-                if variant.name != "direct":
-                    version = proxy.model_version(variant, model)
+                proxy.observe_scores(proxy.model_label(model), variant.name, answer)
                 answer["skewless"] = {"variant": variant.name, "model_version": version,
                                       **({"threshold": settings.threshold} if settings.threshold is not None else {})}
             if settings.shadow and variant.name != "direct":
-                proxy.shadow(settings, model, verb, raw, request_id, ts, routing_key, answer if code == 200 else None)
+                proxy.shadow(settings, model, verb, body, sent, record_id, client_id, ts,
+                             proxy.logged_key(routing_key, settings), answer if code == 200 else None)
         except Exception as e:  # a proxy bug: answer, log, keep serving
             logging.exception("proxy error on POST %s", request.target[:200])
             code, answer = 500, {"error": f"internal error: {type(e).__name__}"}
         finally:
             latency = time.perf_counter() - started
-            data = json.dumps(answer).encode()
-            if proxy.log and model:
+            text = _dumps(answer)
+            if proxy.log:
                 # Logged before the answer leaves: whatever a client saw is in the log.
-                proxy.log.log({"request_id": request_id, "ts": ts, "model": model, "variant": variant_name,
-                               "model_version": version, "shadow": 0, "api": verb, "status": code,
-                               "latency_ms": latency * 1e3, "routing_key": routing_key,
-                               "request": raw.decode(errors="replace"), "response": data.decode()})
-            proxy.m_requests.labels(model, variant_name, str(code)).inc()
-            proxy.m_latency.labels(model, variant_name).observe(latency)
+                proxy.log.log({"request_id": record_id, "client_request_id": client_id, "ts": ts, "model": model,
+                               "variant": variant_name, "model_version": version, "shadow": 0, "api": verb,
+                               "status": code, "latency_ms": latency * 1e3,
+                               "routing_key": proxy.logged_key(routing_key, settings),
+                               "request": proxy.logged_request(body, sent, settings),
+                               "response": proxy.log_text(text, settings)})
+            label = proxy.model_label(model)
+            proxy.m_requests.labels(label, variant_name, str(code)).inc()
+            proxy.m_latency.labels(label, variant_name).observe(latency)
             if backend_seconds is not None:
-                proxy.m_backend_latency.labels(model, variant_name).observe(backend_seconds)
-            headers = {"X-Request-Id": request_id, "X-Skewless-Variant": variant_name,
+                proxy.m_backend_latency.labels(label, variant_name).observe(backend_seconds)
+            headers = {"X-Request-Id": record_id, "X-Skewless-Variant": variant_name,
+                       **({"X-Client-Request-Id": client_id} if client_id else {}),
                        **({"X-Skewless-Model-Version": str(version)} if version is not None else {}), **extra_headers}
             # In the finally block: every path above, early exits included, answers what it logged.
-            return Response(code, data, "application/json", headers)  # noqa: B012
+            return Response(code, text.encode(), "application/json", headers)  # noqa: B012
+
+
+def _authorized(header: Optional[str], settings: Settings) -> bool:
+    if not header or not header.startswith("Bearer "):
+        return False
+    token = header[len("Bearer "):].strip()
+    # compare_digest against every token: the time taken does not say which prefix matched
+    return any([secrets.compare_digest(token.encode(), t.encode()) for t in settings.auth_tokens])
 
 
 def _backend_path(route: wire.Route) -> str:
@@ -701,8 +925,9 @@ def _answer(code: int, payload: Dict[str, Any], headers: Optional[Dict[str, str]
 class ProxyServer:
     """The proxy on serving/http.py: `server_address`, `serve_forever`, `shutdown` for its callers."""
 
-    def __init__(self, proxy: Proxy, host: str, port: int):
-        self.http = HttpServer(ProxyApi(proxy).handle, host, port, num_threads=64, name="proxy")
+    def __init__(self, proxy: Proxy, host: str, port: int, max_connections: int = 4000):
+        self.proxy = proxy
+        self.http = HttpServer(ProxyApi(proxy).handle, host, port, max_connections=max_connections, name="proxy")
         self._stopped = threading.Event()
         self.http.start()
         self.server_address = (host, self.http.port)
@@ -711,6 +936,9 @@ class ProxyServer:
         self._stopped.wait()
 
     def shutdown(self) -> None:
+        """Requests in flight answer (and are logged), then the listener and the backend pools close."""
+        self.proxy.drain()
+        self.http.run(self.proxy.backends.close())
         self.http.stop()
         self._stopped.set()
 
@@ -722,24 +950,34 @@ def make_server(proxy: Proxy, host: str = "127.0.0.1", port: int = 8080) -> Prox
     return ProxyServer(proxy, host, port)
 
 
+def _raise_open_files_limit(wanted: int = 16384) -> None:
+    """Each client connection is a descriptor: lift the soft limit towards the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--log", default="build/prediction_log.sqlite", help="prediction log (SQLite); '' for none")
+    parser.add_argument("--log", default=os.environ.get("PROXY_LOG", "build/prediction_log.sqlite"),
+                        help="prediction log: a path, sqlite:///path or postgresql://user:pw@host/db; '' for none "
+                             "(default: $PROXY_LOG, else build/prediction_log.sqlite)")
     parser.add_argument("--env_file", help="KEY=VALUE settings file, re-read on SIGHUP and on change "
                                            "(default: $PROXY_ENV_FILE)")
     parser.add_argument("--port_file", help="write the bound port here once listening (use with --port 0)")
+    parser.add_argument("--max_connections", type=int, default=4000, help="client connections open at once")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s proxy: %(message)s")
-    if args.log:
-        os.makedirs(os.path.dirname(os.path.abspath(args.log)), exist_ok=True)
+    _raise_open_files_limit()
     try:
         proxy = Proxy(env_file=args.env_file, log_path=args.log or None)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    server = make_server(proxy, args.host, args.port)
+    server = ProxyServer(proxy, args.host, args.port, args.max_connections)
     if args.port_file:
         with open(args.port_file + ".tmp", "w") as f:
             f.write(str(server.server_address[1]))
@@ -758,7 +996,7 @@ def main(argv=None) -> int:
         server.serve_forever()
     finally:
         server.server_close()
-        stats = proxy.close()  # requests in flight answer and are logged; later ones get a 503
+        stats = proxy.close()  # requests in flight answered and were logged; later ones got a 503
         logging.info("prediction log closed: %s", stats)
     return 0
 

@@ -24,6 +24,7 @@ import pytest
 from tests.conftest import REPO
 
 VERSIONS = {"stable": 1, "canary": 2}
+OFFSET = {1: 0.0, 2: 0.5, 3: 0.25}  # the fake's score depends on the version that computes it
 
 
 class FakeServing:
@@ -31,6 +32,7 @@ class FakeServing:
 
     def __init__(self, port=0, delay=0.0):
         self.paths, self.delay = [], delay
+        self.labels, self.loaded = dict(VERSIONS), {1, 2}
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -50,20 +52,21 @@ class FakeServing:
 
             def do_GET(self):
                 if self.path.endswith("/metadata"):  # TF Serving's metadata resolves a label to its version
-                    label = self.path.split("/labels/")[1].split("/")[0] if "/labels/" in self.path else None
-                    version = VERSIONS.get(label) if label else 2
+                    version = fake.version_of(self.path[:-len("/metadata")])
+                    if version is None and "/labels/" in self.path:  # server_core.cc:873-892
+                        return self._reply(400, {"error": "Unrecognized servable version label"})
                     if version is None:
-                        return self._reply(400, {"error": f"Unrecognized servable version label: {label}"})
+                        return self._reply(404, {"error": "Servable not found"})
                     return self._reply(200, {"model_spec": {"name": "taxi", "version": str(version)},
                                              "metadata": {"signature_def": {"signature_def": {}}}})
                 if self.path.startswith("/v1/models/taxi/labels/"):
-                    version = VERSIONS.get(self.path.rsplit("/", 1)[1])
+                    version = fake.labels.get(self.path.rsplit("/", 1)[1])
                     if version is None:
                         return self._reply(404, {"error": "Unrecognized servable version label"})
                     return self._reply(200, {"model_version_status": [{"version": str(version), "state": "AVAILABLE"}]})
                 if self.path == "/v1/models/taxi":
-                    return self._reply(200, {"model_version_status": [{"version": "2", "state": "AVAILABLE"},
-                                                                      {"version": "1", "state": "AVAILABLE"}]})
+                    return self._reply(200, {"model_version_status": [{"version": str(v), "state": "AVAILABLE"}
+                                                                      for v in sorted(fake.loaded, reverse=True)]})
                 self._reply(200, {"ok": True})
 
             def do_POST(self):
@@ -71,13 +74,14 @@ class FakeServing:
                 fake.paths.append(self.path)
                 if fake.delay:
                     time.sleep(fake.delay)
-                label = self.path.split("/labels/")[1].split(":")[0] if "/labels/" in self.path else None
-                version = VERSIONS.get(label, 2)
+                version = fake.version_of(self.path.rsplit(":", 1)[0])
+                if version is None:
+                    return self._reply(404, {"error": "Servable not found for request"})
                 if "instances" not in body:
                     return self._reply(400, {"error": "Missing 'instances' key"})
                 predictions = []
                 for row in body["instances"]:
-                    score = min(1.0, row.get("fare", 0) / 100 + (0.5 if version == 2 else 0))
+                    score = min(1.0, row.get("fare", 0) / 100 + OFFSET.get(version, 0))
                     predictions.append({"score": score, "probabilities": [1 - score, score],
                                         "class_ids": int(score > 0.5), "classes": "yes" if score > 0.5 else "no"})
                 self._reply(200, {"predictions": predictions})
@@ -87,6 +91,15 @@ class FakeServing:
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def version_of(self, model_path):
+        """/v1/models/taxi[/labels/l|/versions/n] -> the version it names now (None: not served)."""
+        if "/versions/" in model_path:
+            version = int(model_path.rsplit("/", 1)[1])
+            return version if version in self.loaded else None
+        if "/labels/" in model_path:
+            return self.labels.get(model_path.rsplit("/", 1)[1])
+        return max(self.loaded)
 
     def close(self):
         self.httpd.shutdown()
@@ -156,10 +169,26 @@ def test_split_follows_the_weights_is_sticky_and_says_who_answered(backend):
             assert post(url, {"instances": [{"fare": 1.0}]}, {"X-User-Id": f"user-{user}"})[2][
                 "X-Skewless-Variant"] == seen[user]
         paths = {p for p in backend.paths}
-        assert paths == {"/v1/models/taxi/labels/stable:predict", "/v1/models/taxi/labels/canary:predict"}
-        # A URL that names a version bypasses the split.
+        # Each label was resolved to its version and that version called by its explicit URL.
+        assert paths == {"/v1/models/taxi/versions/1:predict", "/v1/models/taxi/versions/2:predict"}
+        # A client may not choose what answers unless PROXY_ALLOW_CLIENT_ROUTING says so.
+        code, body, _ = post(url, {"instances": [{"fare": 1.0}]}, path="/v1/models/taxi/versions/1:predict")
+        assert code == 403 and "PROXY_ALLOW_CLIENT_ROUTING" in body["error"]
+        code, body, _ = post(url, {"instances": [{"fare": 1.0}]}, {"X-Skewless-Variant": "canary"})
+        assert code == 403 and "X-Skewless-Variant" in body["error"]
+    finally:
+        stop()
+    _, url, stop = start_proxy(ab_env(backend, PROXY_ALLOW_CLIENT_ROUTING="true"))
+    try:  # allowed: a URL that names a version or label bypasses the split, as does the header
         code, body, headers = post(url, {"instances": [{"fare": 1.0}]}, path="/v1/models/taxi/versions/1:predict")
         assert code == 200 and headers["X-Skewless-Variant"] == "direct" and headers["X-Skewless-Model-Version"] == "1"
+        code, body, headers = post(url, {"instances": [{"fare": 1.0}]}, path="/v1/models/taxi/labels/canary:predict")
+        assert code == 200 and headers["X-Skewless-Variant"] == "direct" and headers["X-Skewless-Model-Version"] == "2"
+        for user in range(20):
+            headers = post(url, {"instances": [{"fare": 1.0}]}, {"X-User-Id": f"u{user}", "X-Skewless-Variant": "canary"})[2]
+            assert headers["X-Skewless-Variant"] == "canary" and headers["X-Skewless-Model-Version"] == "2"
+        code, body, _ = post(url, {"instances": [{"fare": 1.0}]}, {"X-Skewless-Variant": "nope"})
+        assert code == 400 and "'nope'" in body["error"] and "canary" in body["error"]
     finally:
         stop()
 
@@ -328,7 +357,7 @@ def test_an_unavailable_store_does_not_stop_serving_and_the_loss_is_counted(back
         stats = stop()
     assert stats["written"] == 0 and stats["deferred"] == 30 and stats["last_error"].startswith("store:")
     reported = {s.name: s.value for m in proxy.registry.collect() for s in m.samples}
-    assert reported["skewless_prediction_log_deferred_total"] == 30
+    assert reported["skewless_prediction_log_deferred"] == 30 and reported["skewless_prediction_log_lost_total"] == 0
     from serving.predlog import PredictionLog
 
     # The records waited in the spool: once the store is back, the next start writes them.
@@ -434,13 +463,12 @@ def test_readiness_waits_for_every_variants_label(backend):
     _, url, stop = start_proxy(env)
     try:
         assert ready(url) == (200, {"status": "ok", "problems": []})
-        VERSIONS.pop("canary")  # the canary label is not there (not promoted yet)
+        backend.labels.pop("canary")  # the canary label is not there (not promoted yet)
         code, body = ready(url)
         assert code == 503 and len(body["problems"]) == 1
         # TF Serving answers an unknown label with 400 INVALID_ARGUMENT (server_core.cc:873-892).
         assert "variant 'canary': GET /v1/models/taxi/labels/canary/metadata answered 400" in body["problems"][0]
     finally:
-        VERSIONS["canary"] = 2
         stop()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

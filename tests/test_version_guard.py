@@ -384,18 +384,37 @@ def test_monitoring_config_exposes_prometheus_where_tf_serving_documents_it():
     assert monitoring.prometheus_config.path == "/monitoring/prometheus/metrics"
 
 
-def test_proxy_image_holds_the_proxy_only_with_the_locked_prometheus_client_and_tornado():
+def test_proxy_image_holds_the_proxy_only_with_locked_pins_for_all_it_imports():
     text = (REPO / "Dockerfile.proxy").read_text()
     arguments, stages = _stages(text)
     final = list(stages)[-1]
     sources = _context_sources(stages, final, arguments)
-    assert sorted(sources) == ["serving/__init__.py", "serving/http.py", "serving/predlog.py", "serving/proxy.py",
-                               "serving/wire.py"]
-    # What the proxy imports beyond the standard library is what the image installs, at the lock's pin.
+    assert sorted(sources) == ["serving/__init__.py", "serving/http.py", "serving/logstore.py", "serving/predlog.py",
+                               "serving/proxy.py", "serving/wire.py"]
+    # What the proxy imports beyond the standard library is what the image installs, at the lock's
+    # pins, and so is everything those packages need on the image's Python (installed --no-deps).
     installs = [rest for keyword, rest in _image(stages, final, arguments) if keyword == "RUN" and "pip install" in rest]
+    assert all("--no-deps" in rest for rest in installs)
     pins = dict(re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s\\]*)", " ".join(installs)))
     lock = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (REPO / "requirements" / "lock.txt").read_text(), re.M))
-    assert pins == {"prometheus-client": lock["prometheus-client"], "tornado": lock["tornado"]}
+    assert {name: lock.get(name) for name in pins} == pins
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    python = {"python_version": "3.11", "python_full_version": "3.11.0", "sys_platform": "linux", "extra": "",
+              "platform_system": "Linux", "platform_python_implementation": "CPython", "implementation_name": "cpython",
+              "platform_machine": "x86_64", "os_name": "posix"}
+    wanted, seen = ["aiohttp", "prometheus-client", "psycopg", "psycopg-binary", "tornado"], set()
+    while wanted:
+        name = wanted.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        for requirement in map(Requirement, metadata.requires(name) or []):
+            if requirement.marker is None or requirement.marker.evaluate(python):
+                wanted.append(requirement.name)
+    assert seen == set(pins), f"installed without their dependencies: {sorted(seen - set(pins))}; " \
+                              f"not needed: {sorted(set(pins) - seen)}"
     users = [rest for keyword, rest in _image(stages, final, arguments) if keyword == "USER"]
     assert users and users[-1].split(":")[0].isdigit() and int(users[-1].split(":")[0]) != 0
     ignored = (REPO / "Dockerfile.proxy.dockerignore").read_text().split()
