@@ -154,3 +154,141 @@ def serve(root, labels=None, num_latest=2, poll_seconds=3600.0, grpc=False, batc
     repo = Repository(config_file=path, poll_seconds=poll_seconds, config_poll_seconds=poll_seconds, warmup=warm)
     servables = Servables(repo, batcher)
     return LocalServer(servables, rest_port=0, grpc_port=0 if grpc else None, **server_args).start()
+
+
+# --- a real PostgreSQL server on loopback, for the prediction log's PostgreSQL store ----------
+
+REQUIRE_POSTGRES = "SKEWLESS_REQUIRE_POSTGRES"  # set by .ci/run: a missing server fails instead of skipping
+POSTGRES_PASSWORD = "s3cret-for-tests"
+
+
+def _postgres_unavailable(reason):
+    if os.environ.get(REQUIRE_POSTGRES) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_POSTGRES}=1; deploy/scripts/install-postgresql.sh installs it)",
+                    pytrace=False)
+    pytest.skip(reason)
+
+
+def _postgres_bin():
+    """The folder of Debian's `postgres`/`initdb` (newest version), else one on PATH, else None."""
+    import glob
+    import shutil
+
+    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]), reverse=True):
+        if os.path.exists(os.path.join(folder, "initdb")):
+            return folder
+    found = shutil.which("initdb")
+    return os.path.dirname(os.path.realpath(found)) if found else None
+
+
+class PostgresServer:
+    """`postgres` started on 127.0.0.1 in a throw-away data folder, password authentication on TCP."""
+
+    def __init__(self, bin_dir, folder, port, run_as):
+        self.bin_dir, self.folder, self.port, self.run_as = bin_dir, folder, port, run_as
+        self.process = None
+
+    def url(self, database="postgres", password=POSTGRES_PASSWORD, port=None):
+        return f"postgresql://skewless:{password}@127.0.0.1:{port or self.port}/{database}"
+
+    def _run(self, *command, **kwargs):
+        import subprocess
+
+        return subprocess.run(command, cwd=self.folder, capture_output=True, text=True, **self.run_as, **kwargs)
+
+    def start(self, timeout=30.0):
+        import subprocess
+        import time
+
+        import psycopg
+
+        password_file = os.path.join(self.folder, "password")
+        with open(password_file, "w") as f:
+            f.write(POSTGRES_PASSWORD)
+        data = os.path.join(self.folder, "data")
+        done = self._run(os.path.join(self.bin_dir, "initdb"), "-D", data, "-U", "skewless", "--pwfile",
+                         password_file, "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8",
+                         "--locale=C", "--no-sync")
+        if done.returncode:
+            raise RuntimeError(f"initdb failed: {done.stdout}{done.stderr}")
+        # Durability off: a test server's data is thrown away.
+        self.process = subprocess.Popen(
+            [os.path.join(self.bin_dir, "postgres"), "-D", data, "-k", self.folder, "-h", "127.0.0.1",
+             "-p", str(self.port), "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
+            cwd=self.folder, stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.folder, "server.log"), "w"),
+            **self.run_as)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                psycopg.connect(self.url(), connect_timeout=2).close()
+                return self
+            except psycopg.OperationalError as e:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    with open(os.path.join(self.folder, "server.log")) as f:
+                        raise RuntimeError(f"postgres did not start on port {self.port}: {e}\n{f.read()}") from None
+                time.sleep(0.05)
+
+    def create_database(self):
+        import uuid
+
+        import psycopg
+
+        name = f"log_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.url(), autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self):
+        import signal
+        import subprocess
+
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # fast shutdown: ends client sessions, no waiting for them
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One PostgreSQL server per test process (each xdist worker has its own), on a free port.
+    Skipped when the binaries are absent, unless SKEWLESS_REQUIRE_POSTGRES=1 (then it fails)."""
+    import pwd
+    import shutil
+    import socket
+    import tempfile
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _postgres_unavailable("psycopg is not installed (requirements/lock.txt pins it; make setup)")
+    bin_dir = _postgres_bin()
+    if bin_dir is None or not os.path.exists(os.path.join(bin_dir, "postgres")):
+        _postgres_unavailable("no PostgreSQL server binaries (initdb, postgres) in /usr/lib/postgresql/*/bin or PATH")
+    run_as = {}
+    folder = tempfile.mkdtemp(prefix="skewless-pg-")  # under /tmp: the postgres user must reach it
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            _postgres_unavailable("running as root and there is no 'postgres' user to run the server as")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = PostgresServer(bin_dir, folder, port, run_as)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """The URL (with password) of a new, empty database on the test server: each test its own."""
+    return postgres_server.create_database()
