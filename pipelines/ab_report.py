@@ -5,9 +5,11 @@
         [--primary METRIC] [--guardrails M1,M2|none] [--alpha 0.05] [--margin 0.01] [--min_samples 200]
         [--classes no,yes] [--json report.json]
 
-The proxy logs every request with the variant that answered it (serving/predlog.py). Ground
-truth arrives later as CSV or JSON lines with `request_id`, `label` and an optional `row` (the
-row of a multi-row request, 0 by default); the label is a class name or id, or a number for
+The proxy logs every request with the variant that answered it (serving/predlog.py; --log is a
+SQLite file or a postgresql:// URL, see serving/logstore.py). Ground truth arrives later as CSV
+or JSON lines with `request_id`, `label` and an optional `row` (the row of a multi-row request, 0
+by default). `request_id` is the proxy's id (the X-Request-Id of its answer) or the X-Request-Id
+the client sent, if that names one request in the window; the label is a class name or id, or a number for
 regression. Every labelled row is scored against the answer the client got (the served
 `class_ids`, so a threshold the proxy applied counts), per variant:
 
@@ -53,17 +55,16 @@ import datetime as dt
 import json
 import math
 import os
-import sqlite3
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import stats
 
-from serving import predlog
+from serving import logstore
 
 GO, NO_GO, NOT_ENOUGH_DATA = "GO", "NO-GO", "NOT ENOUGH DATA"
 EXIT_CODES = {GO: 0, NO_GO: 1, NOT_ENOUGH_DATA: 3}
@@ -89,54 +90,35 @@ class NotTestable(ValueError):
 
 # --- the prediction log -------------------------------------------------------------------
 
-def _decode(text: Optional[str]) -> Any:
+def log_url(url: str) -> str:
+    """The log's URL as reports and messages show it (password masked); InputError for a bad one."""
     try:
-        return json.loads(text) if text else None
-    except ValueError:  # the proxy logs the raw body of a request it refused as malformed JSON
-        return None
+        return logstore.masked_url(url)
+    except ValueError as e:
+        raise InputError(f"--log: {e}") from None
 
 
-def read_log(path: str, start: Optional[float], end: Optional[float], model: Optional[str],
+def read_log(url: str, start: Optional[float], end: Optional[float], model: Optional[str],
              include_shadow: bool) -> Tuple[str, List[Dict[str, Any]]]:
-    """(model, records) of the window. Like predlog.read_records, but a body that is not JSON
-    (a client's malformed request, logged as received) is kept as None instead of stopping the read."""
-    if not os.path.isfile(path):
-        raise InputError(f"prediction log {path}: no such file")
-    where, args = ["1=1"], []
-    for clause, value in (("ts >= ?", start), ("ts < ?", end)):
-        if value is not None:
-            where.append(clause)
-            args.append(value)
-    if not include_shadow:
-        where.append("shadow = 0")
+    """(model, records) of the window, bodies decoded; one that is not JSON (a client's malformed
+    request, logged as received) reads as None."""
+    shown = log_url(url)
     try:
-        db = predlog.connect(path, readonly=True)
-    except sqlite3.Error as e:
-        raise InputError(f"prediction log {path}: cannot open it ({e})") from None
-    try:
-        models = Counter(dict(db.execute(f"SELECT model, COUNT(*) FROM predictions WHERE {' AND '.join(where)} "
-                                         "GROUP BY model", args).fetchall()))
-        if model is None:
-            if len(models) != 1:
-                raise InputError(f"prediction log {path}: " + (
-                    f"several models in the window, choose one with --model: {_counts(models)}" if models
-                    else f"no records in {_window_text(start, end)}"))
-            model = next(iter(models))
-        elif model not in models:
-            raise InputError(f"prediction log {path}: no records of model '{model}' in {_window_text(start, end)}"
-                             + (f"; models present: {_counts(models)}" if models else ""))
-        rows = db.execute(f"SELECT {', '.join(predlog.COLUMNS)} FROM predictions WHERE {' AND '.join(where)} "
-                          "AND model = ? ORDER BY ts, request_id", args + [model]).fetchall()
-    except sqlite3.Error as e:
-        raise InputError(f"prediction log {path}: cannot read the predictions table ({e})") from None
-    finally:
-        db.close()
-    records = []
-    for row in rows:
-        record = dict(zip(predlog.COLUMNS, row))
-        record["request"], record["response"] = _decode(record["request"]), _decode(record["response"])
-        records.append(record)
-    return model, records
+        with logstore.open_store(url, readonly=True) as store:
+            models = Counter(store.models(start, end, include_shadow))
+            if model is None:
+                if len(models) != 1:
+                    raise InputError(f"prediction log {shown}: " + (
+                        f"several models in the window, choose one with --model: {_counts(models)}" if models
+                        else f"no records in {_window_text(start, end)}"))
+                model = next(iter(models))
+            elif model not in models:
+                present = f"; models present: {_counts(models)}" if models else ""
+                raise InputError(f"prediction log {shown}: no records of model '{model}' in "
+                                 f"{_window_text(start, end)}{present}")
+            return model, [logstore.decode(r) for r in store.read(start, end, model, include_shadow)]
+    except logstore.StoreError as e:
+        raise InputError(str(e)) from None
 
 
 # --- answers: one RowOutput per row of a response -----------------------------------------
@@ -226,7 +208,7 @@ def parse_outputs(response: Any) -> Optional[List[RowOutput]]:
 
 # --- variants -----------------------------------------------------------------------------
 
-Key = Tuple[str, int]  # (client request id, row)
+Key = Tuple[str, int]  # (the proxy's request id, row)
 
 
 @dataclass
@@ -246,12 +228,17 @@ class Variant:
         return sum(self.errors.values())
 
 
+def _base_id(record: Dict[str, Any]) -> str:
+    """The proxy's id of the client request a record answers (a shadow answer's without its suffix)."""
+    request_id = record["request_id"]
+    return request_id[:-len(SHADOW_SUFFIX)] if record["shadow"] and request_id.endswith(SHADOW_SUFFIX) else request_id
+
+
 def collect(records: List[Dict[str, Any]]) -> Dict[str, Variant]:
     variants: Dict[str, Variant] = {}
     for r in records:
         name = r["variant"] + (SHADOW_SUFFIX if r["shadow"] else "")
-        base_id = r["request_id"][:-len(SHADOW_SUFFIX)] if r["shadow"] and r["request_id"].endswith(
-            SHADOW_SUFFIX) else r["request_id"]
+        base_id = _base_id(r)
         v = variants.setdefault(name, Variant(name))
         v.requests += 1
         v.versions[r["model_version"]] += 1
@@ -259,7 +246,7 @@ def collect(records: List[Dict[str, Any]]) -> Dict[str, Variant]:
         if outputs is None:
             v.errors["unreadable" if r["status"] == 200 else str(r["status"])] += 1
             v.failed_ids.add(base_id)
-            v.rows += len(predlog.instances(r["request"])) if isinstance(r["request"], dict) else 0
+            v.rows += len(logstore.instances(r["request"])) if isinstance(r["request"], dict) else 0
             continue
         v.rows += len(outputs)
         v.answered_rows += len(outputs)
@@ -406,13 +393,40 @@ def load_labels(path: str) -> Labels:
             labels.blank += 1  # ground truth not known yet for this row
             continue
         label = label.strip() if isinstance(label, str) else label
-        key = (request_id.strip(), index)
-        if key in labels.values and labels.values[key][0] != label:
-            earlier, line = labels.values[key]
-            raise InputError(f"labels file {path}: request_id '{key[0]}' row {index} has two labels "
-                             f"({earlier!r} at line {line}, {label!r} at line {number})")
-        labels.values.setdefault(key, (label, number))
+        _add_label(labels.values, (request_id.strip(), index), label, number, path, f"'{request_id.strip()}'")
     return labels
+
+
+def _add_label(values: Dict[Key, Tuple[Any, int]], key: Key, label: Any, line: int, path: str, named: str) -> None:
+    if key in values and values[key][0] != label:
+        earlier, earlier_line = values[key]
+        raise InputError(f"labels file {path}: request_id {named} row {key[1]} has two labels "
+                         f"({earlier!r} at line {earlier_line}, {label!r} at line {line})")
+    values.setdefault(key, (label, line))
+
+
+def by_proxy_id(labels: Labels, records: List[Dict[str, Any]]) -> Labels:
+    """The labels keyed by the proxy's request id. A label's request_id is the proxy's (the
+    X-Request-Id of its answer) or the X-Request-Id the client sent, which must then name one
+    request of the window; an id that matches neither stays as it is (counted as unmatched)."""
+    proxy_ids = {_base_id(r) for r in records}
+    by_client: Dict[str, set] = {}
+    for r in records:
+        if r["client_request_id"] is not None:
+            by_client.setdefault(r["client_request_id"], set()).add(_base_id(r))
+    values: Dict[Key, Tuple[Any, int]] = {}
+    for (given, row), (label, line) in sorted(labels.values.items(), key=lambda kv: kv[1][1]):
+        request_id, named = given, f"'{given}'"
+        if given not in proxy_ids and given in by_client:
+            matches = by_client[given]
+            if len(matches) > 1:
+                raise InputError(f"labels file {labels.path} line {line}: request_id '{given}' is the client's "
+                                 f"X-Request-Id of {len(matches)} requests in the log's window: label them by the "
+                                 "proxy's request id (the X-Request-Id of its answer) instead")
+            request_id = next(iter(matches))
+            named = f"'{request_id}' (the client's '{given}')"
+        _add_label(values, (request_id, row), label, line, labels.path, named)
+    return replace(labels, values=values)
 
 
 def code_label(raw: Any, task: str, n_classes: int, names: Dict[str, int]) -> float:
@@ -824,6 +838,7 @@ def build_report(log_path: str, labels_path: Optional[str], model: Optional[str]
                  classes: Optional[List[str]] = None, guardrails: Optional[List[str]] = None) -> Dict[str, Any]:
     """The report as a JSON-ready dict; guardrails=None guards every metric of the task but the primary."""
     model, records = read_log(log_path, start, end, model, include_shadow)
+    log_path = log_url(log_path)  # from here on what the report shows: never the password
     variants = collect(records)
     _check_variants(variants, a, b, model, log_path, start, end, include_shadow)
     task, n_classes = task_of([variants[a], variants[b]])
@@ -835,7 +850,7 @@ def build_report(log_path: str, labels_path: Optional[str], model: Optional[str]
                                  f"{', '.join(METRICS[task])})")
         guardrails = [m for m in (METRICS[task] if guardrails is None else guardrails) if m != primary]
     names = class_names([variants[a], variants[b]], classes, n_classes) if task in ("binary", "multiclass") else {}
-    labels = load_labels(labels_path) if labels_path else None
+    labels = by_proxy_id(load_labels(labels_path), records) if labels_path else None
     truth = code_labels(labels, task, n_classes, names) if labels and task else {}
     label_ids = {k[0] for k in labels.values} if labels else set()
     logged_ids = set().union(*({k[0] for k in v.outputs} | v.failed_ids for v in variants.values()))
@@ -1009,7 +1024,8 @@ def _metric_list(text: str) -> List[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--log", default="build/prediction_log.sqlite", help="the proxy's prediction log (SQLite)")
+    parser.add_argument("--log", default="build/prediction_log.sqlite",
+                        help="the proxy's prediction log: a file path or sqlite: URL, or postgresql://user:pw@host/db")
     parser.add_argument("--labels", help="ground truth: CSV or JSON lines with request_id, label[, row]")
     parser.add_argument("--model", help="model name in the log (default: the only one in the window)")
     parser.add_argument("--a", default="stable", help="baseline variant (default: stable)")

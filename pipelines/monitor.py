@@ -6,7 +6,8 @@
         [--out_dir build/monitor] [--retrain]
 
 1. Reads the requests the proxy answered with HTTP 200 in [start, end) from the prediction log
-   (shadow copies excluded) and turns each logged body into feature rows typed by the spec: an
+   (--log: a SQLite file or a postgresql:// URL, see serving/logstore.py; shadow copies
+   excluded) and turns each logged body into feature rows typed by the spec: an
    int sent as 5 or 5.0 stays INT, a missing value ("" for a string, NaN/null for a number, or an
    absent key) stays missing. TFDV computes their statistics in memory.
 2. Validates them with TFDV against the training schema (SERVING environment); against the
@@ -51,7 +52,6 @@ import logging
 import math
 import os
 import shlex
-import sqlite3
 import subprocess
 import sys
 import time
@@ -60,7 +60,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import yaml
 
 from components import feature_spec
-from serving import predlog
+from serving import logstore
 
 EXIT_OK, EXIT_ANOMALIES, EXIT_USAGE, EXIT_FAILURE = 0, 1, 2, 3
 TRAINING, SERVING = "TRAINING", "SERVING"
@@ -228,26 +228,20 @@ class ServedRows:
                 "requests_not_counted": {str(k): v for k, v in sorted(self.other_status.items())}}
 
 
-def read_served(log_path: str, model: str, window: Tuple[float, float],
+def read_served(log_url: str, model: str, window: Tuple[float, float],
                 spec: feature_spec.FeatureSpec) -> ServedRows:
-    if not os.path.isfile(log_path):
-        raise MonitorError(f"--log {log_path}: no such prediction log")
     served = ServedRows(window)
     try:
-        for record in predlog.read_records(log_path, window[0], window[1], model):
+        for record in logstore.read_records(log_url, window[0], window[1], model):
             if record["status"] != 200:
                 served.other_status[record["status"]] = served.other_status.get(record["status"], 0) + 1
                 continue
             served.requests += 1
             body = record["request"] if isinstance(record["request"], dict) else {}
-            for instance in predlog.instances(body):
+            for instance in logstore.instances(body):
                 served.rows.append(_typed_row(instance, spec, served))
-    except sqlite3.Error as e:
-        raise MonitorError(f"--log {log_path}: not a readable prediction log: {e}") from e
-    except json.JSONDecodeError as e:  # read_records decodes every body: one that is not JSON stops it
-        raise MonitorError(f"--log {log_path}: a logged request or response in [{iso(window[0])}, "
-                           f"{iso(window[1])}) is not JSON ({e}); serving.predlog.read_records cannot "
-                           "read past it") from e
+    except logstore.StoreError as e:
+        raise MonitorError(f"--log: {e}") from e
     return served
 
 
@@ -730,11 +724,15 @@ def run(args, popen: Callable = subprocess.Popen, now: Optional[float] = None) -
     if window_hours is None and not (args.start and args.end):
         window_hours = thresholds["window_hours"]
     window = resolve_window(args.start, args.end, window_hours, now)
+    try:
+        log = logstore.masked_url(args.log)  # what reports and messages show: never the password
+    except ValueError as e:
+        raise MonitorError(f"--log: {e}") from e
     served = read_served(args.log, args.model, window, spec)
     if not served.rows:
         others = "; ".join(f"{n} with HTTP {s}" for s, n in sorted(served.other_status.items()))
         raise MonitorError(f"no successful (HTTP 200) request for model '{args.model}' in the window "
-                           f"[{iso(window[0])}, {iso(window[1])}) of the prediction log {args.log}"
+                           f"[{iso(window[0])}, {iso(window[1])}) of the prediction log {log}"
                            + (f" ({others} not counted)" if others else "")
                            + ": choose a window with traffic (--start/--end or --window_hours)")
     previous = read_served(args.log, args.model, (2 * window[0] - window[1], window[0]), spec)
@@ -754,7 +752,7 @@ def run(args, popen: Callable = subprocess.Popen, now: Optional[float] = None) -
             "reason": "INVALID_VALUE", "description": f"{problem['count']} values could not be read as "
             f"{spec.columns[name].type} (e.g. {problem['example']}); left out of the statistics"})
     report = {
-        "model": args.model, "spec": spec.source, "log": os.path.abspath(args.log),
+        "model": args.model, "spec": spec.source, "log": log,
         "generated": iso(time.time() if now is None else now),
         "window": served.describe(), "previous_window": previous.describe(),
         "training_statistics": training_source, "schema": schema_path,
@@ -843,7 +841,8 @@ def print_summary(report: Dict[str, Any], stream=sys.stdout) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--log", default="build/prediction_log.sqlite", help="the proxy's prediction log (SQLite)")
+    parser.add_argument("--log", default="build/prediction_log.sqlite",
+                        help="the proxy's prediction log: a file path or sqlite: URL, or postgresql://user:pw@host/db")
     parser.add_argument("--model", default="taxi")
     parser.add_argument("--spec", help="feature spec (default: configs/<model>.yaml)")
     parser.add_argument("--env", default="configs/local.yaml", help="environment file: metadata and model repository")

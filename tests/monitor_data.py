@@ -1,11 +1,11 @@
 """Served traffic for the monitor's tests: taxi rows sent the way clients send them, logged the
-way the proxy logs them (serving/predlog.py's table), without a proxy or a model."""
+way the proxy logs them (serving/logstore.py's table), without a proxy or a model."""
 
 import json
 import random
 from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
-from serving import predlog
+from serving import logstore
 from tests.conftest import read_rows, taxi_csv_path
 
 TRAINING_ROWS = 10000
@@ -78,17 +78,16 @@ def log_records(instances: Sequence[Dict[str, Any]], start: float, end: float, m
         # Every seventh request in the `inputs` form.
         request = _inputs_body(chunk) if n % 7 == 3 else json.dumps({"instances": chunk})
         response = json.dumps({"predictions": [[0.5] for _ in chunk]} if status == 200 else {"error": "x"})
-        record = {"request_id": f"{prefix}{n}" + (":shadow" if shadow else ""), "ts": ts, "model": model,
-                  "variant": "a", "model_version": 1, "shadow": shadow, "api": "predict", "status": status,
-                  "latency_ms": 3.0, "routing_key": None, "request": request, "response": response}
-        records.append(tuple(record[c] for c in predlog.COLUMNS))
+        record = {"request_id": f"{prefix}{n}" + (":shadow" if shadow else ""), "client_request_id": None,
+                  "ts": ts, "model": model, "variant": "a", "model_version": 1, "shadow": shadow, "api": "predict",
+                  "status": status, "latency_ms": 3.0, "routing_key": None, "request": request, "response": response}
+        records.append(tuple(record[c] for c in logstore.COLUMNS))
     return records
 
 
-def write_log(path: str, records: Iterable[tuple]) -> str:
-    db = predlog.connect(path)
-    with db:
-        db.executemany(f"INSERT INTO predictions ({', '.join(predlog.COLUMNS)}) "
-                       f"VALUES ({', '.join('?' * len(predlog.COLUMNS))})", list(records))
-    db.close()
-    return path
+def write_log(url: str, records: Iterable[tuple]) -> str:
+    """The records into the log at url (a SQLite path or a PostgreSQL URL); returns url."""
+    records = list(records)
+    with logstore.open_store(url) as store:
+        assert store.insert(records) == len(records), "two records share a request_id: the store keeps one"
+    return url

@@ -1,6 +1,6 @@
 """The A/B go/no-go report on synthetic prediction logs (no TensorFlow).
 
-Logs are written the way the proxy writes them (serving.predlog.connect + the predictions table);
+Logs are written through the store the proxy writes with (serving.logstore, its predictions table);
 ground truth as CSV or JSON lines. Statistics are checked against computations written here from
 the textbook formulas (brute-force DeLong, exact binomial and hypergeometric sums, Welch-Satterthwaite)
 or against scikit-learn and scipy functions the report does not use.
@@ -19,7 +19,7 @@ from sklearn.metrics import log_loss as sklearn_log_loss
 from sklearn.metrics import roc_auc_score
 
 from pipelines import ab_report
-from serving import predlog
+from serving import logstore
 
 T0 = 1_700_000_000.0
 NAMES = ["no", "yes"]
@@ -28,21 +28,19 @@ NAMES = ["no", "yes"]
 # --- writing logs and labels --------------------------------------------------------------
 
 def record(request_id, variant, response, status=200, rows=1, ts=T0, shadow=0, version=1, latency=5.0,
-           api="predict", request=None, model="taxi"):
+           api="predict", request=None, model="taxi", client_request_id=None):
     body = request if request is not None else json.dumps({"instances": [{"fare": 1.0}] * rows})
-    return {"request_id": request_id, "ts": ts, "model": model, "variant": variant, "model_version": version,
-            "shadow": shadow, "api": api, "status": status, "latency_ms": latency, "routing_key": None,
-            "request": body, "response": response if isinstance(response, str) else json.dumps(response)}
+    return {"request_id": request_id, "client_request_id": client_request_id, "ts": ts, "model": model,
+            "variant": variant, "model_version": version, "shadow": shadow, "api": api, "status": status,
+            "latency_ms": latency, "routing_key": None, "request": body,
+            "response": response if isinstance(response, str) else json.dumps(response)}
 
 
-def write_log(path, records):
-    db = predlog.connect(str(path))
-    with db:
-        db.executemany(f"INSERT INTO predictions ({', '.join(predlog.COLUMNS)}) "
-                       f"VALUES ({', '.join('?' * len(predlog.COLUMNS))})",
-                       [tuple(r[c] for c in predlog.COLUMNS) for r in records])
-    db.close()
-    return str(path)
+def write_log(url, records):
+    """The records into the log at url (a SQLite path or a PostgreSQL URL); returns url as a string."""
+    with logstore.open_store(str(url)) as store:
+        assert store.insert([tuple(r[c] for c in logstore.COLUMNS) for r in records]) == len(records)
+    return str(url)
 
 
 def binary_answer(scores, threshold=0.5):
@@ -272,6 +270,64 @@ def test_shadow_answers_join_their_request_and_are_compared_paired(tmp_path):
     # the same rows as independent samples cannot tell the two apart
     independent = ab_report.delong_test(y, live, y, better, 0.05)
     assert independent.p_value > 0.05
+
+
+def test_labels_may_name_the_request_id_the_client_sent(tmp_path):
+    records = [record("3f2a", "stable", binary_answer([0.9]), client_request_id="order-1"),
+               record("3f2a:shadow", "canary", binary_answer([0.2]), shadow=1, client_request_id="order-1"),
+               record("77c0", "canary", binary_answer([0.8]), client_request_id="order-2"),
+               record("9e1b", "stable", binary_answer([0.3]))]
+    log = write_log(tmp_path / "log.sqlite", records)
+    labels = write_labels_csv(tmp_path / "labels.csv", [
+        {"request_id": "order-1", "label": "yes"},   # the client's id; its shadow copy shares it: one request
+        {"request_id": "77c0", "label": "no"},       # the proxy's id
+        {"request_id": "9e1b", "label": "no"},
+        {"request_id": "order-9", "label": "no"}])   # neither
+    report = ab_report.build_report(log, labels, "taxi", "stable", "canary:shadow", include_shadow=True,
+                                    min_samples=1)
+    assert report["labels_file"]["matched_requests"] == 3 and report["labels_file"]["unmatched_requests"] == 1
+    assert report["variants"]["stable"]["labelled_rows"] == 2
+    assert report["variants"]["stable"]["metrics"]["accuracy"] == 1.0  # 0.9 -> yes, 0.3 -> no
+    assert report["variants"]["canary:shadow"]["metrics"]["accuracy"] == 0.0  # 0.2 -> no, labelled yes
+    assert report["variants"]["canary"]["labelled_rows"] == 1
+    assert report["comparison"]["paired"] and report["comparison"]["rows_a"] == 1
+
+
+def test_a_client_request_id_on_several_requests_is_refused_naming_it(tmp_path, capsys):
+    records = [record("a1", "stable", binary_answer([0.9]), client_request_id="retry-me"),
+               record("a2", "canary", binary_answer([0.8]), client_request_id="retry-me", ts=T0 + 1),
+               record("a3", "canary", binary_answer([0.8]), client_request_id="retry-me", ts=T0 + 2)]
+    log = write_log(tmp_path / "log.sqlite", records)
+    labels = write_labels_csv(tmp_path / "labels.csv", [{"request_id": "a1", "label": "yes"},
+                                                        {"request_id": "retry-me", "label": "yes"}])
+    code, err = _error(capsys, ["--log", log, "--labels", labels])
+    assert code == 2
+    assert f"labels file {labels} line 3: request_id 'retry-me' is the client's X-Request-Id of 3 requests" in err
+
+
+def test_a_label_by_client_id_and_one_by_proxy_id_for_the_same_row_must_agree(tmp_path, capsys):
+    log = write_log(tmp_path / "log.sqlite", [record("b1", "stable", binary_answer([0.9]), client_request_id="c1"),
+                                              record("b2", "canary", binary_answer([0.9]))])
+    labels = write_labels_csv(tmp_path / "labels.csv", [{"request_id": "b1", "label": "yes"},
+                                                        {"request_id": "c1", "label": "no"}])
+    code, err = _error(capsys, ["--log", log, "--labels", labels])
+    assert code == 2 and ("request_id 'b1' (the client's 'c1') row 0 has two labels ('yes' at line 2, 'no' at line 3)"
+                          in err)
+
+
+def test_a_postgresql_log_gives_the_report_a_sqlite_log_gives(tmp_path, postgres_url):
+    from tests.conftest import POSTGRES_PASSWORD
+
+    a_records, a_labels, *_ = binary_traffic("stable", 300, 0.5, seed=21)
+    b_records, b_labels, *_ = binary_traffic("canary", 300, 1.5, seed=22)
+    junk = record("stable-junk", "stable", {"error": "JSON Parse error"}, status=400, request="{not json \x00")
+    records = a_records + b_records + [junk]
+    labels = write_labels_csv(tmp_path / "labels.csv", a_labels + b_labels)
+    reports = [ab_report.build_report(write_log(log, records), labels, None, "stable", "canary")
+               for log in (tmp_path / "log.sqlite", postgres_url)]
+    assert reports[1]["decision"]["outcome"] == "GO" and reports[1]["variants"]["stable"]["errors"] == 1
+    assert reports[1]["log"] == logstore.masked_url(postgres_url) and POSTGRES_PASSWORD not in json.dumps(reports[1])
+    assert {**reports[1], "log": None} == {**reports[0], "log": None}
 
 
 # --- input errors -------------------------------------------------------------------------

@@ -43,9 +43,9 @@ def training_statistics(taxi_spec, rows, tmp_path_factory):
     return str(path)
 
 
-def _log(tmp_path, previous_rows, current_rows, spec, name="log.sqlite", noise=True):
+def _log(tmp_path, previous_rows, current_rows, spec, name="log.sqlite", noise=True, url=None):
     """Previous window then current window; plus failed and shadow requests carrying shifted rows,
-    which the monitor must not count."""
+    which the monitor must not count. Into tmp_path/name, or the log at url."""
     records = (data.log_records(data.as_instances(previous_rows, spec), data.PREVIOUS_START, data.CURRENT_START,
                                 prefix="p")
                + data.log_records(data.as_instances(current_rows, spec), data.CURRENT_START, data.CURRENT_END,
@@ -54,7 +54,7 @@ def _log(tmp_path, previous_rows, current_rows, spec, name="log.sqlite", noise=T
         junk = data.as_instances(data.shifted(current_rows[:1500]), spec)
         records += data.log_records(junk, data.CURRENT_START, data.CURRENT_END, status=400, prefix="bad")
         records += data.log_records(junk, data.CURRENT_START, data.CURRENT_END, shadow=1, prefix="c")
-    return data.write_log(str(tmp_path / name), records)
+    return data.write_log(url or str(tmp_path / name), records)
 
 
 def _run(log, training_statistics, out_dir, *extra, popen=None):
@@ -286,9 +286,24 @@ def test_empty_window_is_a_usage_error_naming_window_and_log(rows, training_stat
     assert not (tmp_path / "out").exists()
 
 
+def test_a_postgresql_log_gives_the_report_a_sqlite_log_gives(shifted, taxi_spec, rows, training_statistics,
+                                                              tmp_path, postgres_url):
+    from serving import logstore
+    from tests.conftest import POSTGRES_PASSWORD
+
+    log = _log(tmp_path, rows[1], data.shifted(rows[2]), taxi_spec, url=postgres_url)
+    code, report = _run(log, training_statistics, tmp_path / "out", "--retrain")
+    _, from_sqlite, _, _ = shifted
+    assert code == 1 and _flagged(report, "skew") == {"payment_type", "fare"}
+    assert report["window"]["rows"] == len(rows[2]) and report["window"] == from_sqlite["window"]
+    assert report["measurements"] == from_sqlite["measurements"]
+    assert report["log"] == logstore.masked_url(postgres_url) and POSTGRES_PASSWORD not in json.dumps(report)
+
+
 def test_missing_log_and_statistics_files_are_named(training_statistics, tmp_path, capsys, rows, taxi_spec):
     code, _ = _run(str(tmp_path / "nowhere.sqlite"), training_statistics, tmp_path / "out")
-    assert code == 2 and "nowhere.sqlite: no such prediction log" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and f"--log: prediction log sqlite://{tmp_path}/nowhere.sqlite: no such file" in err
     log = _log(tmp_path, [], rows[2][:200], taxi_spec, noise=False)
     code, _ = _run(log, str(tmp_path / "missing.pb"), tmp_path / "out")
     assert code == 2 and "missing.pb: no such file" in capsys.readouterr().err

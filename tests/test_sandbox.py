@@ -127,15 +127,13 @@ def test_config_errors_name_the_key(config, message):
 def test_the_replay_goes_through_the_proxy_in_the_production_wire_form(sandbox_run):
     """Every replayed request passed the proxy (its prediction log has them) with every named
     input present and NaN / "" for the gaps: the request clients send."""
-    import json
-    import sqlite3
+    from serving import logstore
 
     config, report, _, work = sandbox_run
-    with sqlite3.connect(str(work / "prediction_log.sqlite")) as db:
-        rows = db.execute("SELECT variant, status, request FROM predictions").fetchall()
+    records = list(logstore.read_records(str(work / "prediction_log.sqlite"), include_shadow=True))
     replay_requests = config.rows // 100 + config.latency_requests
-    assert len(rows) >= replay_requests and {(v, s) for v, s, _ in rows} == {("candidate", 200)}
-    first = json.loads(rows[0][2])["instances"][0]
+    assert len(records) >= replay_requests and {(r["variant"], r["status"]) for r in records} == {("candidate", 200)}
+    first = records[0]["request"]["instances"][0]
     assert len(first) == 17 and any(isinstance(v, float) and v != v for v in first.values())  # NaN sent as such
 
 
