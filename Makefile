@@ -14,7 +14,7 @@ KF_ENV ?= configs/kubeflow.yaml
 EXPERIMENT ?= skewless
 KF_ARGS = --spec $(SPEC) --env $(KF_ENV) $(if $(IMAGE),--image $(IMAGE)) $(if $(BEAM_PROFILE),--beam_profile $(BEAM_PROFILE))
 
-.PHONY: help setup lock test test-fast run image-train compile submit schedule schema data promote rollback parity serve monitor ab-report batch-predict bench-pipeline bench-serving bench-proxy bench-scale clean
+.PHONY: help setup lock test test-fast run image-train compile submit schedule schema data promote rollback parity serve monitor ab-report retention batch-predict bench-pipeline bench-serving bench-proxy bench-scale clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -89,11 +89,16 @@ serve: ## TF-Serving twin (REST :8501, gRPC :8500) from build/model_repository/m
 bench-serving: ## in-process signature call vs REST through the local server (needs a pushed model)
 	$(PY) -m benchmarks.bench_serving
 
-monitor: ## skew and drift of served traffic vs training and the previous window; writes build/monitor/ (RETRAIN=1 starts a run on anomalies)
+monitor: ## skew and drift of served traffic vs training and the previous window; writes build/monitor/ (RETRAIN=1 starts a run on anomalies) [LOG=path|postgresql://...]
 	$(PY) -m pipelines.monitor --log $(or $(LOG),build/prediction_log.sqlite) --model $(or $(MODEL),taxi) $(if $(WINDOW_HOURS),--window_hours $(WINDOW_HOURS)) $(if $(RETRAIN),--retrain)
 
-ab-report: ## A/B go/no-go from the prediction log: make ab-report LABELS=file [A=stable B=canary HOURS=24]; exit 0 GO, 1 NO-GO, 3 not enough data
+ab-report: ## A/B go/no-go from the prediction log: make ab-report LABELS=file [A=stable B=canary HOURS=24 LOG=path|postgresql://...]; exit 0 GO, 1 NO-GO, 3 not enough data
 	$(PY) -m pipelines.ab_report --log $(or $(LOG),build/prediction_log.sqlite) $(if $(LABELS),--labels $(LABELS)) --model $(or $(MODEL),taxi) --a $(or $(A),stable) --b $(or $(B),canary) $(if $(HOURS),--window_hours $(HOURS)) --json build/ab_report.json
+
+# Not echoed: LOG may hold a password (the job prints the URL masked).
+retention: ## trim the prediction log: make retention MAX_AGE_DAYS=30 and/or MAX_ROWS=n [LOG=path|postgresql://...]
+	$(if $(or $(MAX_AGE_DAYS),$(MAX_ROWS)),,$(error MAX_AGE_DAYS or MAX_ROWS is required))
+	@$(PY) -m serving.retention --log '$(or $(LOG),build/prediction_log.sqlite)' $(if $(MAX_AGE_DAYS),--max_age_days $(MAX_AGE_DAYS)) $(if $(MAX_ROWS),--max_rows $(MAX_ROWS))
 
 batch-predict: ## predictions for a CSV through a pushed model: make batch-predict INPUT=file.csv [MODEL=taxi] [VERSION=n|LABEL=stable]
 	$(PY) -m pipelines.batch_predict --model $(or $(MODEL),taxi) --input $(INPUT) --output $(or $(OUTPUT),build/batch_predictions) $(if $(VERSION),--version $(VERSION)) $(if $(LABEL),--label $(LABEL))

@@ -1,14 +1,16 @@
 """The prediction log's store (serving/logstore.py): one body of tests run on SQLite and on a real
-PostgreSQL server on loopback (tests/conftest.py's postgres_server)."""
+PostgreSQL server on loopback (tests/conftest.py's postgres_server), plus the retention job."""
 
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import pytest
 
-from serving import logstore
-from tests.conftest import POSTGRES_PASSWORD
+from serving import logstore, retention
+from tests.conftest import POSTGRES_PASSWORD, REPO
 
 T0 = 1_700_000_000.123456789  # not a round binary fraction: a float column that rounds would show
 
@@ -216,3 +218,49 @@ def test_a_url_of_no_accepted_form_is_a_value_error_naming_it(bad):
     message = str(info.value)
     assert (bad.replace("topsecret", "***") or "''") in message and "topsecret" not in message
     assert "sqlite:///absolute/path.sqlite" in message and "postgresql://user:password@host" in message
+
+
+# --- retention ----------------------------------------------------------------------------
+
+DAY = retention.DAY_SECONDS
+
+
+def test_retention_by_age_and_rows(url, capsys):
+    with logstore.open_store(url) as store:
+        store.insert([row(f"d{i}", ts=T0 - i * DAY) for i in range(10)])  # d0 today ... d9 nine days ago
+    assert retention.main(["--log", url, "--max_age_days", "7.5"], now=T0) == 0  # d8, d9
+    line = capsys.readouterr().out.strip()
+    assert line == (f"retention {logstore.masked_url(url)}: deleted 2 rows (older than 2023-11-07T10:13:20Z); "
+                    "8 left")
+    assert retention.main(["--log", url, "--max_age_days", "3.5", "--max_rows", "2"], now=T0) == 0
+    assert capsys.readouterr().out.endswith("deleted 6 rows (older than 2023-11-11T10:13:20Z, then beyond the "
+                                            "newest 2); 2 left\n")
+    assert ids(logstore.read_records(url)) == ["d1", "d0"]
+
+
+def test_retention_needs_a_rule_and_names_the_flags(tmp_path, capsys):
+    log = str(tmp_path / "log.sqlite")
+    with pytest.raises(SystemExit) as info:
+        retention.main(["--log", log])
+    assert info.value.code == 2 and "give --max_age_days, --max_rows or both" in capsys.readouterr().err
+    for flag, value in (("--max_rows", "0"), ("--max_age_days", "-1"), ("--max_rows", "many")):
+        with pytest.raises(SystemExit):
+            retention.main(["--log", log, flag, value])
+        assert f"argument {flag}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        retention.main(["--log", "mysql://db/log", "--max_rows", "5"])
+    assert "--log: prediction log URL mysql://db/log: not a prediction log location" in capsys.readouterr().err
+
+
+def test_retention_runs_as_a_module_and_reports_a_store_failure(tmp_path):
+    log = tmp_path / "log.sqlite"
+    with logstore.open_store(str(log)) as store:
+        store.insert([row("r1", ts=1.0), row("r2", ts=2.0), row("r3", ts=3.0)])
+    done = subprocess.run([sys.executable, "-m", "serving.retention", "--log", f"sqlite://{log}", "--max_rows", "1"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.endswith("deleted 2 rows (beyond the newest 1); 1 left\n"), done.stderr
+    done = subprocess.run([sys.executable, "-m", "serving.retention", "--log", str(tmp_path / "none" / "x.sqlite"),
+                           "--max_rows", "1"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr == f"error: prediction log sqlite://{tmp_path}/none/x.sqlite: no such file\n"
+    assert not (tmp_path / "none").exists()
