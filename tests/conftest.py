@@ -212,11 +212,11 @@ class PostgresServer:
         if done.returncode:
             raise RuntimeError(f"initdb failed: {done.stdout}{done.stderr}")
         # Durability off: a test server's data is thrown away.
-        self.process = subprocess.Popen(
-            [os.path.join(self.bin_dir, "postgres"), "-D", data, "-k", self.folder, "-h", "127.0.0.1",
-             "-p", str(self.port), "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
-            cwd=self.folder, stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.folder, "server.log"), "w"),
-            **self.run_as)
+        with open(os.path.join(self.folder, "server.log"), "w") as server_log:
+            self.process = subprocess.Popen(
+                [os.path.join(self.bin_dir, "postgres"), "-D", data, "-k", self.folder, "-h", "127.0.0.1",
+                 "-p", str(self.port), "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
+                cwd=self.folder, stdout=subprocess.DEVNULL, stderr=server_log, **self.run_as)
         deadline = time.monotonic() + timeout
         while True:
             try:
