@@ -401,7 +401,8 @@ class PredictionLog:
 
     def stats(self) -> Dict[str, Any]:
         with self._lock:
-            return {**self._counts, "queued": len(self._queue), "last_error": self._last_error,
+            return {**self._counts, "queued": len(self._queue) + self._in_writer, "last_error": self._last_error,
+                    "replay_pending": len(self._old_segments),
                     "state": "degraded" if self._problems else "ok", "problems": dict(self._problems)}
 
 

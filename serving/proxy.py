@@ -47,6 +47,9 @@ refused with a message naming the key, and the previous settings stay in force.
                           {"skewless_truncated": true, "bytes": n, "head": "..."}  65536
   PROXY_MODEL             the model /readyz checks: ready only when every variant's label or
                           version is AVAILABLE on its backend (unset: only that backends answer)
+  PREDLOG_QUEUE_SIZE, PREDLOG_SEGMENT_RECORDS, PREDLOG_RETRY_SECONDS  the log's bounds
+                          (records held in memory 10000, records per spool segment 5000,
+                          seconds between tries of a failing store 1); read at start
   PROXY_LOG               where the prediction log goes (--log overrides): a path or
                           sqlite:///path (embedded default), or postgresql://user:pw@host/db
                           for several replicas sharing one store (serving/logstore.py)
@@ -326,7 +329,7 @@ class Proxy:
         self._env_file_mtime = None
         self.settings = Settings(self._values())
         self._publish_settings()
-        self.log = PredictionLog(log_path, registry=self.registry) if log_path else None
+        self.log = PredictionLog(log_path, registry=self.registry, **_log_options(self.base_env)) if log_path else None
         self.backends = Backends()
         self._metadata: Dict[Tuple[str, str], Tuple[float, Optional[Dict[str, Any]]]] = {}
         self._metadata_asks: Dict[Tuple[str, str], "asyncio.Future"] = {}
@@ -657,6 +660,18 @@ class Proxy:
         return self.log.close(timeout) if self.log else {}
 
 
+def _log_options(env: Dict[str, str]) -> Dict[str, Any]:
+    """The prediction log's bounds, from PREDLOG_QUEUE_SIZE, PREDLOG_SEGMENT_RECORDS, PREDLOG_RETRY_SECONDS."""
+    options = {}
+    for key, name, low, high in (("PREDLOG_QUEUE_SIZE", "queue_size", 1, 10_000_000),
+                                 ("PREDLOG_SEGMENT_RECORDS", "segment_records", 1, 10_000_000),
+                                 ("PREDLOG_RETRY_SECONDS", "retry_seconds", 0.01, 3600)):
+        if env.get(key, "").strip():
+            value = _number(key, env[key], low, high)
+            options[name] = value if name == "retry_seconds" else int(value)
+    return options
+
+
 def _loads(data: bytes) -> Dict[str, Any]:
     try:
         value = json.loads(data)
@@ -729,7 +744,7 @@ class ProxyApi:
                 log = self.proxy.log.stats() if self.proxy.log else None
                 return _answer(200, {"status": "ok", **({"prediction_log": {
                     k: log[k] for k in ("state", "problems", "received", "written", "queued", "deferred", "lost",
-                                        "torn")}} if log else {})})
+                                        "torn", "recovered", "replay_pending")}} if log else {})})
             if request.target == "/readyz":
                 return await self._ready()
         try:
@@ -925,9 +940,10 @@ def _answer(code: int, payload: Dict[str, Any], headers: Optional[Dict[str, str]
 class ProxyServer:
     """The proxy on serving/http.py: `server_address`, `serve_forever`, `shutdown` for its callers."""
 
-    def __init__(self, proxy: Proxy, host: str, port: int, max_connections: int = 4000):
+    def __init__(self, proxy: Proxy, host: str, port: int, max_connections: int = 4000, idle_timeout: float = 60.0):
         self.proxy = proxy
-        self.http = HttpServer(ProxyApi(proxy).handle, host, port, max_connections=max_connections, name="proxy")
+        self.http = HttpServer(ProxyApi(proxy).handle, host, port, max_connections=max_connections,
+                               idle_timeout=idle_timeout, name="proxy")
         self._stopped = threading.Event()
         self.http.start()
         self.server_address = (host, self.http.port)
@@ -969,6 +985,8 @@ def main(argv=None) -> int:
                                            "(default: $PROXY_ENV_FILE)")
     parser.add_argument("--port_file", help="write the bound port here once listening (use with --port 0)")
     parser.add_argument("--max_connections", type=int, default=4000, help="client connections open at once")
+    parser.add_argument("--idle_timeout", type=float, default=60.0,
+                        help="seconds a connection may take to send its next request's headers")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s proxy: %(message)s")
     _raise_open_files_limit()
@@ -977,7 +995,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    server = ProxyServer(proxy, args.host, args.port, args.max_connections)
+    server = ProxyServer(proxy, args.host, args.port, args.max_connections, args.idle_timeout)
     if args.port_file:
         with open(args.port_file + ".tmp", "w") as f:
             f.write(str(server.server_address[1]))
