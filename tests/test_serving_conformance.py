@@ -402,6 +402,8 @@ def test_import_contract_is_kept_and_catches_a_violation(tmp_path):
         (tmp_path / package / "__init__.py").write_text("")
     (tmp_path / "serving" / "leak.py").write_text("from components import preprocessing\n")
     (tmp_path / "serving" / "predlog.py").write_text("import json\n")
+    (tmp_path / "serving" / "logstore.py").write_text("import sqlite3\n")
+    (tmp_path / "serving" / "retention.py").write_text("from serving import logstore\n")
     (tmp_path / "serving" / "proxy.py").write_text("from serving import server\n")  # server needs TensorFlow
     (tmp_path / "serving" / "server.py").write_text("import tensorflow\n")
     (tmp_path / "serving" / "wire.py").write_text("import json\n")
