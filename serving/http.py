@@ -55,6 +55,8 @@ class _Exchange(httputil.HTTPMessageDelegate):
         self.chunks.append(chunk)
 
     def finish(self):
+        # Told when the client closes while its answer is being made (tornado watches the socket then).
+        self.connection.set_close_callback(self.on_connection_close)
         asyncio.ensure_future(self.server.respond(self))
 
     def on_connection_close(self):

@@ -161,7 +161,9 @@ def targets(small_model, tmp_path_factory):
     shutil.copytree(small_model[0], root / "taxi" / "1")
     server = serve(root, {"taxi": {"stable": 1}})
     log = tmp_path_factory.mktemp("fuzz_log") / "log.sqlite"
-    _, proxy_url, stop = start_proxy({"PROXY_BACKEND": server.url}, log_path=str(log))
+    # Client routing allowed, so the generator's /labels/ and /versions/ URLs reach the model too.
+    _, proxy_url, stop = start_proxy({"PROXY_BACKEND": server.url, "PROXY_ALLOW_CLIENT_ROUTING": "true"},
+                                     log_path=str(log))
     specs = server.servables.repository.resolve("taxi").signatures["serving_default"].structured_input_signature[1]
     features = {n: "string" if s.dtype.name == "string" else "number" for n, s in specs.items()}
     yield {"server": server.url, "proxy": proxy_url, "features": features}

@@ -7,6 +7,7 @@ test can tell which variant and version answered); the last one uses the real lo
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -94,6 +95,8 @@ class FakeServing:
 
     def version_of(self, model_path):
         """/v1/models/taxi[/labels/l|/versions/n] -> the version it names now (None: not served)."""
+        if not (model_path == "/v1/models/taxi" or model_path.startswith("/v1/models/taxi/")):
+            return None
         if "/versions/" in model_path:
             version = int(model_path.rsplit("/", 1)[1])
             return version if version in self.loaded else None
@@ -479,3 +482,84 @@ def test_readiness_waits_for_every_variants_label(backend):
         assert code == 503 and "unavailable" in body["problems"][0]
     finally:
         stop()
+
+
+def test_bearer_tokens_guard_the_api_and_leave_health_open(backend, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# callers\ns3cret-one\n\ns3cret-two  # the batch job\n")
+    _, url, stop = start_proxy({"PROXY_BACKEND": backend.url, "PROXY_AUTH_TOKENS_FILE": str(tokens)})
+    try:
+        code, body, headers = post(url, {"instances": [{"fare": 1.0}]})
+        assert code == 401 and "Bearer" in body["error"]
+        assert {k.lower(): v for k, v in headers.items()}["www-authenticate"].startswith("Bearer")
+        assert post(url, {"instances": [{"fare": 1.0}]}, {"Authorization": "Bearer s3cret-on"})[0] == 401
+        assert post(url, {"instances": [{"fare": 1.0}]}, {"Authorization": "Basic s3cret-one"})[0] == 401
+        assert post(url, {"instances": [{"fare": 1.0}]}, {"Authorization": "Bearer s3cret-one"})[0] == 200
+        assert post(url, {"instances": [{"fare": 1.0}]}, {"Authorization": "Bearer s3cret-two"})[0] == 200
+        assert backend.paths and all(":predict" in p for p in backend.paths) and len(backend.paths) == 2
+        with urllib.request.urlopen(url + "/healthz", timeout=10) as r:
+            assert r.status == 200
+        with urllib.request.urlopen(url + "/monitoring/prometheus/metrics", timeout=10) as r:
+            assert b'skewless_proxy_client_errors_total{reason="auth"} 3.0' in r.read()
+    finally:
+        stop()
+    tokens.write_text("# nobody\n")
+    from serving.proxy import ConfigError, Settings
+
+    with pytest.raises(ConfigError, match=r"PROXY_AUTH_TOKENS_FILE: .*tokens holds no token"):
+        Settings({"PROXY_AUTH_TOKENS_FILE": str(tokens)})
+
+
+def test_the_log_hashes_the_routing_key_redacts_named_features_and_truncates_big_bodies(backend, tmp_path):
+    log = str(tmp_path / "log.sqlite")
+    env = {"PROXY_BACKEND": backend.url, "PROXY_HASH_ROUTING_KEY": "true", "PROXY_HASH_SALT": "pepper",
+           "PROXY_REDACT_FEATURES": '["company"]', "PROXY_LOG_MAX_BODY_BYTES": "2048", "PROXY_MAX_ROWS": "100"}
+    _, url, stop = start_proxy(env, log_path=log)
+    try:
+        small = post(url, {"instances": [{"fare": 1.0, "company": "Acme"}]}, {"X-User-Id": "alice"})
+        big = post(url, {"instances": [{"fare": float(i), "company": "Acme"} for i in range(100)]})
+        too_many = post(url, {"instances": [{"fare": 1.0}] * 101})
+        too_many_columns = post(url, {"inputs": {"fare": [1.0] * 101}})
+    finally:
+        stop()
+    assert small[0] == big[0] == 200 and len(big[1]["predictions"]) == 100
+    assert too_many[0] == too_many_columns[0] == 400 and "at most 100 (PROXY_MAX_ROWS)" in too_many[1]["error"]
+    import hashlib
+
+    from serving import logstore
+
+    records = {r["request_id"]: r for r in logstore.read_records(log)}
+    first = records[small[2]["X-Request-Id"]]
+    assert first["routing_key"] == "sha256:" + hashlib.sha256(b"pepperalice").hexdigest()
+    assert first["request"]["instances"] == [{"fare": 1.0, "company": "[redacted]"}]
+    second = records[big[2]["X-Request-Id"]]
+    for column in ("request", "response"):
+        assert second[column]["skewless_truncated"] is True and second[column]["bytes"] > 2048
+        assert len(json.dumps(second[column])) <= 2048
+    assert "Acme" not in json.dumps(second["request"]["head"])  # redacted before it was cut
+
+
+def test_metrics_stay_bounded_and_a_non_finite_score_stays_out_of_the_histogram(tmp_path):
+    fake = FakeServing()
+    _, url, stop = start_proxy({"PROXY_BACKEND": fake.url})
+    try:
+        assert post(url, {"instances": [{"fare": 10.0}]})[0] == 200
+        for i in range(300):  # random model names: answered 404 by the backend
+            assert post(url, {"instances": [{"fare": 1.0}]}, path=f"/v1/models/m{i}:predict")[0] == 404
+        # TF Serving writes non-finite outputs as bare tokens: 1e400 parses to infinity.
+        fake_answer = b'{"predictions": [{"score": 1e400}, {"score": NaN}, {"score": 0.25}]}'
+        from serving.proxy import Proxy
+
+        proxy = Proxy(env={"PROXY_BACKEND": fake.url}, watch_seconds=0)
+        proxy.observe_scores("taxi", "default", json.loads(fake_answer))
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for m in proxy.registry.collect() for s in m.samples}
+        assert samples[("skewless_proxy_nonfinite_scores_total", (("model", "taxi"), ("variant", "default")))] == 2
+        assert samples[("skewless_proxy_prediction_score_sum", (("model", "taxi"), ("variant", "default")))] == 0.25
+        metrics = urllib.request.urlopen(url + "/monitoring/prometheus/metrics").read().decode()
+    finally:
+        stop()
+        fake.close()
+    assert 'model="m1"' not in metrics and 'model="other"' in metrics and 'model="taxi"' in metrics
+    models = set(re.findall(r'model="([^"]*)"', metrics))
+    assert models == {"taxi", "other"}

@@ -418,3 +418,35 @@ def test_regress_over_rest_and_grpc_with_the_method_name_check_on(tmp_path):
         assert [r.value for r in answer.result.regressions] == [4.0, -3.0] and answer.model_spec.version.value == 1
     finally:
         server.stop()
+
+
+def test_work_whose_client_left_before_a_worker_took_it_is_dropped():
+    """The proxy closes its backend connection at its deadline (aiohttp cancels the call); the
+    server then skips the queued request instead of computing an answer nobody reads, so one slow
+    call does not make the next one time out too."""
+    import socket
+
+    from serving.http import HttpServer, Response
+
+    calls = []
+
+    def handler(request):
+        calls.append(request.target)
+        time.sleep(0.5)
+        return Response(200, b"{}")
+
+    server = HttpServer(handler, num_threads=1).start()
+    try:
+        first = socket.create_connection(("127.0.0.1", server.port))
+        first.sendall(b"POST /first HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        time.sleep(0.1)  # the only worker is busy with /first
+        second = socket.create_connection(("127.0.0.1", server.port))
+        second.sendall(b"POST /second HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        time.sleep(0.1)
+        second.close()  # the caller gives up while /second waits for a worker
+        assert first.recv(1024).startswith(b"HTTP/1.1 200")
+        first.close()
+        time.sleep(0.7)
+        assert calls == ["/first"] and server.dropped == 1
+    finally:
+        server.stop()
