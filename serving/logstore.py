@@ -37,12 +37,22 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 COLUMNS = ("request_id", "client_request_id", "ts", "model", "variant", "model_version", "shadow", "api",
            "status", "latency_ms", "routing_key", "request", "response")
 TABLE = "predictions"
+NULLABLE = ("client_request_id", "model_version", "routing_key")  # every other column is NOT NULL in both DDLs
 ACCEPTED_FORMS = ("sqlite:///absolute/path.sqlite, sqlite:relative/path.sqlite, a bare file path (SQLite), "
                   "or postgresql://user:password@host:port/database (postgres:// also)")
 SQLITE_TIMEOUT_SECONDS = 10  # how long a writer waits for another's lock; also PostgreSQL's connect timeout
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _MASK = "***"
 _SHADOW = COLUMNS.index("shadow")
+
+
+def refusal(row: Sequence[Any]) -> Optional[str]:
+    """Why the table would refuse a row (in COLUMNS order), or None: a writer drops such a row,
+    counted, instead of letting it fail every batch it is in."""
+    if len(row) != len(COLUMNS):
+        return f"a record has {len(row)} fields, the table {len(COLUMNS)}"
+    missing = [c for c, v in zip(COLUMNS, row) if v is None and c not in NULLABLE]
+    return f"a record without {', '.join(missing)}" if missing else None
 
 
 class StoreError(Exception):

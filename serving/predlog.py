@@ -120,6 +120,10 @@ class PredictionLog:
             if self._closed:
                 self._lose(1, "the prediction log is closed")
                 return
+            refused = logstore.refusal(row)
+            if refused:  # would fail every batch it joined: counted now, never queued
+                self._lose(1, refused)
+                return
             segment = self._spool(line)
             if len(self._queue) < self.queue_size and self._queued_bytes + len(line) <= self.queue_bytes:
                 self._queue.append((row, segment, len(line)))

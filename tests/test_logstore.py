@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 
+import prometheus_client
 import pytest
 
 from serving import logstore, retention
@@ -264,3 +265,20 @@ def test_retention_runs_as_a_module_and_reports_a_store_failure(tmp_path):
     assert done.returncode == 1
     assert done.stderr == f"error: prediction log sqlite://{tmp_path}/none/x.sqlite: no such file\n"
     assert not (tmp_path / "none").exists()
+
+
+def test_a_record_the_table_would_refuse_is_counted_lost_and_blocks_nothing(tmp_path):
+    """A NOT NULL column left empty fails a whole batch on both stores; the writer drops it up front."""
+    from serving.predlog import PredictionLog
+
+    url = str(tmp_path / "log.sqlite")
+    log = PredictionLog(url, registry=prometheus_client.CollectorRegistry(), flush_seconds=0.01)
+    good = {"request_id": "a", "ts": 1.0, "model": "taxi", "variant": "v", "shadow": 0, "api": "predict",
+            "status": 200, "latency_ms": 1.0, "request": "{}", "response": "{}"}
+    log.log(good)
+    log.log({**good, "request_id": "b", "model": None})
+    log.log({**good, "request_id": "c"})
+    stats = log.close()
+    assert (stats["received"], stats["written"], stats["lost"]) == (3, 2, 1)
+    assert "without model" in stats["last_error"]
+    assert [r["request_id"] for r in logstore.read_records(url)] == ["a", "c"]
