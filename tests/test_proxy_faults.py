@@ -220,12 +220,16 @@ def test_file_size_limit_mid_run_keeps_exact_books_and_recovers(backend, tmp_pat
     proxy = ProxyProcess(tmp_path, backend, log, PREDLOG_QUEUE_SIZE=200, PREDLOG_SEGMENT_RECORDS=200,
                          PREDLOG_RETRY_SECONDS=0.2)
     load = Load(proxy.url, clients=20, row_extra={"company": "x" * 2000})  # ~2 KB a record
-    limit = 1024 * 1024
+    limit = 64 * 1024  # below the database's size after a second of load: its next pages cannot be written
     try:
         time.sleep(1.0)
         resource.prlimit(proxy.process.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-        time.sleep(3.0)
+        deadline = time.monotonic() + 10
         during = proxy.health()
+        while during["state"] == "ok" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            during = proxy.health()
+        time.sleep(1.0)
         resource.prlimit(proxy.process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
         time.sleep(1.0)
     finally:
@@ -233,7 +237,7 @@ def test_file_size_limit_mid_run_keeps_exact_books_and_recovers(backend, tmp_pat
     books = proxy.settle()
     proxy.stop()
     rows, misattributed = check_rows(log, load.answered)
-    print(f"RLIMIT_FSIZE 1 MiB: answered {len(load.answered)}, during the limit {during}, after {books}, "
+    print(f"RLIMIT_FSIZE 64 KiB: answered {len(load.answered)}, during the limit {during}, after {books}, "
           f"logged {len(rows)}, misattributed {misattributed}, leaked {len(load.leaked)}")
     assert during["state"] == "degraded" and "store" in during["problems"]
     assert len(load.leaked) == 0 and misattributed == 0
