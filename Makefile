@@ -67,13 +67,13 @@ schema: ## infer the schema of $(SPEC)'s data and write it to the spec's schema 
 	$(PY) -m pipelines.schema_tool --spec $(SPEC)
 
 promote: ## promote a pushed, blessed version: make promote VERSION=n [LABEL=stable|canary] [BASE_PATH=/models]
-	$(PY) -m pipelines.release promote --version $(VERSION) --label $(or $(LABEL),stable) $(if $(SERVING_URL),--serving_url $(SERVING_URL)) $(if $(BASE_PATH),--serving_base_path $(BASE_PATH))
+	$(PY) -m ops.release promote --version $(VERSION) --label $(or $(LABEL),stable) $(if $(SERVING_URL),--serving_url $(SERVING_URL)) $(if $(BASE_PATH),--serving_base_path $(BASE_PATH))
 
 rollback: ## move a label back to the version it replaced: make rollback [LABEL=stable]
-	$(PY) -m pipelines.release rollback --label $(or $(LABEL),stable) $(if $(SERVING_URL),--serving_url $(SERVING_URL)) $(if $(BASE_PATH),--serving_base_path $(BASE_PATH))
+	$(PY) -m ops.release rollback --label $(or $(LABEL),stable) $(if $(SERVING_URL),--serving_url $(SERVING_URL)) $(if $(BASE_PATH),--serving_base_path $(BASE_PATH))
 
 parity: ## the taxi eval split through training path, both signatures and REST; writes build/parity.json
-	$(PY) -m pipelines.parity
+	$(PY) -m ops.parity
 
 serve: ## TF-Serving twin (REST :8501, gRPC :8500) from build/model_repository/models.config, and the proxy on :8080
 	@config=build/model_repository/models.config; \
@@ -90,10 +90,10 @@ bench-serving: ## in-process signature call vs REST through the local server (ne
 	$(PY) -m benchmarks.bench_serving
 
 monitor: ## skew and drift of served traffic vs training and the previous window; writes build/monitor/ (RETRAIN=1 starts a run on anomalies) [LOG=path|postgresql://...]
-	$(PY) -m pipelines.monitor --log $(or $(LOG),build/prediction_log.sqlite) --model $(or $(MODEL),taxi) $(if $(WINDOW_HOURS),--window_hours $(WINDOW_HOURS)) $(if $(RETRAIN),--retrain)
+	$(PY) -m ops.monitor --log $(or $(LOG),build/prediction_log.sqlite) --model $(or $(MODEL),taxi) $(if $(WINDOW_HOURS),--window_hours $(WINDOW_HOURS)) $(if $(RETRAIN),--retrain)
 
 ab-report: ## A/B go/no-go from the prediction log: make ab-report LABELS=file [A=stable B=canary HOURS=24 LOG=path|postgresql://...]; exit 0 GO, 1 NO-GO, 3 not enough data
-	$(PY) -m pipelines.ab_report --log $(or $(LOG),build/prediction_log.sqlite) $(if $(LABELS),--labels $(LABELS)) --model $(or $(MODEL),taxi) --a $(or $(A),stable) --b $(or $(B),canary) $(if $(HOURS),--window_hours $(HOURS)) --json build/ab_report.json
+	$(PY) -m ops.ab_report --log $(or $(LOG),build/prediction_log.sqlite) $(if $(LABELS),--labels $(LABELS)) --model $(or $(MODEL),taxi) --a $(or $(A),stable) --b $(or $(B),canary) $(if $(HOURS),--window_hours $(HOURS)) --json build/ab_report.json
 
 # Not echoed: LOG may hold a password (the job prints the URL masked).
 retention: ## trim the prediction log: make retention MAX_AGE_DAYS=30 and/or MAX_ROWS=n [LOG=path|postgresql://...]
@@ -101,7 +101,7 @@ retention: ## trim the prediction log: make retention MAX_AGE_DAYS=30 and/or MAX
 	@$(PY) -m serving.retention --log '$(or $(LOG),build/prediction_log.sqlite)' $(if $(MAX_AGE_DAYS),--max_age_days $(MAX_AGE_DAYS)) $(if $(MAX_ROWS),--max_rows $(MAX_ROWS))
 
 batch-predict: ## predictions for a CSV through a pushed model: make batch-predict INPUT=file.csv [MODEL=taxi] [VERSION=n|LABEL=stable]
-	$(PY) -m pipelines.batch_predict --model $(or $(MODEL),taxi) --input $(INPUT) --output $(or $(OUTPUT),build/batch_predictions) $(if $(VERSION),--version $(VERSION)) $(if $(LABEL),--label $(LABEL))
+	$(PY) -m ops.batch_predict --model $(or $(MODEL),taxi) --input $(INPUT) --output $(or $(OUTPUT),build/batch_predictions) $(if $(VERSION),--version $(VERSION)) $(if $(LABEL),--label $(LABEL))
 
 bench-proxy: ## what the proxy adds: one client and 50 clients for 60 s, direct vs through the proxy
 	$(PY) -m benchmarks.bench_proxy

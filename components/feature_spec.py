@@ -182,7 +182,7 @@ def parse(raw: Any, source: str = "<spec>") -> FeatureSpec:
     ctx.mapping(raw, "")
     ctx.known_keys(raw, "", {"name", "data", "schema", "task", "label", "label_columns",
                              "features", "slices", "thresholds", "training", "monitoring"})
-    # `monitoring:` (skew/drift thresholds) is read and checked key by key by pipelines/monitor.py;
+    # `monitoring:` (skew/drift thresholds) is read and checked key by key by ops/monitor.py;
     # here it only has to be a mapping.
     ctx.get(raw, "monitoring", dict, default={})
     data = ctx.get(raw, "data", dict)

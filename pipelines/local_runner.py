@@ -16,22 +16,11 @@ import threading
 import time
 from typing import Dict, Optional
 
-import yaml
-
 from components import feature_spec
 from pipelines import beam_profiles
+from pipelines.environment import load_environment
 
 SUMMARY_PATH = "build/run_summary.json"
-
-
-def load_environment(path: str, spec) -> Dict:
-    with open(feature_spec.resolve_path(path)) as f:
-        raw = yaml.safe_load(f) or {}
-    for key in ("pipeline_root", "metadata_path", "model_repository"):
-        if key not in raw:
-            raise feature_spec.SpecError(f"{path}: {key}: is required")
-        raw[key] = feature_spec.resolve_path(raw[key].format(name=spec.name))
-    return raw
 
 
 class ProgressWatcher(threading.Thread):

@@ -3,7 +3,7 @@
     <root>/models.config          ModelServerConfig text proto (--model_config_file)
     <root>/<model>/<version>/     numeric versions, as Pusher writes them
 
-`make promote` writes models.config (pipelines/release.py, through `write`); TF Serving's image
+`make promote` writes models.config (ops/release.py, through `write`); TF Serving's image
 and the local server (`--model_config_file`) read it and re-read it every
 `--model_config_file_poll_wait_seconds`. Labels live in its `version_labels`, nowhere else.
 This module owns reading, checking and writing the file; callers never parse it themselves.

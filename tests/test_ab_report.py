@@ -18,7 +18,7 @@ from scipy import stats
 from sklearn.metrics import log_loss as sklearn_log_loss
 from sklearn.metrics import roc_auc_score
 
-from pipelines import ab_report
+from ops import ab_report
 from serving import logstore
 
 T0 = 1_700_000_000.0
@@ -488,7 +488,7 @@ def test_command_line_exit_code(tmp_path):
     b_records, b_labels, *_ = binary_traffic("canary", 300, 0.2, seed=22)
     log = write_log(tmp_path / "log.sqlite", a_records + b_records)
     path = write_labels_csv(tmp_path / "l.csv", a_labels + b_labels)
-    done = subprocess.run([sys.executable, "-m", "pipelines.ab_report", "--log", log, "--labels", path],
+    done = subprocess.run([sys.executable, "-m", "ops.ab_report", "--log", log, "--labels", path],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stderr
     assert "Decision: NO-GO (exit code 1)" in done.stdout

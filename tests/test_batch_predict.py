@@ -16,7 +16,7 @@ from tests.conftest import write_models_config
 # Before apache_beam is imported: it puts IPython/extensions on sys.path, whose regular `tests`
 # package would then shadow this namespace package.
 from tests.conftest import write_sample  # isort: skip
-from pipelines import batch_predict  # isort: skip
+from ops import batch_predict  # isort: skip
 
 IN_MEMORY = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
 VERSION = 3

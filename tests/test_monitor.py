@@ -35,7 +35,7 @@ def rows(taxi_spec):
 
 @pytest.fixture(scope="module")
 def training_statistics(taxi_spec, rows, tmp_path_factory):
-    from pipelines import monitor
+    from ops import monitor
 
     stats = monitor.compute_statistics(monitor.typed_rows(rows[0], taxi_spec), taxi_spec)
     path = tmp_path_factory.mktemp("training") / "FeatureStats.pb"
@@ -58,7 +58,7 @@ def _log(tmp_path, previous_rows, current_rows, spec, name="log.sqlite", noise=T
 
 
 def _run(log, training_statistics, out_dir, *extra, popen=None):
-    from pipelines import monitor
+    from ops import monitor
 
     FakePopen.calls = []
     argv = ["--log", log, "--model", "taxi", "--spec", SPEC, *WINDOW, "--training_statistics", training_statistics,
@@ -174,7 +174,7 @@ def test_retrain_command_runs_as_a_detached_process_with_its_placeholders(rows, 
 
 
 def test_a_crash_is_not_reported_as_anomalies(rows, training_statistics, tmp_path, taxi_spec, monkeypatch, capsys):
-    from pipelines import monitor
+    from ops import monitor
 
     def broken(*args, **kwargs):
         raise RuntimeError("TFDV exploded")
@@ -189,7 +189,7 @@ def test_served_rows_keep_types_and_missing_values(taxi_spec, rows, tmp_path):
     """Ints sent as 5 or 5.0 stay INT; "", NaN, null and absent keys are missing, not values."""
     from tensorflow_metadata.proto.v0 import statistics_pb2
 
-    from pipelines import monitor
+    from ops import monitor
 
     current = rows[2]
     log = _log(tmp_path, [], current, taxi_spec, noise=False)
@@ -250,7 +250,7 @@ def test_thresholds_from_json_override_the_defaults(rows, training_statistics, t
 
 
 def test_thresholds_from_a_yaml_file_with_a_monitoring_block(taxi_spec, tmp_path):
-    from pipelines import monitor
+    from ops import monitor
 
     path = tmp_path / "monitoring.yaml"
     path.write_text("monitoring:\n  min_values: 500\n  drift: {infinity_norm: 0.2}\n"
@@ -276,7 +276,7 @@ def test_bad_thresholds_are_usage_errors_naming_the_key(extra, message, training
 
 def test_empty_window_is_a_usage_error_naming_window_and_log(rows, training_statistics, tmp_path, capsys, taxi_spec):
     log = _log(tmp_path, rows[1][:50], rows[2][:50], taxi_spec)
-    from pipelines import monitor
+    from ops import monitor
 
     code = monitor.main(["--log", log, "--spec", SPEC, "--start", "2030-01-01T00:00:00Z", "--window_hours", "2",
                          "--training_statistics", training_statistics, "--out_dir", str(tmp_path / "out")])
@@ -312,7 +312,7 @@ def test_missing_log_and_statistics_files_are_named(training_statistics, tmp_pat
 def test_training_statistics_without_category_counts_are_refused(taxi_spec, rows, tmp_path, capsys):
     """StatisticsGen without a schema describes vocabulary ints as numbers: L-infinity would then
     compare served category shares with nothing."""
-    from pipelines import monitor
+    from ops import monitor
 
     stats = monitor.compute_statistics(monitor.typed_rows(rows[0][:2000], taxi_spec), taxi_spec, categorical=[])
     path = tmp_path / "numeric.pb"
@@ -327,7 +327,7 @@ def test_training_statistics_without_category_counts_are_refused(taxi_spec, rows
 def test_category_counts_are_added_from_the_training_examples(taxi_spec, rows, tmp_path):
     import tensorflow as tf
 
-    from pipelines import monitor
+    from ops import monitor
 
     train = rows[0][:1000]
     split = tmp_path / "Split-train"
@@ -360,7 +360,7 @@ def test_statistics_artifact_is_found_from_the_examples_in_ml_metadata(tmp_path)
     from ml_metadata.metadata_store import metadata_store
     from ml_metadata.proto import metadata_store_pb2
 
-    from pipelines import monitor
+    from ops import monitor
 
     config = metadata_store_pb2.ConnectionConfig()
     config.sqlite.filename_uri = str(tmp_path / "mlmd.sqlite")
@@ -396,7 +396,7 @@ def test_statistics_artifact_is_found_from_the_examples_in_ml_metadata(tmp_path)
 
 
 def test_served_version_is_the_stable_label_else_the_latest(tmp_path):
-    from pipelines import monitor
+    from ops import monitor
 
     for version in ("100", "300", "200"):
         (tmp_path / "taxi" / version).mkdir(parents=True)
@@ -410,7 +410,7 @@ def test_served_version_is_the_stable_label_else_the_latest(tmp_path):
 
 
 def test_windows():
-    from pipelines import monitor
+    from ops import monitor
 
     assert monitor.resolve_window("2024-05-01T00:00:00Z", "2024-05-01T06:00:00+00:00", None) == (1714521600.0,
                                                                                                  1714543200.0)
@@ -426,7 +426,7 @@ def test_windows():
 def test_the_specs_monitoring_block_is_read_before_the_override(taxi_spec, tmp_path):
     import dataclasses
 
-    from pipelines import monitor
+    from ops import monitor
 
     spec = dataclasses.replace(taxi_spec, raw={**taxi_spec.raw, "monitoring": {
         "min_values": 300, "skew": {"jensen_shannon_divergence": 0.4}}})

@@ -219,7 +219,7 @@ def test_gate_halts_on_a_category_outside_the_schema_domain(taxi_spec, tmp_path)
 
 @pytest.mark.xdist_group("e2e")
 def test_promote_records_lineage_refuses_the_unblessed_and_rolls_back(pipeline_run, changed_data_run):
-    from pipelines import release
+    from ops import release
 
     tmp, first, _ = pipeline_run
     repo, metadata = os.path.join(tmp, "models"), os.path.join(tmp, "metadata", "taxi.sqlite")
@@ -249,7 +249,7 @@ def test_promote_records_lineage_refuses_the_unblessed_and_rolls_back(pipeline_r
 
 @pytest.mark.xdist_group("e2e")
 def test_parity_every_prediction_path_agrees_and_online_metrics_match_offline(pipeline_run):
-    from pipelines import parity
+    from ops import parity
 
     tmp, first, _ = pipeline_run
     report = parity.run("taxi", int(first["model_version"]), model_repository=os.path.join(tmp, "models"),

@@ -74,7 +74,7 @@ class StatusStub:
 
 
 def test_models_config_is_a_model_server_config_with_labels_on_loaded_versions(tmp_path):
-    from pipelines import release
+    from ops import release
 
     repo = _repository(tmp_path, versions=(100,))
     release.release(repo, "taxi", _entry(100), base_path="/models")
@@ -87,7 +87,7 @@ def test_models_config_is_a_model_server_config_with_labels_on_loaded_versions(t
 
 
 def test_the_label_moves_only_after_the_server_reports_the_new_version_available(tmp_path):
-    from pipelines import release
+    from ops import release
 
     repo = _repository(tmp_path, labels={"stable": 100})
     stub = StatusStub(repo, [None, "LOADING", "AVAILABLE"])
@@ -107,7 +107,7 @@ def test_the_label_moves_only_after_the_server_reports_the_new_version_available
 
 
 def test_a_canary_is_a_second_label_on_a_second_loaded_version(tmp_path):
-    from pipelines import release
+    from ops import release
 
     repo = _repository(tmp_path, versions=(100, 200, 300), labels={"stable": 100})
     release.release(repo, "taxi", _entry(300, label="canary"))
@@ -121,7 +121,7 @@ def test_a_canary_is_a_second_label_on_a_second_loaded_version(tmp_path):
     ([None], r"not AVAILABLE after 1 s \(last: HTTP 404\)"),
 ])
 def test_a_version_the_server_does_not_load_keeps_the_label_where_it_was(tmp_path, answers, message):
-    from pipelines import release
+    from ops import release
 
     repo = _repository(tmp_path, labels={"stable": 100})
     stub = StatusStub(repo, answers)
@@ -140,7 +140,7 @@ def test_the_local_server_is_a_valid_serving_url(small_model, tmp_path):
     import shutil
     import urllib.request
 
-    from pipelines import release
+    from ops import release
     from tests.conftest import serve
 
     shutil.copytree(small_model[0], tmp_path / "taxi" / "7")

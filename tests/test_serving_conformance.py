@@ -387,31 +387,3 @@ def test_options_preflight_follows_tf_serving(server):
     assert ok.startswith(b"HTTP/1.1 200") and bad.startswith(b"HTTP/1.1 400")  # HS:170-178
 
 
-def test_import_contract_is_kept_and_catches_a_violation(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-    lint = os.path.join(os.path.dirname(sys.executable), "lint-imports")
-    ok = subprocess.run([lint, "--config", os.path.join(REPO, ".importlinter")], cwd=REPO,
-                        capture_output=True, text=True)
-    assert ok.returncode == 0 and "2 kept, 0 broken" in ok.stdout, ok.stdout + ok.stderr
-    for package in ("serving", "components", "pipelines"):
-        (tmp_path / package).mkdir()
-        (tmp_path / package / "__init__.py").write_text("")
-    (tmp_path / "serving" / "leak.py").write_text("from components import preprocessing\n")
-    (tmp_path / "serving" / "predlog.py").write_text("import json\n")
-    (tmp_path / "serving" / "logstore.py").write_text("import sqlite3\n")
-    (tmp_path / "serving" / "retention.py").write_text("from serving import logstore\n")
-    (tmp_path / "serving" / "proxy.py").write_text("from serving import server\n")  # server needs TensorFlow
-    (tmp_path / "serving" / "server.py").write_text("import tensorflow\n")
-    (tmp_path / "serving" / "wire.py").write_text("import json\n")
-    (tmp_path / "serving" / "http.py").write_text("import json\n")
-    (tmp_path / "components" / "preprocessing.py").write_text("")
-    bad = subprocess.run([lint, "--config", os.path.join(REPO, ".importlinter")], cwd=tmp_path,
-                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
-    assert bad.returncode != 0 and "serving.leak -> components.preprocessing" in bad.stdout, bad.stdout
-    assert "serving.proxy -> serving.server" in bad.stdout and "0 kept, 2 broken" in bad.stdout, bad.stdout
-
-

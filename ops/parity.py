@@ -10,7 +10,7 @@ match is itself a check that the embedded Transform graph reproduces what Transf
 Then the Evaluator's overall metrics are recomputed from the REST predictions.
 Writes build/parity.json. Goal: 0 rows differ by more than 1e-6.
 
-    python -m pipelines.parity [--model taxi] [--version N] [--limit ROWS]
+    python -m ops.parity [--model taxi] [--version N] [--limit ROWS]
 """
 
 import argparse
@@ -136,7 +136,7 @@ def run(model: str = "taxi", version: int = None, limit: int = 0, model_reposito
         metadata: str = None, out_path: str = "build/parity.json") -> Dict:
     import tensorflow as tf
 
-    from pipelines import release
+    from ops import release
     from pipelines.report import load_metrics
 
     metadata = metadata or f"build/metadata/{model}.sqlite"

@@ -1,6 +1,6 @@
 """Continuous evaluation: the A/B go/no-go report, from the prediction log and late ground truth.
 
-    python -m pipelines.ab_report --log build/prediction_log.sqlite --labels labels.csv [--model taxi]
+    python -m ops.ab_report --log build/prediction_log.sqlite --labels labels.csv [--model taxi]
         [--a stable] [--b canary] [--start T] [--end T] [--window_hours H] [--include_shadow]
         [--primary METRIC] [--guardrails M1,M2|none] [--alpha 0.05] [--margin 0.01] [--min_samples 200]
         [--classes no,yes] [--json report.json]

@@ -1,6 +1,6 @@
 """`make batch-predict`: a whole CSV file through the SavedModel the server serves.
 
-    python -m pipelines.batch_predict --model taxi --input data.csv --output build/batch_predictions/
+    python -m ops.batch_predict --model taxi --input data.csv --output build/batch_predictions/
         [--version N | --label stable]   (default: the latest pushed version)
         [--model_repository DIR] [--spec configs/taxi.yaml] [--env configs/local.yaml]
         [--batch_size 1000] [--max_errors 0] [Beam args: --runner DirectRunner ...]
@@ -539,6 +539,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     # Run main from the importable module, not __main__, so Beam pickles these classes by reference.
-    from pipelines.batch_predict import main as _main
+    from ops.batch_predict import main as _main
 
     sys.exit(_main())

@@ -1,7 +1,7 @@
 """Manual release (train-then-serve): a person promotes a pushed, blessed version.
 
-    python -m pipelines.release promote --version N [--label stable|canary]
-    python -m pipelines.release rollback [--label stable]
+    python -m ops.release promote --version N [--label stable|canary]
+    python -m ops.release rollback [--label stable]
 
 One decision, one file, one writer (this module): <model_repository>/models.config, TF Serving's
 ModelServerConfig (--model_config_file), which TF Serving's image and the local server both read
@@ -180,7 +180,7 @@ def write_model_config(model_repository: str, base_path: Optional[str] = None,
         model.model_version_policy.specific.versions.extend(versions)
         for label, version in sorted(model_labels.items()):
             model.version_labels[label] = version
-    header = ("# Written by `make promote` / `make rollback` (pipelines/release.py) with release_log.jsonl:\n"
+    header = ("# Written by `make promote` / `make rollback` (ops/release.py) with release_log.jsonl:\n"
               "# change it through the tool, not by hand.\n")
     return model_config.write(os.path.join(model_repository, MODEL_CONFIG_FILE), config, header)
 

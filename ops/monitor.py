@@ -1,6 +1,6 @@
 """Skew and drift monitoring: TFDV statistics of served requests against training and last window.
 
-    python -m pipelines.monitor --log build/prediction_log.sqlite --model taxi
+    python -m ops.monitor --log build/prediction_log.sqlite --model taxi
         [--start ISO|unix] [--end ISO|unix] [--window_hours H]
         [--training_statistics PATH] [--schema PATH] [--thresholds JSON|FILE]
         [--out_dir build/monitor] [--retrain]
@@ -420,7 +420,7 @@ def statistics_artifact_for_examples(store, examples_uri: str):
     """The ExampleStatistics that a StatisticsGen execution wrote from these examples (latest)."""
     from ml_metadata.proto import metadata_store_pb2
 
-    from pipelines import release
+    from ops import release
 
     examples = store.get_artifacts_by_uri(examples_uri)
     reader_ids = {e.execution_id for e in store.get_events_by_artifact_ids([a.id for a in examples])
@@ -439,7 +439,7 @@ def statistics_artifact_for_examples(store, examples_uri: str):
 def pipeline_training_statistics(metadata_path: str, model_repository: str, model: str,
                                  version: Optional[int], spec: feature_spec.FeatureSpec):
     """(statistics, description) of the training split the served version was trained on."""
-    from pipelines import release
+    from ops import release
 
     version = served_version(model_repository, model) if version is None else version
     try:
@@ -540,7 +540,7 @@ def _check_representation(spec, stats, where: str) -> None:
         elif not is_categorical(spec, name) and not features[name].HasField("num_stats"):
             wrong.append(f"{name} has no numeric statistics (the spec treats it as numeric)")
     if wrong:
-        raise MonitorError(f"{where}: {', '.join(wrong)}; compute them with pipelines.monitor.compute_statistics, "
+        raise MonitorError(f"{where}: {', '.join(wrong)}; compute them with ops.monitor.compute_statistics, "
                            "which marks the spec's vocabulary/hash ints categorical")
 
 
@@ -798,7 +798,7 @@ def _retrain(args, anomalies: List[Dict[str, Any]], popen: Callable) -> Optional
 
 
 def _environment_file(path: str, spec) -> Dict[str, Any]:
-    from pipelines.local_runner import load_environment
+    from pipelines.environment import load_environment
 
     try:
         return load_environment(path, spec)
