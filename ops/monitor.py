@@ -60,6 +60,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import yaml
 
 from components import feature_spec
+from pipelines import mlmd
 from serving import logstore
 
 EXIT_OK, EXIT_ANOMALIES, EXIT_USAGE, EXIT_FAILURE = 0, 1, 2, 3
@@ -416,26 +417,6 @@ def served_version(model_repository: str, model: str) -> int:
     return max(versions)
 
 
-def statistics_artifact_for_examples(store, examples_uri: str):
-    """The ExampleStatistics that a StatisticsGen execution wrote from these examples (latest)."""
-    from ml_metadata.proto import metadata_store_pb2
-
-    from ops import release
-
-    examples = store.get_artifacts_by_uri(examples_uri)
-    reader_ids = {e.execution_id for e in store.get_events_by_artifact_ids([a.id for a in examples])
-                  if e.type == metadata_store_pb2.Event.INPUT}
-    type_names = {t.id: t.name for t in store.get_execution_types()}
-    found = []
-    for execution in store.get_executions_by_id(sorted(reader_ids)):
-        if type_names.get(execution.type_id, "").rsplit(".", 1)[-1] != "StatisticsGen":
-            continue
-        found += release._io(store, execution.id, metadata_store_pb2.Event.OUTPUT).get("statistics", [])
-    if not found:
-        raise MonitorError(f"ML Metadata has no StatisticsGen output for the examples {examples_uri}")
-    return max(found, key=lambda a: a.id)
-
-
 def pipeline_training_statistics(metadata_path: str, model_repository: str, model: str,
                                  version: Optional[int], spec: feature_spec.FeatureSpec):
     """(statistics, description) of the training split the served version was trained on."""
@@ -444,8 +425,8 @@ def pipeline_training_statistics(metadata_path: str, model_repository: str, mode
     version = served_version(model_repository, model) if version is None else version
     try:
         evidence = release.lineage(metadata_path, model, version)
-        statistics = statistics_artifact_for_examples(release._store(metadata_path), evidence["examples"])
-    except release.ReleaseError as e:
+        statistics = mlmd.statistics_for_examples(mlmd.connect(metadata_path), evidence["examples"])
+    except (release.ReleaseError, mlmd.MetadataError) as e:
         raise MonitorError(f"training statistics of {model} version {version} from {metadata_path}: {e}") from e
     stats = load_statistics_file(statistics.uri)
     described = {"source": "ml_metadata", "metadata": metadata_path, "model_version": version,

@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Dict, List, Optional
 
-from pipelines.report import custom_property
+from pipelines import mlmd
 
 from serving import model_config
 
@@ -36,91 +36,18 @@ LOG_FILE = "release_log.jsonl"
 # --serving_base_path /models (make promote BASE_PATH=/models) for them.
 IMAGE_BASE_PATH = "/models"
 MODEL_CONFIG_FILE = model_config.MODEL_CONFIG_FILE
-CODE_COMMIT = "code_commit"  # custom property the local runner sets on its pipeline_run context
 
 
 class ReleaseError(RuntimeError):
     pass
 
 
-def _store(metadata_path: str):
-    from ml_metadata.metadata_store import metadata_store
-    from ml_metadata.proto import metadata_store_pb2
-
-    if not os.path.exists(metadata_path):
-        raise ReleaseError(f"no ML Metadata store at {metadata_path}: run the pipeline first")
-    config = metadata_store_pb2.ConnectionConfig()
-    config.sqlite.filename_uri = metadata_path
-    config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY
-    return metadata_store.MetadataStore(config)
-
-
-def _io(store, execution_id: int, kind: int) -> Dict[str, List[Any]]:
-    events = [e for e in store.get_events_by_execution_ids([execution_id]) if e.type == kind]
-    artifacts = {a.id: a for a in store.get_artifacts_by_id([e.artifact_id for e in events])}
-    out: Dict[str, List[Any]] = {}
-    for e in events:
-        out.setdefault(e.path.steps[0].key, []).append(artifacts[e.artifact_id])
-    return out
-
-
-def _exec_property(execution, key):
-    for props in (execution.properties, execution.custom_properties):  # TFX keeps exec properties here
-        if key in props:
-            return props[key].string_value or None
-    return None
-
-
-def _producer(store, artifact):
-    from ml_metadata.proto import metadata_store_pb2
-
-    for e in store.get_events_by_artifact_ids([artifact.id]):
-        if e.type == metadata_store_pb2.Event.OUTPUT:
-            return store.get_executions_by_id([e.execution_id])[0]
-    return None
-
-
 def lineage(metadata_path: str, model_name: str, version: int) -> Dict[str, Any]:
-    """Evidence that `version` was blessed and pushed, with what produced it."""
-    from ml_metadata.proto import metadata_store_pb2
-
-    store = _store(metadata_path)
-    pushed = [a for a in store.get_artifacts_by_type("PushedModel")
-              if str(custom_property(a, "pushed_version")) == str(version) and custom_property(a, "pushed") == 1
-              and os.path.normpath(str(custom_property(a, "pushed_destination"))).split(os.sep)[-2:] == [model_name, str(version)]]
-    if not pushed:
-        raise ReleaseError(f"version {version} of '{model_name}' was never pushed after a blessing: refused")
-    pusher = _producer(store, pushed[-1])
-    inputs = _io(store, pusher.id, metadata_store_pb2.Event.INPUT)
-    blessing = inputs.get("model_blessing", [None])[0]
-    if blessing is None or custom_property(blessing, "blessed") != 1:
-        raise ReleaseError(f"version {version} of '{model_name}' has no blessing: refused")
-    infra = inputs.get("infra_blessing", [None])[0]
-    if infra is not None and custom_property(infra, "blessed") != 1:
-        raise ReleaseError(f"version {version} of '{model_name}' failed sandbox validation: refused")
-    if "model" in inputs:
-        model = inputs["model"][0]
-    else:  # Pusher took the sandbox's warmed copy: the Trainer's model is the sandbox's input
-        model = _io(store, _producer(store, infra).id, metadata_store_pb2.Event.INPUT)["model"][0]
-    trainer_inputs = _io(store, _producer(store, model).id, metadata_store_pb2.Event.INPUT)
-    transform_graph = trainer_inputs["transform_graph"][0]
-    transform_inputs = _io(store, _producer(store, transform_graph).id, metadata_store_pb2.Event.INPUT)
-    raw_examples = transform_inputs["examples"][0]
-    example_gen = _producer(store, raw_examples)
-    evaluator = _producer(store, blessing)
-    evaluation = _io(store, evaluator.id, metadata_store_pb2.Event.OUTPUT)["evaluation"][0]
-    commit = None
-    for context in store.get_contexts_by_execution(_producer(store, model).id):
-        if context.type == "pipeline_run" and CODE_COMMIT in context.custom_properties:
-            commit = context.custom_properties[CODE_COMMIT].string_value
-    return {
-        "model": model.uri, "blessing": blessing.uri, "sandbox": infra.uri if infra is not None else None, "evaluation": evaluation.uri,
-        "transform_graph": transform_graph.uri, "schema": trainer_inputs["schema"][0].uri,
-        "examples": raw_examples.uri,
-        "data": _exec_property(example_gen, "input_base"),
-        "data_fingerprint": custom_property(raw_examples, "input_fingerprint"),
-        "code_commit": commit,
-    }
+    """Evidence that `version` was blessed and pushed, with what produced it (pipelines/mlmd.py)."""
+    try:
+        return mlmd.lineage(metadata_path, model_name, version)
+    except mlmd.MetadataError as e:
+        raise ReleaseError(str(e)) from None
 
 
 def read_labels(model_repository: str, model_name: str) -> Dict[str, int]:

@@ -17,7 +17,7 @@ import time
 from typing import Dict, Optional
 
 from components import feature_spec
-from pipelines import beam_profiles
+from pipelines import beam_profiles, mlmd
 from pipelines.environment import load_environment
 
 SUMMARY_PATH = "build/run_summary.json"
@@ -49,19 +49,12 @@ class ProgressWatcher(threading.Thread):
         self.poll()
 
     def poll(self):
-        from ml_metadata.metadata_store import metadata_store
-        from ml_metadata.proto import metadata_store_pb2
-
         try:
-            store = metadata_store.MetadataStore(self.connection_config)
-            runs = [c for c in store.get_contexts_by_type("pipeline_run")
-                    if c.create_time_since_epoch >= self.started_ms]
-            if not runs:
+            store = mlmd.store_for(self.connection_config)
+            run = mlmd.latest_run(store, since_ms=self.started_ms)
+            if run is None:
                 return
-            for e in sorted(store.get_executions_by_context(runs[-1].id), key=lambda e: e.id):
-                node = next((c.name.split(".", 1)[-1] for c in store.get_contexts_by_execution(e.id)
-                             if c.type == "node"), str(e.id))
-                state = metadata_store_pb2.Execution.State.Name(e.last_known_state)
+            for e, node, state in mlmd.run_executions(store, run):
                 if e.id not in self.seen:
                     self.seen[e.id] = "NEW"
                     self.order.append(node)
@@ -132,12 +125,12 @@ def run(spec_path: str, env_path: str = "configs/local.yaml", data_path: Optiona
     _record_code_commit(environment.metadata_connection_config)
     summary = report.build_summary(spec, env, environment, progress.order, progress.seconds,
                                    time.time() - started, error)
-    report.write_summary(summary, summary_path)
-    report_dir = report_dir or os.path.join(os.path.dirname(os.path.abspath(summary_path)), "reports")
-    summary["reports"] = report.write_html(summary, spec, report_dir)
-    report.write_summary(summary, summary_path)
     summary["log"] = log_path
-    report.write_summary(summary, summary_path)
+    report_dir = report_dir or os.path.join(os.path.dirname(os.path.abspath(summary_path)), "reports")
+    try:
+        summary["reports"] = report.write_html(summary, spec, report_dir)
+    finally:  # written once, with the reports when they could be made
+        report.write_summary(summary, summary_path)
     if not quiet:
         report.print_summary(summary)
     if error is not None:
@@ -149,8 +142,6 @@ def _record_code_commit(connection_config) -> None:
     """Tags the run in ML Metadata with the code's git commit, for the release log's lineage."""
     import subprocess
 
-    from ml_metadata.metadata_store import metadata_store
-
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=feature_spec.REPO_ROOT, capture_output=True,
                                 text=True, timeout=10).stdout.strip()
@@ -160,12 +151,7 @@ def _record_code_commit(connection_config) -> None:
         return
     if not commit:
         return
-    store = metadata_store.MetadataStore(connection_config)
-    runs = store.get_contexts_by_type("pipeline_run")
-    if runs:
-        run = max(runs, key=lambda c: c.create_time_since_epoch)
-        run.custom_properties["code_commit"].string_value = commit + ("+uncommitted" if dirty else "")
-        store.put_contexts([run])
+    mlmd.tag_latest_run(connection_config, mlmd.CODE_COMMIT, commit + ("+uncommitted" if dirty else ""))
 
 
 def main(argv=None) -> int:

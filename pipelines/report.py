@@ -11,47 +11,13 @@ import os
 from typing import Any, Dict, List, Optional
 
 from components.feature_spec import FeatureSpec
-
-
-def _latest_run_record(connection_config):
-    """(artifacts of the latest run by type name, URI of the Evaluator's baseline model or None)."""
-    from ml_metadata.metadata_store import metadata_store
-    from ml_metadata.proto import metadata_store_pb2
-
-    store = metadata_store.MetadataStore(connection_config)
-    runs = store.get_contexts_by_type("pipeline_run")
-    if not runs:
-        return {}, None
-    run = max(runs, key=lambda c: c.create_time_since_epoch)
-    type_names = {t.id: t.name for t in store.get_artifact_types()}
-    by_type: Dict[str, List[Any]] = {}
-    for a in store.get_artifacts_by_context(run.id):
-        by_type.setdefault(type_names[a.type_id], []).append(a)
-    baseline = None
-    for execution in store.get_executions_by_context(run.id):
-        if not any(c.type == "node" and c.name.endswith(".Evaluator")
-                   for c in store.get_contexts_by_execution(execution.id)):
-            continue
-        ids = [e.artifact_id for e in store.get_events_by_execution_ids([execution.id])
-               if e.type == metadata_store_pb2.Event.INPUT and e.path.steps
-               and e.path.steps[0].key == "baseline_model"]
-        if ids:
-            baseline = store.get_artifacts_by_id(ids)[0].uri
-    return by_type, baseline
+from pipelines.mlmd import custom_property, latest_run_record
 
 
 def _from_node(artifacts: Dict[str, List[Any]], type_name: str, node_id: str) -> List[Any]:
     """Artifacts of a type written by one node (TFX lays out <root>/<node>/<output>/<id>)."""
     return [a for a in artifacts.get(type_name, [])
             if os.path.normpath(a.uri).split(os.sep)[-3:-2] == [node_id]]
-
-
-def custom_property(artifact, key, default=None):
-    """An MLMD artifact's int or string custom property (TFX stores pushed, blessed, versions there)."""
-    if key not in artifact.custom_properties:
-        return default
-    v = artifact.custom_properties[key]
-    return v.int_value if v.HasField("int_value") else v.string_value if v.HasField("string_value") else default
 
 
 def _slice_name(slice_key) -> str:
@@ -79,7 +45,7 @@ def load_metrics(evaluation_uri: str) -> Dict[str, Dict[str, float]]:
 
 def build_summary(spec: FeatureSpec, env: Dict, environment, order: List[str], seconds: Dict[str, float],
                   total_seconds: float, error: Optional[BaseException]) -> Dict[str, Any]:
-    artifacts, baseline = _latest_run_record(environment.metadata_connection_config)
+    artifacts, baseline = latest_run_record(environment.metadata_connection_config)
     pushed = _from_node(artifacts, "PushedModel", "Pusher")
     blessing = _from_node(artifacts, "ModelBlessing", "Evaluator")
     evaluation = _from_node(artifacts, "ModelEvaluation", "Evaluator")

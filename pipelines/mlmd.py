@@ -1,0 +1,218 @@
+"""Every ML Metadata query the project makes: the run reports, the local runner's progress and
+commit tag, the release's lineage evidence, the monitor's training statistics.
+
+Callers never open a MetadataStore or walk events themselves. Lineage uses MLMD's own
+`get_lineage_subgraph` (one query, upstream from the pushed model) instead of walking events
+artifact by artifact.
+"""
+
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+CODE_COMMIT = "code_commit"  # the pipeline_run context's custom property naming the code's git commit
+MAX_LINEAGE_HOPS = 40  # ExampleGen -> ... -> Pusher is about 16 hops in this pipeline (artifact, execution alternate)
+
+
+class MetadataError(RuntimeError):
+    """ML Metadata cannot answer: no store, or no record of what was asked; the message says which."""
+
+
+def _pb2():
+    from ml_metadata.proto import metadata_store_pb2
+
+    return metadata_store_pb2
+
+
+def store_for(connection_config):
+    from ml_metadata.metadata_store import metadata_store
+
+    return metadata_store.MetadataStore(connection_config)
+
+
+def connect(metadata_path: str, readonly: bool = True):
+    """The SQLite store a local run wrote (read-only by default)."""
+    pb2 = _pb2()
+    if not os.path.exists(metadata_path):
+        raise MetadataError(f"no ML Metadata store at {metadata_path}: run the pipeline first")
+    config = pb2.ConnectionConfig()
+    config.sqlite.filename_uri = metadata_path
+    config.sqlite.connection_mode = (pb2.SqliteMetadataSourceConfig.READONLY if readonly
+                                     else pb2.SqliteMetadataSourceConfig.READWRITE_OPENCREATE)
+    return store_for(config)
+
+
+# --- properties ---------------------------------------------------------------------------
+
+def custom_property(artifact, key, default=None):
+    """An MLMD node's int or string custom property (TFX stores pushed, blessed, versions there)."""
+    if key not in artifact.custom_properties:
+        return default
+    v = artifact.custom_properties[key]
+    return v.int_value if v.HasField("int_value") else v.string_value if v.HasField("string_value") else default
+
+
+def exec_property(execution, key) -> Optional[str]:
+    for props in (execution.properties, execution.custom_properties):  # TFX keeps exec properties here
+        if key in props:
+            return props[key].string_value or None
+    return None
+
+
+# --- runs ---------------------------------------------------------------------------------
+
+def latest_run(store, since_ms: int = 0):
+    """The newest pipeline_run context created at or after since_ms (None: none yet)."""
+    runs = [c for c in store.get_contexts_by_type("pipeline_run") if c.create_time_since_epoch >= since_ms]
+    return max(runs, key=lambda c: (c.create_time_since_epoch, c.id)) if runs else None
+
+
+def run_executions(store, run) -> List[Tuple[Any, str, str]]:
+    """(execution, node id, state name) of a run's executions, oldest first."""
+    pb2 = _pb2()
+    out = []
+    for e in sorted(store.get_executions_by_context(run.id), key=lambda e: e.id):
+        node = next((c.name.split(".", 1)[-1] for c in store.get_contexts_by_execution(e.id) if c.type == "node"),
+                    str(e.id))
+        out.append((e, node, pb2.Execution.State.Name(e.last_known_state)))
+    return out
+
+
+def latest_run_record(connection_config) -> Tuple[Dict[str, List[Any]], Optional[str]]:
+    """(artifacts of the latest run by type name, URI of the Evaluator's baseline model or None)."""
+    pb2 = _pb2()
+    store = store_for(connection_config)
+    run = latest_run(store)
+    if run is None:
+        return {}, None
+    type_names = {t.id: t.name for t in store.get_artifact_types()}
+    by_type: Dict[str, List[Any]] = {}
+    for a in store.get_artifacts_by_context(run.id):
+        by_type.setdefault(type_names[a.type_id], []).append(a)
+    baseline = None
+    for execution, node, _ in run_executions(store, run):
+        if node != "Evaluator":
+            continue
+        models = artifacts_of(store, execution.id, pb2.Event.INPUT).get("baseline_model", [])
+        if models:
+            baseline = models[0].uri
+    return by_type, baseline
+
+
+def tag_latest_run(connection_config, key: str, value: str) -> bool:
+    """Sets a string custom property on the newest pipeline_run context (False: no run yet)."""
+    store = store_for(connection_config)
+    run = latest_run(store)
+    if run is None:
+        return False
+    run.custom_properties[key].string_value = value
+    store.put_contexts([run])
+    return True
+
+
+# --- events -------------------------------------------------------------------------------
+
+def artifacts_of(store, execution_id: int, kind: int) -> Dict[str, List[Any]]:
+    """An execution's input (kind=Event.INPUT) or output artifacts, by key."""
+    events = [e for e in store.get_events_by_execution_ids([execution_id]) if e.type == kind]
+    artifacts = {a.id: a for a in store.get_artifacts_by_id([e.artifact_id for e in events])}
+    out: Dict[str, List[Any]] = {}
+    for e in events:
+        out.setdefault(e.path.steps[0].key, []).append(artifacts[e.artifact_id])
+    return out
+
+
+def statistics_for_examples(store, examples_uri: str):
+    """The ExampleStatistics that a StatisticsGen execution wrote from these examples (latest)."""
+    pb2 = _pb2()
+    examples = store.get_artifacts_by_uri(examples_uri)
+    reader_ids = {e.execution_id for e in store.get_events_by_artifact_ids([a.id for a in examples])
+                  if e.type == pb2.Event.INPUT}
+    type_names = {t.id: t.name for t in store.get_execution_types()}
+    found = []
+    for execution in store.get_executions_by_id(sorted(reader_ids)):
+        if type_names.get(execution.type_id, "").rsplit(".", 1)[-1] == "StatisticsGen":
+            found += artifacts_of(store, execution.id, pb2.Event.OUTPUT).get("statistics", [])
+    if not found:
+        raise MetadataError(f"ML Metadata has no StatisticsGen output for the examples {examples_uri}")
+    return max(found, key=lambda a: a.id)
+
+
+# --- lineage ------------------------------------------------------------------------------
+
+class _Graph:
+    """A LineageGraph with the lookups lineage needs: who produced an artifact, what an execution read."""
+
+    def __init__(self, graph):
+        pb2 = _pb2()
+        self.artifacts = {a.id: a for a in graph.artifacts}
+        self.executions = {e.id: e for e in graph.executions}
+        self.contexts = {c.id: c for c in graph.contexts}
+        self.producer_of: Dict[int, int] = {}
+        self.inputs: Dict[int, Dict[str, List[Any]]] = {}
+        for e in graph.events:
+            if e.type == pb2.Event.OUTPUT:
+                self.producer_of[e.artifact_id] = e.execution_id
+            elif e.type == pb2.Event.INPUT and e.artifact_id in self.artifacts and e.path.steps:
+                self.inputs.setdefault(e.execution_id, {}).setdefault(e.path.steps[0].key, []).append(
+                    self.artifacts[e.artifact_id])
+        self.associations: Dict[int, List[int]] = {}
+        for a in graph.associations:
+            self.associations.setdefault(a.execution_id, []).append(a.context_id)
+
+    def producer(self, artifact):
+        execution_id = self.producer_of.get(artifact.id)
+        return self.executions.get(execution_id) if execution_id is not None else None
+
+    def inputs_of(self, execution) -> Dict[str, List[Any]]:
+        return self.inputs.get(execution.id, {})
+
+
+def lineage(metadata_path: str, model_name: str, version: int) -> Dict[str, Any]:
+    """Evidence that `version` of `model_name` was blessed and pushed, with what produced it:
+    one get_lineage_subgraph query upstream from the PushedModel artifact."""
+    pb2 = _pb2()
+    store = connect(metadata_path)
+    pushed = [a for a in store.get_artifacts_by_type("PushedModel")
+              if str(custom_property(a, "pushed_version")) == str(version) and custom_property(a, "pushed") == 1
+              and os.path.normpath(str(custom_property(a, "pushed_destination"))).split(os.sep)[-2:]
+              == [model_name, str(version)]]
+    if not pushed:
+        raise MetadataError(f"version {version} of '{model_name}' was never pushed after a blessing: refused")
+    options = pb2.LineageSubgraphQueryOptions(max_num_hops=MAX_LINEAGE_HOPS,
+                                              direction=pb2.LineageSubgraphQueryOptions.UPSTREAM)
+    options.starting_artifacts.filter_query = f"id = {pushed[-1].id}"
+    graph = _Graph(store.get_lineage_subgraph(options))
+    pusher = graph.producer(pushed[-1])
+    inputs = graph.inputs_of(pusher)
+    blessing = inputs.get("model_blessing", [None])[0]
+    if blessing is None or custom_property(blessing, "blessed") != 1:
+        raise MetadataError(f"version {version} of '{model_name}' has no blessing: refused")
+    infra = inputs.get("infra_blessing", [None])[0]
+    if infra is not None and custom_property(infra, "blessed") != 1:
+        raise MetadataError(f"version {version} of '{model_name}' failed sandbox validation: refused")
+    if "model" in inputs:
+        model = inputs["model"][0]
+    else:  # Pusher took the sandbox's warmed copy: the Trainer's model is the sandbox's input
+        model = graph.inputs_of(graph.producer(infra))["model"][0]
+    trainer = graph.producer(model)
+    trainer_inputs = graph.inputs_of(trainer)
+    transform_graph = trainer_inputs["transform_graph"][0]
+    raw_examples = graph.inputs_of(graph.producer(transform_graph))["examples"][0]
+    example_gen = graph.producer(raw_examples)
+    evaluator = graph.producer(blessing)
+    # The evaluation is the Evaluator's other output, beside (not upstream of) the blessing.
+    evaluation = artifacts_of(store, evaluator.id, pb2.Event.OUTPUT)["evaluation"][0]
+    commit = None
+    contexts = [graph.contexts[i] for i in graph.associations.get(trainer.id, []) if i in graph.contexts] \
+        or store.get_contexts_by_execution(trainer.id)
+    for context in contexts:
+        if context.type == "pipeline_run" and CODE_COMMIT in context.custom_properties:
+            commit = context.custom_properties[CODE_COMMIT].string_value
+    return {
+        "model": model.uri, "blessing": blessing.uri, "sandbox": infra.uri if infra is not None else None,
+        "evaluation": evaluation.uri, "transform_graph": transform_graph.uri,
+        "schema": trainer_inputs["schema"][0].uri, "examples": raw_examples.uri,
+        "data": exec_property(example_gen, "input_base"),
+        "data_fingerprint": custom_property(raw_examples, "input_fingerprint"),
+        "code_commit": commit,
+    }
