@@ -143,22 +143,20 @@ def compile_pipeline(spec_path: str = "configs/taxi.yaml", env_path: str = DEFAU
     environment = pipeline_lib.Environment(
         pipeline_root=env["pipeline_root"], model_repository=env["model_repository"], beam_pipeline_args=beam_args,
         enable_cache=env.get("enable_cache", True), sandbox=dict(env.get("sandbox") or {}), baseline=baseline)
+    from tfx.orchestration import data_types
+
+    data_root, _ = pipeline_lib.data_folder(pod_spec)
     try:
-        tfx_pipeline = pipeline_lib.create_pipeline(pod_spec, environment, pipeline_name=kfp_pipeline_name(spec.name))
+        tfx_pipeline = pipeline_lib.create_pipeline(
+            pod_spec, environment, pipeline_name=kfp_pipeline_name(spec.name),
+            data_root=data_types.RuntimeParameter(name=DATA_ROOT_PARAMETER, ptype=str, default=data_root))
     except ValueError as e:  # a bad baseline or sandbox key: name the file
         raise KubeflowError(f"{env['source']}: {e}") from e
-    example_gen, data_root = _data_root_parameter(tfx_pipeline)
+    example_gen = next(c.id for c in tfx_pipeline.components if c.id.endswith("ExampleGen"))
     config = kubeflow_v2_dag_runner.KubeflowV2DagRunnerConfig(
         default_image=image, default_commands=list(ENTRYPOINT), use_pipeline_spec_2_1=True)
     job = kubeflow_v2_dag_runner.KubeflowV2DagRunner(config).run(tfx_pipeline, write_out=False)
-    pipeline_spec = job["pipelineSpec"]
-    pipeline_spec["defaultPipelineRoot"] = env["pipeline_root"]
-    # TFX's compiler leaves RuntimeParameter defaults to the run's runtime config, which a spec
-    # uploaded on its own does not have: without a default every run would have to name the data.
-    parameter = pipeline_spec["root"]["inputDefinitions"]["parameters"][DATA_ROOT_PARAMETER]
-    parameter.update(defaultValue=data_root, description="folder or bucket prefix CsvExampleGen reads")
-    # KFP would otherwise reuse old examples for a folder that received new CSVs (see module doc).
-    pipeline_spec["root"]["dag"]["tasks"][example_gen]["cachingOptions"] = {}
+    pipeline_spec = _standalone(job["pipelineSpec"], env["pipeline_root"], data_root, example_gen)
     json_format.ParseDict(pipeline_spec, pipeline_spec_pb2.PipelineSpec())  # what KFP will parse it into
 
     output = output or default_output(spec.name)
@@ -176,16 +174,20 @@ def compile_pipeline(spec_path: str = "configs/taxi.yaml", env_path: str = DEFAU
             "pipeline_root": env["pipeline_root"], "beam_args": beam_args, "bytes": os.path.getsize(output)}
 
 
-def _data_root_parameter(tfx_pipeline) -> Tuple[str, str]:
-    """Makes CsvExampleGen's input folder the runtime parameter `data_root`: (node id, default folder)."""
-    from tfx.components.example_gen.component import FileBasedExampleGen
-    from tfx.orchestration import data_types
-
-    (example_gen,) = [c for c in tfx_pipeline.components if isinstance(c, FileBasedExampleGen)]
-    folder = example_gen.exec_properties["input_base"]
-    example_gen.exec_properties["input_base"] = data_types.RuntimeParameter(
-        name=DATA_ROOT_PARAMETER, ptype=str, default=folder)
-    return example_gen.id, folder
+def _standalone(pipeline_spec: Dict, pipeline_root: str, data_root: str, example_gen: str) -> Dict:
+    """What TFX 1.16's KubeflowV2 compiler has no option for, so that a spec uploaded on its own
+    runs (the DAG itself is create_pipeline's, untouched):
+      * defaultPipelineRoot: the compiler puts the root in the job's runtime config only
+        (kubeflow_v2_dag_runner.py:306-329), which an uploaded spec lacks;
+      * the data_root parameter's default: it attaches RuntimeParameters with their type only
+        (pipeline_builder.py:287-290), so every run would have to name the data;
+      * no caching for ExampleGen: caching is one pipeline-wide switch (pipeline_builder.py:237,
+        step_builder.py:430-433), and KFP would reuse old examples for a folder that got new CSVs."""
+    pipeline_spec["defaultPipelineRoot"] = pipeline_root
+    parameter = pipeline_spec["root"]["inputDefinitions"]["parameters"][DATA_ROOT_PARAMETER]
+    parameter.update(defaultValue=data_root, description="folder or bucket prefix CsvExampleGen reads")
+    pipeline_spec["root"]["dag"]["tasks"][example_gen]["cachingOptions"] = {}
+    return pipeline_spec
 
 
 # --- submit and schedule --------------------------------------------------------------------

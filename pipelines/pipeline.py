@@ -55,12 +55,18 @@ def model_push_dir(spec: FeatureSpec, env: Environment) -> str:
     return os.path.join(env.model_repository, spec.name)
 
 
-def _example_gen(spec: FeatureSpec) -> CsvExampleGen:
+def data_folder(spec: FeatureSpec):
+    """(folder, file pattern) CsvExampleGen reads for the spec's data.path."""
     # A trailing slash marks a folder where isdir cannot look (gs://bucket/data/ on Kubeflow).
     if os.path.isdir(spec.data_path) or spec.data_path.endswith("/"):
-        input_base, pattern = spec.data_path.rstrip("/"), "*.csv"
-    else:
-        input_base, pattern = os.path.dirname(spec.data_path), os.path.basename(spec.data_path)
+        return spec.data_path.rstrip("/"), "*.csv"
+    return os.path.dirname(spec.data_path), os.path.basename(spec.data_path)
+
+
+def _example_gen(spec: FeatureSpec, data_root=None) -> CsvExampleGen:
+    input_base, pattern = data_folder(spec)
+    if data_root is not None:  # a folder, or a RuntimeParameter a Kubeflow run fills in
+        input_base = data_root
     return CsvExampleGen(
         input_base=input_base,
         input_config=example_gen_pb2.Input(splits=[example_gen_pb2.Input.Split(name="single_split",
@@ -70,9 +76,11 @@ def _example_gen(spec: FeatureSpec) -> CsvExampleGen:
             for name, buckets in spec.split.items()])))
 
 
-def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional[str] = None):
+def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional[str] = None, data_root=None):
+    """The pipeline for `spec` in `env`. `data_root` (a folder or a RuntimeParameter) replaces the
+    folder of the spec's data.path, so a runner varies the data without editing the DAG."""
     custom_config = spec.to_custom_config()
-    example_gen = _example_gen(spec)
+    example_gen = _example_gen(spec, data_root)
     statistics_gen = StatisticsGen(examples=example_gen.outputs["examples"])
     if spec.schema_path:
         schema_gen = ImportSchemaGen(schema_file=spec.schema_path)
