@@ -20,6 +20,10 @@ One row per client request; a shadow copy's answer is a second row:
     routing_key        the sticky key the split used (NULL if none)
     request            the body as received (JSON, unless the client sent something else)
     response           the body returned (outputs, or {"error": ...})
+    policy             who decided the answer: "model" (the split's variant), or "holdback:<policy>" for
+                       the held-back users (serving/proxy.py's PROXY_HOLDBACK_*); NULL in older logs
+    propensity         the probability, under the logging policy, of the answer given: P(this policy)
+                       x P(this answer | policy); 1 / propensity is its inverse-propensity weight
 
 Every failure of the store (sqlite3.Error, psycopg.Error, OSError) is raised as StoreError, whose
 message names the store's URL with any password masked. psycopg is imported only for a
@@ -35,9 +39,9 @@ import urllib.parse
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 COLUMNS = ("request_id", "client_request_id", "ts", "model", "variant", "model_version", "shadow", "api",
-           "status", "latency_ms", "routing_key", "request", "response")
+           "status", "latency_ms", "routing_key", "request", "response", "policy", "propensity")
 TABLE = "predictions"
-NULLABLE = ("client_request_id", "model_version", "routing_key")  # every other column is NOT NULL in both DDLs
+NULLABLE = ("client_request_id", "model_version", "routing_key", "policy", "propensity")  # every other column is NOT NULL in both DDLs
 ACCEPTED_FORMS = ("sqlite:///absolute/path.sqlite, sqlite:relative/path.sqlite, a bare file path (SQLite), "
                   "or postgresql://user:password@host:port/database (postgres:// also)")
 SQLITE_TIMEOUT_SECONDS = 10  # how long a writer waits for another's lock; also PostgreSQL's connect timeout
@@ -260,14 +264,16 @@ class _SQLiteStore(Store):
             latency_ms REAL NOT NULL,
             routing_key TEXT,
             request TEXT NOT NULL,
-            response TEXT NOT NULL
+            response TEXT NOT NULL,
+            policy TEXT,
+            propensity REAL
         )"""
     _INDEXES = (f"CREATE INDEX IF NOT EXISTS {TABLE}_ts ON {TABLE} (ts)",
                 f"CREATE INDEX IF NOT EXISTS {TABLE}_client_request_id ON {TABLE} (client_request_id)")
 
     # Columns added after logs were first written: an older table gets them when opened for writing,
     # and reads them as NULL when opened read-only.
-    _ADDED_COLUMNS = {"client_request_id": "TEXT"}
+    _ADDED_COLUMNS = {"client_request_id": "TEXT", "policy": "TEXT", "propensity": "REAL"}
 
     def __init__(self, path: str, readonly: bool):
         super().__init__("sqlite://" + os.path.abspath(path), (sqlite3.Error, OSError))
@@ -335,9 +341,14 @@ class _PostgresStore(Store):
             latency_ms DOUBLE PRECISION NOT NULL,
             routing_key TEXT,
             request TEXT NOT NULL,
-            response TEXT NOT NULL
+            response TEXT NOT NULL,
+            policy TEXT,
+            propensity DOUBLE PRECISION
         )""", f"CREATE INDEX IF NOT EXISTS {TABLE}_ts ON {TABLE} (ts)",
-        f"CREATE INDEX IF NOT EXISTS {TABLE}_client_request_id ON {TABLE} (client_request_id)")
+        f"CREATE INDEX IF NOT EXISTS {TABLE}_client_request_id ON {TABLE} (client_request_id)",
+        # Columns added after logs were first written: an older table gets them.
+        f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS policy TEXT",
+        f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS propensity DOUBLE PRECISION")
     # Replicas starting together would race on CREATE TABLE IF NOT EXISTS; this lock serialises them.
     _SCHEMA_LOCK = 0x736B65776C657373  # "skewless"
     _READ_BATCH = 2000

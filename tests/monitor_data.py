@@ -81,7 +81,7 @@ def log_records(instances: Sequence[Dict[str, Any]], start: float, end: float, m
         record = {"request_id": f"{prefix}{n}" + (":shadow" if shadow else ""), "client_request_id": None,
                   "ts": ts, "model": model, "variant": "a", "model_version": 1, "shadow": shadow, "api": "predict",
                   "status": status, "latency_ms": 3.0, "routing_key": None, "request": request, "response": response}
-        records.append(tuple(record[c] for c in logstore.COLUMNS))
+        records.append(tuple(record.get(c) for c in logstore.COLUMNS))
     return records
 
 

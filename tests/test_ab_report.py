@@ -39,7 +39,7 @@ def record(request_id, variant, response, status=200, rows=1, ts=T0, shadow=0, v
 def write_log(url, records):
     """The records into the log at url (a SQLite path or a PostgreSQL URL); returns url as a string."""
     with logstore.open_store(str(url)) as store:
-        assert store.insert([tuple(r[c] for c in logstore.COLUMNS) for r in records]) == len(records)
+        assert store.insert([tuple(r.get(c) for c in logstore.COLUMNS) for r in records]) == len(records)
     return str(url)
 
 

@@ -17,10 +17,10 @@ T0 = 1_700_000_000.123456789  # not a round binary fraction: a float column that
 
 
 def row(request_id, ts=T0, model="taxi", shadow=0, client_request_id=None, variant="stable", request=None,
-        model_version=3, routing_key=None, status=200):
+        model_version=3, routing_key=None, status=200, policy="model", propensity=0.95):
     body = request if request is not None else json.dumps({"instances": [{"fare": 1.5}]})
     return (request_id, client_request_id, ts, model, variant, model_version, shadow, "predict", status, 4.25,
-            routing_key, body, json.dumps({"predictions": [[0.25]]}))
+            routing_key, body, json.dumps({"predictions": [[0.25]]}), policy, propensity)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -138,7 +138,7 @@ def test_a_row_the_table_refuses_is_a_store_error_naming_the_url(url):
             store.insert([row("ok"), row("no-model", model=None)])
         assert str(info.value).startswith(f"prediction log {store.url}: cannot insert rows: ")
         assert store.count() == 0  # one transaction: the good row went back too
-        with pytest.raises(ValueError, match="has 13 values .* got 2"):
+        with pytest.raises(ValueError, match="has 15 values .* got 2"):
             store.insert([("r", "x")])
 
 
@@ -160,7 +160,8 @@ def test_readonly_open_of_a_missing_or_foreign_sqlite_file_names_it(tmp_path):
 
 def test_a_log_written_before_client_request_id_reads_and_gains_the_column(tmp_path):
     path = tmp_path / "old.sqlite"
-    old_columns = [c for c in logstore.COLUMNS if c != "client_request_id"]
+    added = ("client_request_id", "policy", "propensity")  # columns newer than the oldest logs
+    old_columns = [c for c in logstore.COLUMNS if c not in added]
     db = sqlite3.connect(path)
     db.execute(f"CREATE TABLE predictions ({', '.join(old_columns)}, PRIMARY KEY (request_id))")
     old_row = dict(zip(logstore.COLUMNS, row("old")))
@@ -169,10 +170,11 @@ def test_a_log_written_before_client_request_id_reads_and_gains_the_column(tmp_p
     db.commit()
     db.close()
     with logstore.open_store(str(path), readonly=True) as store:
-        assert list(store.read()) == [dict(old_row, client_request_id=None)]
+        assert list(store.read()) == [dict(old_row, client_request_id=None, policy=None, propensity=None)]
     with logstore.open_store(str(path)) as store:
-        store.insert([row("new", client_request_id="c")])
-        assert [(r["request_id"], r["client_request_id"]) for r in store.read()] == [("new", "c"), ("old", None)]
+        store.insert([row("new", client_request_id="c", policy="holdback:fallback", propensity=0.05)])
+        assert [(r["request_id"], r["client_request_id"], r["policy"], r["propensity"]) for r in store.read()] == [
+            ("new", "c", "holdback:fallback", 0.05), ("old", None, None, None)]
 
 
 def test_readonly_open_of_an_empty_postgresql_database_says_nothing_wrote_to_it(postgres_url):

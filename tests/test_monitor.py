@@ -360,7 +360,7 @@ def test_statistics_artifact_is_found_from_the_examples_in_ml_metadata(tmp_path)
     from ml_metadata.metadata_store import metadata_store
     from ml_metadata.proto import metadata_store_pb2
 
-    from ops import monitor
+    from pipelines import mlmd
 
     config = metadata_store_pb2.ConnectionConfig()
     config.sqlite.filename_uri = str(tmp_path / "mlmd.sqlite")
@@ -389,10 +389,10 @@ def test_statistics_artifact_is_found_from_the_examples_in_ml_metadata(tmp_path)
     execution(statistics_gen, [examples], [artifact("ExampleStatistics", "/p/StatisticsGen/statistics/3")])
     execution(statistics_gen, [other_examples], [artifact("ExampleStatistics", "/p/StatisticsGen/statistics/9")])
     execution(other, [examples], [artifact("ExampleStatistics", "/p/data_gate/statistics/7")])
-    found = monitor.statistics_artifact_for_examples(store, "/p/CsvExampleGen/examples/1")
+    found = mlmd.statistics_for_examples(store, "/p/CsvExampleGen/examples/1")
     assert found.uri == "/p/StatisticsGen/statistics/3"
-    with pytest.raises(monitor.MonitorError, match="/p/none"):
-        monitor.statistics_artifact_for_examples(store, "/p/none")
+    with pytest.raises(mlmd.MetadataError, match="/p/none"):
+        mlmd.statistics_for_examples(store, "/p/none")
 
 
 def test_served_version_is_the_stable_label_else_the_latest(tmp_path):
