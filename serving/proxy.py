@@ -45,6 +45,14 @@ refused with a message naming the key, and the previous settings stay in force.
                           gets them; the monitor then skips them)          []
   PROXY_LOG_MAX_BODY_BYTES  a logged request or response longer than this is stored as
                           {"skewless_truncated": true, "bytes": n, "head": "..."}  65536
+  PROXY_HOLDBACK_SHARE    share of routing keys (sticky, 0 to 0.5) held back from the model:
+                          answered by PROXY_HOLDBACK_POLICY instead (default 0: none)
+  PROXY_HOLDBACK_POLICY   fallback (PROXY_FALLBACK) | stable (the version PROXY_HOLDBACK_LABEL,
+                          default stable, names) | random (a class drawn uniformly from
+                          PROXY_CLASSES). Every record carries its `policy` ("model",
+                          "holdback:<policy>", "fallback", "client") and `propensity` (the
+                          probability of the answer given, per row: 1 - share for the model,
+                          share for a held-back answer, share / K for a random draw)
   PROXY_MODEL             the model /readyz checks: ready only when every variant's label or
                           version is AVAILABLE on its backend (unset: only that backends answer)
   PREDLOG_QUEUE_SIZE, PREDLOG_SEGMENT_RECORDS, PREDLOG_RETRY_SECONDS  the log's bounds
@@ -83,6 +91,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import resource
 import secrets
@@ -189,6 +198,7 @@ class Settings:
         if not all(isinstance(name, str) and name for name in self.redact):
             raise ConfigError(f"PROXY_REDACT_FEATURES: expected a JSON list of feature names, got {self.redact}")
         self.log_max_body = int(_number("PROXY_LOG_MAX_BODY_BYTES", get("PROXY_LOG_MAX_BODY_BYTES", "65536"), 256))
+        self.holdback = Holdback.parse(get, self.classes)
         self.model = get("PROXY_MODEL", "").strip() or None
         if self.model is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model):
             raise ConfigError(f"PROXY_MODEL: expected a model name, got '{self.model}'")
@@ -235,6 +245,43 @@ class Settings:
             if point < edge:
                 return variant
         return self._cumulative[-1][1]
+
+
+class Holdback:
+    """Users held back from the model under training (the feedback-loop guard): a sticky share of
+    routing keys answered by a policy that does not depend on that model."""
+
+    POLICIES = ("fallback", "stable", "random")
+
+    def __init__(self, share: float, policy: str, label: str, classes: Optional[List[Any]]):
+        self.share, self.policy, self.label, self.classes = share, policy, label, classes
+
+    @classmethod
+    def parse(cls, get, classes) -> Optional["Holdback"]:
+        share = _number("PROXY_HOLDBACK_SHARE", get("PROXY_HOLDBACK_SHARE", "0"), 0.0, 0.5)
+        policy = get("PROXY_HOLDBACK_POLICY", "fallback").strip()
+        if policy not in cls.POLICIES:
+            raise ConfigError(f"PROXY_HOLDBACK_POLICY: expected one of {', '.join(cls.POLICIES)}, got '{policy}'")
+        label = get("PROXY_HOLDBACK_LABEL", "stable").strip()
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", label):
+            raise ConfigError(f"PROXY_HOLDBACK_LABEL: expected a label name, got '{label}'")
+        if policy == "random" and not classes:
+            raise ConfigError("PROXY_HOLDBACK_POLICY=random draws a class uniformly from PROXY_CLASSES: set "
+                              'PROXY_CLASSES (e.g. ["no", "yes"])')
+        return cls(share, policy, label, classes) if share > 0 else None
+
+    def holds(self, key: str) -> bool:
+        """Sticky, and independent of the A/B split (another hash of the same key)."""
+        point = int.from_bytes(hashlib.sha256(b"holdback:" + key.encode()).digest()[:8], "big") / 2 ** 64
+        return point < self.share
+
+    @property
+    def name(self) -> str:
+        return f"holdback:{self.policy}"
+
+    def propensity(self) -> float:
+        """P(this answer for a row | the request): the share held back, times 1/K for a uniform draw."""
+        return self.share / len(self.classes) if self.policy == "random" else self.share
 
 
 def read_env_file(path: str) -> Dict[str, str]:
@@ -547,6 +594,16 @@ class Proxy:
         key = "predictions" if verb == "predict" else "results"
         return {key: [dict(self.settings.fallback) for _ in range(rows)]}
 
+    def holdback_answer(self, body: Dict[str, Any], verb: str, holdback: Holdback) -> Dict[str, Any]:
+        """A held-back request's answer: the fallback, or a class drawn uniformly per row."""
+        if holdback.policy == "fallback":
+            return self.fallback(body, verb)
+        rows = []
+        for _ in range(_row_count(body)):
+            class_id = random.randrange(len(holdback.classes))
+            rows.append({"class_ids": class_id, "classes": holdback.classes[class_id]})
+        return {"predictions" if verb == "predict" else "results": rows}
+
     def apply_threshold(self, answer: Dict[str, Any]) -> None:
         threshold, classes = self.settings.threshold, self.settings.classes
         if threshold is None:
@@ -818,6 +875,7 @@ class ProxyApi:
         backend_seconds = None
         body: Optional[Dict[str, Any]] = None
         sent = raw
+        policy, propensity = None, None
         try:
             if client_id is not None and (len(client_id) > MAX_CLIENT_ID or not _PRINTABLE.fullmatch(client_id)):
                 code, answer = 400, {"error": f"X-Request-Id: expected 1 to {MAX_CLIENT_ID} printable ASCII "
@@ -848,20 +906,32 @@ class ProxyApi:
                 return
             if not settings.enabled:
                 variant_name, code, answer = "fallback", 200, proxy.fallback(body, verb)
+                policy, propensity = "fallback", 1.0
                 answer["skewless"] = {"fallback": True}
                 extra_headers["X-Skewless-Fallback"] = "true"
                 proxy.m_fallback.labels(proxy.model_label(model)).inc()
                 return
+            holdback = settings.holdback
             if route.version is not None or route.label is not None:  # the client chose (allowed): no split
                 variant = Variant("direct", settings.answering[0].backend, 1, route.label, route.version)
+                policy = "client"
             elif choice is not None:
                 if choice not in settings.variants:
                     code, answer = 400, {"error": f"X-Skewless-Variant: no variant '{choice[:100]}'; "
                                                   f"variants: {sorted(settings.variants)}"}
                     return
                 variant = settings.variants[choice]
+                policy = "client"
+            elif holdback is not None and holdback.holds(routing_key or record_id):
+                policy, propensity, variant_name = holdback.name, holdback.propensity(), "holdback"
+                if holdback.policy != "stable":
+                    code, answer = 200, proxy.holdback_answer(body, verb, holdback)
+                    answer["skewless"] = {"variant": variant_name, "policy": policy}
+                    return
+                variant = Variant("holdback", settings.answering[0].backend, 1, holdback.label, None)
             else:
                 variant = settings.choose(routing_key or record_id)
+                policy, propensity = "model", 1.0 - (holdback.share if holdback is not None else 0.0)
             variant_name = variant.name
             call_started = time.perf_counter()
             try:
@@ -882,9 +952,9 @@ class ProxyApi:
             else:
                 proxy.apply_threshold(answer)
                 proxy.observe_scores(proxy.model_label(model), variant.name, answer)
-                answer["skewless"] = {"variant": variant.name, "model_version": version,
+                answer["skewless"] = {"variant": variant.name, "model_version": version, "policy": policy,
                                       **({"threshold": settings.threshold} if settings.threshold is not None else {})}
-            if settings.shadow and variant.name != "direct":
+            if settings.shadow and policy == "model":
                 proxy.shadow(settings, model, verb, body, sent, record_id, client_id, ts,
                              proxy.logged_key(routing_key, settings), answer if code == 200 else None)
         except Exception as e:  # a proxy bug: answer, log, keep serving
@@ -900,7 +970,8 @@ class ProxyApi:
                                "status": code, "latency_ms": latency * 1e3,
                                "routing_key": proxy.logged_key(routing_key, settings),
                                "request": proxy.logged_request(body, sent, settings),
-                               "response": proxy.log_text(text, settings)})
+                               "response": proxy.log_text(text, settings), "policy": policy,
+                               "propensity": propensity})
             label = proxy.model_label(model)
             proxy.m_requests.labels(label, variant_name, str(code)).inc()
             proxy.m_latency.labels(label, variant_name).observe(latency)
@@ -908,6 +979,7 @@ class ProxyApi:
                 proxy.m_backend_latency.labels(label, variant_name).observe(backend_seconds)
             headers = {"X-Request-Id": record_id, "X-Skewless-Variant": variant_name,
                        **({"X-Client-Request-Id": client_id} if client_id else {}),
+                       **({"X-Skewless-Policy": policy} if policy else {}),
                        **({"X-Skewless-Model-Version": str(version)} if version is not None else {}), **extra_headers}
             # In the finally block: every path above, early exits included, answers what it logged.
             return Response(code, text.encode(), "application/json", headers)  # noqa: B012

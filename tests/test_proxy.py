@@ -563,3 +563,53 @@ def test_metrics_stay_bounded_and_a_non_finite_score_stays_out_of_the_histogram(
     assert 'model="m1"' not in metrics and 'model="other"' in metrics and 'model="taxi"' in metrics
     models = set(re.findall(r'model="([^"]*)"', metrics))
     assert models == {"taxi", "other"}
+
+
+@pytest.mark.parametrize("policy", ["fallback", "stable", "random"])
+def test_holdback_users_are_answered_without_the_model_and_carry_policy_and_propensity(backend, tmp_path, policy):
+    """The feedback-loop guard: a sticky 20 % of users never get the model under training."""
+    from serving import logstore
+
+    log = str(tmp_path / "log.sqlite")
+    env = {"PROXY_BACKEND": backend.url, "PROXY_VARIANTS": json.dumps({"candidate": {"label": "canary"}}),
+           "PROXY_HOLDBACK_SHARE": "0.2", "PROXY_HOLDBACK_POLICY": policy, "PROXY_FALLBACK": '{"classes": "no"}',
+           "PROXY_CLASSES": '["no", "yes"]'}
+    _, url, stop = start_proxy(env, log_path=log)
+    try:
+        answers = {u: post(url, {"instances": [{"fare": 10.0}]}, {"X-User-Id": f"user-{u}"}) for u in range(1000)}
+        again = {u: post(url, {"instances": [{"fare": 10.0}]}, {"X-User-Id": f"user-{u}"})[2]["X-Skewless-Policy"]
+                 for u in range(0, 1000, 25)}
+    finally:
+        stop()
+    held = {u for u, (_, _, h) in answers.items() if h["X-Skewless-Policy"] == f"holdback:{policy}"}
+    assert 0.17 < len(held) / 1000 < 0.23  # binomial sd over 1000 users is 1.3 %
+    assert all(answers[u][2]["X-Skewless-Policy"] == "model" for u in set(answers) - held)
+    assert all(again[u] == answers[u][2]["X-Skewless-Policy"] for u in again)  # sticky
+    canary = [p for p in backend.paths if p == "/v1/models/taxi/versions/2:predict"]
+    assert len(canary) == 1000 - len(held) + sum(1 for u in again if u not in held)  # held users never reach it
+    records = [r for r in logstore.read_records(log)]
+    by_policy = {}
+    for r in records:
+        by_policy.setdefault(r["policy"], set()).add(round(r["propensity"], 12))
+    expected = {"fallback": 0.2, "stable": 0.2, "random": 0.1}[policy]
+    assert by_policy == {"model": {0.8}, f"holdback:{policy}": {expected}}
+    held_answers = [answers[u][1]["predictions"][0] for u in held]
+    if policy == "fallback":
+        assert all(a == {"classes": "no"} for a in held_answers)
+    elif policy == "stable":  # the stable label's version 1 computed them: score fare / 100
+        assert all(a["score"] == pytest.approx(0.1) for a in held_answers)
+        assert {r["model_version"] for r in records if r["policy"] == "holdback:stable"} == {1}
+    else:
+        drawn = [a["classes"] for a in held_answers]
+        assert set(drawn) == {"no", "yes"} and abs(drawn.count("yes") / len(drawn) - 0.5) < 0.15
+
+
+def test_holdback_settings_name_the_key():
+    from serving.proxy import ConfigError, Settings
+
+    with pytest.raises(ConfigError, match="PROXY_HOLDBACK_SHARE: must be between 0 and 0.5"):
+        Settings({"PROXY_HOLDBACK_SHARE": "0.9"})
+    with pytest.raises(ConfigError, match="PROXY_HOLDBACK_POLICY: expected one of fallback, stable, random"):
+        Settings({"PROXY_HOLDBACK_SHARE": "0.1", "PROXY_HOLDBACK_POLICY": "coin"})
+    with pytest.raises(ConfigError, match="random draws a class uniformly from PROXY_CLASSES"):
+        Settings({"PROXY_HOLDBACK_SHARE": "0.1", "PROXY_HOLDBACK_POLICY": "random"})
