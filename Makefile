@@ -14,7 +14,7 @@ KF_ENV ?= configs/kubeflow.yaml
 EXPERIMENT ?= skewless
 KF_ARGS = --spec $(SPEC) --env $(KF_ENV) $(if $(IMAGE),--image $(IMAGE)) $(if $(BEAM_PROFILE),--beam_profile $(BEAM_PROFILE))
 
-.PHONY: help setup lock test test-fast run image-train compile submit schedule schema data promote rollback parity serve monitor ab-report retention batch-predict bench-pipeline bench-serving bench-proxy bench-scale clean
+.PHONY: help setup lock test test-fast run image-train compile submit schedule schema data promote rollback parity serve monitor ab-report export-span retention batch-predict bench-pipeline bench-serving bench-proxy bench-scale clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -91,6 +91,9 @@ bench-serving: ## in-process signature call vs REST through the local server (ne
 
 monitor: ## skew and drift of served traffic vs training and the previous window; writes build/monitor/ (RETRAIN=1 starts a run on anomalies) [LOG=path|postgresql://...]
 	$(PY) -m ops.monitor --log $(or $(LOG),build/prediction_log.sqlite) --model $(or $(MODEL),taxi) $(if $(WINDOW_HOURS),--window_hours $(WINDOW_HOURS)) $(if $(RETRAIN),--retrain)
+
+export-span: ## served traffic + late labels -> a new span in the spec's CSV format: make export-span LABELS=file [HOURS=24 LOG= SPANS=build/spans]
+	@$(PY) -m ops.export_span --log $(or $(LOG),build/prediction_log.sqlite) --labels $(LABELS) --spec $(SPEC) --spans $(or $(SPANS),build/spans) $(if $(HOURS),--window_hours $(HOURS)) $(if $(METADATA),--metadata $(METADATA))
 
 ab-report: ## A/B go/no-go from the prediction log: make ab-report LABELS=file [A=stable B=canary HOURS=24 LOG=path|postgresql://...]; exit 0 GO, 1 NO-GO, 3 not enough data
 	$(PY) -m ops.ab_report --log $(or $(LOG),build/prediction_log.sqlite) $(if $(LABELS),--labels $(LABELS)) --model $(or $(MODEL),taxi) --a $(or $(A),stable) --b $(or $(B),canary) $(if $(HOURS),--window_hours $(HOURS)) --json build/ab_report.json

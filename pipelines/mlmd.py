@@ -29,14 +29,16 @@ def store_for(connection_config):
     return metadata_store.MetadataStore(connection_config)
 
 
-def connect(metadata_path: str, readonly: bool = True):
-    """The SQLite store a local run wrote (read-only by default)."""
+def connect(metadata_path: str, readonly: bool = True, create: bool = False):
+    """The SQLite store a local run wrote (read-only by default; `create` makes a new one)."""
     pb2 = _pb2()
-    if not os.path.exists(metadata_path):
+    if create:
+        os.makedirs(os.path.dirname(os.path.abspath(metadata_path)), exist_ok=True)
+    elif not os.path.exists(metadata_path):
         raise MetadataError(f"no ML Metadata store at {metadata_path}: run the pipeline first")
     config = pb2.ConnectionConfig()
     config.sqlite.filename_uri = metadata_path
-    config.sqlite.connection_mode = (pb2.SqliteMetadataSourceConfig.READONLY if readonly
+    config.sqlite.connection_mode = (pb2.SqliteMetadataSourceConfig.READONLY if readonly and not create
                                      else pb2.SqliteMetadataSourceConfig.READWRITE_OPENCREATE)
     return store_for(config)
 
@@ -107,6 +109,24 @@ def tag_latest_run(connection_config, key: str, value: str) -> bool:
     run.custom_properties[key].string_value = value
     store.put_contexts([run])
     return True
+
+
+def record_artifact(metadata_path: str, type_name: str, uri: str, properties: Dict[str, Any]) -> int:
+    """Records an artifact made outside a pipeline run (e.g. a served span) with string/int custom
+    properties; returns its id. The store is created if it does not exist yet."""
+    pb2 = _pb2()
+    store = connect(metadata_path, readonly=False, create=True)
+    type_id = store.put_artifact_type(pb2.ArtifactType(name=type_name), can_add_fields=True)
+    artifact = pb2.Artifact(type_id=type_id, uri=uri, state=pb2.Artifact.LIVE)
+    for key, value in properties.items():
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TypeError(f"{type_name} property {key}: {value!r} is neither an int nor a string")
+        if isinstance(value, int):
+            artifact.custom_properties[key].int_value = value
+        else:
+            artifact.custom_properties[key].string_value = value
+    [artifact_id] = store.put_artifacts([artifact])
+    return artifact_id
 
 
 # --- events -------------------------------------------------------------------------------

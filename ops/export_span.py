@@ -1,0 +1,187 @@
+"""Served traffic becomes a span: a window of the prediction log joined with the ground truth that
+arrived later, written in the spec's raw CSV format, ready for the pipeline as new data.
+
+    python -m ops.export_span --log build/prediction_log.sqlite --labels labels.csv \
+        --spans build/spans [--spec configs/taxi.yaml] [--model taxi] [--window_hours 24 | --start T --end T]
+
+What goes in: answers the proxy served (status 200, :predict), one CSV row per request row. Left
+out, and counted: shadow answers (never served), fallback answers (the switch was off: the model
+did not decide), rows with no label yet, and a client's retry (the same client X-Request-Id and
+row, answered again: the first is kept). Held-back answers are kept: they are the unbiased part.
+
+The ground truth (CSV or JSON lines with request_id, label[, row], read and joined as the A/B
+report does: the proxy's id or the client's X-Request-Id) holds the raw value of the spec's label
+column: `label.column`, or for a derived label its `derive.column` (taxi: `tips`); the other
+columns come from the request as it was served. A missing value is an empty cell, as in the raw
+CSVs: NaN and "" (the one wire form of a missing value) both become empty.
+
+The span folder (`<spans>/span-<n>/`, n one more than the newest there unless --span):
+    data.csv          the training CSV's header (same columns, same order), one row per served row
+    served.csv        per row, aligned with data.csv: request_id, row, model_version, variant,
+                      policy, propensity (1 / propensity is the row's inverse-propensity weight)
+    provenance.json   window, log, labels, counts (rows, left out by reason), versions, variants, policies
+With --metadata, the span is also recorded in ML Metadata (an artifact of type ServedSpan with the
+provenance as custom properties), next to the runs that will train on it.
+"""
+
+import argparse
+import collections
+import csv
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+from components import feature_spec
+from ops import ab_report
+from pipelines import mlmd
+from serving import logstore
+
+SPAN = re.compile(r"^span-(\d+)$")
+
+
+class ExportError(ValueError):
+    """The export cannot be made; the message names the input and the fix."""
+
+
+def raw_header(spec: feature_spec.FeatureSpec) -> List[str]:
+    """The columns of the spec's training CSV, in its order (every file of a folder shares one header)."""
+    with open(spec.csv_files()[0], newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), None)
+    if not header:
+        raise ExportError(f"{spec.csv_files()[0]}: no header row: the span's columns are the training CSV's")
+    missing = [c for c in spec.columns if c not in header]
+    if missing:
+        raise ExportError(f"{spec.csv_files()[0]}: the header lacks the spec's columns {missing}")
+    return header
+
+
+def label_column(spec: feature_spec.FeatureSpec) -> str:
+    """The raw column the ground truth's `label` fills."""
+    return spec.label.column or spec.label.derive["column"]
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        return ""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, dict)):
+        raise ExportError(f"a served value {value!r} is not a scalar: only one value per raw column fits a CSV cell")
+    return str(value)
+
+
+def next_span(spans: str) -> int:
+    numbers = [int(m.group(1)) for m in (SPAN.match(n) for n in (os.listdir(spans) if os.path.isdir(spans) else []))
+               if m]
+    return max(numbers, default=0) + 1
+
+
+def export(log: str, labels_path: str, spans: str, spec: feature_spec.FeatureSpec, model: Optional[str] = None,
+           start: Optional[float] = None, end: Optional[float] = None, span: Optional[int] = None,
+           metadata: Optional[str] = None) -> Dict[str, Any]:
+    model = model or spec.name
+    header, target = raw_header(spec), label_column(spec)
+    try:
+        records = [r for r in logstore.read_records(log, start, end, model, include_shadow=True)]
+    except logstore.StoreError as e:
+        raise ExportError(str(e)) from None
+    left_out = collections.Counter()
+    served = []
+    for r in records:
+        if r["shadow"]:
+            left_out["shadow"] += 1
+        elif r["variant"] == "fallback" or r.get("policy") == "fallback":
+            left_out["fallback"] += 1
+        elif r["status"] != 200 or r["api"] != "predict":
+            left_out["not_a_served_prediction"] += 1
+        else:
+            served.append(r)
+    labels = ab_report.by_proxy_id(ab_report.load_labels(labels_path), served)
+    seen = set()
+    rows, provenance_rows = [], []
+    for r in served:
+        for index, features in enumerate(logstore.instances(r["request"])):
+            if r["client_request_id"] is not None:
+                retry = (r["client_request_id"], index)
+                if retry in seen:
+                    left_out["client_retry"] += 1
+                    continue
+                seen.add(retry)
+            label = labels.values.get((r["request_id"], index))
+            if label is None:
+                left_out["no_label"] += 1
+                continue
+            row = {**features, target: label[0]}
+            rows.append([_cell(row.get(c)) for c in header])
+            provenance_rows.append([r["request_id"], index, r["model_version"], r["variant"], r.get("policy"),
+                                    r.get("propensity")])
+    if not rows:
+        raise ExportError(f"no labelled served row in {logstore.masked_url(log)} for model '{model}' in the window "
+                          f"({dict(left_out)} left out): widen the window or wait for more ground truth")
+    number = span if span is not None else next_span(spans)
+    folder = os.path.join(spans, f"span-{number}")
+    if os.path.exists(folder):
+        raise ExportError(f"{folder} exists: a span is written once; pass another --span or leave it out")
+    os.makedirs(folder + ".tmp", exist_ok=False)
+    with open(os.path.join(folder + ".tmp", "data.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    with open(os.path.join(folder + ".tmp", "served.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["request_id", "row", "model_version", "variant", "policy", "propensity"])
+        writer.writerows([[_cell(v) for v in p] for p in provenance_rows])
+    provenance = {
+        "span": number, "model": model, "log": logstore.masked_url(log), "labels": os.path.abspath(labels_path),
+        "window": {"start": start, "end": end}, "rows": len(rows), "left_out": dict(sorted(left_out.items())),
+        "model_versions": _counts(p[2] for p in provenance_rows), "variants": _counts(p[3] for p in provenance_rows),
+        "policies": _counts(p[4] for p in provenance_rows), "label_column": target, "written_at": time.time(),
+    }
+    with open(os.path.join(folder + ".tmp", "provenance.json"), "w") as f:
+        json.dump(provenance, f, indent=2, sort_keys=True)
+    os.replace(folder + ".tmp", folder)  # a span appears whole or not at all (ExampleGen may be watching)
+    if metadata:
+        provenance["mlmd_artifact_id"] = mlmd.record_artifact(
+            metadata, "ServedSpan", folder, {k: v if isinstance(v, (int, str)) else json.dumps(v, sort_keys=True)
+                                             for k, v in provenance.items() if v is not None})
+    provenance["folder"] = folder
+    return provenance
+
+
+def _counts(values) -> Dict[str, int]:
+    return dict(sorted(collections.Counter(str(v) for v in values).items()))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--log", default="build/prediction_log.sqlite", help="the prediction log: a path or URL")
+    parser.add_argument("--labels", required=True, help="ground truth: CSV or JSON lines with request_id, label[, row]")
+    parser.add_argument("--spans", default="build/spans", help="the folder of spans (span-<n>/ inside)")
+    parser.add_argument("--spec", default="configs/taxi.yaml")
+    parser.add_argument("--model", help="model name in the log (default: the spec's name)")
+    parser.add_argument("--span", type=int, help="span number (default: one more than the newest)")
+    parser.add_argument("--start", type=ab_report.parse_time, help="window start (unix seconds or ISO 8601)")
+    parser.add_argument("--end", type=ab_report.parse_time, help="window end (unix seconds or ISO 8601)")
+    parser.add_argument("--window_hours", type=float, help="the last N hours (instead of --start/--end)")
+    parser.add_argument("--metadata", help="an ML Metadata SQLite file to record the span in")
+    args = parser.parse_args(argv)
+    try:
+        spec = feature_spec.load(args.spec)
+        start, end = ab_report.window(args.start, args.end, args.window_hours)
+        result = export(args.log, args.labels, args.spans, spec, args.model, start, end, args.span, args.metadata)
+    except (ExportError, ab_report.InputError, feature_spec.SpecError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"span {result['span']}: {result['rows']} rows -> {result['folder']} (left out: {result['left_out']}; "
+          f"policies {result['policies']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

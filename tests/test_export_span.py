@@ -1,0 +1,89 @@
+"""ops/export_span.py: served traffic and late labels become a span in the spec's raw CSV format."""
+
+import csv
+import json
+import math
+
+import pytest
+
+from ops import export_span
+from pipelines import mlmd
+from serving import logstore
+from tests.test_ab_report import write_log
+
+T0 = 1_700_000_000.0
+
+
+def record(request_id, rows, ts=T0, shadow=0, variant="stable", version=3, policy="model", propensity=0.9,
+           client_id=None, status=200, api="predict"):
+    return {"request_id": request_id, "client_request_id": client_id, "ts": ts, "model": "taxi", "variant": variant,
+            "model_version": version, "shadow": shadow, "api": api, "status": status, "latency_ms": 2.0,
+            "routing_key": None, "request": json.dumps({"instances": rows}),
+            "response": json.dumps({"predictions": [{"score": 0.5}] * len(rows)}), "policy": policy,
+            "propensity": propensity}
+
+
+@pytest.fixture
+def spec():
+    from components import feature_spec
+
+    return feature_spec.load("configs/taxi.yaml")
+
+
+def test_served_rows_with_labels_become_a_span_and_the_rest_is_counted(spec, tmp_path):
+    row = {"fare": 12.5, "trip_miles": 2.0, "payment_type": "Cash", "company": "", "trip_seconds": math.nan}
+    log = write_log(tmp_path / "log.sqlite", [
+        record("a", [row, {**row, "fare": 3.0}]),
+        record("b", [{**row, "payment_type": "Credit Card"}], variant="holdback", version=2,
+               policy="holdback:stable", propensity=0.1, client_id="c-1"),
+        record("b2", [{**row, "payment_type": "Credit Card"}], client_id="c-1"),  # the client's retry
+        record("a:shadow", [row], shadow=1, variant="canary"),
+        record("f", [row], variant="fallback", policy="fallback", propensity=1.0),
+        record("e", [row], status=400),
+        record("n", [row]),  # no label yet
+        record("late", [row], ts=T0 + 7200),  # outside the window
+    ])
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("\n".join(json.dumps(x) for x in [
+        {"request_id": "a", "row": 0, "label": 4.0}, {"request_id": "a", "row": 1, "label": 0.0},
+        {"request_id": "b", "label": 1.5}, {"request_id": "b2", "label": 7.0}, {"request_id": "a:shadow", "label": 9.0},
+        {"request_id": "f", "label": 9.0}, {"request_id": "late", "label": 9.0}]) + "\n")
+    metadata = str(tmp_path / "mlmd.sqlite")
+    result = export_span.export(log, str(labels), str(tmp_path / "spans"), spec, start=T0 - 1, end=T0 + 3600,
+                                metadata=metadata)
+    assert result["span"] == 1 and result["rows"] == 3
+    assert result["left_out"] == {"client_retry": 1, "fallback": 1, "no_label": 1, "not_a_served_prediction": 1,
+                                  "shadow": 1}
+    with open(spec.csv_files()[0], newline="") as f:
+        header = next(csv.reader(f))
+    with open(tmp_path / "spans" / "span-1" / "data.csv", newline="") as f:
+        assert next(csv.reader(f)) == header  # the training CSV's columns, in its order
+        f.seek(0)
+        written = list(csv.DictReader(f))
+    assert [(r["fare"], r["payment_type"], r["tips"], r["company"], r["trip_seconds"], r["pickup_latitude"])
+            for r in written] == [("12.5", "Cash", "4.0", "", "", ""), ("3.0", "Cash", "0.0", "", "", ""),
+                                  ("12.5", "Credit Card", "1.5", "", "", "")]
+    with open(tmp_path / "spans" / "span-1" / "served.csv", newline="") as f:
+        served = list(csv.DictReader(f))
+    assert [(s["request_id"], s["row"], s["model_version"], s["policy"], s["propensity"]) for s in served] == [
+        ("a", "0", "3", "model", "0.9"), ("a", "1", "3", "model", "0.9"), ("b", "0", "2", "holdback:stable", "0.1")]
+    provenance = json.loads((tmp_path / "spans" / "span-1" / "provenance.json").read_text())
+    assert provenance["policies"] == {"holdback:stable": 1, "model": 2} and provenance["model_versions"] == {
+        "2": 1, "3": 2} and provenance["label_column"] == "tips"
+    store = mlmd.connect(metadata)
+    [artifact] = store.get_artifacts_by_type("ServedSpan")
+    assert artifact.uri.endswith("span-1") and mlmd.custom_property(artifact, "rows") == 3
+    # The next export is the next span, and a span is never overwritten.
+    assert export_span.next_span(str(tmp_path / "spans")) == 2
+    with pytest.raises(export_span.ExportError, match="span-1 exists: a span is written once"):
+        export_span.export(log, str(labels), str(tmp_path / "spans"), spec, span=1)
+
+
+def test_nothing_labelled_is_an_error_that_says_what_was_left_out(spec, tmp_path):
+    log = write_log(tmp_path / "log.sqlite", [record("a", [{"fare": 1.0}])])
+    labels = tmp_path / "labels.csv"
+    labels.write_text("request_id,label\nother,1.0\n")
+    with pytest.raises(export_span.ExportError, match=r"no labelled served row .*'no_label': 1.*wait for more"):
+        export_span.export(log, str(labels), str(tmp_path / "spans"), spec)
+    assert not (tmp_path / "spans").exists()
+    assert logstore.open_store(log, readonly=True).count() == 1
