@@ -125,8 +125,8 @@ def compile_pipeline(spec_path: str = "configs/taxi.yaml", env_path: str = DEFAU
         raise KubeflowError(f"{env['source']}: image: is required (the training image built from Dockerfile.train), "
                             f"or pass --image")
     baseline = env.get("baseline", "none")
-    if baseline == "excluding_candidate":
-        raise KubeflowError(f"{env['source']}: baseline: excluding_candidate is the custom resolver strategy of "
+    if baseline in ("excluding_candidate", "stable"):
+        raise KubeflowError(f"{env['source']}: baseline: {baseline} is a custom resolver strategy of "
                             f"components/baseline.py, which KubeflowV2DagRunner cannot compile; use none "
                             f"(open-source Kubeflow Pipelines) or latest_blessed (Vertex AI)")
     beam_args = beam_profiles.beam_args(env, env["source"], beam_profile, pipeline_root=env["pipeline_root"],

@@ -190,8 +190,12 @@ class _Graph:
 def lineage(metadata_path: str, model_name: str, version: int) -> Dict[str, Any]:
     """Evidence that `version` of `model_name` was blessed and pushed, with what produced it:
     one get_lineage_subgraph query upstream from the PushedModel artifact."""
+    return lineage_in(connect(metadata_path), model_name, version)
+
+
+def lineage_in(store, model_name: str, version: int) -> Dict[str, Any]:
+    """lineage() on an open store (a resolver strategy is handed one)."""
     pb2 = _pb2()
-    store = connect(metadata_path)
     pushed = [a for a in store.get_artifacts_by_type("PushedModel")
               if str(custom_property(a, "pushed_version")) == str(version) and custom_property(a, "pushed") == 1
               and os.path.normpath(str(custom_property(a, "pushed_destination"))).split(os.sep)[-2:]

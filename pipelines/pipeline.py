@@ -18,7 +18,7 @@ from tfx.proto import example_gen_pb2, pusher_pb2
 from tfx.types import Channel
 from tfx.types.standard_artifacts import Model, ModelBlessing
 
-from components.baseline import BaselineModelStrategy
+from components.baseline import BaselineModelStrategy, StableModelStrategy
 from components.data_gate import DataGate
 from components.evaluation import eval_config
 from components.feature_spec import FeatureSpec
@@ -31,9 +31,11 @@ RUN_FN = "components.trainer.run_fn"
 #                        LocalDagRunner runs it, KubeflowV2DagRunner cannot compile a custom strategy
 #   latest_blessed       TFX's LatestBlessedModelStrategy, which KubeflowV2DagRunner compiles (Vertex AI
 #                        runs it; a cached rerun then compares the candidate with itself)
+#   stable               the model behind the version models.config labels `stable` (what
+#                        production serves; StableModelStrategy, LocalDagRunner only)
 #   none                 no baseline: change thresholds are skipped, value thresholds still gate
 #                        (open-source Kubeflow Pipelines implements no resolver tasks)
-BASELINES = ("excluding_candidate", "latest_blessed", "none")
+BASELINES = ("excluding_candidate", "latest_blessed", "stable", "none")
 
 
 @dataclasses.dataclass
@@ -104,7 +106,7 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
                       transform_graph=transform.outputs["transform_graph"],
                       schema=schema_gen.outputs["schema"], custom_config=custom_config)
     trainer.add_upstream_node(data_gate)
-    model_resolver = _baseline_resolver(env.baseline, trainer)
+    model_resolver = _baseline_resolver(env.baseline, trainer, env.model_repository, spec.name)
     evaluator = Evaluator(examples=example_gen.outputs["examples"], model=trainer.outputs["model"],
                           baseline_model=model_resolver.outputs["model"] if model_resolver else None,
                           eval_config=eval_config(spec))
@@ -128,7 +130,8 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
         beam_pipeline_args=env.beam_pipeline_args)
 
 
-def _baseline_resolver(baseline: str, trainer: Trainer) -> Optional[resolver.Resolver]:
+def _baseline_resolver(baseline: str, trainer: Trainer, model_repository: str = "",
+                       model_name: str = "") -> Optional[resolver.Resolver]:
     if baseline not in BASELINES:
         raise ValueError(f"baseline: '{baseline}' is not one of {', '.join(BASELINES)}")
     if baseline == "none":
@@ -136,6 +139,12 @@ def _baseline_resolver(baseline: str, trainer: Trainer) -> Optional[resolver.Res
     if baseline == "latest_blessed":
         return resolver.Resolver(strategy_class=LatestBlessedModelStrategy, model=Channel(type=Model),
                                  model_blessing=Channel(type=ModelBlessing)).with_id("latest_blessed_model_resolver")
+    if baseline == "stable":
+        return resolver.Resolver(
+            strategy_class=StableModelStrategy,
+            config={"model_repository": model_repository, "model_name": model_name, "label": "stable"},
+            model=Channel(type=Model), model_blessing=Channel(type=ModelBlessing),
+            candidate=trainer.outputs["model"]).with_id("stable_model_resolver")
     return resolver.Resolver(
         strategy_class=BaselineModelStrategy,
         model=Channel(type=Model),

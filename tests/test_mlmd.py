@@ -139,3 +139,35 @@ def _config(path):
     config.sqlite.filename_uri = path
     config.sqlite.connection_mode = pb2.SqliteMetadataSourceConfig.READWRITE_OPENCREATE
     return config
+
+
+def test_stable_baseline_is_the_model_behind_the_promoted_version(tmp_path):
+    """baseline: stable resolves, through the push's lineage, the model production serves."""
+    from tfx.types import standard_artifacts
+
+    from components.baseline import BLESSING, CANDIDATE, MODEL, StableModelStrategy
+    from tests.conftest import write_models_config
+
+    path = str(tmp_path / "mlmd.sqlite")
+    run = Run(path)
+    repo = tmp_path / "repo"
+    (repo / "taxi").mkdir(parents=True)
+
+    def artifact(kind, uri, artifact_id):
+        a = kind()
+        a.uri, a.id = uri, artifact_id
+        return a
+    trained = artifact(standard_artifacts.Model, "/root/Trainer/model/4", 4)
+    other = artifact(standard_artifacts.Model, "/root/Trainer/model/40", 40)
+    blessing = artifact(standard_artifacts.ModelBlessing, "/root/Evaluator/blessing/5", 5)
+    candidate = artifact(standard_artifacts.Model, "/root/Trainer/model/41", 41)
+    inputs = {MODEL: [trained, other], BLESSING: [blessing], CANDIDATE: [candidate]}
+    strategy = StableModelStrategy(str(repo), "taxi")
+    # Before the first promotion: no models.config, no baseline (change thresholds are skipped).
+    assert strategy.resolve_artifacts(run.store, inputs) == {MODEL: [], BLESSING: [], CANDIDATE: [candidate]}
+    write_models_config(repo, {"taxi": {"stable": 1700000000}})
+    resolved = strategy.resolve_artifacts(run.store, inputs)
+    assert resolved[MODEL] == [trained] and resolved[BLESSING] == [blessing] and resolved[CANDIDATE] == [candidate]
+    # A cached rerun whose candidate is the stable model itself compares with nothing.
+    rerun = strategy.resolve_artifacts(run.store, {**inputs, CANDIDATE: [trained]})
+    assert rerun[MODEL] == [] and rerun[BLESSING] == []
