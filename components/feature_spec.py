@@ -13,6 +13,7 @@ import dataclasses
 import glob
 import math
 import os
+import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import yaml
@@ -33,6 +34,7 @@ STRATEGY_OPTIONS = {
 LABEL_OPS = (">", ">=", "<", "<=")
 # Transforms whose output is an integer id fed to an embedding; the rest are floats.
 CATEGORICAL_TRANSFORMS = ("vocabulary", "bucketize", "hash")
+SPAN_TOKEN = "{SPAN}"  # TFX ExampleGen's span placeholder in data.path (digits on disk)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -121,6 +123,8 @@ class FeatureSpec:
     thresholds: Tuple[Threshold, ...]
     training: Training
     raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    # With {SPAN} in data.path: how many of the newest spans a run reads (TFX's RollingRange).
+    rolling_spans: Optional[int] = None
 
     @property
     def columns(self) -> Dict[str, Feature]:
@@ -143,7 +147,29 @@ class FeatureSpec:
     def from_custom_config(cls, custom_config: Mapping[str, Any]) -> "FeatureSpec":
         return parse(custom_config["feature_spec"], source=custom_config["feature_spec_source"])
 
+    @property
+    def has_spans(self) -> bool:
+        return SPAN_TOKEN in self.data_path
+
+    def spans(self) -> List[int]:
+        """The span numbers data.path's {SPAN} matches on disk, ascending (as ExampleGen reads digits)."""
+        pattern = re.compile(re.escape(self.data_path.rstrip("/")).replace(re.escape(SPAN_TOKEN), r"(\d+)") + "$")
+        found = {int(m.group(1)) for m in (pattern.match(p) for p in
+                                            glob.glob(self.data_path.rstrip("/").replace(SPAN_TOKEN, "*"))) if m}
+        return sorted(found)
+
     def csv_files(self) -> List[str]:
+        """The CSVs a run reads: data.path's file or folder, or the newest rolling_spans spans' files."""
+        if self.has_spans:
+            spans = self.spans()[-(self.rolling_spans or 1):]
+            files = []
+            for span in spans:
+                path = self.data_path.replace(SPAN_TOKEN, str(span))
+                files += sorted(glob.glob(os.path.join(path, "*.csv"))) if path.endswith("/") else sorted(glob.glob(path))
+            if not files:
+                raise SpecError(f"{self.source}: data.path: no span matches '{self.data_path}' ({{SPAN}} is the "
+                                "span number: e.g. build/spans/span-{SPAN}/)")
+            return files
         if os.path.isdir(self.data_path):
             files = sorted(glob.glob(os.path.join(self.data_path, "*.csv")))
         else:
@@ -186,7 +212,13 @@ def parse(raw: Any, source: str = "<spec>") -> FeatureSpec:
     # here it only has to be a mapping.
     ctx.get(raw, "monitoring", dict, default={})
     data = ctx.get(raw, "data", dict)
-    ctx.known_keys(data, "data", {"path", "split"})
+    ctx.known_keys(data, "data", {"path", "split", "rolling_spans"})
+    rolling = ctx.get(data, "rolling_spans", int, key_prefix="data", default=None)
+    if rolling is not None and (isinstance(rolling, bool) or rolling < 1):
+        ctx.fail("data.rolling_spans", f"must be a whole number of spans >= 1, got {rolling!r}")
+    if rolling is not None and SPAN_TOKEN not in str(data.get("path", "")):
+        ctx.fail("data.rolling_spans", "needs {SPAN} in data.path (e.g. build/spans/span-{SPAN}/): "
+                                       "without spans there is nothing to roll")
     split = ctx.get(data, "split", dict, key_prefix="data", default={"train": 2, "eval": 1})
     if set(split) != {"train", "eval"} or not all(
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in split.values()):
@@ -223,6 +255,7 @@ def parse(raw: Any, source: str = "<spec>") -> FeatureSpec:
         thresholds=thresholds,
         training=_training(ctx, ctx.get(raw, "training", dict, default={})),
         raw=raw,
+        rolling_spans=rolling,
     )
 
 

@@ -13,15 +13,16 @@ from tfx.components import (CsvExampleGen, Evaluator, ExampleValidator, Pusher, 
 from tfx.components.schema_gen.import_schema_gen.component import ImportSchemaGen
 from tfx.dsl.components.common import resolver
 from tfx.dsl.input_resolution.strategies.latest_blessed_model_strategy import LatestBlessedModelStrategy
+from tfx.dsl.input_resolution.strategies.span_range_strategy import SpanRangeStrategy
 from tfx.orchestration import pipeline as tfx_pipeline
-from tfx.proto import example_gen_pb2, pusher_pb2
+from tfx.proto import example_gen_pb2, pusher_pb2, range_config_pb2
 from tfx.types import Channel
-from tfx.types.standard_artifacts import Model, ModelBlessing
+from tfx.types.standard_artifacts import Examples, Model, ModelBlessing
 
 from components.baseline import BaselineModelStrategy, StableModelStrategy
 from components.data_gate import DataGate
 from components.evaluation import eval_config
-from components.feature_spec import FeatureSpec
+from components.feature_spec import SPAN_TOKEN, FeatureSpec
 from components.sandbox import SandboxConfig, SandboxValidator
 
 PREPROCESSING_FN = "components.preprocessing.preprocessing_fn"
@@ -58,7 +59,13 @@ def model_push_dir(spec: FeatureSpec, env: Environment) -> str:
 
 
 def data_folder(spec: FeatureSpec):
-    """(folder, file pattern) CsvExampleGen reads for the spec's data.path."""
+    """(folder, file pattern) CsvExampleGen reads for the spec's data.path; with spans the pattern
+    keeps {SPAN} from the first path segment that holds it (ExampleGen resolves it)."""
+    if spec.has_spans:
+        parts = spec.data_path.rstrip("/").split("/")
+        first = next(i for i, part in enumerate(parts) if SPAN_TOKEN in part)
+        pattern = "/".join(parts[first:]) + ("/*.csv" if spec.data_path.endswith("/") else "")
+        return "/".join(parts[:first]) or "/", pattern
     # A trailing slash marks a folder where isdir cannot look (gs://bucket/data/ on Kubeflow).
     if os.path.isdir(spec.data_path) or spec.data_path.endswith("/"):
         return spec.data_path.rstrip("/"), "*.csv"
@@ -69,8 +76,13 @@ def _example_gen(spec: FeatureSpec, data_root=None) -> CsvExampleGen:
     input_base, pattern = data_folder(spec)
     if data_root is not None:  # a folder, or a RuntimeParameter a Kubeflow run fills in
         input_base = data_root
+    # ExampleGen ingests the newest span (TFX 1.16 supports num_spans=1 only there); the window of
+    # spans a run trains on is resolved downstream, by _training_examples.
+    rolling = (range_config_pb2.RangeConfig(rolling_range=range_config_pb2.RollingRange(num_spans=1))
+               if spec.has_spans else None)
     return CsvExampleGen(
         input_base=input_base,
+        range_config=rolling,
         input_config=example_gen_pb2.Input(splits=[example_gen_pb2.Input.Split(name="single_split",
                                                                                pattern=pattern)]),
         output_config=example_gen_pb2.Output(split_config=example_gen_pb2.SplitConfig(splits=[
@@ -78,11 +90,27 @@ def _example_gen(spec: FeatureSpec, data_root=None) -> CsvExampleGen:
             for name, buckets in spec.split.items()])))
 
 
+def _training_examples(spec: FeatureSpec, example_gen: CsvExampleGen):
+    """(resolver or None, the Examples Transform and Trainer read): with data.rolling_spans > 1, the
+    newest N spans ExampleGen has ingested (TFX's SpanRangeStrategy over RollingRange); else the
+    newest span or the one CSV. Statistics, validation, evaluation and the sandbox read the newest
+    span only: new data is checked, and the model is judged on the data it meets next."""
+    if not spec.has_spans or (spec.rolling_spans or 1) == 1:
+        return None, example_gen.outputs["examples"]
+    window = resolver.Resolver(
+        strategy_class=SpanRangeStrategy,
+        config={"range_config": range_config_pb2.RangeConfig(
+            rolling_range=range_config_pb2.RollingRange(num_spans=spec.rolling_spans))},
+        examples=Channel(type=Examples, producer_component_id=example_gen.id)).with_id("rolling_spans")
+    return window, window.outputs["examples"]
+
+
 def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional[str] = None, data_root=None):
     """The pipeline for `spec` in `env`. `data_root` (a folder or a RuntimeParameter) replaces the
     folder of the spec's data.path, so a runner varies the data without editing the DAG."""
     custom_config = spec.to_custom_config()
     example_gen = _example_gen(spec, data_root)
+    window, training_examples = _training_examples(spec, example_gen)
     statistics_gen = StatisticsGen(examples=example_gen.outputs["examples"])
     if spec.schema_path:
         schema_gen = ImportSchemaGen(schema_file=spec.schema_path)
@@ -94,13 +122,13 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
     data_gate = DataGate(anomalies=example_validator.outputs["anomalies"],
                          statistics=statistics_gen.outputs["statistics"],
                          feature_spec=json.dumps(custom_config)).with_id("data_gate")
-    transform = Transform(examples=example_gen.outputs["examples"], schema=schema_gen.outputs["schema"],
+    transform = Transform(examples=training_examples, schema=schema_gen.outputs["schema"],
                           preprocessing_fn=PREPROCESSING_FN, custom_config=custom_config,
                           # StatisticsGen already describes the raw data; Transform's own pre-
                           # and post-transform statistics would double the Beam work.
                           disable_statistics=True,
                           # The analyzer cache pays off for incremental spans; one CSV has one span.
-                          disable_analyzer_cache=True)
+                          disable_analyzer_cache=window is None)
     transform.add_upstream_node(data_gate)
     trainer = Trainer(run_fn=RUN_FN, examples=transform.outputs["transformed_examples"],
                       transform_graph=transform.outputs["transform_graph"],
@@ -123,8 +151,8 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
     return tfx_pipeline.Pipeline(
         pipeline_name=pipeline_name or spec.name,
         pipeline_root=env.pipeline_root,
-        components=[example_gen, statistics_gen, schema_gen, example_validator, data_gate, transform,
-                    trainer, *([model_resolver] if model_resolver else []), evaluator, sandbox, pusher],
+        components=[example_gen, *([window] if window else []), statistics_gen, schema_gen, example_validator,
+                    data_gate, transform, trainer, *([model_resolver] if model_resolver else []), evaluator, sandbox, pusher],
         enable_cache=env.enable_cache,
         metadata_connection_config=env.metadata_connection_config,
         beam_pipeline_args=env.beam_pipeline_args)

@@ -1,0 +1,109 @@
+"""Spans: data.path with {SPAN} and data.rolling_spans, resolved by TFX's own ExampleGen."""
+
+import dataclasses
+import glob
+import os
+
+import pytest
+
+from components import feature_spec
+
+HEADER = "fare,trip_miles,payment_type,tips\n"
+
+
+def write_spans(root, sizes):
+    for span, rows in sizes.items():
+        folder = root / f"span-{span}"
+        folder.mkdir(parents=True)
+        (folder / "data.csv").write_text(HEADER + "".join(f"{span}.{i},1.0,Cash,0.0\n" for i in range(rows)))
+
+
+def spanned(tmp_path, rolling):
+    spec = feature_spec.load("configs/taxi.yaml")
+    return dataclasses.replace(spec, data_path=str(tmp_path / "spans") + "/span-{SPAN}/", rolling_spans=rolling)
+
+
+def test_the_spec_reads_the_newest_spans(tmp_path):
+    write_spans(tmp_path / "spans", {1: 3, 2: 4, 10: 5})
+    (tmp_path / "spans" / "span-x").mkdir()  # not a span number: ignored, as ExampleGen ignores it
+    spec = spanned(tmp_path, 2)
+    assert spec.spans() == [1, 2, 10]
+    assert spec.csv_files() == [str(tmp_path / "spans" / "span-2" / "data.csv"),
+                                str(tmp_path / "spans" / "span-10" / "data.csv")]
+    assert spanned(tmp_path, None).csv_files() == [str(tmp_path / "spans" / "span-10" / "data.csv")]
+    empty = dataclasses.replace(spec, data_path=str(tmp_path / "none") + "/span-{SPAN}/")
+    with pytest.raises(feature_spec.SpecError, match=r"no span matches .*span-\{SPAN\}"):
+        empty.csv_files()
+
+
+def test_rolling_spans_needs_a_span_pattern():
+    raw = feature_spec.load("configs/taxi.yaml").raw
+    with pytest.raises(feature_spec.SpecError, match=r"data.rolling_spans: needs \{SPAN\} in data.path"):
+        feature_spec.parse({**raw, "data": {**raw["data"], "rolling_spans": 3}})
+    with pytest.raises(feature_spec.SpecError, match="data.rolling_spans: must be a whole number of spans >= 1"):
+        feature_spec.parse({**raw, "data": {"path": "build/spans/span-{SPAN}/", "rolling_spans": 0}})
+    spec = feature_spec.parse({**raw, "data": {"path": "build/spans/span-{SPAN}/", "rolling_spans": 3}})
+    assert spec.rolling_spans == 3 and spec.has_spans
+
+
+def test_example_gen_ingests_the_newest_span_and_the_next_run_the_next(tmp_path):
+    """TFX's driver resolves {SPAN}: each run ingests the newest span on disk, stamped with it."""
+    import tensorflow as tf
+    from tfx.orchestration import metadata, pipeline
+    from tfx.orchestration.local.local_dag_runner import LocalDagRunner
+
+    from pipelines import mlmd
+    from pipelines.pipeline import _example_gen
+
+    write_spans(tmp_path / "spans", {1: 3, 2: 4})
+    spec = spanned(tmp_path, 2)
+    db = str(tmp_path / "mlmd.sqlite")
+
+    def run():
+        LocalDagRunner().run(pipeline.Pipeline(
+            pipeline_name="spans", pipeline_root=str(tmp_path / "root"), components=[_example_gen(spec)],
+            metadata_connection_config=metadata.sqlite_metadata_connection_config(db), enable_cache=True))
+        newest = max(mlmd.connect(db).get_artifacts_by_type("Examples"), key=lambda a: a.id)
+        files = glob.glob(os.path.join(newest.uri, "Split-*", "*.gz"))
+        return newest.custom_properties["span"].int_value, sum(
+            1 for f in files for _ in tf.data.TFRecordDataset(f, compression_type="GZIP"))
+    assert run() == (2, 4)
+    write_spans(tmp_path / "spans", {3: 5})  # a new span arrives
+    assert run() == (3, 5)
+
+
+def test_training_reads_the_window_and_validation_the_newest_span(tmp_path):
+    from tfx.proto import range_config_pb2
+    from tfx.types import standard_artifacts
+
+    from pipelines import pipeline as pipeline_lib
+
+    write_spans(tmp_path / "spans", {1: 3})
+    spec = spanned(tmp_path, 2)
+    built = pipeline_lib.create_pipeline(spec, pipeline_lib.Environment(pipeline_root=str(tmp_path / "root"),
+                                                                        model_repository=str(tmp_path / "repo")))
+    nodes = {c.id: c for c in built.components}
+    window = nodes["rolling_spans"]
+    assert nodes["Transform"].inputs["examples"].producer_component_id == "rolling_spans"
+    assert nodes["StatisticsGen"].inputs["examples"].producer_component_id == "CsvExampleGen"
+    assert nodes["Evaluator"].inputs["examples"].producer_component_id == "CsvExampleGen"
+    # The window's strategy, with the config the pipeline gives it, keeps the newest two spans.
+    from tfx.dsl.components.common import resolver
+
+    config = window.exec_properties[resolver.RESOLVER_CONFIG]
+    strategy = window.exec_properties[resolver.RESOLVER_STRATEGY_CLASS](**config)
+    artifacts = []
+    for span in (1, 2, 3):
+        a = standard_artifacts.Examples()
+        a.set_int_custom_property("span", span)
+        artifacts.append(a)
+    resolved = strategy.resolve_artifacts(None, {"examples": artifacts})
+    assert sorted(a.get_int_custom_property("span") for a in resolved["examples"]) == [2, 3]
+    from tfx.dsl.compiler import compiler
+
+    compiled = compiler.Compiler().compile(built)  # what LocalDagRunner runs: the window compiles
+    assert "rolling_spans" in {n.pipeline_node.node_info.id for n in compiled.nodes}
+    assert isinstance(config["range_config"], range_config_pb2.RangeConfig)
+    single = pipeline_lib.create_pipeline(spanned(tmp_path, 1), pipeline_lib.Environment(
+        pipeline_root=str(tmp_path / "root"), model_repository=str(tmp_path / "repo")))
+    assert "rolling_spans" not in {c.id for c in single.components}
