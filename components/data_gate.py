@@ -1,4 +1,5 @@
-"""Data gate: halts the run before Transform and Trainer when the data has anomalies.
+"""Data gate: halts the run before Transform and Trainer when the data has anomalies, or (with
+spans) when the new span drifted from the previous one past the spec's monitoring.drift bounds.
 
 ExampleValidator only records anomalies; this component reads them (and checks the
 statistics against the types the feature spec declares, which matters when the schema
@@ -15,9 +16,10 @@ from tfx.dsl.io import fileio
 from tfx.dsl.component.experimental.annotations import InputArtifact, Parameter
 from tfx.dsl.component.experimental.decorators import component
 from tfx.types import artifact_utils
-from tfx.types.standard_artifacts import ExampleAnomalies, ExampleStatistics
+from tfx.types.standard_artifacts import ExampleAnomalies, ExampleStatistics, Schema
 
 from components.feature_spec import FeatureSpec
+from components.spans import drift_problems
 
 _STATS_TYPES = {"int": statistics_pb2.FeatureNameStatistics.INT,
                 "float": statistics_pb2.FeatureNameStatistics.FLOAT,
@@ -64,26 +66,41 @@ def spec_problems(split: str, stats: statistics_pb2.DatasetFeatureStatisticsList
     return problems
 
 
-def find_problems(anomalies_uri: str, statistics_uri: str, split_names: List[str], spec: FeatureSpec) -> List[str]:
+def _statistics(uri: str, split: str) -> statistics_pb2.DatasetFeatureStatisticsList:
+    stats = statistics_pb2.DatasetFeatureStatisticsList()
+    with fileio.open(os.path.join(uri, f"Split-{split}", "FeatureStats.pb"), "rb") as f:
+        stats.ParseFromString(f.read())
+    return stats
+
+
+def find_problems(anomalies_uri: str, statistics_uri: str, split_names: List[str], spec: FeatureSpec,
+                  previous_uri: str = None, schema_uri: str = None) -> List[str]:
     problems = []
     for split in split_names:
         anomalies = anomalies_pb2.Anomalies()
         with fileio.open(os.path.join(anomalies_uri, f"Split-{split}", "SchemaDiff.pb"), "rb") as f:
             anomalies.ParseFromString(f.read())
-        stats = statistics_pb2.DatasetFeatureStatisticsList()
-        with fileio.open(os.path.join(statistics_uri, f"Split-{split}", "FeatureStats.pb"), "rb") as f:
-            stats.ParseFromString(f.read())
+        stats = _statistics(statistics_uri, split)
         problems += anomaly_problems(split, anomalies) + spec_problems(split, stats, spec)
+        if previous_uri and schema_uri:
+            from tfx.utils import io_utils
+
+            schema = io_utils.SchemaReader().read(io_utils.get_only_uri_in_dir(schema_uri))
+            thresholds = dict((spec.raw.get("monitoring") or {}).get("drift") or {})
+            problems += drift_problems(stats, _statistics(previous_uri, split), schema, thresholds, split)
     return problems
 
 
 @component
 def DataGate(anomalies: InputArtifact[ExampleAnomalies], statistics: InputArtifact[ExampleStatistics],
-             feature_spec: Parameter[str]) -> None:
-    """Raises DataGateError (failing the run) when any split has an anomaly."""
+             feature_spec: Parameter[str], previous_statistics: InputArtifact[ExampleStatistics] = None,
+             schema: InputArtifact[Schema] = None) -> None:
+    """Raises DataGateError (failing the run) when any split has an anomaly or drifted."""
     spec = FeatureSpec.from_custom_config(json.loads(feature_spec))
     splits = artifact_utils.decode_split_names(anomalies.split_names)
-    problems = find_problems(anomalies.uri, statistics.uri, splits, spec)
+    problems = find_problems(anomalies.uri, statistics.uri, splits, spec,
+                             previous_statistics.uri if previous_statistics is not None else None,
+                             schema.uri if schema is not None else None)
     if problems:
         raise DataGateError("data gate: the data does not match the schema or the feature spec; "
                             "nothing downstream runs:\n  " + "\n  ".join(problems))

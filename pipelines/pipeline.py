@@ -17,13 +17,14 @@ from tfx.dsl.input_resolution.strategies.span_range_strategy import SpanRangeStr
 from tfx.orchestration import pipeline as tfx_pipeline
 from tfx.proto import example_gen_pb2, pusher_pb2, range_config_pb2
 from tfx.types import Channel
-from tfx.types.standard_artifacts import Examples, Model, ModelBlessing
+from tfx.types.standard_artifacts import Examples, ExampleStatistics, Model, ModelBlessing
 
 from components.baseline import BaselineModelStrategy, StableModelStrategy
 from components.data_gate import DataGate
 from components.evaluation import eval_config
 from components.feature_spec import SPAN_TOKEN, FeatureSpec
 from components.sandbox import SandboxConfig, SandboxValidator
+from components.spans import PreviousSpanStatisticsStrategy
 
 PREPROCESSING_FN = "components.preprocessing.preprocessing_fn"
 RUN_FN = "components.trainer.run_fn"
@@ -105,6 +106,16 @@ def _training_examples(spec: FeatureSpec, example_gen: CsvExampleGen):
     return window, window.outputs["examples"]
 
 
+def _previous_span_statistics(spec: FeatureSpec, statistics_gen: StatisticsGen) -> Optional[resolver.Resolver]:
+    """With spans: the previous span's statistics, for the data gate's span-to-span drift check."""
+    if not spec.has_spans:
+        return None
+    return resolver.Resolver(
+        strategy_class=PreviousSpanStatisticsStrategy,
+        statistics=Channel(type=ExampleStatistics, producer_component_id=statistics_gen.id),
+        current=statistics_gen.outputs["statistics"]).with_id("previous_span_statistics")
+
+
 def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional[str] = None, data_root=None):
     """The pipeline for `spec` in `env`. `data_root` (a folder or a RuntimeParameter) replaces the
     folder of the spec's data.path, so a runner varies the data without editing the DAG."""
@@ -119,8 +130,11 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
         schema_gen = SchemaGen(statistics=statistics_gen.outputs["statistics"], infer_feature_shape=False)
     example_validator = ExampleValidator(statistics=statistics_gen.outputs["statistics"],
                                          schema=schema_gen.outputs["schema"])
+    previous = _previous_span_statistics(spec, statistics_gen)
     data_gate = DataGate(anomalies=example_validator.outputs["anomalies"],
                          statistics=statistics_gen.outputs["statistics"],
+                         previous_statistics=previous.outputs["statistics"] if previous else None,
+                         schema=schema_gen.outputs["schema"] if previous else None,
                          feature_spec=json.dumps(custom_config)).with_id("data_gate")
     transform = Transform(examples=training_examples, schema=schema_gen.outputs["schema"],
                           preprocessing_fn=PREPROCESSING_FN, custom_config=custom_config,
@@ -152,7 +166,7 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
         pipeline_name=pipeline_name or spec.name,
         pipeline_root=env.pipeline_root,
         components=[example_gen, *([window] if window else []), statistics_gen, schema_gen, example_validator,
-                    data_gate, transform, trainer, *([model_resolver] if model_resolver else []), evaluator, sandbox, pusher],
+                    *([previous] if previous else []), data_gate, transform, trainer, *([model_resolver] if model_resolver else []), evaluator, sandbox, pusher],
         enable_cache=env.enable_cache,
         metadata_connection_config=env.metadata_connection_config,
         beam_pipeline_args=env.beam_pipeline_args)

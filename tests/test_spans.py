@@ -87,6 +87,7 @@ def test_training_reads_the_window_and_validation_the_newest_span(tmp_path):
     assert nodes["Transform"].inputs["examples"].producer_component_id == "rolling_spans"
     assert nodes["StatisticsGen"].inputs["examples"].producer_component_id == "CsvExampleGen"
     assert nodes["Evaluator"].inputs["examples"].producer_component_id == "CsvExampleGen"
+    assert nodes["data_gate"].inputs["previous_statistics"].producer_component_id == "previous_span_statistics"
     # The window's strategy, with the config the pipeline gives it, keeps the newest two spans.
     from tfx.dsl.components.common import resolver
 
@@ -107,3 +108,43 @@ def test_training_reads_the_window_and_validation_the_newest_span(tmp_path):
     single = pipeline_lib.create_pipeline(spanned(tmp_path, 1), pipeline_lib.Environment(
         pipeline_root=str(tmp_path / "root"), model_repository=str(tmp_path / "repo")))
     assert "rolling_spans" not in {c.id for c in single.components}
+
+
+def test_the_gate_stops_a_span_that_drifted_from_the_previous_one():
+    import numpy as np
+    import pandas as pd
+    import tensorflow_data_validation as tfdv
+
+    from components.spans import drift_problems
+
+    rng = np.random.default_rng(0)
+
+    def span(fare_scale, cash):
+        return tfdv.generate_statistics_from_dataframe(pd.DataFrame({
+            "fare": rng.gamma(2, 6, 3000) * fare_scale,
+            "payment_type": rng.choice(["Cash", "Credit Card"], 3000, p=[cash, 1 - cash])}))
+    previous = span(1, 0.6)
+    schema = tfdv.infer_schema(previous)
+    bounds = feature_spec.load("configs/taxi.yaml").raw["monitoring"]["drift"]  # L-inf 0.1, JSD 0.25
+    assert drift_problems(span(1, 0.6), previous, schema, bounds) == []
+    problems = drift_problems(span(3, 0.3), previous, schema, bounds)
+    assert len(problems) == 2
+    assert problems[0].startswith("[train] feature 'fare': drifted from the previous span: JENSEN_SHANNON_DIVERGENCE")
+    assert "> 0.25" in problems[0] and problems[1].startswith("[train] feature 'payment_type'") and "> 0.1" in problems[1]
+
+
+def test_previous_span_statistics_are_the_newest_earlier_span():
+    from tfx.types import standard_artifacts
+
+    from components.spans import CURRENT, STATISTICS, PreviousSpanStatisticsStrategy
+
+    def stats(span, artifact_id):
+        a = standard_artifacts.ExampleStatistics()
+        a.span, a.id = span, artifact_id
+        return a
+    current = stats(5, 9)
+    older = [stats(3, 1), stats(4, 2), stats(4, 3), stats(5, 9)]
+    resolved = PreviousSpanStatisticsStrategy().resolve_artifacts(None, {STATISTICS: older, CURRENT: [current]})
+    assert [(a.span, a.id) for a in resolved[STATISTICS]] == [(4, 3)] and resolved[CURRENT] == [current]
+    first = PreviousSpanStatisticsStrategy().resolve_artifacts(None, {STATISTICS: [current], CURRENT: [current]})
+    assert first[STATISTICS] == []  # the first span has nothing to drift from

@@ -1,0 +1,50 @@
+"""Span to span: the new span's statistics against the previous span's, with TFDV's drift
+comparators, thresholds from the spec's `monitoring.drift` block (the same numbers the served-
+traffic monitor uses): L-infinity for categorical features, Jensen-Shannon divergence for numeric
+ones. The data gate stops the run before Transform and the Trainer when a feature drifts past
+them, naming the feature, the distance and the bound.
+"""
+
+from typing import Dict, List, Mapping
+
+from tfx import types
+from tfx.dsl.components.common import resolver
+
+STATISTICS, CURRENT = "statistics", "current"
+
+
+class PreviousSpanStatisticsStrategy(resolver.ResolverStrategy):
+    """Inputs: statistics (every StatisticsGen output), current (this run's). Resolves the newest
+    statistics of an earlier span (none on the first span)."""
+
+    def resolve_artifacts(self, store, input_dict: Dict[str, List[types.Artifact]]):
+        current = list(input_dict.get(CURRENT, []))
+        newest = max((a.span for a in current), default=None)
+        earlier = [a for a in input_dict.get(STATISTICS, []) if newest is not None and a.span < newest]
+        best = max(earlier, key=lambda a: (a.span, a.id), default=None)
+        return {STATISTICS: [best] if best is not None else [], CURRENT: current}
+
+
+def drift_problems(statistics, previous, schema, thresholds: Mapping[str, float], split: str = "train") -> List[str]:
+    """One line per feature whose distance to the previous span is past its bound (TFDV computes it)."""
+    import copy
+
+    import tensorflow_data_validation as tfdv
+    from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2
+
+    schema = copy.deepcopy(schema)
+    for feature in schema.feature:
+        if feature.type == schema_pb2.BYTES and "infinity_norm" in thresholds:
+            feature.drift_comparator.infinity_norm.threshold = thresholds["infinity_norm"]
+        elif feature.type in (schema_pb2.INT, schema_pb2.FLOAT) and "jensen_shannon_divergence" in thresholds:
+            feature.drift_comparator.jensen_shannon_divergence.threshold = thresholds["jensen_shannon_divergence"]
+    anomalies = tfdv.validate_statistics(statistics, schema, previous_statistics=previous)
+    problems = []
+    for info in anomalies.drift_skew_info:
+        name = ".".join(info.path.step)
+        for m in info.drift_measurements:
+            if m.value > m.threshold:
+                kind = anomalies_pb2.DriftSkewInfo.Measurement.Type.Name(m.type)
+                problems.append(f"[{split}] feature '{name}': drifted from the previous span: {kind} {m.value:.4f} "
+                                f"> {m.threshold:g} (the spec's monitoring.drift)")
+    return sorted(problems)
