@@ -14,7 +14,7 @@ KF_ENV ?= configs/kubeflow.yaml
 EXPERIMENT ?= skewless
 KF_ARGS = --spec $(SPEC) --env $(KF_ENV) $(if $(IMAGE),--image $(IMAGE)) $(if $(BEAM_PROFILE),--beam_profile $(BEAM_PROFILE))
 
-.PHONY: help setup lock test test-fast run image-train compile submit schedule schema data promote rollback parity serve monitor ab-report export-span demo-feedback retention batch-predict bench-pipeline bench-serving bench-proxy bench-scale clean
+.PHONY: help setup lock test test-fast run retrain image-train compile submit schedule schema data promote rollback parity serve monitor ab-report export-span demo-feedback retention batch-predict bench-pipeline bench-serving bench-proxy bench-scale clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -41,6 +41,9 @@ test: ## the whole suite (slow end-to-end runs included)
 
 test-fast: ## the suite without the slow end-to-end pipeline runs
 	$(PY) -m pytest -n 2 -m "not slow" tests
+
+retrain: ## a run over the rolling window of spans, refused (exit 3) unless the newest span is new: make retrain [SPEC=]
+	$(PY) -m pipelines.local_runner --spec $(SPEC) --env $(ENV) --require_new_span
 
 run: ## run the pipeline on $(SPEC); writes build/run_summary.json and build/reports/*.html [BEAM_PROFILE=direct_multi_processing]
 	$(PY) -m pipelines.local_runner --spec $(SPEC) --env $(ENV) $(if $(BEAM_PROFILE),--beam_profile $(BEAM_PROFILE))

@@ -675,7 +675,8 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], highlight: bool =
 
 def retrain_command(spec_path: str, env_path: str, template: Optional[str] = None, **fields: str) -> List[str]:
     if template is None:
-        return [sys.executable, "-m", "pipelines.local_runner", "--spec", spec_path, "--env", env_path]
+        return [sys.executable, "-m", "pipelines.local_runner", "--spec", spec_path, "--env", env_path,
+                "--require_new_span"]  # never the same data again: only a span the model has not seen
     try:
         return [part.format(spec=spec_path, env=env_path, **fields) for part in shlex.split(template)]
     except (KeyError, ValueError) as e:

@@ -68,9 +68,29 @@ class ProgressWatcher(threading.Thread):
             logging.debug("progress poll failed: %s", e)
 
 
+class NothingNew(RuntimeError):
+    """A retraining run was asked for, but there is no data it has not seen."""
+
+
+def require_new_span(spec, env) -> int:
+    """The newest span on disk, refused (NothingNew) when ExampleGen ingested it already: a retrain on
+    data the model was trained on cannot answer drift."""
+    if not spec.has_spans:
+        raise NothingNew(f"{spec.source}: data.path '{spec.data_path}' is one dataset, not spans: retraining on "
+                         "it again learns nothing new; point data.path at spans ({SPAN}, e.g. build/spans/"
+                         "span-{SPAN}/, what make export-span writes)")
+    newest = spec.spans()[-1] if spec.spans() else None
+    if newest is None:
+        raise NothingNew(f"{spec.source}: no span matches '{spec.data_path}': export one with make export-span")
+    if newest in mlmd.ingested_spans(env["metadata_path"]):
+        raise NothingNew(f"span {newest} (the newest under '{spec.data_path}') was trained on already: export a new "
+                         "span (make export-span) before retraining")
+    return newest
+
+
 def run(spec_path: str, env_path: str = "configs/local.yaml", data_path: Optional[str] = None,
         summary_path: str = SUMMARY_PATH, report_dir: Optional[str] = None, quiet: bool = False,
-        check_data: bool = True, beam_profile: Optional[str] = None) -> Dict:
+        check_data: bool = True, beam_profile: Optional[str] = None, new_span_only: bool = False) -> Dict:
     """Runs the whole pipeline once; returns the run summary (also written as JSON).
 
     `beam_profile` (a configs/beam/ name) replaces the environment file's `beam_profile:`.
@@ -82,6 +102,8 @@ def run(spec_path: str, env_path: str = "configs/local.yaml", data_path: Optiona
     if check_data:
         feature_spec.check_against_data(spec)  # fail in a second, not after ExampleGen
     env = load_environment(env_path, spec)
+    if new_span_only:
+        require_new_span(spec, env)
     beam_args = beam_profiles.beam_args(env, env_path, beam_profile, pipeline_root=env["pipeline_root"],
                                         name=spec.name)
 
@@ -162,12 +184,18 @@ def main(argv=None) -> int:
     parser.add_argument("--summary", default=SUMMARY_PATH)
     parser.add_argument("--beam_profile", help="a Beam profile of configs/beam/ in place of the environment file's "
                                                f"(one of {', '.join(beam_profiles.profile_names())})")
+    parser.add_argument("--require_new_span", action="store_true",
+                        help="retraining: refuse unless the newest span was never ingested (make retrain)")
     args = parser.parse_args(argv)
     try:
-        run(args.spec, args.env, args.data, args.summary, beam_profile=args.beam_profile)
+        run(args.spec, args.env, args.data, args.summary, beam_profile=args.beam_profile,
+            new_span_only=args.require_new_span)
     except feature_spec.SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NothingNew as e:
+        print(f"nothing to retrain on: {e}", file=sys.stderr)
+        return 3
     except Exception as e:
         print(f"error: pipeline failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -129,6 +129,15 @@ def record_artifact(metadata_path: str, type_name: str, uri: str, properties: Di
     return artifact_id
 
 
+def ingested_spans(metadata_path: str, example_gen: str = "CsvExampleGen") -> List[int]:
+    """Spans ExampleGen has written Examples for in this store (empty when there is no store yet)."""
+    if not os.path.exists(metadata_path):
+        return []
+    store = connect(metadata_path)
+    return sorted({a.properties["span"].int_value for a in store.get_artifacts_by_type("Examples")
+                   if "span" in a.properties and f"/{example_gen}/" in a.uri})
+
+
 # --- events -------------------------------------------------------------------------------
 
 def artifacts_of(store, execution_id: int, kind: int) -> Dict[str, List[Any]]:

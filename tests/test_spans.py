@@ -148,3 +148,28 @@ def test_previous_span_statistics_are_the_newest_earlier_span():
     assert [(a.span, a.id) for a in resolved[STATISTICS]] == [(4, 3)] and resolved[CURRENT] == [current]
     first = PreviousSpanStatisticsStrategy().resolve_artifacts(None, {STATISTICS: [current], CURRENT: [current]})
     assert first[STATISTICS] == []  # the first span has nothing to drift from
+
+
+def test_retraining_refuses_data_it_has_seen(tmp_path):
+    """make retrain: never the same data again (the newest span must be one ExampleGen never ingested)."""
+    from pipelines import local_runner
+    from tests.test_mlmd import Run
+
+    write_spans(tmp_path / "spans", {1: 3, 2: 4})
+    spec = spanned(tmp_path, 2)
+    env = {"metadata_path": str(tmp_path / "mlmd.sqlite")}
+    assert local_runner.require_new_span(spec, env) == 2  # no store yet: everything is new
+    run = Run(env["metadata_path"])
+    from ml_metadata.proto import metadata_store_pb2 as pb2
+
+    run.store.put_artifact_type(pb2.ArtifactType(name="Examples", properties={"span": pb2.INT}),
+                                can_add_fields=True)  # TFX declares span as a property of Examples
+    ingested = run.artifact("Examples", str(tmp_path / "root" / "CsvExampleGen" / "examples" / "20"))
+    ingested.properties["span"].int_value = 2
+    run.store.put_artifacts([ingested])
+    with pytest.raises(local_runner.NothingNew, match="span 2 .* was trained on already: export a new span"):
+        local_runner.require_new_span(spec, env)
+    write_spans(tmp_path / "spans", {3: 5})
+    assert local_runner.require_new_span(spec, env) == 3
+    with pytest.raises(local_runner.NothingNew, match="is one dataset, not spans"):
+        local_runner.require_new_span(feature_spec.load("configs/taxi.yaml"), env)
