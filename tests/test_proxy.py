@@ -563,3 +563,31 @@ def test_metrics_stay_bounded_and_a_non_finite_score_stays_out_of_the_histogram(
     assert 'model="m1"' not in metrics and 'model="other"' in metrics and 'model="taxi"' in metrics
     models = set(re.findall(r'model="([^"]*)"', metrics))
     assert models == {"taxi", "other"}
+
+
+@pytest.mark.parametrize("verb, live, shadow, outcome", [
+    ("predict", {"predictions": [{"classes": "yes"}, {"classes": "no"}]},
+     {"predictions": [{"classes": "yes"}, {"classes": "no"}]}, "same_class"),
+    ("predict", {"predictions": [{"class_ids": [1]}]}, {"predictions": [{"class_ids": [0]}]}, "different_class"),
+    ("predict", {"outputs": {"class_ids": [[1], [0]]}}, {"outputs": {"class_ids": [[1], [1]]}}, "different_class"),
+    # :classify answers carry no classes field: the top-scored label is what counts
+    ("classify", {"results": [[["no", 0.3], ["yes", 0.7]]]}, {"results": [[["no", 0.4], ["yes", 0.6]]]},
+     "same_class"),
+    ("classify", {"results": [[["no", 0.3], ["yes", 0.7]]]}, {"results": [[["no", 0.6], ["yes", 0.4]]]},
+     "different_class"),
+    # regression: a number per row, equal within SHADOW_VALUE_TOLERANCE (relative)
+    ("regress", {"results": [10.0, 2.0]}, {"results": [10.005, 2.001]}, "same_value"),
+    ("regress", {"results": [10.0, 2.0]}, {"results": [10.5, 2.0]}, "different_value"),
+    ("predict", {"predictions": [[3.0]]}, {"predictions": [[3.0]]}, "same_value"),
+    ("predict", {"predictions": [{"value": [3.0]}]}, {"predictions": [{"value": [4.0]}]}, "different_value"),
+    # what used to count as same_class: all([]) of no dict rows, None == None without a class field
+    ("classify", {"results": []}, {"results": []}, "incomparable"),
+    ("predict", {"predictions": [{"score": 0.2}]}, {"predictions": [{"score": 0.9}]}, "incomparable"),
+    ("predict", {"predictions": [{"classes": "no"}]}, {"predictions": [{"classes": "no"}, {"classes": "no"}]},
+     "incomparable"),
+    ("predict", {"predictions": [{"classes": "no"}]}, {"predictions": [[0.4]]}, "incomparable"),
+])
+def test_shadow_agreement_per_api(verb, live, shadow, outcome):
+    from serving import proxy
+
+    assert proxy.shadow_outcome(verb, live, shadow) == outcome
