@@ -591,3 +591,25 @@ def test_shadow_agreement_per_api(verb, live, shadow, outcome):
     from serving import proxy
 
     assert proxy.shadow_outcome(verb, live, shadow) == outcome
+
+
+def test_load_generator_counts_requests_errors_and_reconnects(backend):
+    from serving import loadgen
+
+    port = backend.port
+    good = [json.dumps({"instances": [{"fare": float(i)}]}).encode() for i in range(3)]
+    measured = loadgen.sequential({"fake": port}, "/v1/models/taxi:predict", good, 30, warmup=5)["fake"]
+    assert measured["requests"] == 30 and measured["errors"] == 0
+    assert 0 < measured["p50_ms"] <= measured["p99_ms"]
+    # a refused request (400: no 'instances') is an error; the bodies alternate, so half of them fail
+    mixed = [good[0], json.dumps({"inputs": {}}).encode()]
+    assert loadgen.sequential({"fake": port}, "/v1/models/taxi:predict", mixed, 10)["fake"]["errors"] == 5
+    loaded = loadgen.concurrent(port, "/v1/models/taxi:predict", good, clients=4, seconds=0.5)
+    assert loaded["clients"] == 4 and loaded["requests"] > 4 and loaded["errors"] == 0
+    assert loaded["requests_per_second"] == pytest.approx(loaded["requests"] / loaded["seconds"])
+    # nothing listens: every request is an error, and the client reconnects instead of stopping
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    refused = loadgen.sequential({"gone": closed}, "/v1/models/taxi:predict", good, 3)["gone"]
+    assert refused == {**refused, "requests": 3, "errors": 3}
