@@ -14,19 +14,18 @@ Writes build/bench_proxy.json.
 """
 
 import argparse
-import http.client
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-import numpy as np
+from serving import loadgen
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WARMUP = 20  # requests per path before the sequential measurement (connect, first calls)
 ROW = {"fare": 12.5, "trip_miles": 2.1, "trip_seconds": 600, "trip_start_hour": 19, "trip_start_day": 6,
        "trip_start_month": 5, "trip_start_timestamp": 1400269500, "payment_type": "Credit Card",
        "company": "Chicago Elite Cab Corp."}
@@ -44,63 +43,6 @@ def _start(args, work, name, env=None):
         time.sleep(0.1)
     with open(port_file) as f:
         return process, int(f.read().split()[0])  # the server writes "rest_port grpc_port"
-
-
-def _post(conn, path, data):
-    conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
-    response = conn.getresponse()
-    response.read()
-    return response.status
-
-
-def _percentiles(seconds):
-    ms = np.asarray(seconds) * 1e3
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
-
-
-def sequential(ports, path, data, n):
-    conns = {k: http.client.HTTPConnection("127.0.0.1", p, timeout=30) for k, p in ports.items()}
-    times = {k: [] for k in ports}
-    for k, conn in conns.items():  # connect and warm up
-        for _ in range(20):
-            _post(conn, path, data)
-    for _ in range(n):
-        for k, conn in conns.items():
-            t = time.perf_counter()
-            if _post(conn, path, data) != 200:
-                raise RuntimeError(f"{k}: request failed")
-            times[k].append(time.perf_counter() - t)
-    return {k: _percentiles(v) for k, v in times.items()}
-
-
-def concurrent(port, path, data, clients, seconds):
-    latencies, errors = [[] for _ in range(clients)], [0] * clients
-    stop_at = time.perf_counter() + seconds
-
-    def client(k):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        while time.perf_counter() < stop_at:
-            t = time.perf_counter()
-            try:
-                ok = _post(conn, path, data) == 200
-            except (OSError, http.client.HTTPException):
-                ok = False
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            latencies[k].append(time.perf_counter() - t)
-            errors[k] += not ok
-        conn.close()
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
-    flat = [x for per in latencies for x in per]
-    return {"clients": clients, "seconds": round(elapsed, 1), "requests": len(flat), "errors": sum(errors),
-            "requests_per_second": len(flat) / elapsed, **_percentiles(flat)}
 
 
 def full_row(port, model):
@@ -126,8 +68,11 @@ def run(model="taxi", model_base_path="build/model_repository", seconds=60.0, cl
                                    {"PROXY_BACKEND": f"http://127.0.0.1:{server_port}"})
         path, data = f"/v1/models/{model}:predict", json.dumps({"instances": [full_row(server_port, model)]}).encode()
         ports = {"direct": server_port, "proxy": proxy_port}
-        single = sequential(ports, path, data, sequential_n)
-        loaded = {name: concurrent(port, path, data, clients, seconds) for name, port in ports.items()}
+        single = loadgen.sequential(ports, path, [data], sequential_n, warmup=WARMUP)
+        failed = {name: r["errors"] for name, r in single.items() if r["errors"]}
+        if failed:  # the prediction log check below counts every sequential request as answered
+            raise RuntimeError(f"sequential requests failed: {failed}; see the logs in {work}")
+        loaded = {name: loadgen.concurrent(port, path, [data], clients, seconds) for name, port in ports.items()}
     finally:
         if proxy is not None:
             proxy.send_signal(signal.SIGTERM)  # graceful: the log is written before it exits
@@ -138,7 +83,7 @@ def run(model="taxi", model_base_path="build/model_repository", seconds=60.0, cl
 
     with logstore.open_store(log_path, readonly=True) as store:
         logged = store.count()
-    answered = loaded["proxy"]["requests"] - loaded["proxy"]["errors"] + 20 + sequential_n
+    answered = loaded["proxy"]["requests"] - loaded["proxy"]["errors"] + WARMUP + sequential_n
     report = {
         "sequential": {**single, "p50_added_ms": single["proxy"]["p50_ms"] - single["direct"]["p50_ms"],
                        "p99_added_ms": single["proxy"]["p99_ms"] - single["direct"]["p99_ms"],

@@ -12,7 +12,6 @@ Writes build/bench_serving.json.
 """
 
 import argparse
-import concurrent.futures
 import http.client
 import json
 import math
@@ -20,10 +19,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-import numpy as np
+from serving import loadgen
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW = {"fare": 12.5, "trip_miles": 2.1, "trip_seconds": 600.0, "trip_start_hour": 19.0, "trip_start_day": 6.0,
@@ -36,11 +34,6 @@ def full_row(specs):
     return {name: ROW.get(name, "" if spec.dtype.name == "string" else math.nan) for name, spec in specs.items()}
 
 
-def percentiles(seconds):
-    ms = np.asarray(seconds) * 1000
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "n": len(ms)}
-
-
 def timed(fn, n):
     fn()
     times = []
@@ -48,7 +41,7 @@ def timed(fn, n):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return percentiles(times)
+    return {**loadgen.percentiles(times), "n": len(times)}
 
 
 def free_port() -> int:
@@ -112,29 +105,6 @@ def grpc_caller(port: int, model: str, specs, rows):
     return lambda: stub.Predict(request, timeout=30)
 
 
-def load(port: int, path: str, body: bytes, clients: int, seconds: float):
-    stop, latencies, errors = threading.Event(), [[] for _ in range(clients)], []
-
-    def client(i):
-        call = rest_caller(port, path, body)
-        while not stop.is_set():
-            t = time.perf_counter()
-            try:
-                call()
-                latencies[i].append(time.perf_counter() - t)
-            except Exception as e:  # counted, reported
-                errors.append(repr(e))
-                call = rest_caller(port, path, body)
-
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        for i in range(clients):
-            pool.submit(client, i)
-        time.sleep(seconds)
-        stop.set()
-    flat = [x for per in latencies for x in per]
-    return {"clients": clients, "requests_per_s": len(flat) / seconds, "errors": len(errors), **percentiles(flat)}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model_repository", default="build/model_repository")
@@ -168,14 +138,16 @@ def main(argv=None) -> int:
                               "rest_p50_ratio": rest["p50_ms"] / floor["p50_ms"],
                               "grpc_p50_ratio": grpc_["p50_ms"] / floor["p50_ms"]}
         body = json.dumps({"instances": [row]}).encode()
-        results["unbatched"] = [load(plain.rest_port, path, body, c, args.seconds) for c in (1, 8, 50)]
+        results["unbatched"] = [loadgen.concurrent(plain.rest_port, path, [body], c, args.seconds)
+                                for c in (1, 8, 50)]
     finally:
         plain.stop()
     # Each REST worker blocks while its request waits in the batch queue (as TF Serving's do), so
     # with batching the pool is sized for the clients, not the cores.
     batched = ServerProcess(args.model, base, batching=True, extra=["--rest_api_num_threads=64"])
     try:
-        results["batched"] = [load(batched.rest_port, path, body, c, args.seconds) for c in (1, 8, 50)]
+        results["batched"] = [loadgen.concurrent(batched.rest_port, path, [body], c, args.seconds)
+                              for c in (1, 8, 50)]
     finally:
         batched.stop()
 
@@ -185,17 +157,17 @@ def main(argv=None) -> int:
               f"({r['rest_p50_ratio']:.2f}x) | gRPC p50 {r['grpc']['p50_ms']:.2f} ms ({r['grpc_p50_ratio']:.2f}x)")
     for mode in ("unbatched", "batched"):
         for c in results[mode]:
-            print(f"{mode:>10}, {c['clients']:>2} clients: {c['requests_per_s']:7.0f} req/s, p50 {c['p50_ms']:.2f} ms, "
-                  f"p99 {c['p99_ms']:.2f} ms, errors {c['errors']}")
-    sequential = results["unbatched"][0]["requests_per_s"]
+            print(f"{mode:>10}, {c['clients']:>2} clients: {c['requests_per_second']:7.0f} req/s, "
+                  f"p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms, errors {c['errors']}")
+    sequential = results["unbatched"][0]["requests_per_second"]
     fifty = results["batched"][2]
     results["targets"] = {
         "rest_single_row_p50_ratio<=1.5": results["single_row"]["rest_p50_ratio"] <= 1.5,
         "grpc_single_row_p50_ratio<=1.3": results["single_row"]["grpc_p50_ratio"] <= 1.3,
-        "batched_50_clients_throughput_ratio>=4": fifty["requests_per_s"] / sequential >= 4,
+        "batched_50_clients_throughput_ratio>=4": fifty["requests_per_second"] / sequential >= 4,
         "batched_50_clients_p99<=50ms": fifty["p99_ms"] <= 50,
     }
-    results["batched_50_vs_sequential_throughput_ratio"] = fifty["requests_per_s"] / sequential
+    results["batched_50_vs_sequential_throughput_ratio"] = fifty["requests_per_second"] / sequential
     print(f"50 batched clients vs one sequential client: {results['batched_50_vs_sequential_throughput_ratio']:.2f}x "
           f"requests/s")
     for name, ok in results["targets"].items():

@@ -34,7 +34,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -44,6 +43,7 @@ from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArti
 from tfx.dsl.component.experimental.decorators import component
 from tfx.types.standard_artifacts import Examples, InfraBlessing, Model, ModelBlessing
 
+from serving import loadgen
 from serving.repository import MAX_WARMUP_RECORDS  # TF Serving reads no more warmup records
 
 SANDBOX_REPORT = "sandbox_report.json"
@@ -297,57 +297,6 @@ def compare_predictions(server: SandboxServer, expected: Dict[str, np.ndarray], 
     return {"rows": len(rows), "rows_differing": int(differing.sum()), "max_abs_diff": max_abs_diff}
 
 
-def measure_latency(server: SandboxServer, rows: List[Dict], requests: int) -> Dict[str, float]:
-    """Sequential single-row requests on one keep-alive connection: p50 and p99 in ms."""
-    conn = server.connection()
-    times = []
-    errors = 0
-    try:
-        for i in range(requests):
-            started = time.perf_counter()
-            status, _ = server.request("POST", _predict_path(server), {"instances": [rows[i % len(rows)]]}, conn)
-            times.append((time.perf_counter() - started) * 1e3)
-            errors += status != 200
-    finally:
-        conn.close()
-    return {"requests": requests, "errors": errors,
-            "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
-
-
-def measure_throughput(server: SandboxServer, rows: List[Dict], clients: int, seconds: float) -> Dict[str, float]:
-    """`clients` threads, each on its own keep-alive connection, single rows for `seconds`."""
-    counts, errors = [0] * clients, [0] * clients
-    stop_at = time.perf_counter() + seconds
-
-    def client(k: int) -> None:
-        conn = server.connection()
-        i = k
-        try:
-            while time.perf_counter() < stop_at:
-                try:
-                    status, _ = server.request("POST", _predict_path(server), {"instances": [rows[i % len(rows)]]}, conn)
-                except (OSError, http.client.HTTPException):
-                    errors[k] += 1
-                    conn.close()
-                    conn = server.connection()
-                    continue
-                counts[k] += status == 200
-                errors[k] += status != 200
-                i += clients
-        finally:
-            conn.close()
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
-    return {"clients": clients, "seconds": elapsed, "requests": sum(counts), "errors": sum(errors),
-            "requests_per_second": sum(counts) / elapsed}
-
-
 # --- warmup -----------------------------------------------------------------------------------
 
 def warmup_records(columns, count: int) -> List[bytes]:
@@ -367,33 +316,24 @@ def warmup_records(columns, count: int) -> List[bytes]:
     return records
 
 
-def copy_tree(source: str, destination: str) -> None:
-    """Copies a folder between local disk and object storage (gs://... on Kubeflow) alike."""
-    import tensorflow as tf
-
-    for folder, _, files in tf.io.gfile.walk(source):
-        relative = folder[len(source.rstrip("/")):].lstrip("/")
-        target = os.path.join(destination, relative) if relative else destination
-        tf.io.gfile.makedirs(target)
-        for name in files:
-            tf.io.gfile.copy(os.path.join(folder, name), os.path.join(target, name), overwrite=True)
-
-
 def local_model_dir(model_dir: str, work_dir: str) -> str:
     """The model on local disk: itself, or a copy when it lives in object storage (the local server
     and its one-version repository read local files only)."""
     if "://" not in model_dir:
         return model_dir
+    from tfx.utils import io_utils
+
     local = os.path.join(work_dir, "candidate")
-    copy_tree(model_dir, local)
+    io_utils.copy_dir(model_dir, local)  # local disk and object storage (gs://... on Kubeflow) alike
     return local
 
 
 def write_warmed_model(model_dir: str, out_dir: str, records: List[bytes]) -> str:
     """A copy of the model with assets.extra/tf_serving_warmup_requests; returns the warmup file."""
     import tensorflow as tf
+    from tfx.utils import io_utils
 
-    copy_tree(model_dir, out_dir)
+    io_utils.copy_dir(model_dir, out_dir)
     path = os.path.join(out_dir, "assets.extra", "tf_serving_warmup_requests")
     tf.io.gfile.makedirs(os.path.dirname(path))
     with tf.io.TFRecordWriter(path) as writer:
@@ -469,8 +409,11 @@ def validate(model_dir: str, model_name: str, examples: List[bytes], config: San
     with server:
         report["server_start_seconds"] = time.perf_counter() - started
         report["predictions"] = compare_predictions(server, expected, rows, config.tolerance)
-        report["latency"] = measure_latency(server, rows, config.latency_requests)
-        report["throughput"] = measure_throughput(server, rows, config.clients, config.throughput_seconds)
+        path, bodies = _predict_path(server), [json.dumps({"instances": [row]}).encode() for row in rows]
+        report["latency"] = loadgen.sequential({"candidate": server.port}, path, bodies,
+                                               config.latency_requests)["candidate"]
+        report["throughput"] = loadgen.concurrent(server.port, path, bodies, config.clients,
+                                                  config.throughput_seconds)
     reasons = verdict(report, config)
     report["blessed"], report["reasons"] = not reasons, reasons
     return report, (warmup_records(columns, config.warmup_records) if not reasons else [])

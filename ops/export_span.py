@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional
 
 from components import feature_spec
 from ops import ab_report
+from ops.ab import report as ab
 from pipelines import mlmd
 from serving import logstore
 
@@ -102,7 +103,7 @@ def export(log: str, labels_path: str, spans: str, spec: feature_spec.FeatureSpe
             left_out["not_a_served_prediction"] += 1
         else:
             served.append(r)
-    labels = ab_report.by_proxy_id(ab_report.load_labels(labels_path), served)
+    labels = ab.by_proxy_id(ab.load_labels(labels_path), served)
     seen = set()
     rows, provenance_rows = [], []
     for r in served:
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
         spec = feature_spec.load(args.spec)
         start, end = ab_report.window(args.start, args.end, args.window_hours)
         result = export(args.log, args.labels, args.spans, spec, args.model, start, end, args.span, args.metadata)
-    except (ExportError, ab_report.InputError, feature_spec.SpecError) as e:
+    except (ExportError, ab.InputError, feature_spec.SpecError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"span {result['span']}: {result['rows']} rows -> {result['folder']} (left out: {result['left_out']}; "

@@ -111,6 +111,9 @@ from serving.http import HttpServer, Request, Response
 from serving.predlog import PredictionLog
 
 MAX_SHADOW_IN_FLIGHT = 64
+# A shadow's regression answer agrees with the live one within this (relative, and absolute near 0): a
+# constant, not a setting, so the agreement metric means the same on every deployment.
+SHADOW_VALUE_TOLERANCE = 1e-3
 METADATA_MAX_AGE = 1.0  # seconds a label's resolution is trusted before the backend is asked again
 MAX_MODEL_LABELS = 64  # distinct model names in metrics; others are counted as "other"
 MAX_CLIENT_ID = 200
@@ -417,7 +420,8 @@ class Proxy:
         self.m_client_errors = prom.Counter("skewless_proxy_client_errors", "Requests refused before any backend "
                                             "call, by reason.", ["reason"], registry=r)
         self.m_shadow = prom.Counter("skewless_proxy_shadow", "Shadow copies, by outcome: same_class, "
-                                     "different_class, error, skipped (too many in flight).",
+                                     "different_class, same_value, different_value, incomparable (no answer "
+                                     "field both share, or other row counts), error, skipped (too many in flight).",
                                      ["model", "variant", "outcome"], registry=r)
         self.m_reloads = prom.Counter("skewless_proxy_config_reloads", "Settings reloads, by result.", ["result"],
                                       registry=r)
@@ -666,12 +670,7 @@ class Proxy:
                     status, data, sent = e.code, json.dumps({"error": str(e)}).encode(), raw
                 latency = (time.perf_counter() - started) * 1e3
                 response = _loads(data)
-                outcome = "error"
-                if status == 200 and answer is not None:
-                    same = [a.get("classes", a.get("class_ids")) == b.get("classes", b.get("class_ids"))
-                            for a, b in zip(answer.get("predictions", []), response.get("predictions", []))
-                            if isinstance(a, dict) and isinstance(b, dict)]
-                    outcome = "same_class" if all(same) else "different_class"
+                outcome = shadow_outcome(verb, answer, response) if status == 200 and answer is not None else "error"
                 self.m_shadow.labels(self.model_label(model), variant.name, outcome).inc()
                 if self.log:
                     self.log.log({"request_id": f"{record_id}:shadow", "client_request_id": client_id, "ts": ts,
@@ -727,6 +726,64 @@ def _log_options(env: Dict[str, str]) -> Dict[str, Any]:
             value = _number(key, env[key], low, high)
             options[name] = value if name == "retry_seconds" else int(value)
     return options
+
+
+def _one(value: Any) -> Any:
+    """TF Serving writes an output of shape [n, 1] as one-element lists."""
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _answer_rows(verb: str, answer: Dict[str, Any]) -> Optional[List[Any]]:
+    """The rows of an answer: :predict's `predictions` rows or `outputs` columns, :classify/:regress `results`."""
+    if verb != "predict":
+        rows = answer.get("results")
+    elif "predictions" in answer:
+        rows = answer["predictions"]
+    else:
+        rows = answer.get("outputs")
+        if isinstance(rows, dict) and rows and all(isinstance(v, list) for v in rows.values()):
+            rows = [dict(zip(rows, values)) for values in zip(*rows.values())]
+        elif _is_number(rows):
+            rows = [rows]
+    return rows if isinstance(rows, list) else None
+
+
+def _row_answer(verb: str, row: Any) -> Optional[Tuple[str, Any]]:
+    """("class", what the client is told) or ("value", a regression number) for one answer row; None if neither."""
+    if verb == "classify":  # [[label, score], ...]: the top label is the answer
+        if isinstance(row, list) and row and all(isinstance(p, list) and len(p) == 2 and _is_number(p[1]) for p in row):
+            return "class", max(row, key=lambda p: p[1])[0]
+        return None
+    row = _one(row)
+    if isinstance(row, dict):
+        for key in ("classes", "class_ids"):
+            if key in row:
+                return "class", _one(row[key])
+        value = _one(row.get("value", row.get("outputs", row.get("predictions"))))
+        return ("value", float(value)) if _is_number(value) else None
+    return ("value", float(row)) if _is_number(row) else None
+
+
+def shadow_outcome(verb: str, answer: Dict[str, Any], shadow: Dict[str, Any]) -> str:
+    """How a shadow's 200 answer compares with the client's: same_class / different_class (predict with
+    classes or class_ids, classify by top label), same_value / different_value (regression, within
+    SHADOW_VALUE_TOLERANCE), incomparable (no such field in every row of both, or other row counts)."""
+    rows_a, rows_b = _answer_rows(verb, answer), _answer_rows(verb, shadow)
+    if not rows_a or rows_b is None or len(rows_a) != len(rows_b):
+        return "incomparable"
+    pairs = [(_row_answer(verb, a), _row_answer(verb, b)) for a, b in zip(rows_a, rows_b)]
+    kinds = {x[0] for pair in pairs for x in pair if x is not None}
+    if any(a is None or b is None for a, b in pairs) or len(kinds) != 1:
+        return "incomparable"
+    if kinds == {"class"}:
+        return "same_class" if all(a[1] == b[1] for a, b in pairs) else "different_class"
+    same = all(math.isclose(a[1], b[1], rel_tol=SHADOW_VALUE_TOLERANCE, abs_tol=SHADOW_VALUE_TOLERANCE)
+               for a, b in pairs)
+    return "same_value" if same else "different_value"
 
 
 def _loads(data: bytes) -> Dict[str, Any]:

@@ -19,6 +19,8 @@ from sklearn.metrics import log_loss as sklearn_log_loss
 from sklearn.metrics import roc_auc_score
 
 from ops import ab_report
+from ops.ab import report as reporting
+from ops.ab import statistics
 from serving import logstore
 
 T0 = 1_700_000_000.0
@@ -215,7 +217,7 @@ def test_labels_from_a_spreadsheet_export(tmp_path):
     log = write_log(tmp_path / "log.sqlite", records)
     path = tmp_path / "export.csv"
     path.write_text("\ufeffrequest_id,label\r\nr1,yes\r\nr2,yes\r\n", encoding="utf-8")
-    report = ab_report.build_report(log, str(path), "taxi", "stable", "canary", min_samples=1)
+    report = reporting.build_report(log, str(path), "taxi", "stable", "canary", min_samples=1)
     assert report["variants"]["stable"]["metrics"]["accuracy"] == 1.0
     assert report["variants"]["canary"]["metrics"]["accuracy"] == 0.0
 
@@ -236,7 +238,7 @@ def test_labels_join_by_request_id_and_row(tmp_path):
     for name, path in (("csv", write_labels_csv(tmp_path / "l.csv", labels)),
                        ("jsonl", write_labels_jsonl(tmp_path / "l.jsonl", [
                            {k: v for k, v in label.items() if k != "row" or v} for label in labels]))):
-        report = ab_report.build_report(log, path, "taxi", "stable", "canary", min_samples=1)
+        report = reporting.build_report(log, path, "taxi", "stable", "canary", min_samples=1)
         stable = report["variants"]["stable"]
         assert (stable["rows"], stable["labelled_rows"], stable["unlabelled_rows"]) == (3, 3, 0), name
         assert stable["metrics"]["accuracy"] == pytest.approx(2 / 3), name
@@ -260,7 +262,7 @@ def test_shadow_answers_join_their_request_and_are_compared_paired(tmp_path):
     log = write_log(tmp_path / "log.sqlite", records)
     label_file = write_labels_jsonl(tmp_path / "labels.jsonl", labels)
     assert ab_report.main(["--log", log, "--labels", label_file]) == 2  # shadow left out: no 'canary'
-    report = ab_report.build_report(log, label_file, None, "stable", "canary:shadow", include_shadow=True)
+    report = reporting.build_report(log, label_file, None, "stable", "canary:shadow", include_shadow=True)
     assert report["comparison"]["paired"] and report["comparison"]["rows_a"] == n
     by_metric = {c["metric"]: c for c in report["comparison"]["metrics"]}
     assert by_metric["auc"]["method"] == "paired DeLong test"
@@ -268,7 +270,7 @@ def test_shadow_answers_join_their_request_and_are_compared_paired(tmp_path):
     assert by_metric["log_loss"]["method"] == "paired t-test"
     assert report["decision"]["outcome"] == "GO" and by_metric["auc"]["p_value"] < 1e-4
     # the same rows as independent samples cannot tell the two apart
-    independent = ab_report.delong_test(y, live, y, better, 0.05)
+    independent = statistics.delong_test(y, live, y, better, 0.05)
     assert independent.p_value > 0.05
 
 
@@ -283,7 +285,7 @@ def test_labels_may_name_the_request_id_the_client_sent(tmp_path):
         {"request_id": "77c0", "label": "no"},       # the proxy's id
         {"request_id": "9e1b", "label": "no"},
         {"request_id": "order-9", "label": "no"}])   # neither
-    report = ab_report.build_report(log, labels, "taxi", "stable", "canary:shadow", include_shadow=True,
+    report = reporting.build_report(log, labels, "taxi", "stable", "canary:shadow", include_shadow=True,
                                     min_samples=1)
     assert report["labels_file"]["matched_requests"] == 3 and report["labels_file"]["unmatched_requests"] == 1
     assert report["variants"]["stable"]["labelled_rows"] == 2
@@ -323,7 +325,7 @@ def test_a_postgresql_log_gives_the_report_a_sqlite_log_gives(tmp_path, postgres
     junk = record("stable-junk", "stable", {"error": "JSON Parse error"}, status=400, request="{not json \x00")
     records = a_records + b_records + [junk]
     labels = write_labels_csv(tmp_path / "labels.csv", a_labels + b_labels)
-    reports = [ab_report.build_report(write_log(log, records), labels, None, "stable", "canary")
+    reports = [reporting.build_report(write_log(log, records), labels, None, "stable", "canary")
                for log in (tmp_path / "log.sqlite", postgres_url)]
     assert reports[1]["decision"]["outcome"] == "GO" and reports[1]["variants"]["stable"]["errors"] == 1
     assert reports[1]["log"] == logstore.masked_url(postgres_url) and POSTGRES_PASSWORD not in json.dumps(reports[1])
@@ -418,7 +420,7 @@ def test_window_selects_records(tmp_path):
     path = write_labels_csv(tmp_path / "l.csv", early_labels + late_labels + canary_labels)
     start, end = ab_report.window(None, T0 + 7200 + 600, 1.0)
     assert (start, end) == (T0 + 3600 + 600, T0 + 7800)
-    report = ab_report.build_report(log, path, None, "stable", "canary", start=start, end=end)
+    report = reporting.build_report(log, path, None, "stable", "canary", start=start, end=end)
     assert report["variants"]["stable"]["requests"] == 300 and report["variants"]["canary"]["requests"] == 300
     assert report["labels_file"]["unmatched_requests"] == 300  # the early requests are outside the window
     assert ab_report.parse_time("2023-11-14T22:13:20Z") == T0 == ab_report.parse_time(str(T0))
@@ -507,10 +509,10 @@ def test_auc_and_delong_match_brute_force():
     y = (rng.random(120) < 0.35).astype(int)
     score_a = np.round(rng.random(120) + 0.3 * y, 1)  # rounded: many ties
     score_b = np.round(rng.random(120) + 0.6 * y, 1)
-    assert ab_report.auc(y, score_a) == pytest.approx(roc_auc_score(y, score_a))
-    assert ab_report.auc(np.zeros(5), score_a[:5]) is None
+    assert statistics.auc(y, score_a) == pytest.approx(roc_auc_score(y, score_a))
+    assert statistics.auc(np.zeros(5), score_a[:5]) is None
     (v10a, v01a), (v10b, v01b) = _brute_force_placements(y, score_a), _brute_force_placements(y, score_b)
-    got10, got01 = ab_report.delong_placements(y, score_a)
+    got10, got01 = statistics.delong_placements(y, score_a)
     np.testing.assert_allclose(got10, v10a)
     np.testing.assert_allclose(got01, v01a)
     m, n = len(v10a), len(v01a)
@@ -521,18 +523,18 @@ def test_auc_and_delong_match_brute_force():
            + np.sum((v01a - v01a.mean()) * (v01b - v01b.mean())) / (n - 1) / n)
     diff = roc_auc_score(y, score_b) - roc_auc_score(y, score_a)
     z = diff / math.sqrt(var_a + var_b - 2 * cov)
-    paired = ab_report.delong_paired_test(y, score_a, score_b, 0.05)
+    paired = statistics.delong_paired_test(y, score_a, score_b, 0.05)
     assert paired.estimate == pytest.approx(diff)
     assert paired.p_value == pytest.approx(2 * (1 - stats.norm.cdf(abs(z))))
     assert paired.ci_high - paired.ci_low == pytest.approx(2 * 1.959963985 * math.sqrt(var_a + var_b - 2 * cov))
-    independent = ab_report.delong_test(y, score_a, y, score_b, 0.05)
+    independent = statistics.delong_test(y, score_a, y, score_b, 0.05)
     assert independent.p_value == pytest.approx(2 * (1 - stats.norm.cdf(abs(diff / math.sqrt(var_a + var_b)))))
-    with pytest.raises(ab_report.NotTestable):
-        ab_report.delong_placements(np.array([1, 0, 0]), np.array([0.5, 0.2, 0.1]))
+    with pytest.raises(statistics.NotTestable):
+        statistics.delong_placements(np.array([1, 0, 0]), np.array([0.5, 0.2, 0.1]))
 
 
 def test_two_proportion_test_matches_chi_square_and_newcombe():
-    result = ab_report.two_proportion_test(48, 80, 56, 70, 0.05)
+    result = statistics.two_proportion_test(48, 80, 56, 70, 0.05)
     chi2 = stats.chi2_contingency([[56, 14], [48, 32]], correction=False)
     assert result.p_value == pytest.approx(chi2.pvalue)
     assert result.estimate == pytest.approx(0.2)
@@ -543,14 +545,56 @@ def test_two_proportion_test_matches_chi_square_and_newcombe():
 def test_mcnemar_matches_the_exact_binomial():
     correct_a = np.array([1] * 50 + [0] * 12 + [1] * 3 + [0] * 35, dtype=bool)
     correct_b = np.array([1] * 50 + [1] * 12 + [0] * 3 + [0] * 35, dtype=bool)
-    result = ab_report.mcnemar_test(correct_a, correct_b, 0.05)
+    result = statistics.mcnemar_test(correct_a, correct_b, 0.05)
     two_sided = 2 * sum(math.comb(15, k) for k in range(0, 4)) / 2 ** 15
     assert result.p_value == pytest.approx(two_sided)
     assert result.estimate == pytest.approx(9 / 100)
     se = math.sqrt(15 - 81 / 100) / 100
     assert (result.ci_low, result.ci_high) == pytest.approx((0.09 - 1.959963985 * se, 0.09 + 1.959963985 * se))
-    same = ab_report.mcnemar_test(correct_a, correct_a, 0.05)
+    same = statistics.mcnemar_test(correct_a, correct_a, 0.05)
     assert (same.estimate, same.p_value, same.ci_low, same.ci_high) == (0.0, 1.0, 0.0, 0.0)
+
+
+def _sample(y, predicted, probabilities=None):
+    keys = [("r", i) for i in range(len(y))]
+    return statistics.Sample(keys, np.asarray(y), np.asarray(predicted),
+                             None if probabilities is None else np.asarray(probabilities, dtype=np.float64))
+
+
+def test_library_metrics_are_the_means_the_tests_test():
+    # scikit-learn computes the values shown; the t-tests test the mean of row_losses: the two must agree,
+    # a probability of exactly 0 for the true class (clipped alike) included
+    y = np.array([0, 1, 1, 0, 1])
+    probabilities = [[0.9, 0.1], [0.2, 0.8], [1.0, 0.0], [0.5, 0.5], [0.3, 0.7]]
+    sample = _sample(y, np.argmax(probabilities, axis=1), probabilities)
+    for metric in ("accuracy", "log_loss"):
+        assert statistics.metric_value(sample, metric) == pytest.approx(statistics.row_losses(sample, metric).mean())
+    assert statistics.metric_value(sample, "log_loss") > 7  # the clipped zero dominates: -log(eps) / 5
+    regression = _sample(np.array([1.0, 2.0, 4.0]), np.array([1.5, 2.0, 2.0]))
+    assert statistics.metric_value(regression, "mae") == pytest.approx(statistics.row_losses(regression, "mae").mean())
+    assert statistics.metric_value(regression, "rmse") == pytest.approx(
+        math.sqrt(statistics.row_losses(regression, "rmse").mean()))
+
+
+def test_auc_with_ties_counts_one_half():
+    y = np.array([1, 0, 1, 0])
+    score = np.array([0.5, 0.5, 0.5, 0.5])  # every pair tied
+    assert statistics.auc(y, score) == 0.5
+    assert statistics.auc(y, np.array([0.9, 0.5, 0.5, 0.1])) == pytest.approx((1 + 1 + 0.5 + 1) / 4)
+
+
+def test_a_class_absent_is_undefined_or_not_testable_never_a_division_by_zero():
+    only_negatives = _sample(np.zeros(6, dtype=int), np.zeros(6, dtype=int), [[0.8, 0.2]] * 6)
+    assert statistics.metric_value(only_negatives, "auc") is None
+    # log loss stays defined: every class is named to scikit-learn, which would refuse a single label otherwise
+    assert statistics.metric_value(only_negatives, "log_loss") == pytest.approx(-math.log(0.8))
+    entry = reporting.compare_metric("auc", only_negatives, only_negatives, True, 0.05)
+    assert entry["a"] is None and "estimate" not in entry
+    assert "at least two rows of each class (positives 0, negatives 6)" in entry["not_testable"]
+    # every row right in both variants: nothing to test (the chi-square table has an empty column)
+    everything_right = statistics.two_proportion_test(30, 30, 40, 40, 0.05)
+    assert everything_right.estimate == 0 and everything_right.p_value == 1.0
+    assert everything_right.ci_low < 0 < everything_right.ci_high
 
 
 def test_decision_rule_branches():
@@ -562,7 +606,7 @@ def test_decision_rule_branches():
                 "significant": p < 0.05, "higher_is_better": higher_is_better}
 
     def decide(primary, guards=(), errors=errors, n=(500, 500), paired=False):
-        return ab_report.decide(primary, list(guards), errors, n, paired, 0.05, 0.01, 200)
+        return reporting.decide(primary, list(guards), errors, n, paired, 0.05, 0.01, 200)
 
     assert decide(entry(0.02, 0.01, 0.03, 0.001))[0] == "GO"
     assert decide(entry(-0.02, -0.03, -0.01, 0.001))[0] == "NO-GO"

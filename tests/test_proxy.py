@@ -613,3 +613,53 @@ def test_holdback_settings_name_the_key():
         Settings({"PROXY_HOLDBACK_SHARE": "0.1", "PROXY_HOLDBACK_POLICY": "coin"})
     with pytest.raises(ConfigError, match="random draws a class uniformly from PROXY_CLASSES"):
         Settings({"PROXY_HOLDBACK_SHARE": "0.1", "PROXY_HOLDBACK_POLICY": "random"})
+
+
+@pytest.mark.parametrize("verb, live, shadow, outcome", [
+    ("predict", {"predictions": [{"classes": "yes"}, {"classes": "no"}]},
+     {"predictions": [{"classes": "yes"}, {"classes": "no"}]}, "same_class"),
+    ("predict", {"predictions": [{"class_ids": [1]}]}, {"predictions": [{"class_ids": [0]}]}, "different_class"),
+    ("predict", {"outputs": {"class_ids": [[1], [0]]}}, {"outputs": {"class_ids": [[1], [1]]}}, "different_class"),
+    # :classify answers carry no classes field: the top-scored label is what counts
+    ("classify", {"results": [[["no", 0.3], ["yes", 0.7]]]}, {"results": [[["no", 0.4], ["yes", 0.6]]]},
+     "same_class"),
+    ("classify", {"results": [[["no", 0.3], ["yes", 0.7]]]}, {"results": [[["no", 0.6], ["yes", 0.4]]]},
+     "different_class"),
+    # regression: a number per row, equal within SHADOW_VALUE_TOLERANCE (relative)
+    ("regress", {"results": [10.0, 2.0]}, {"results": [10.005, 2.001]}, "same_value"),
+    ("regress", {"results": [10.0, 2.0]}, {"results": [10.5, 2.0]}, "different_value"),
+    ("predict", {"predictions": [[3.0]]}, {"predictions": [[3.0]]}, "same_value"),
+    ("predict", {"predictions": [{"value": [3.0]}]}, {"predictions": [{"value": [4.0]}]}, "different_value"),
+    # what used to count as same_class: all([]) of no dict rows, None == None without a class field
+    ("classify", {"results": []}, {"results": []}, "incomparable"),
+    ("predict", {"predictions": [{"score": 0.2}]}, {"predictions": [{"score": 0.9}]}, "incomparable"),
+    ("predict", {"predictions": [{"classes": "no"}]}, {"predictions": [{"classes": "no"}, {"classes": "no"}]},
+     "incomparable"),
+    ("predict", {"predictions": [{"classes": "no"}]}, {"predictions": [[0.4]]}, "incomparable"),
+])
+def test_shadow_agreement_per_api(verb, live, shadow, outcome):
+    from serving import proxy
+
+    assert proxy.shadow_outcome(verb, live, shadow) == outcome
+
+
+def test_load_generator_counts_requests_errors_and_reconnects(backend):
+    from serving import loadgen
+
+    port = backend.port
+    good = [json.dumps({"instances": [{"fare": float(i)}]}).encode() for i in range(3)]
+    measured = loadgen.sequential({"fake": port}, "/v1/models/taxi:predict", good, 30, warmup=5)["fake"]
+    assert measured["requests"] == 30 and measured["errors"] == 0
+    assert 0 < measured["p50_ms"] <= measured["p99_ms"]
+    # a refused request (400: no 'instances') is an error; the bodies alternate, so half of them fail
+    mixed = [good[0], json.dumps({"inputs": {}}).encode()]
+    assert loadgen.sequential({"fake": port}, "/v1/models/taxi:predict", mixed, 10)["fake"]["errors"] == 5
+    loaded = loadgen.concurrent(port, "/v1/models/taxi:predict", good, clients=4, seconds=0.5)
+    assert loaded["clients"] == 4 and loaded["requests"] > 4 and loaded["errors"] == 0
+    assert loaded["requests_per_second"] == pytest.approx(loaded["requests"] / loaded["seconds"])
+    # nothing listens: every request is an error, and the client reconnects instead of stopping
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    refused = loadgen.sequential({"gone": closed}, "/v1/models/taxi:predict", good, 3)["gone"]
+    assert refused == {**refused, "requests": 3, "errors": 3}
