@@ -41,7 +41,6 @@ import dataclasses
 import gc
 import io
 import json
-import math
 import os
 import sys
 import time
@@ -56,14 +55,13 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from components import feature_spec
+from components.values import coerce
+from serving import model_config
 
 SIGNATURE = "serving_default"  # what REST :predict calls
 METRICS_NAMESPACE = "skewless_batch_predict"
 DEFAULT_ENV = "configs/local.yaml"
-SERVING_SPEC_FILE = "assets.extra/serving_spec.json"
 PREDICTIONS, ERRORS, SUMMARY = "predictions", "errors", "summary.json"
-MAX_EXACT_INT = 2 ** 53  # the signature takes int columns as float64
-FLOAT32_MAX = 3.4028234663852886e38
 # serving_default's input dtypes (components/export.py SERVING_DTYPES) back to spec types.
 _SIGNATURE_TYPES = {"DT_STRING": "string", "DT_FLOAT": "float", "DT_DOUBLE": "int"}
 
@@ -93,11 +91,8 @@ def resolve_version(repository: str, model: str, version: Optional[int] = None,
     base = os.path.join(repository, model)
     if not tf.io.gfile.isdir(base):
         raise BatchPredictError(f"model '{model}': no folder {base} in the model repository")
-    pushed = sorted(int(v.rstrip("/")) for v in tf.io.gfile.listdir(base) if v.rstrip("/").isdigit()
-                    and tf.io.gfile.exists(os.path.join(base, v.rstrip("/"), "saved_model.pb")))
+    pushed = model_config.complete_versions(base, tf.io.gfile)
     if label is not None:
-        from serving import model_config
-
         try:
             version = model_config.label_version(repository, model, label)
         except model_config.ConfigError as e:
@@ -119,8 +114,8 @@ def load_contract(repository: str, model: str, version: int) -> ModelContract:
     from tensorflow.core.framework import types_pb2
     from tensorflow.core.protobuf import saved_model_pb2
 
-    path = os.path.join(repository, model, str(version))
-    with tf.io.gfile.GFile(os.path.join(path, "saved_model.pb"), "rb") as f:
+    path = model_config.version_path(os.path.join(repository, model), version)
+    with tf.io.gfile.GFile(os.path.join(path, model_config.SAVED_MODEL_FILE), "rb") as f:
         graphs = saved_model_pb2.SavedModel.FromString(f.read()).meta_graphs
     signature = next((g.signature_def[SIGNATURE] for g in graphs if SIGNATURE in g.signature_def), None)
     if signature is None:
@@ -132,8 +127,10 @@ def load_contract(repository: str, model: str, version: int) -> ModelContract:
             raise BatchPredictError(f"{path}: {SIGNATURE} input '{name}' has dtype {dtype}; batch prediction "
                                     f"reads {', '.join(_SIGNATURE_TYPES)} (string, float, int as float64)")
         types[name] = _SIGNATURE_TYPES[dtype]
-    spec_path = os.path.join(path, SERVING_SPEC_FILE)
-    served = json.loads(tf.io.gfile.GFile(spec_path).read()) if tf.io.gfile.exists(spec_path) else {}
+    try:
+        served = model_config.read_serving_spec(path, tf.io.gfile)
+    except model_config.ConfigError as e:
+        raise BatchPredictError(str(e)) from None
     required = frozenset(n for n, f in served.get("features", {}).items() if f.get("required") and n in types)
     return ModelContract(model, version, path, types, required)
 
@@ -181,31 +178,6 @@ def column_index(header: Sequence[str], contract: ModelContract, path: str) -> D
 
 # --- one row: cells -> raw tf.Example, or the reasons it cannot be one ---------------------
 
-def _parse_cell(cell: str, column_type: str) -> Any:
-    """The cell's value, as CsvExampleGen's handlers parse it; raises ValueError with the reason."""
-    if column_type == "string":
-        return cell.encode("utf-8")
-    if column_type == "int":
-        try:
-            value = int(cell)
-        except ValueError:
-            raise ValueError(f"declared int: {cell!r} is not an integer") from None
-        if abs(value) > MAX_EXACT_INT:
-            raise ValueError(f"declared int: {value} is beyond 2**53, which the online path (float64) "
-                             f"cannot carry exactly")
-        return value
-    try:
-        value = float(cell)
-    except ValueError:
-        raise ValueError(f"declared float: {cell!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ValueError(f"declared float: {cell!r} is not finite (the online path takes NaN as missing "
-                         f"and cannot send infinity: leave the cell empty for a missing value)")
-    if abs(value) > FLOAT32_MAX:
-        raise ValueError(f"declared float: {cell!r} is beyond float32's range")
-    return value
-
-
 def _shown(cell: bytes) -> str:
     text = cell.decode("utf-8", "backslashreplace")
     return text if len(text) <= 80 else text[:77] + "..."
@@ -222,18 +194,14 @@ def parse_row(cells: Sequence[bytes], header_size: int, index: Dict[str, int], t
                      "reason": f"the row has {len(cells)} cells, the header has {header_size}"}]
     values, problems = {}, []
     for name in sorted(types, key=index.__getitem__):  # problems read left to right, as the file does
-        column_type, cell = types[name], cells[index[name]]
-        if cell == b"":
-            if name in required:
-                problems.append({"column": name, "value": "", "reason": "required feature is empty"})
-            values[name] = None
-            continue
+        cell = cells[index[name]]
         try:
-            values[name] = _parse_cell(cell.decode("utf-8"), column_type)
-        except UnicodeDecodeError:
-            problems.append({"column": name, "value": _shown(cell), "reason": "not valid UTF-8"})
+            values[name] = coerce(cell, types[name])  # the data check's and the monitor's rules too
         except ValueError as e:
             problems.append({"column": name, "value": _shown(cell), "reason": str(e)})
+            continue
+        if values[name] is None and name in required:
+            problems.append({"column": name, "value": _shown(cell), "reason": "required feature is empty"})
     return values, problems
 
 

@@ -103,7 +103,7 @@ def test_bad_rows_go_to_errors_naming_row_and_column_and_the_job_fails(repositor
         "fare": ("abc", "declared float: 'abc' is not a number"),
         "trip_seconds": ("1.5", "declared int: '1.5' is not an integer"),
         "payment_type": ("", "required feature is empty"),
-        "trip_miles": ("nan", "not finite"),
+        "trip_miles": ("inf", "not finite"),
         "trip_start_timestamp": (str(2 ** 53 + 1), "beyond 2**53"),
     }
     lines = [",".join(header).encode()]
@@ -155,6 +155,7 @@ SIMPLE_INDEX = {"fare": 0, "trip_seconds": 1, "payment_type": 2}
     ([b"12.5", b"300", b"Cash"], None),
     ([b"", b"", b"Cash"], None),
     ([b" 7 ", b"+4", b"Cash"], None),
+    ([b"nan", b"1", b"Cash"], None),  # NaN is a missing value, as in training (components/values.py)
     ([b"1e39", b"1", b"Cash"], ("fare", "beyond float32's range")),
     ([b"-inf", b"1", b"Cash"], ("fare", "not finite")),
     ([b"1", b"-9007199254740993", b"Cash"], ("trip_seconds", "beyond 2**53")),
@@ -167,7 +168,7 @@ def test_parse_row_refuses_what_the_online_path_cannot_take(cells, problem):
     values, problems = batch_predict.parse_row(cells, 3, SIMPLE_INDEX, SIMPLE_TYPES, frozenset({"payment_type"}))
     if problem is None:
         assert problems == [] and set(values) == set(SIMPLE_TYPES)
-        assert all((v is None) == (c == b"") for v, c in zip(values.values(), cells))
+        assert all((v is None) == (c in (b"", b"nan")) for v, c in zip(values.values(), cells))
     else:
         assert len(problems) == 1 and problems[0]["column"] == problem[0] and problem[1] in problems[0]["reason"]
 
