@@ -56,7 +56,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from components import feature_spec
 from components.values import coerce
-from serving import model_config
+from serving import json_tensor, model_config
+from serving.wire import ServingError
 
 SIGNATURE = "serving_default"  # what REST :predict calls
 METRICS_NAMESPACE = "skewless_batch_predict"
@@ -263,7 +264,7 @@ class _ParseRows(beam.DoFn):
             self.refused.inc()
             yield beam.pvalue.TaggedOutput(ERRORS, {"row": row, "line": line, "problems": problems})
         else:
-            yield row, to_example(values, self.types)
+            yield (row, line), to_example(values, self.types)
 
 
 class ServingSignatureHandler(ModelHandler):
@@ -302,24 +303,25 @@ class ServingSignatureHandler(ModelHandler):
         return {"max_batch_size": self.max_batch_size}
 
 
-def _json_value(value: Any) -> Any:
-    """A numpy output value as REST returns it: bytes as text, arrays as lists, scalars as numbers."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
-    if hasattr(value, "tolist"):
-        listed = value.tolist()
-        return [_json_value(v) for v in listed] if isinstance(listed, list) else _json_value(listed)
-    return value
-
-
 class _FormatPrediction(beam.DoFn):
+    """A row's outputs as REST :predict writes them (serving/json_tensor.py), or to ERRORS the
+    reason REST would refuse them (an output that is NaN or infinite)."""
+
     def __init__(self):
         self.predicted = Metrics.counter(METRICS_NAMESPACE, "rows_predicted")
+        self.refused = Metrics.counter(METRICS_NAMESPACE, "rows_with_errors")
 
     def process(self, keyed):
-        row, result = keyed
+        (row, line), result = keyed
+        try:
+            outputs = json_tensor.prediction_row(dict(sorted(result.inference.items())))
+        except ServingError as e:
+            self.refused.inc()
+            yield beam.pvalue.TaggedOutput(ERRORS, {"row": row, "line": line, "problems": [
+                {"column": None, "value": None, "reason": f"the model's answer cannot be sent: {e.message}"}]})
+            return
         self.predicted.inc()
-        yield json.dumps({"row": row, **{k: _json_value(v) for k, v in sorted(result.inference.items())}})
+        yield '{"row": %d, %s' % (row, outputs[1:])
 
 
 def build(pipeline: beam.Pipeline, input_path: str, output_dir: str, contract: ModelContract,
@@ -332,11 +334,14 @@ def build(pipeline: beam.Pipeline, input_path: str, output_dir: str, contract: M
         | "ParseRows" >> beam.ParDo(_ParseRows(header_size, index, contract.types, contract.required))
         .with_outputs(ERRORS, main="examples"))
     handler = KeyedModelHandler(ServingSignatureHandler(contract.path, SIGNATURE, max_batch_size))
-    _ = (examples
-         | "RunInference" >> RunInference(handler)
-         | "FormatPredictions" >> beam.ParDo(_FormatPrediction())
-         | "WritePredictions" >> beam.io.WriteToText(os.path.join(output_dir, PREDICTIONS), file_name_suffix=".jsonl"))
-    _ = (errors
+    predictions, unsendable = (
+        examples
+        | "RunInference" >> RunInference(handler)
+        | "FormatPredictions" >> beam.ParDo(_FormatPrediction()).with_outputs(ERRORS, main="predictions"))
+    _ = predictions | "WritePredictions" >> beam.io.WriteToText(os.path.join(output_dir, PREDICTIONS),
+                                                                file_name_suffix=".jsonl")
+    _ = ((errors, unsendable)
+         | "AllErrors" >> beam.Flatten()
          | "FormatErrors" >> beam.Map(json.dumps)
          | "WriteErrors" >> beam.io.WriteToText(os.path.join(output_dir, ERRORS), file_name_suffix=".jsonl"))
 
