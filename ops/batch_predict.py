@@ -22,10 +22,13 @@ Writes into --output:
 `row` is the 0-based data row (header and blank lines not counted) and the join key: lines
 come in no particular order. `line` is the file line where the row starts. Every row read
 lands in exactly one of the two outputs (checked after the run). A row is refused for what
-the online path would refuse or could not express: a cell that does not parse as its
-column's type, NaN or infinity (the signature reads NaN as "missing"), an int beyond 2**53
-(the signature carries ints as float64), a float beyond float32, an empty required
-feature, a wrong number of cells, text that is not UTF-8. The job still writes every good
+the online path would refuse or could not express, by the rules of components/values.coerce
+that the data check and the monitor share: a cell that does not parse as its column's type,
+infinity, an int beyond 2**53 (the signature carries ints as float64), a float beyond
+float32, an empty (or "nan") required feature, a wrong number of cells, text that is not
+UTF-8; and a row whose answer REST could not send (an output that is NaN or infinite).
+A "nan" cell is a missing value, as CsvExampleGen's NaN is to the model. Predictions are
+written by serving/json_tensor.py, the REST server's writer, so a line equals the REST answer. The job still writes every good
 row, then exits with status 1 when more than --max_errors rows were refused (status 2: the
 job could not start, and the message says why).
 
