@@ -26,12 +26,13 @@ from typing import Any, Dict, List
 import tensorflow as tf
 
 from components.feature_spec import FeatureSpec
+from serving import model_config
 from serving.wire import CLASSIFY_METHOD, REGRESS_METHOD
 
 SERVING_DTYPES = {"string": tf.string, "float": tf.float32, "int": tf.float64}
 
 
-SERVING_SPEC_FILE = "assets.extra/serving_spec.json"
+SERVING_SPEC_FILE = model_config.SERVING_SPEC_FILE  # the repository layout's owner names it
 # The signatures TF Serving's Classify and Regress APIs run (method names: serving/wire.py).
 CLASSIFY_SIGNATURE, REGRESS_SIGNATURE = "classification", "regression"
 

@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import yaml
 
+from components.values import coerce
+
 TYPES = ("int", "float", "string")
 TRANSFORMS = ("zscore", "log", "vocabulary", "bucketize", "hash", "passthrough")
 TASKS = ("binary", "multiclass", "regression")
@@ -480,9 +482,6 @@ def _strategy(ctx: _Ctx, raw: Mapping[str, Any]) -> Dict[str, Any]:
 
 # --- checking a spec against its data --------------------------------------------------
 
-_PARSERS = {"int": int, "float": float, "string": str}
-
-
 def check_against_data(spec: FeatureSpec, sample_rows: int = 2000) -> None:
     """Fails at once when the spec and the CSV disagree, naming the key, column and file.
 
@@ -505,12 +504,10 @@ def check_against_data(spec: FeatureSpec, sample_rows: int = 2000) -> None:
                     break
                 for name, feature in spec.columns.items():
                     value = row[index[name]] if index[name] < len(row) else ""
-                    if value == "":
-                        continue
                     try:
-                        _PARSERS[feature.type](value)
-                    except ValueError:
+                        coerce(value, feature.type)
+                    except ValueError as e:
                         key = "label_columns" if name in spec.label_columns else "features"
                         raise SpecError(
                             f"{spec.source}: {key}.{name}.type: declared {feature.type} but column "
-                            f"'{name}' holds {value!r} at {path}:{line_no}") from None
+                            f"'{name}' holds {value!r} at {path}:{line_no} ({e})") from None

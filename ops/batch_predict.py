@@ -22,10 +22,13 @@ Writes into --output:
 `row` is the 0-based data row (header and blank lines not counted) and the join key: lines
 come in no particular order. `line` is the file line where the row starts. Every row read
 lands in exactly one of the two outputs (checked after the run). A row is refused for what
-the online path would refuse or could not express: a cell that does not parse as its
-column's type, NaN or infinity (the signature reads NaN as "missing"), an int beyond 2**53
-(the signature carries ints as float64), a float beyond float32, an empty required
-feature, a wrong number of cells, text that is not UTF-8. The job still writes every good
+the online path would refuse or could not express, by the rules of components/values.coerce
+that the data check and the monitor share: a cell that does not parse as its column's type,
+infinity, an int beyond 2**53 (the signature carries ints as float64), a float beyond
+float32, an empty (or "nan") required feature, a wrong number of cells, text that is not
+UTF-8; and a row whose answer REST could not send (an output that is NaN or infinite).
+A "nan" cell is a missing value, as CsvExampleGen's NaN is to the model. Predictions are
+written by serving/json_tensor.py, the REST server's writer, so a line equals the REST answer. The job still writes every good
 row, then exits with status 1 when more than --max_errors rows were refused (status 2: the
 job could not start, and the message says why).
 
@@ -41,7 +44,6 @@ import dataclasses
 import gc
 import io
 import json
-import math
 import os
 import sys
 import time
@@ -56,14 +58,14 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from components import feature_spec
+from components.values import coerce
+from serving import json_tensor, model_config
+from serving.wire import ServingError
 
 SIGNATURE = "serving_default"  # what REST :predict calls
 METRICS_NAMESPACE = "skewless_batch_predict"
 DEFAULT_ENV = "configs/local.yaml"
-SERVING_SPEC_FILE = "assets.extra/serving_spec.json"
 PREDICTIONS, ERRORS, SUMMARY = "predictions", "errors", "summary.json"
-MAX_EXACT_INT = 2 ** 53  # the signature takes int columns as float64
-FLOAT32_MAX = 3.4028234663852886e38
 # serving_default's input dtypes (components/export.py SERVING_DTYPES) back to spec types.
 _SIGNATURE_TYPES = {"DT_STRING": "string", "DT_FLOAT": "float", "DT_DOUBLE": "int"}
 
@@ -93,11 +95,8 @@ def resolve_version(repository: str, model: str, version: Optional[int] = None,
     base = os.path.join(repository, model)
     if not tf.io.gfile.isdir(base):
         raise BatchPredictError(f"model '{model}': no folder {base} in the model repository")
-    pushed = sorted(int(v.rstrip("/")) for v in tf.io.gfile.listdir(base) if v.rstrip("/").isdigit()
-                    and tf.io.gfile.exists(os.path.join(base, v.rstrip("/"), "saved_model.pb")))
+    pushed = model_config.complete_versions(base, tf.io.gfile)
     if label is not None:
-        from serving import model_config
-
         try:
             version = model_config.label_version(repository, model, label)
         except model_config.ConfigError as e:
@@ -119,8 +118,8 @@ def load_contract(repository: str, model: str, version: int) -> ModelContract:
     from tensorflow.core.framework import types_pb2
     from tensorflow.core.protobuf import saved_model_pb2
 
-    path = os.path.join(repository, model, str(version))
-    with tf.io.gfile.GFile(os.path.join(path, "saved_model.pb"), "rb") as f:
+    path = model_config.version_path(os.path.join(repository, model), version)
+    with tf.io.gfile.GFile(os.path.join(path, model_config.SAVED_MODEL_FILE), "rb") as f:
         graphs = saved_model_pb2.SavedModel.FromString(f.read()).meta_graphs
     signature = next((g.signature_def[SIGNATURE] for g in graphs if SIGNATURE in g.signature_def), None)
     if signature is None:
@@ -132,8 +131,10 @@ def load_contract(repository: str, model: str, version: int) -> ModelContract:
             raise BatchPredictError(f"{path}: {SIGNATURE} input '{name}' has dtype {dtype}; batch prediction "
                                     f"reads {', '.join(_SIGNATURE_TYPES)} (string, float, int as float64)")
         types[name] = _SIGNATURE_TYPES[dtype]
-    spec_path = os.path.join(path, SERVING_SPEC_FILE)
-    served = json.loads(tf.io.gfile.GFile(spec_path).read()) if tf.io.gfile.exists(spec_path) else {}
+    try:
+        served = model_config.read_serving_spec(path, tf.io.gfile)
+    except model_config.ConfigError as e:
+        raise BatchPredictError(str(e)) from None
     required = frozenset(n for n, f in served.get("features", {}).items() if f.get("required") and n in types)
     return ModelContract(model, version, path, types, required)
 
@@ -181,31 +182,6 @@ def column_index(header: Sequence[str], contract: ModelContract, path: str) -> D
 
 # --- one row: cells -> raw tf.Example, or the reasons it cannot be one ---------------------
 
-def _parse_cell(cell: str, column_type: str) -> Any:
-    """The cell's value, as CsvExampleGen's handlers parse it; raises ValueError with the reason."""
-    if column_type == "string":
-        return cell.encode("utf-8")
-    if column_type == "int":
-        try:
-            value = int(cell)
-        except ValueError:
-            raise ValueError(f"declared int: {cell!r} is not an integer") from None
-        if abs(value) > MAX_EXACT_INT:
-            raise ValueError(f"declared int: {value} is beyond 2**53, which the online path (float64) "
-                             f"cannot carry exactly")
-        return value
-    try:
-        value = float(cell)
-    except ValueError:
-        raise ValueError(f"declared float: {cell!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ValueError(f"declared float: {cell!r} is not finite (the online path takes NaN as missing "
-                         f"and cannot send infinity: leave the cell empty for a missing value)")
-    if abs(value) > FLOAT32_MAX:
-        raise ValueError(f"declared float: {cell!r} is beyond float32's range")
-    return value
-
-
 def _shown(cell: bytes) -> str:
     text = cell.decode("utf-8", "backslashreplace")
     return text if len(text) <= 80 else text[:77] + "..."
@@ -222,18 +198,14 @@ def parse_row(cells: Sequence[bytes], header_size: int, index: Dict[str, int], t
                      "reason": f"the row has {len(cells)} cells, the header has {header_size}"}]
     values, problems = {}, []
     for name in sorted(types, key=index.__getitem__):  # problems read left to right, as the file does
-        column_type, cell = types[name], cells[index[name]]
-        if cell == b"":
-            if name in required:
-                problems.append({"column": name, "value": "", "reason": "required feature is empty"})
-            values[name] = None
-            continue
+        cell = cells[index[name]]
         try:
-            values[name] = _parse_cell(cell.decode("utf-8"), column_type)
-        except UnicodeDecodeError:
-            problems.append({"column": name, "value": _shown(cell), "reason": "not valid UTF-8"})
+            values[name] = coerce(cell, types[name])  # the data check's and the monitor's rules too
         except ValueError as e:
             problems.append({"column": name, "value": _shown(cell), "reason": str(e)})
+            continue
+        if values[name] is None and name in required:
+            problems.append({"column": name, "value": _shown(cell), "reason": "required feature is empty"})
     return values, problems
 
 
@@ -295,7 +267,7 @@ class _ParseRows(beam.DoFn):
             self.refused.inc()
             yield beam.pvalue.TaggedOutput(ERRORS, {"row": row, "line": line, "problems": problems})
         else:
-            yield row, to_example(values, self.types)
+            yield (row, line), to_example(values, self.types)
 
 
 class ServingSignatureHandler(ModelHandler):
@@ -334,24 +306,25 @@ class ServingSignatureHandler(ModelHandler):
         return {"max_batch_size": self.max_batch_size}
 
 
-def _json_value(value: Any) -> Any:
-    """A numpy output value as REST returns it: bytes as text, arrays as lists, scalars as numbers."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
-    if hasattr(value, "tolist"):
-        listed = value.tolist()
-        return [_json_value(v) for v in listed] if isinstance(listed, list) else _json_value(listed)
-    return value
-
-
 class _FormatPrediction(beam.DoFn):
+    """A row's outputs as REST :predict writes them (serving/json_tensor.py), or to ERRORS the
+    reason REST would refuse them (an output that is NaN or infinite)."""
+
     def __init__(self):
         self.predicted = Metrics.counter(METRICS_NAMESPACE, "rows_predicted")
+        self.refused = Metrics.counter(METRICS_NAMESPACE, "rows_with_errors")
 
     def process(self, keyed):
-        row, result = keyed
+        (row, line), result = keyed
+        try:
+            outputs = json_tensor.prediction_row(dict(sorted(result.inference.items())))
+        except ServingError as e:
+            self.refused.inc()
+            yield beam.pvalue.TaggedOutput(ERRORS, {"row": row, "line": line, "problems": [
+                {"column": None, "value": None, "reason": f"the model's answer cannot be sent: {e.message}"}]})
+            return
         self.predicted.inc()
-        yield json.dumps({"row": row, **{k: _json_value(v) for k, v in sorted(result.inference.items())}})
+        yield '{"row": %d, %s' % (row, outputs[1:])
 
 
 def build(pipeline: beam.Pipeline, input_path: str, output_dir: str, contract: ModelContract,
@@ -364,11 +337,14 @@ def build(pipeline: beam.Pipeline, input_path: str, output_dir: str, contract: M
         | "ParseRows" >> beam.ParDo(_ParseRows(header_size, index, contract.types, contract.required))
         .with_outputs(ERRORS, main="examples"))
     handler = KeyedModelHandler(ServingSignatureHandler(contract.path, SIGNATURE, max_batch_size))
-    _ = (examples
-         | "RunInference" >> RunInference(handler)
-         | "FormatPredictions" >> beam.ParDo(_FormatPrediction())
-         | "WritePredictions" >> beam.io.WriteToText(os.path.join(output_dir, PREDICTIONS), file_name_suffix=".jsonl"))
-    _ = (errors
+    predictions, unsendable = (
+        examples
+        | "RunInference" >> RunInference(handler)
+        | "FormatPredictions" >> beam.ParDo(_FormatPrediction()).with_outputs(ERRORS, main="predictions"))
+    _ = predictions | "WritePredictions" >> beam.io.WriteToText(os.path.join(output_dir, PREDICTIONS),
+                                                                file_name_suffix=".jsonl")
+    _ = ((errors, unsendable)
+         | "AllErrors" >> beam.Flatten()
          | "FormatErrors" >> beam.Map(json.dumps)
          | "WriteErrors" >> beam.io.WriteToText(os.path.join(output_dir, ERRORS), file_name_suffix=".jsonl"))
 

@@ -60,6 +60,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import yaml
 
 from components import feature_spec
+from components.values import coerce
 from pipelines import mlmd
 from serving import logstore
 
@@ -256,7 +257,7 @@ def _typed_row(instance: Mapping[str, Any], spec: feature_spec.FeatureSpec, serv
         values = []
         for value in (raw if isinstance(raw, list) else [raw]):
             try:
-                typed = _typed_value(value, column.type)
+                typed = coerce(value, column.type)
             except ValueError:
                 problem = served.invalid.setdefault(key, {"count": 0, "example": repr(value)[:80]})
                 problem["count"] += 1
@@ -266,25 +267,6 @@ def _typed_row(instance: Mapping[str, Any], spec: feature_spec.FeatureSpec, serv
         if values:
             row[key] = values
     return row
-
-
-def _typed_value(value: Any, kind: str) -> Any:
-    """The value as the spec's type; None when it means "missing"; ValueError when it cannot be read."""
-    if value is None:
-        return None
-    if kind == "string":
-        if not isinstance(value, str):
-            raise ValueError(value)
-        return value.encode("utf-8") if value != "" else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(value)
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if kind == "int":
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)  # an int column never holds 2.5: that is a client bug, not a value
-        return int(value)
-    return float(value)
 
 
 # --- statistics ----------------------------------------------------------------------------------
@@ -336,12 +318,9 @@ def typed_rows(instances: Iterable[Mapping[str, Any]], spec: feature_spec.Featur
     for instance in instances:
         row = {}
         for key, value in instance.items():
-            if key not in spec.columns or value is None or value == "":
+            if key not in spec.columns:
                 continue
-            kind = spec.columns[key].type
-            if isinstance(value, str) and kind != "string":
-                value = float(value) if kind == "float" else int(value)
-            typed = _typed_value(value, kind)
+            typed = coerce(value, spec.columns[key].type)
             if typed is not None:
                 row[key] = [typed]
         out.append(row)
@@ -402,7 +381,8 @@ def load_statistics_file(path: str):
 
 
 def served_version(model_repository: str, model: str) -> int:
-    """The version the `stable` label points at, else the latest version in the repository."""
+    """The version the `stable` label points at, else the latest complete version in the repository
+    (a half-pushed one, still without saved_model.pb, is not served yet)."""
     from serving import model_config
 
     model_dir = os.path.join(model_repository, model)
@@ -410,11 +390,11 @@ def served_version(model_repository: str, model: str) -> int:
         return model_config.label_version(model_repository, model, "stable")
     except model_config.ConfigError:
         pass  # no models.config, or no stable label yet
-    versions = [int(v) for v in os.listdir(model_dir) if v.isdigit()] if os.path.isdir(model_dir) else []
-    if not versions:
+    latest = model_config.latest_complete(model_dir)
+    if latest is None:
         raise MonitorError(f"{model_dir}: no pushed version and no `stable` label: pass --training_statistics, "
                            "or run the pipeline first")
-    return max(versions)
+    return latest
 
 
 def pipeline_training_statistics(metadata_path: str, model_repository: str, model: str,

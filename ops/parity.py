@@ -141,7 +141,13 @@ def run(model: str = "taxi", version: int = None, limit: int = 0, model_reposito
 
     metadata = metadata or f"build/metadata/{model}.sqlite"
     base = os.path.join(model_repository, model)
-    version = version or max(int(v) for v in os.listdir(base) if v.isdigit())
+    if not version:
+        from serving import model_config
+
+        version = model_config.latest_complete(base)
+        if version is None:
+            raise SystemExit(f"{base}: no complete version (a numeric folder with saved_model.pb); "
+                             f"run the pipeline first or pass --version")
     evidence = release.lineage(metadata, model, version)
     examples = _records(os.path.join(evidence["examples"], "Split-eval", "*"), limit)
     materialized_dir = os.path.join(os.path.dirname(os.path.dirname(evidence["transform_graph"])),

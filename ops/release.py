@@ -52,11 +52,7 @@ def lineage(metadata_path: str, model_name: str, version: int) -> Dict[str, Any]
 
 def read_labels(model_repository: str, model_name: str) -> Dict[str, int]:
     """The labels models.config gives the model (none before the first promotion)."""
-    path = os.path.join(model_repository, MODEL_CONFIG_FILE)
-    if not os.path.exists(path):
-        return {}
-    model = model_config.find(model_config.read(path), model_name)
-    return model_config.labels(model) if model is not None else {}
+    return model_config.repository_labels(model_repository, model_name)
 
 
 def _append_log(model_dir: str, entry: Dict[str, Any]) -> None:
@@ -82,7 +78,7 @@ def served_versions(model_dir: str, labels: Dict[str, int]) -> List[int]:
     for entry in read_log(model_dir):
         last[entry["label"]] = entry
     keep |= {e["previous"] for e in last.values()
-             if e.get("previous") is not None and os.path.isdir(os.path.join(model_dir, str(e["previous"])))}
+             if e.get("previous") is not None and model_config.is_complete(model_config.version_path(model_dir, e["previous"]))}
     return sorted(keep)
 
 
@@ -155,8 +151,9 @@ def promote(model_repository: str, metadata_path: str, model_name: str, version:
             action: str = "promote", who: Optional[str] = None, serving_url: Optional[str] = None,
             wait_seconds: float = 300, base_path: Optional[str] = None) -> Dict[str, Any]:
     model_dir = os.path.join(model_repository, model_name)
-    if not os.path.exists(os.path.join(model_dir, str(version), "saved_model.pb")):
-        raise ReleaseError(f"{model_dir}/{version}: no such version in the model repository")
+    if version not in model_config.complete_versions(model_dir):
+        raise ReleaseError(f"{model_dir}/{version}: no such complete version in the model repository (pushed: "
+                           f"{', '.join(map(str, model_config.complete_versions(model_dir))) or 'none'})")
     evidence = lineage(metadata_path, model_name, version)
     from pipelines.report import load_metrics
 

@@ -520,9 +520,24 @@ def predict_response(outputs: Dict[str, np.ndarray], form: str) -> bytes:
         rows = [_write(array[i], writers[name]) for i in range(batch)]
     else:
         keys = {n: json.dumps(n) for n in outputs}
-        rows = ["{" + ", ".join(f"{keys[n]}: {_write(a[i], writers[n])}" for n, a in outputs.items()) + "}"
-                for i in range(batch)]
+        rows = [_row_object({n: a[i] for n, a in outputs.items()}, keys, writers) for i in range(batch)]
     return ('{"predictions": [' + ", ".join(rows) + "]}").encode()
+
+
+def _row_object(row: Dict[str, Any], keys: Dict[str, str], writers: Dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{keys[n]}: {_write(v, writers[n])}" for n, v in row.items()) + "}"
+
+
+def prediction_row(row: Dict[str, np.ndarray]) -> str:
+    """One row of a :predict answer with several outputs, as predict_response writes it (the same
+    digits, b64 for bytes that are not UTF-8, INVALID_ARGUMENT for NaN or Infinity): what batch
+    prediction writes, so a batch answer and a REST answer for the same row are the same text."""
+    writers = {}
+    for name, value in row.items():
+        array = np.asarray(value)
+        _finite(name, array)
+        writers[name] = _value_writer(name, array)
+    return _row_object(row, {n: json.dumps(n) for n in row}, writers)
 
 
 def classify_response(results: List[List[Tuple[str, float]]]) -> bytes:

@@ -19,7 +19,6 @@ A request always sees one consistent snapshot, so a swap never fails a request i
 Imports TensorFlow only: serving must not depend on training code.
 """
 
-import json
 import logging
 import os
 import threading
@@ -32,7 +31,6 @@ import tensorflow as tf
 from serving import model_config
 
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
-SERVING_SPEC_FILE = os.path.join("assets.extra", "serving_spec.json")  # written by the trainer
 MAX_WARMUP_RECORDS = 1000  # TF Serving's limit (saved_model_warmup_util.cc)
 
 
@@ -49,9 +47,9 @@ class LoadedVersion:
         from tensorflow.core.protobuf import saved_model_pb2
 
         self.model, self.version, self.path = model, version, path
-        pb = os.path.join(path, "saved_model.pb")
-        if not tf.io.gfile.exists(pb):
-            raise FileNotFoundError(f"{pb}: no SavedModel here (yet)")
+        pb = os.path.join(path, model_config.SAVED_MODEL_FILE)
+        if not model_config.is_complete(path, tf.io.gfile):
+            raise FileNotFoundError(f"{pb}: no SavedModel here (yet): Pusher writes it last")
         with tf.io.gfile.GFile(pb, "rb") as f:
             try:
                 saved_model = saved_model_pb2.SavedModel.FromString(f.read())
@@ -65,11 +63,7 @@ class LoadedVersion:
         self.signature_defs = dict(meta_graph.signature_def)
         self.module = tf.saved_model.load(path, tags=["serve"])
         self.signatures = dict(self.module.signatures)
-        spec_path = os.path.join(path, SERVING_SPEC_FILE)
-        spec = {}
-        if os.path.exists(spec_path):
-            with open(spec_path) as f:
-                spec = json.load(f)
+        spec = model_config.read_serving_spec(path, tf.io.gfile)
         self.classes: List[str] = list(spec.get("classes", []))
 
     def input_dtypes(self, signature: str):

@@ -103,7 +103,7 @@ def test_bad_rows_go_to_errors_naming_row_and_column_and_the_job_fails(repositor
         "fare": ("abc", "declared float: 'abc' is not a number"),
         "trip_seconds": ("1.5", "declared int: '1.5' is not an integer"),
         "payment_type": ("", "required feature is empty"),
-        "trip_miles": ("nan", "not finite"),
+        "trip_miles": ("inf", "not finite"),
         "trip_start_timestamp": (str(2 ** 53 + 1), "beyond 2**53"),
     }
     lines = [",".join(header).encode()]
@@ -155,6 +155,7 @@ SIMPLE_INDEX = {"fare": 0, "trip_seconds": 1, "payment_type": 2}
     ([b"12.5", b"300", b"Cash"], None),
     ([b"", b"", b"Cash"], None),
     ([b" 7 ", b"+4", b"Cash"], None),
+    ([b"nan", b"1", b"Cash"], None),  # NaN is a missing value, as in training (components/values.py)
     ([b"1e39", b"1", b"Cash"], ("fare", "beyond float32's range")),
     ([b"-inf", b"1", b"Cash"], ("fare", "not finite")),
     ([b"1", b"-9007199254740993", b"Cash"], ("trip_seconds", "beyond 2**53")),
@@ -167,7 +168,7 @@ def test_parse_row_refuses_what_the_online_path_cannot_take(cells, problem):
     values, problems = batch_predict.parse_row(cells, 3, SIMPLE_INDEX, SIMPLE_TYPES, frozenset({"payment_type"}))
     if problem is None:
         assert problems == [] and set(values) == set(SIMPLE_TYPES)
-        assert all((v is None) == (c == b"") for v, c in zip(values.values(), cells))
+        assert all((v is None) == (c in (b"", b"nan")) for v, c in zip(values.values(), cells))
     else:
         assert len(problems) == 1 and problems[0]["column"] == problem[0] and problem[1] in problems[0]["reason"]
 
@@ -233,3 +234,31 @@ def test_cli_reports_what_stops_a_job_without_a_traceback(repository, tmp_path, 
     # A mistyped option must not fall through to Beam and be dropped (scoring the latest version).
     assert batch_predict.main(args + ["--input", str(tmp_path / "absent.csv"), "--verison", "3"]) == 2
     assert "unknown argument --verison" in capsys.readouterr().err
+
+
+def test_a_batch_answer_is_the_text_rest_writes_for_that_row():
+    import base64
+
+    from apache_beam.ml.inference.base import PredictionResult
+
+    from serving import json_tensor
+
+    outputs = {"classes": np.array([[b"0", b"1"], [b"\xff\xfe", b"1"]], dtype=object),
+               "probabilities": np.array([[0.1, 0.9], [1 / 3, 2 / 3]], dtype=np.float32),
+               "score": np.array([[0.123456789], [2.0]], dtype=np.float64)}
+    rest = json_tensor.predict_response(outputs, "row").decode()
+    fmt = batch_predict._FormatPrediction()
+    for i in range(2):
+        (line,) = fmt.process(((i, i + 2), PredictionResult(b"", {k: v[i] for k, v in outputs.items()})))
+        assert line.startswith('{"row": %d, ' % i)
+        row_text = "{" + line[len('{"row": %d, ' % i):]
+        assert row_text in rest  # the same digits and the same escapes as the REST answer
+        assert json.loads(line)["probabilities"] == json.loads(rest)["predictions"][i]["probabilities"]
+    assert json.loads(line)["classes"][0] == {"b64": base64.b64encode(b"\xff\xfe").decode()}  # not backslashreplace
+    assert '"score": [0.123456789]' in rest and "2.0" in rest
+
+    (refused,) = fmt.process(((5, 9), PredictionResult(b"", {"score": np.array([np.nan])})))
+    assert refused.tag == batch_predict.ERRORS
+    assert refused.value["row"] == 5 and refused.value["line"] == 9
+    assert "output 'score' is nan" in refused.value["problems"][0]["reason"]
+    assert batch_predict.describe(refused.value).startswith("row 5 (line 9): the model's answer cannot be sent")

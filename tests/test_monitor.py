@@ -400,6 +400,8 @@ def test_served_version_is_the_stable_label_else_the_latest(tmp_path):
 
     for version in ("100", "300", "200"):
         (tmp_path / "taxi" / version).mkdir(parents=True)
+        (tmp_path / "taxi" / version / "saved_model.pb").write_bytes(b"")
+    (tmp_path / "taxi" / "400" / "variables").mkdir(parents=True)  # half-pushed: no saved_model.pb yet
     assert monitor.served_version(str(tmp_path), "taxi") == 300
     from tests.conftest import write_models_config
 

@@ -19,6 +19,7 @@ from tests.test_version_guard import _check_model_config
 def _repository(tmp_path, versions=(100, 200), labels=None):
     for v in versions:
         os.makedirs(tmp_path / "taxi" / str(v))
+        (tmp_path / "taxi" / str(v) / "saved_model.pb").write_bytes(b"")  # complete, as Pusher leaves it
     if labels:
         from tests.conftest import write_models_config
 
