@@ -1,0 +1,134 @@
+"""Turns a pydantic ValidationError into one sentence that names the key, the file, the line and the fix.
+
+Every typed config of the project (the dataset spec, the environment files, sandbox settings, Beam
+profiles, the proxy's settings) is a pydantic model; this module is the one place that words their
+errors, so every config reports a mistake the same way: `<source>: <key.path>: <why>`.
+It needs only pydantic (and PyYAML for line numbers), so the proxy's small image can use it.
+"""
+
+import typing
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticCustomError
+
+Loc = Tuple[Any, ...]
+
+_TYPE_NAMES = {"int_type": "int", "int_parsing": "int", "float_type": "float", "float_parsing": "float",
+               "bool_type": "bool", "bool_parsing": "bool", "string_type": "str", "list_type": "list",
+               "tuple_type": "list"}
+_MAPPING_TYPES = ("dict_type", "model_type", "model_attributes_type")
+
+
+def at(key: str, message: str) -> PydanticCustomError:
+    """An error a validator raises about one of its model's keys (dotted, e.g. 'missing.fill')."""
+    return PydanticCustomError("at", message.replace("{", "{{").replace("}", "}}"), {"key": key})
+
+
+def key_path(loc: Iterable[Any]) -> str:
+    """('features', 'fare', 'type') -> 'features.fare.type'; list indices as [i]."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _allowed_keys(model: type, loc: Loc) -> Optional[Iterable[str]]:
+    """The keys the model accepts at `loc` (the parent of an unknown key), walking fields and containers."""
+    node: Any = model
+    for part in loc:
+        while True:  # unwrap Optional[...], Dict[str, X], List[X], Tuple[X, ...] down to a model
+            origin, args = typing.get_origin(node), typing.get_args(node)
+            if origin is None:
+                break
+            if origin in (dict, Mapping) or getattr(origin, "__name__", "") == "Mapping":
+                node = args[1]
+                break
+            if origin in (list, tuple):
+                node = args[0]
+                break
+            if origin is typing.Annotated:
+                node = args[0]
+                continue
+            node = next((a for a in args if a is not type(None)), None)
+        if isinstance(part, int) or not (isinstance(node, type) and issubclass(node, BaseModel)):
+            continue
+        field = node.model_fields.get(part)
+        if field is None:
+            return None
+        node = field.annotation
+    while typing.get_origin(node) is not None:
+        node = next((a for a in typing.get_args(node) if a is not type(None)), None)
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return sorted(f.alias or n for n, f in node.model_fields.items())
+    return None
+
+
+def describe(error: ValidationError, model: type, source: str,
+             lines: Optional[Mapping[Loc, int]] = None, prefix: Loc = ()) -> str:
+    """The first error as '<source>: <key>: <why>' (and '(<source>:<line>)' where the YAML loader recorded it).
+
+    `prefix` is where the validated block sits in its file (e.g. ('monitoring',)).
+    """
+    first = error.errors(include_url=False)[0]
+    loc, kind, value, ctx = tuple(first["loc"]), first["type"], first.get("input"), first.get("ctx") or {}
+    if kind == "at":
+        loc += tuple(int(k) if k.isdigit() else k for k in ctx["key"].split(".") if k)
+        why = first["msg"]
+    elif kind == "missing":
+        why = "is required"
+    elif kind == "extra_forbidden":
+        allowed = _allowed_keys(model, loc[:-1])
+        why = f"unknown key (allowed: {', '.join(allowed)})" if allowed else "unknown key"
+    elif kind == "literal_error":
+        why = f"'{value}' is not one of {ctx['expected'].replace(chr(39), '')}"
+    elif kind in ("greater_than", "greater_than_equal") and ctx.get("gt") == 0:
+        why = f"must be positive, got {value!r}"
+    elif kind == "greater_than_equal":
+        why = f"must be at least {ctx['ge']:g}, got {value!r}"
+    elif kind in ("less_than_equal", "less_than"):
+        why = f"must be at most {ctx.get('le', ctx.get('lt')):g}, got {value!r}"
+    elif kind == "finite_number":
+        why = f"must be a finite number, got {value!r}"
+    elif kind in _MAPPING_TYPES:
+        why = f"must be a mapping, got {type(value).__name__}"
+    elif kind in _TYPE_NAMES:
+        why = f"must be {_TYPE_NAMES[kind]}, got {type(value).__name__} ({value!r})"
+    elif kind == "value_error":
+        why = str(ctx.get("error", first["msg"]))
+    else:
+        why = first["msg"]
+    loc = tuple(prefix) + loc
+    where = _line(lines, loc) if lines else None
+    suffix = f" ({source}:{where})" if where else ""
+    return f"{source}: {key_path(loc) or '<top level>'}: {why}{suffix}"
+
+
+def _line(lines: Mapping[Loc, int], loc: Loc) -> Optional[int]:
+    for end in range(len(loc), 0, -1):  # the key itself, else the nearest parent the file has
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def yaml_with_lines(text: str) -> Tuple[Any, Dict[Loc, int]]:
+    """Parses YAML (safe) and records the 1-based line of every key and list item by its path."""
+    import yaml
+
+    lines: Dict[Loc, int] = {}
+
+    def walk(node, loc: Loc):
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = (key_node.value,)
+                lines[loc + key] = key_node.start_mark.line + 1
+                walk(value_node, loc + key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[loc + (i,)] = item.start_mark.line + 1
+                walk(item, loc + (i,))
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, ())
+    return yaml.safe_load(text), lines
