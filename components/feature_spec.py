@@ -168,16 +168,23 @@ def resolve_path(path: str, base: str = REPO_ROOT) -> str:
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
 
 
-def load(path: str) -> FeatureSpec:
-    """Reads a spec file and checks its shape; raises SpecError naming the key (and its line) at fault."""
+def read_yaml(path: str, what: str = "feature spec", error: type = None) -> Tuple[Any, Dict[tuple, int], str]:
+    """(content, line of every key, resolved path) of a config file; `error` (a SpecError) names the file."""
+    error = error or SpecError
     path = resolve_path(path)
     try:
         with open(path) as f:
             raw, lines = typed_config.yaml_with_lines(f.read())
     except OSError as e:
-        raise SpecError(f"cannot read feature spec '{path}': {e.strerror}") from e
+        raise error(f"cannot read {what} '{path}': {e.strerror}") from e
     except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {e}") from e
+        raise error(f"{path}: not valid YAML: {e}") from e
+    return raw, lines, path
+
+
+def load(path: str) -> FeatureSpec:
+    """Reads a spec file and checks its shape; raises SpecError naming the key (and its line) at fault."""
+    raw, lines, path = read_yaml(path)
     return parse(raw, source=path, lines=lines)
 
 
@@ -230,14 +237,7 @@ PositiveInt = Annotated[int, pydantic.Field(gt=0)]
 PositiveFloat = Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]
 
 
-class _Block(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", strict=True, populate_by_name=True)
-
-    @pydantic.model_validator(mode="before")
-    @classmethod
-    def _null_means_absent(cls, raw: Any) -> Any:
-        # `key:` with no value in YAML is None: treat it like the key left out (its default applies).
-        return {k: v for k, v in raw.items() if v is not None} if isinstance(raw, dict) else raw
+_Block = typed_config.StrictConfig
 
 
 class SplitConfig(_Block):

@@ -9,7 +9,7 @@ It needs only pydantic (and PyYAML for line numbers), so the proxy's small image
 import typing
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 Loc = Tuple[Any, ...]
@@ -18,6 +18,17 @@ _TYPE_NAMES = {"int_type": "int", "int_parsing": "int", "float_type": "float", "
                "bool_type": "bool", "bool_parsing": "bool", "string_type": "str", "list_type": "list",
                "tuple_type": "list"}
 _MAPPING_TYPES = ("dict_type", "model_type", "model_attributes_type")
+
+
+class StrictConfig(BaseModel):
+    """The base of every typed config: unknown keys refused, no silent coercion ("1" is not 1, true is not 1)."""
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_absent(cls, raw: Any) -> Any:
+        # `key:` with no value in YAML is None: treat it like the key left out (its default applies).
+        return {k: v for k, v in raw.items() if v is not None} if isinstance(raw, dict) else raw
 
 
 def at(key: str, message: str) -> PydanticCustomError:
