@@ -240,6 +240,12 @@ PositiveFloat = Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]
 _Block = typed_config.StrictConfig
 
 
+# YAML may give one transform as a bare name; the validator below turns it into a list.
+_ONE_OR_MANY_TRANSFORMS = pydantic.WithJsonSchema({
+    "description": "a transform name or a list of them (more views of the same column)",
+    "anyOf": [{"enum": list(TRANSFORMS)}, {"type": "array", "items": {"enum": list(TRANSFORMS)}, "minItems": 1}]})
+
+
 class SplitConfig(_Block):
     train: PositiveInt = 2
     eval: PositiveInt = 1
@@ -257,7 +263,7 @@ class MissingConfig(_Block):
 
 class FeatureConfig(_Block):
     type: Literal[TYPES]
-    transform: List[Literal[TRANSFORMS]] = pydantic.Field(description="a transform name or a list of them")
+    transform: Annotated[List[Literal[TRANSFORMS]], _ONE_OR_MANY_TRANSFORMS]
     missing: Optional[MissingConfig] = None
     required: bool = False
     top_k: Optional[PositiveInt] = None
@@ -322,7 +328,7 @@ class FeatureConfig(_Block):
 
 class LabelColumnConfig(FeatureConfig):
     """A column read only for the label: never fed to the model, so it has no transform of its own."""
-    transform: List[Literal[TRANSFORMS]] = ["passthrough"]
+    transform: Annotated[List[Literal[TRANSFORMS]], _ONE_OR_MANY_TRANSFORMS] = ["passthrough"]
 
     _label_column: ClassVar[bool] = True
 
@@ -456,7 +462,9 @@ class SpecConfig(_Block):
     label: LabelConfig
     label_columns: Dict[str, LabelColumnConfig] = {}
     features: Dict[str, FeatureConfig]
-    slices: List[List[str]] = pydantic.Field([], description="TFMA slices: each a column name or a list of them")
+    slices: Annotated[List[List[str]], pydantic.WithJsonSchema({
+        "type": "array", "description": "TFMA slices: each a column name or a list of them",
+        "items": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}})] = []
     thresholds: Dict[str, ThresholdConfig] = {}
     training: TrainingConfig = TrainingConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
@@ -524,6 +532,26 @@ class SpecConfig(_Block):
                                                   f"'{label.column}' is a string")
 
 
+SCHEMA_JSON = os.path.join(REPO_ROOT, "configs", "spec.schema.json")
+
+
+def json_schema() -> Dict[str, Any]:
+    """The JSON Schema of a spec file, from SpecConfig: editors validate configs/*.yaml with it."""
+    schema = SpecConfig.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "skewless dataset feature spec (configs/<dataset>.yaml)"
+    return schema
+
+
+def write_json_schema(path: str = SCHEMA_JSON) -> str:
+    """Writes json_schema() as stable, sorted JSON (`make schema-json`); returns the path."""
+    import json
+
+    with open(path, "w") as f:
+        f.write(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
+    return path
+
+
 # --- checking a spec against its data --------------------------------------------------
 
 _PARSERS = {"int": int, "float": float, "string": str}
@@ -560,3 +588,9 @@ def check_against_data(spec: FeatureSpec, sample_rows: int = 2000) -> None:
                         raise SpecError(
                             f"{spec.source}: {key}.{name}.type: declared {feature.type} but column "
                             f"'{name}' holds {value!r} at {path}:{line_no}") from None
+
+
+if __name__ == "__main__":  # make schema-json
+    import sys
+
+    print(write_json_schema(*sys.argv[1:2]))
