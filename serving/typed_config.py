@@ -14,9 +14,11 @@ from pydantic_core import PydanticCustomError
 
 Loc = Tuple[Any, ...]
 
-_TYPE_NAMES = {"int_type": "int", "int_parsing": "int", "float_type": "float", "float_parsing": "float",
-               "bool_type": "bool", "bool_parsing": "bool", "string_type": "str", "list_type": "list",
-               "tuple_type": "list"}
+_TYPE_NAMES = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str",
+               "list_type": "list", "tuple_type": "list"}
+# Text read as a value (environment variables): the words it may be.
+_PARSING = {"bool_parsing": "true or false (1/0, yes/no, on/off)", "int_parsing": "a whole number",
+            "int_from_float": "a whole number", "float_parsing": "a number"}
 _MAPPING_TYPES = ("dict_type", "model_type", "model_attributes_type")
 
 
@@ -44,32 +46,31 @@ def key_path(loc: Iterable[Any]) -> str:
     return text
 
 
+def _bare(node: Any) -> Any:
+    """Optional[X] and Annotated[X, ...] -> X."""
+    while typing.get_origin(node) is typing.Annotated or (
+            typing.get_origin(node) is typing.Union and type(None) in typing.get_args(node)):
+        node = next(a for a in typing.get_args(node) if a is not type(None))
+    return node
+
+
 def _allowed_keys(model: type, loc: Loc) -> Optional[Iterable[str]]:
     """The keys the model accepts at `loc` (the parent of an unknown key), walking fields and containers."""
     node: Any = model
     for part in loc:
-        while True:  # unwrap Optional[...], Dict[str, X], List[X], Tuple[X, ...] down to a model
-            origin, args = typing.get_origin(node), typing.get_args(node)
-            if origin is None:
-                break
-            if origin in (dict, Mapping) or getattr(origin, "__name__", "") == "Mapping":
-                node = args[1]
-                break
-            if origin in (list, tuple):
-                node = args[0]
-                break
-            if origin is typing.Annotated:
-                node = args[0]
-                continue
-            node = next((a for a in args if a is not type(None)), None)
-        if isinstance(part, int) or not (isinstance(node, type) and issubclass(node, BaseModel)):
-            continue
-        field = node.model_fields.get(part)
-        if field is None:
+        node = _bare(node)
+        origin, args = typing.get_origin(node), typing.get_args(node)
+        if origin in (dict, list, tuple) and args:  # `part` is a key or an index into the container
+            node = args[1] if origin is dict else args[0]
+        elif isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(part) or next(
+                (f for f in node.model_fields.values() if f.alias == part), None)
+            if field is None:
+                return None
+            node = field.annotation
+        else:
             return None
-        node = field.annotation
-    while typing.get_origin(node) is not None:
-        node = next((a for a in typing.get_args(node) if a is not type(None)), None)
+    node = _bare(node)
     if isinstance(node, type) and issubclass(node, BaseModel):
         return sorted(f.alias or n for n, f in node.model_fields.items())
     return None
@@ -99,6 +100,14 @@ def describe(error: ValidationError, model: type, source: str,
         why = f"must be at least {ctx['ge']:g}, got {value!r}"
     elif kind in ("less_than_equal", "less_than"):
         why = f"must be at most {ctx.get('le', ctx.get('lt')):g}, got {value!r}"
+    elif kind in _PARSING:
+        why = f"must be {_PARSING[kind]}, got {value!r}"
+    elif kind == "json_invalid":
+        why = f"not valid JSON ({ctx.get('error')}): {value!r}"
+    elif kind == "string_pattern_mismatch":
+        why = f"must be a name of letters, digits and _ . -, got {value!r}"
+    elif kind == "string_too_short":
+        why = "must not be empty"
     elif kind == "finite_number":
         why = f"must be a finite number, got {value!r}"
     elif kind in _MAPPING_TYPES:
@@ -112,7 +121,7 @@ def describe(error: ValidationError, model: type, source: str,
     loc = tuple(prefix) + loc
     where = _line(lines, loc) if lines else None
     suffix = f" ({source}:{where})" if where else ""
-    return f"{source}: {key_path(loc) or '<top level>'}: {why}{suffix}"
+    return f"{source + ': ' if source else ''}{key_path(loc) or '<top level>'}: {why}{suffix}"
 
 
 def _line(lines: Mapping[Loc, int], loc: Loc) -> Optional[int]:
