@@ -105,7 +105,7 @@ def describe(error: ValidationError, model: type, source: str,
     elif kind == "json_invalid":
         why = f"not valid JSON ({ctx.get('error')}): {value!r}"
     elif kind == "string_pattern_mismatch":
-        why = f"must be a name of letters, digits and _ . -, got {value!r}"
+        why = f"must match {ctx['pattern']}, got {value!r}"
     elif kind == "string_too_short":
         why = "must not be empty"
     elif kind == "finite_number":
