@@ -14,7 +14,7 @@ KF_ENV ?= configs/kubeflow.yaml
 EXPERIMENT ?= skewless
 KF_ARGS = --spec $(SPEC) --env $(KF_ENV) $(if $(IMAGE),--image $(IMAGE)) $(if $(BEAM_PROFILE),--beam_profile $(BEAM_PROFILE))
 
-.PHONY: help setup lock test test-fast run retrain image-train compile submit schedule schema data promote rollback parity serve monitor ab-report export-span demo-feedback retention batch-predict bench-pipeline bench-serving bench-proxy bench-scale clean
+.PHONY: help setup lock test test-fast run retrain image-train compile submit schedule schema schema-json data promote rollback parity serve monitor ab-report export-span demo-feedback retention batch-predict bench-pipeline bench-serving bench-proxy bench-scale clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -68,6 +68,9 @@ data: ## write the CSVs of configs/synthetic_{multiclass,regression}.yaml under 
 
 schema: ## infer the schema of $(SPEC)'s data and write it to the spec's schema path for review
 	$(PY) -m pipelines.schema_tool --spec $(SPEC)
+
+schema-json: ## write configs/spec.schema.json, the JSON Schema of a dataset spec (for editors validating YAML)
+	$(PY) -m components.feature_spec $(if $(OUT),$(OUT))
 
 promote: ## promote a pushed, blessed version: make promote VERSION=n [LABEL=stable|canary] [BASE_PATH=/models]
 	$(PY) -m ops.release promote --version $(VERSION) --label $(or $(LABEL),stable) $(if $(SERVING_URL),--serving_url $(SERVING_URL)) $(if $(BASE_PATH),--serving_base_path $(BASE_PATH))

@@ -14,11 +14,13 @@ import glob
 import math
 import os
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Annotated, Any, ClassVar, Dict, Iterable, List, Literal, Mapping, Optional, Tuple, Union
 
+import pydantic
 import yaml
 
 from components.values import coerce
+from serving import typed_config
 
 TYPES = ("int", "float", "string")
 TRANSFORMS = ("zscore", "log", "vocabulary", "bucketize", "hash", "passthrough")
@@ -125,6 +127,7 @@ class FeatureSpec:
     thresholds: Tuple[Threshold, ...]
     training: Training
     raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    monitoring: Optional["MonitoringConfig"] = dataclasses.field(default=None, repr=False, compare=False)
     # With {SPAN} in data.path: how many of the newest spans a run reads (TFX's RollingRange).
     rolling_spans: Optional[int] = None
 
@@ -192,292 +195,398 @@ def resolve_path(path: str, base: str = REPO_ROOT) -> str:
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
 
 
-def load(path: str) -> FeatureSpec:
-    """Reads a spec file and checks its shape; raises SpecError naming the key at fault."""
+def read_yaml(path: str, what: str = "feature spec", error: type = None) -> Tuple[Any, Dict[tuple, int], str]:
+    """(content, line of every key, resolved path) of a config file; `error` (a SpecError) names the file."""
+    error = error or SpecError
     path = resolve_path(path)
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            raw, lines = typed_config.yaml_with_lines(f.read())
     except OSError as e:
-        raise SpecError(f"cannot read feature spec '{path}': {e.strerror}") from e
+        raise error(f"cannot read {what} '{path}': {e.strerror}") from e
     except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {e}") from e
-    return parse(raw, source=path)
+        raise error(f"{path}: not valid YAML: {e}") from e
+    return raw, lines, path
 
 
-def parse(raw: Any, source: str = "<spec>") -> FeatureSpec:
-    ctx = _Ctx(source)
-    ctx.mapping(raw, "")
-    ctx.known_keys(raw, "", {"name", "data", "schema", "task", "label", "label_columns",
-                             "features", "slices", "thresholds", "training", "monitoring"})
-    # `monitoring:` (skew/drift thresholds) is read and checked key by key by ops/monitor.py;
-    # here it only has to be a mapping.
-    ctx.get(raw, "monitoring", dict, default={})
-    data = ctx.get(raw, "data", dict)
-    ctx.known_keys(data, "data", {"path", "split", "rolling_spans"})
-    rolling = ctx.get(data, "rolling_spans", int, key_prefix="data", default=None)
-    if rolling is not None and (isinstance(rolling, bool) or rolling < 1):
-        ctx.fail("data.rolling_spans", f"must be a whole number of spans >= 1, got {rolling!r}")
-    if rolling is not None and SPAN_TOKEN not in str(data.get("path", "")):
-        ctx.fail("data.rolling_spans", "needs {SPAN} in data.path (e.g. build/spans/span-{SPAN}/): "
-                                       "without spans there is nothing to roll")
-    split = ctx.get(data, "split", dict, key_prefix="data", default={"train": 2, "eval": 1})
-    if set(split) != {"train", "eval"} or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in split.values()):
-        ctx.fail("data.split", "must be {train: <int>, eval: <int>} with positive hash-bucket counts")
-    task = ctx.get(raw, "task", str)
-    if task not in TASKS:
-        ctx.fail("task", f"'{task}' is not one of {', '.join(TASKS)}")
+def load(path: str) -> FeatureSpec:
+    """Reads a spec file and checks its shape; raises SpecError naming the key (and its line) at fault."""
+    raw, lines, path = read_yaml(path)
+    return parse(raw, source=path, lines=lines)
 
-    features = {n: _feature(ctx, f"features.{n}", n, v)
-                for n, v in ctx.get(raw, "features", dict).items()}
-    if not features:
-        ctx.fail("features", "declares no feature")
-    label_columns = {n: _feature(ctx, f"label_columns.{n}", n, v, label_column=True)
-                     for n, v in ctx.get(raw, "label_columns", dict, default={}).items()}
-    for n in set(features) & set(label_columns):
-        ctx.fail(f"label_columns.{n}", "is also a feature: list it under features only")
-    columns = {**label_columns, **features}
 
-    label = _label(ctx, ctx.get(raw, "label", dict), task, columns, set(label_columns))
-    slices = tuple(_slice(ctx, i, s, columns) for i, s in enumerate(ctx.get(raw, "slices", list, default=[])))
-    thresholds = tuple(_threshold(ctx, m, v) for m, v in ctx.get(raw, "thresholds", dict, default={}).items())
-    schema = ctx.get(raw, "schema", str, default=None)
+def parse(raw: Any, source: str = "<spec>", lines: Optional[Mapping[tuple, int]] = None) -> FeatureSpec:
+    """Validates a spec (SpecConfig) and builds the FeatureSpec every component reads."""
+    try:
+        config = SpecConfig.model_validate(raw)
+    except pydantic.ValidationError as e:
+        raise SpecError(typed_config.describe(e, SpecConfig, source, lines)) from None
+    features = {n: _feature(n, f) for n, f in config.features.items()}
+    label_columns = {n: _feature(n, f) for n, f in config.label_columns.items()}
+    label = config.label
+    derive = label.derive.model_dump() if label.derive else None
+    classes = tuple(str(c) for c in label.classes) or (("0", "1") if config.task == "binary" else ())
+    training = config.training
     return FeatureSpec(
-        name=ctx.get(raw, "name", str),
+        name=config.name,
         source=source,
-        data_path=resolve_path(ctx.get(data, "path", str, key_prefix="data")),
-        split=dict(split),
-        schema_path=resolve_path(schema) if schema else None,
-        task=task,
-        label=label,
+        data_path=resolve_path(config.data.path),
+        split=config.data.split.model_dump(),
+        schema_path=resolve_path(config.schema_path) if config.schema_path else None,
+        task=config.task,
+        label=Label(name=label.name, column=label.column, derive=derive, classes=classes),
         label_columns=label_columns,
         features=features,
-        slices=slices,
-        thresholds=thresholds,
-        training=_training(ctx, ctx.get(raw, "training", dict, default={})),
+        slices=tuple(tuple(s) for s in config.slices),
+        thresholds=tuple(Threshold(metric=m, **t.model_dump()) for m, t in config.thresholds.items()),
+        training=Training(
+            strategy=dict(training.strategy), schedule=tuple(Stage(**s.model_dump()) for s in training.schedule),
+            deterministic=training.deterministic, seed=training.seed, hidden_units=tuple(training.hidden_units),
+            embedding_dim=training.embedding_dim, shuffle_buffer=training.shuffle_buffer),
         raw=raw,
-        rolling_spans=rolling,
+        monitoring=config.monitoring,
+        rolling_spans=config.data.rolling_spans,
     )
 
 
-class _Ctx:
-    def __init__(self, source: str):
-        self.source = source
+def _feature(name: str, config: "FeatureConfig") -> Feature:
+    return Feature(name=name, type=config.type, transform=config.transform[0],
+                   extra_transforms=tuple(config.transform[1:]),
+                   missing=MissingPolicy(config.missing.fill, config.missing.indicator), required=config.required,
+                   top_k=config.top_k, oov_buckets=config.oov_buckets, buckets=config.buckets,
+                   hash_buckets=config.hash_buckets)
 
-    def fail(self, key: str, message: str):
-        raise SpecError(f"{self.source}: {key or '<top level>'}: {message}")
 
-    def mapping(self, value: Any, key: str):
-        if not isinstance(value, dict):
-            self.fail(key, f"must be a mapping, got {type(value).__name__}")
+# --- the spec's typed shape (pydantic): one model per block ------------------------------------
+# The models check every key, type and cross-key rule; typed_config words their errors as
+# '<file>: <key.path>: <why> (<file>:<line>)'. `make schema-json` writes their JSON Schema.
 
-    def known_keys(self, value: Mapping[str, Any], key: str, allowed: set):
-        for k in value:
-            if k not in allowed:
-                self.fail(f"{key}.{k}" if key else k, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+PositiveInt = Annotated[int, pydantic.Field(gt=0)]
+PositiveFloat = Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]
 
-    _MISSING = object()
 
-    def get(self, obj: Mapping[str, Any], key: str, typ: type, key_prefix: str = "", default: Any = _MISSING):
-        full = f"{key_prefix}.{key}" if key_prefix else key
-        if key not in obj or obj[key] is None:
-            if default is self._MISSING:
-                self.fail(full, "is required")
-            return default
-        value = obj[key]
-        if typ is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            self.fail(full, f"must be {typ.__name__}, got {type(value).__name__} ({value!r})")
+_Block = typed_config.StrictConfig
+
+
+# YAML may give one transform as a bare name; the validator below turns it into a list.
+_ONE_OR_MANY_TRANSFORMS = pydantic.WithJsonSchema({
+    "description": "a transform name or a list of them (more views of the same column)",
+    "anyOf": [{"enum": list(TRANSFORMS)}, {"type": "array", "items": {"enum": list(TRANSFORMS)}, "minItems": 1}]})
+
+
+class SplitConfig(_Block):
+    train: PositiveInt = 2
+    eval: PositiveInt = 1
+
+
+class DataConfig(_Block):
+    path: str
+    split: SplitConfig = SplitConfig()
+    rolling_spans: Optional[PositiveInt] = pydantic.Field(
+        default=None, description="with {SPAN} in path: how many of the newest spans a run trains on")
+
+    @pydantic.model_validator(mode="after")
+    def _spans(self):
+        if self.rolling_spans is not None and SPAN_TOKEN not in self.path:
+            raise typed_config.at("rolling_spans", "needs {SPAN} in data.path (e.g. build/spans/span-{SPAN}/): "
+                                                   "without spans there is nothing to roll")
+        return self
+
+
+class MissingConfig(_Block):
+    fill: Any = pydantic.Field(description="a constant of the column's type, or 'mean' for numeric columns")
+    indicator: bool = False
+
+
+class FeatureConfig(_Block):
+    type: Literal[TYPES]
+    transform: Annotated[List[Literal[TRANSFORMS]], _ONE_OR_MANY_TRANSFORMS]
+    missing: Optional[MissingConfig] = None
+    required: bool = False
+    top_k: Optional[PositiveInt] = None
+    oov_buckets: PositiveInt = 1  # unseen values need an id the model can embed
+    buckets: PositiveInt = 10
+    hash_buckets: PositiveInt = 100
+
+    _label_column: ClassVar[bool] = False
+
+    @pydantic.field_validator("transform", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            raise typed_config.at("", f"must be a transform name or a list of them, got {value!r}")
+        for transform in value:
+            if transform not in TRANSFORMS:  # here, not by the Literal, to name the key and not its [index]
+                raise typed_config.at("", f"'{transform}' is not one of {', '.join(TRANSFORMS)}")
         return value
 
+    @pydantic.model_validator(mode="after")
+    def _transforms_fit_the_type(self) -> "FeatureConfig":
+        transforms, typ = self.transform, self.type
+        if not transforms:
+            raise typed_config.at("transform", "must be a transform name or a list of them, got []")
+        if len(set(transforms)) != len(transforms):
+            raise typed_config.at("transform", f"lists a transform twice: {transforms}")
+        for transform in transforms:
+            if not self._label_column and typ == "string" and transform in ("zscore", "log", "bucketize",
+                                                                             "passthrough"):
+                raise typed_config.at("transform", f"'{transform}' needs a numeric column, this column is a string")
+            if typ == "float" and transform == "vocabulary":
+                raise typed_config.at("transform", "'vocabulary' needs string or int values, this column is float "
+                                                   "(use bucketize, or hash)")
+        if self.missing is None:
+            self.missing = MissingConfig(fill=self._default_fill())
+        self._check_fill(self.missing.fill)
+        return self
 
-def _feature(ctx: _Ctx, key: str, name: str, raw: Any, label_column: bool = False) -> Feature:
-    ctx.mapping(raw, key)
-    ctx.known_keys(raw, key, {"type", "transform", "missing", "required", "top_k", "oov_buckets",
-                              "buckets", "hash_buckets"})
-    typ = ctx.get(raw, "type", str, key)
-    if typ not in TYPES:
-        ctx.fail(f"{key}.type", f"'{typ}' is not one of {', '.join(TYPES)}")
-    # A label column is read, never fed to the model: it has no transform of its own.
-    transforms = raw.get("transform", "passthrough" if label_column else None)
-    if transforms is None:
-        ctx.fail(f"{key}.transform", "is required")
-    transforms = [transforms] if isinstance(transforms, str) else transforms
-    if not isinstance(transforms, list) or not transforms or not all(isinstance(t, str) for t in transforms):
-        ctx.fail(f"{key}.transform", f"must be a transform name or a list of them, got {raw.get('transform')!r}")
-    if len(set(transforms)) != len(transforms):
-        ctx.fail(f"{key}.transform", f"lists a transform twice: {transforms}")
-    for transform in transforms:
-        if transform not in TRANSFORMS:
-            ctx.fail(f"{key}.transform", f"'{transform}' is not one of {', '.join(TRANSFORMS)}")
-        if not label_column and typ == "string" and transform in ("zscore", "log", "bucketize", "passthrough"):
-            ctx.fail(f"{key}.transform", f"'{transform}' needs a numeric column, '{name}' is a string")
-        if typ == "float" and transform == "vocabulary":
-            ctx.fail(f"{key}.transform", f"'vocabulary' needs string or int values, '{name}' is float "
-                                         "(use bucketize, or hash)")
-    transform = transforms[0]
-    if typ == "string":
-        default_fill = ""
-    elif label_column or set(transforms) & {"vocabulary", "hash"}:
-        default_fill = 0 if label_column else -1  # a category of its own for "missing"
-    else:
-        default_fill = "mean"
-    missing_raw = ctx.get(raw, "missing", dict, key, default={"fill": default_fill})
-    ctx.known_keys(missing_raw, f"{key}.missing", {"fill", "indicator"})
-    if "fill" not in missing_raw:
-        ctx.fail(f"{key}.missing.fill", "is required (a constant, or 'mean' for numeric columns)")
-    fill = missing_raw["fill"]
-    if fill == "mean":
-        if typ == "string":
-            ctx.fail(f"{key}.missing.fill", "'mean' needs a numeric column")
-    elif typ == "string" and not isinstance(fill, str):
-        ctx.fail(f"{key}.missing.fill", f"must be a string for a string column, got {fill!r}")
-    elif typ != "string" and (not isinstance(fill, (int, float)) or isinstance(fill, bool)
-                              or not math.isfinite(fill)):
-        ctx.fail(f"{key}.missing.fill", f"must be a finite number or 'mean' for a {typ} column, got {fill!r}")
-    elif typ == "int" and float(fill) != int(fill):
-        ctx.fail(f"{key}.missing.fill", f"must be a whole number for an int column, got {fill!r}")
-    if fill == "mean" and set(transforms) & {"vocabulary", "hash"}:
-        ctx.fail(f"{key}.missing.fill", "'mean' makes no sense for a categorical transform: use a constant")
-    indicator = ctx.get(missing_raw, "indicator", bool, f"{key}.missing", default=False)
-    positive = {}
-    for k, default in (("top_k", None), ("oov_buckets", 1), ("buckets", 10), ("hash_buckets", 100)):
-        v = ctx.get(raw, k, int, key, default=default)
-        if v is not None and v < 1:  # oov_buckets too: unseen values need an id the model can embed
-            ctx.fail(f"{key}.{k}", f"must be positive, got {v}")
-        positive[k] = v
-    return Feature(name=name, type=typ, transform=transform, extra_transforms=tuple(transforms[1:]),
-                   missing=MissingPolicy(fill, indicator),
-                   required=ctx.get(raw, "required", bool, key, default=False), **positive)
+    def _default_fill(self) -> Any:
+        if self.type == "string":
+            return ""
+        if self._label_column or set(self.transform) & {"vocabulary", "hash"}:
+            return 0 if self._label_column else -1  # a category of its own for "missing"
+        return "mean"
+
+    def _check_fill(self, fill: Any) -> None:
+        key, typ = "missing.fill", self.type
+        if fill == "mean":
+            if typ == "string":
+                raise typed_config.at(key, "'mean' needs a numeric column")
+            if set(self.transform) & {"vocabulary", "hash"}:
+                raise typed_config.at(key, "'mean' makes no sense for a categorical transform: use a constant")
+        elif typ == "string" and not isinstance(fill, str):
+            raise typed_config.at(key, f"must be a string for a string column, got {fill!r}")
+        elif typ != "string" and (not isinstance(fill, (int, float)) or isinstance(fill, bool)
+                                  or not math.isfinite(fill)):
+            raise typed_config.at(key, f"must be a finite number or 'mean' for a {typ} column, got {fill!r}")
+        elif typ == "int" and float(fill) != int(fill):
+            raise typed_config.at(key, f"must be a whole number for an int column, got {fill!r}")
 
 
-def _label(ctx: _Ctx, raw: Mapping[str, Any], task: str, columns: Mapping[str, Feature], label_only) -> Label:
-    ctx.known_keys(raw, "label", {"name", "column", "derive", "classes"})
-    name = ctx.get(raw, "name", str, "label")
-    if name in columns:
-        ctx.fail("label.name", f"'{name}' clashes with a column name")
-    column = ctx.get(raw, "column", str, "label", default=None)
-    derive = ctx.get(raw, "derive", dict, "label", default=None)
-    if bool(column) == bool(derive):
-        ctx.fail("label", "give exactly one of 'column' or 'derive'")
-    classes = tuple(str(c) for c in ctx.get(raw, "classes", list, "label", default=[]))
-    if column:
-        if column not in columns:
-            ctx.fail("label.column", f"'{column}' is not declared under label_columns")
-        if column not in label_only:
-            ctx.fail("label.column", f"'{column}' is a feature: the model would be given its own label; "
-                                     "declare it under label_columns")
-        if task != "regression" and columns[column].missing.fill == "mean":
-            ctx.fail(f"label_columns.{column}.missing.fill", "a class label cannot be filled with a mean")
-    else:
-        ctx.known_keys(derive, "label.derive", {"column", "op", "other", "scale"})
-        if task != "binary":
-            ctx.fail("label.derive", f"a derived label is a comparison: task must be binary, not {task}")
-        for k in ("column", "other"):
-            c = ctx.get(derive, k, str, "label.derive")
-            if c not in columns or columns[c].type == "string":
-                ctx.fail(f"label.derive.{k}", f"'{c}' must be a numeric column under label_columns or features")
-        if ctx.get(derive, "op", str, "label.derive") not in LABEL_OPS:
-            ctx.fail("label.derive.op", f"must be one of {' '.join(LABEL_OPS)}")
-        derive = {**derive, "scale": ctx.get(derive, "scale", float, "label.derive", default=1.0)}
-    if task == "binary":
-        classes = classes or ("0", "1")
-        if len(classes) != 2:
-            ctx.fail("label.classes", f"a binary task has 2 classes, got {len(classes)}")
-    elif task == "multiclass":
-        if len(classes) < 3:
-            ctx.fail("label.classes", "a multiclass task lists its classes (at least 3)")
-        if len(set(classes)) != len(classes):
-            ctx.fail("label.classes", "has duplicates")
-    elif classes:
-        ctx.fail("label.classes", "a regression task has no classes")
-    if task == "regression" and columns[column].type == "string":
-        ctx.fail("label.column", f"regression needs a numeric label column, '{column}' is a string")
-    return Label(name=name, column=column, derive=derive, classes=classes)
+class LabelColumnConfig(FeatureConfig):
+    """A column read only for the label: never fed to the model, so it has no transform of its own."""
+    transform: Annotated[List[Literal[TRANSFORMS]], _ONE_OR_MANY_TRANSFORMS] = ["passthrough"]
+
+    _label_column: ClassVar[bool] = True
 
 
-def _slice(ctx: _Ctx, i: int, raw: Any, columns: Mapping[str, Feature]) -> Tuple[str, ...]:
-    keys = [raw] if isinstance(raw, str) else raw
-    if not isinstance(keys, list) or not keys:
-        ctx.fail(f"slices[{i}]", "must be a feature name or a list of feature names")
-    for k in keys:
-        if not isinstance(k, str):
-            ctx.fail(f"slices[{i}]", f"must list feature names, got {k!r}")
-        if k not in columns:
-            ctx.fail(f"slices[{i}]", f"'{k}' is not a declared column")
-    return tuple(keys)
+class DeriveConfig(_Block):
+    column: str
+    op: Literal[LABEL_OPS]
+    other: str
+    scale: float = 1.0
 
 
-def _threshold(ctx: _Ctx, metric: str, raw: Any) -> Threshold:
-    key = f"thresholds.{metric}"
-    ctx.mapping(raw, key)
-    ctx.known_keys(raw, key, {"lower", "upper", "change"})
-    values = {k: ctx.get(raw, k, float, key, default=None) for k in ("lower", "upper", "change")}
-    if all(v is None for v in values.values()):
-        ctx.fail(key, "sets none of lower, upper, change")
-    if values["lower"] is not None and values["upper"] is not None and values["lower"] > values["upper"]:
-        ctx.fail(key, f"lower ({values['lower']}) is above upper ({values['upper']})")
-    return Threshold(metric=metric, **values)
+class LabelConfig(_Block):
+    name: str
+    column: Optional[str] = None  # read directly from this column...
+    derive: Optional[DeriveConfig] = None  # ...or derived: {column, op, other, scale}
+    classes: List[Union[str, int]] = []
+
+    @pydantic.model_validator(mode="after")
+    def _one_source(self) -> "LabelConfig":
+        if bool(self.column) == bool(self.derive):
+            raise typed_config.at("", "give exactly one of 'column' or 'derive'")
+        return self
 
 
-def _training(ctx: _Ctx, raw: Mapping[str, Any]) -> Training:
-    ctx.known_keys(raw, "training", {"strategy", "deterministic", "seed", "hidden_units",
-                                     "embedding_dim", "shuffle_buffer", "schedule"})
-    strategy = _strategy(ctx, ctx.get(raw, "strategy", dict, "training", default={"type": "default"}))
-    if strategy["type"] == "parameter_server" and raw.get("deterministic") is True:
-        ctx.fail("training.deterministic", "cannot be true with training.strategy.type parameter_server: "
-                                           "its workers update the variables asynchronously")
-    schedule = []
-    for i, s in enumerate(ctx.get(raw, "schedule", list, "training",
-                                  default=[{"learning_rate": 0.001, "batch_size": 128, "epochs": 5}])):
-        key = f"training.schedule[{i}]"
-        ctx.mapping(s, key)
-        ctx.known_keys(s, key, {"learning_rate", "batch_size", "epochs"})
-        stage = Stage(ctx.get(s, "learning_rate", float, key), ctx.get(s, "batch_size", int, key),
-                      ctx.get(s, "epochs", int, key))
-        if not (stage.learning_rate > 0 and math.isfinite(stage.learning_rate)) or stage.batch_size < 1 or stage.epochs < 1:
-            ctx.fail(key, "learning_rate, batch_size and epochs must be positive")
-        schedule.append(stage)
-    hidden_units = ctx.get(raw, "hidden_units", list, "training", default=[64, 32])
-    if not all(isinstance(u, int) and not isinstance(u, bool) and u > 0 for u in hidden_units):
-        ctx.fail("training.hidden_units", f"must be a list of positive layer widths, got {hidden_units!r}")
-    if not schedule:
-        ctx.fail("training.schedule", "needs at least one stage")
-    for k in ("embedding_dim", "shuffle_buffer"):
-        if k in raw and (not isinstance(raw[k], int) or raw[k] < 1):
-            ctx.fail(f"training.{k}", f"must be a positive integer, got {raw[k]!r}")
-    return Training(
-        strategy=strategy,
-        schedule=tuple(schedule),
-        deterministic=ctx.get(raw, "deterministic", bool, "training", default=False),
-        seed=ctx.get(raw, "seed", int, "training", default=42),
-        hidden_units=tuple(hidden_units),
-        embedding_dim=ctx.get(raw, "embedding_dim", int, "training", default=8),
-        shuffle_buffer=ctx.get(raw, "shuffle_buffer", int, "training", default=10000),
-    )
+class ThresholdConfig(_Block):
+    lower: Optional[float] = None
+    upper: Optional[float] = None
+    change: Optional[float] = None  # allowed change against the baseline (negative = may drop by)
+
+    @pydantic.model_validator(mode="after")
+    def _some_bound(self) -> "ThresholdConfig":
+        if self.lower is None and self.upper is None and self.change is None:
+            raise typed_config.at("", "sets none of lower, upper, change")
+        if self.lower is not None and self.upper is not None and self.lower > self.upper:
+            raise typed_config.at("", f"lower ({self.lower}) is above upper ({self.upper})")
+        return self
 
 
-def _strategy(ctx: _Ctx, raw: Mapping[str, Any]) -> Dict[str, Any]:
-    """The training.strategy block: a type and the options that type accepts (see STRATEGY_OPTIONS)."""
-    kind = ctx.get(raw, "type", str, "training.strategy", default="default")
-    if kind not in STRATEGIES:
-        ctx.fail("training.strategy.type", f"'{kind}' is not one of {', '.join(STRATEGIES)}")
-    options = STRATEGY_OPTIONS[kind]
-    for key in raw:
-        if key != "type" and key not in options:
-            allowed = ", ".join(sorted(options)) or "no options"
-            ctx.fail(f"training.strategy.{key}", f"unknown key for strategy '{kind}' (allowed: {allowed})")
-    for key, (typ, limit) in options.items():
-        value = ctx.get(raw, key, typ, "training.strategy", default=None)
-        if value is None:
-            continue
-        if typ is int and value < limit:
-            ctx.fail(f"training.strategy.{key}", f"must be at least {limit}, got {value}")
-        if typ is str and limit is not None and value not in limit:
-            ctx.fail(f"training.strategy.{key}", f"'{value}' is not one of {', '.join(limit)}")
-    return {**raw, "type": kind}
+class StageConfig(_Block):
+    learning_rate: PositiveFloat
+    batch_size: PositiveInt
+    epochs: PositiveInt
+
+
+class TrainingConfig(_Block):
+    strategy: Dict[str, Any] = pydantic.Field(
+        default={"type": "default"}, description="type: " + " | ".join(STRATEGIES) + "; its options: "
+        + "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in STRATEGY_OPTIONS.items()))
+    deterministic: bool = False
+    seed: int = 42
+    hidden_units: List[PositiveInt] = [64, 32]
+    embedding_dim: PositiveInt = 8
+    shuffle_buffer: PositiveInt = 10000
+    schedule: List[StageConfig] = pydantic.Field(
+        default=[StageConfig(learning_rate=0.001, batch_size=128, epochs=5)], min_length=1)
+
+    @pydantic.model_validator(mode="after")
+    def _strategy_options(self) -> "TrainingConfig":
+        """training.strategy: a type and the options that type accepts (see STRATEGY_OPTIONS)."""
+        kind = self.strategy.get("type", "default")
+        if kind not in STRATEGIES:
+            raise typed_config.at("strategy.type", f"'{kind}' is not one of {', '.join(STRATEGIES)}")
+        options = STRATEGY_OPTIONS[kind]
+        for key, value in self.strategy.items():
+            if key == "type":
+                continue
+            if key not in options:
+                allowed = ", ".join(sorted(options)) or "no options"
+                raise typed_config.at(f"strategy.{key}", f"unknown key for strategy '{kind}' (allowed: {allowed})")
+            typ, limit = options[key]
+            if not isinstance(value, typ) or isinstance(value, bool):
+                raise typed_config.at(f"strategy.{key}", f"must be {typ.__name__}, got {value!r}")
+            if typ is int and value < limit:
+                raise typed_config.at(f"strategy.{key}", f"must be at least {limit}, got {value}")
+            if typ is str and limit is not None and value not in limit:
+                raise typed_config.at(f"strategy.{key}", f"'{value}' is not one of {', '.join(limit)}")
+        if kind == "parameter_server" and self.deterministic:
+            raise typed_config.at("deterministic", "cannot be true with training.strategy.type parameter_server: "
+                                                   "its workers update the variables asynchronously")
+        self.strategy = {**self.strategy, "type": kind}
+        return self
+
+
+Distance = Annotated[float, pydantic.Field(gt=0, le=1, allow_inf_nan=False,
+                                           description="a TFDV distance; 1 is the largest TFDV reports")]
+
+
+class ComparatorThresholds(_Block):
+    infinity_norm: Optional[Distance] = None
+    jensen_shannon_divergence: Optional[Distance] = None
+
+
+class FeatureMonitoring(_Block):
+    skew: Optional[ComparatorThresholds] = None
+    drift: Optional[ComparatorThresholds] = None
+
+
+class MonitoringConfig(_Block):
+    """Skew/drift thresholds of served traffic (ops/monitor.py); a key left out keeps the monitor's default."""
+    window_hours: Optional[PositiveFloat] = None
+    min_values: Optional[PositiveInt] = None
+    skew: Optional[ComparatorThresholds] = None
+    drift: Optional[ComparatorThresholds] = None
+    features: Dict[str, FeatureMonitoring] = {}
+
+
+def unmonitorable_feature(monitoring: MonitoringConfig, features: Iterable[str]) -> Optional[str]:
+    """The first name under monitoring.features that is not a feature, or None."""
+    return next((n for n in monitoring.features if n not in features), None)
+
+
+def parse_monitoring(block: Any, source: str, spec: FeatureSpec, prefix: tuple = ()) -> MonitoringConfig:
+    """A monitoring block given apart from the spec (ops/monitor.py's --thresholds), checked like the spec's."""
+    try:
+        config = MonitoringConfig.model_validate(block)
+    except pydantic.ValidationError as e:
+        raise SpecError(typed_config.describe(e, MonitoringConfig, source, prefix=prefix)) from None
+    stranger = unmonitorable_feature(config, spec.features)
+    if stranger:
+        key = typed_config.key_path(tuple(prefix) + ("features", stranger))
+        raise SpecError(f"{source}: {key}: not a feature of {spec.source} (features: {', '.join(spec.features)})")
+    return config
+
+
+class SpecConfig(_Block):
+    """A dataset's feature spec (configs/<dataset>.yaml)."""
+    name: str
+    data: DataConfig
+    schema_path: Optional[str] = pydantic.Field(None, alias="schema")
+    task: Literal[TASKS]
+    label: LabelConfig
+    label_columns: Dict[str, LabelColumnConfig] = {}
+    features: Dict[str, FeatureConfig]
+    slices: Annotated[List[List[str]], pydantic.WithJsonSchema({
+        "type": "array", "description": "TFMA slices: each a column name or a list of them",
+        "items": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}})] = []
+    thresholds: Dict[str, ThresholdConfig] = {}
+    training: TrainingConfig = TrainingConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
+
+    @pydantic.field_validator("slices", mode="before")
+    @classmethod
+    def _bare_names(cls, value: Any) -> Any:
+        return [[s] if isinstance(s, str) else s for s in value] if isinstance(value, list) else value
+
+    @pydantic.model_validator(mode="after")
+    def _columns_agree(self) -> "SpecConfig":
+        if not self.features:
+            raise typed_config.at("features", "declares no feature")
+        for n in self.label_columns:
+            if n in self.features:
+                raise typed_config.at(f"label_columns.{n}", "is also a feature: list it under features only")
+        columns = {**self.label_columns, **self.features}
+        self._check_label(columns)
+        for i, keys in enumerate(self.slices):
+            if not keys:
+                raise typed_config.at(f"slices.{i}", "must be a feature name or a list of feature names")
+            for k in keys:
+                if k not in columns:
+                    raise typed_config.at(f"slices.{i}", f"'{k}' is not a declared column")
+        stranger = unmonitorable_feature(self.monitoring, self.features)
+        if stranger:
+            raise typed_config.at(f"monitoring.features.{stranger}",
+                                  f"not a feature of this spec (features: {', '.join(self.features)})")
+        return self
+
+    def _check_label(self, columns: Mapping[str, FeatureConfig]) -> None:
+        label, task = self.label, self.task
+        if label.name in columns:
+            raise typed_config.at("label.name", f"'{label.name}' clashes with a column name")
+        if label.column:
+            if label.column not in columns:
+                raise typed_config.at("label.column", f"'{label.column}' is not declared under label_columns")
+            if label.column not in self.label_columns:
+                raise typed_config.at("label.column", f"'{label.column}' is a feature: the model would be given "
+                                                      "its own label; declare it under label_columns")
+            if task != "regression" and columns[label.column].missing.fill == "mean":
+                raise typed_config.at(f"label_columns.{label.column}.missing.fill",
+                                      "a class label cannot be filled with a mean")
+        else:
+            if task != "binary":
+                raise typed_config.at("label.derive", f"a derived label is a comparison: task must be binary, "
+                                                      f"not {task}")
+            for k in ("column", "other"):
+                c = getattr(label.derive, k)
+                if c not in columns or columns[c].type == "string":
+                    raise typed_config.at(f"label.derive.{k}",
+                                          f"'{c}' must be a numeric column under label_columns or features")
+        classes = [str(c) for c in label.classes]
+        if task == "binary" and classes and len(classes) != 2:
+            raise typed_config.at("label.classes", f"a binary task has 2 classes, got {len(classes)}")
+        if task == "multiclass":
+            if len(classes) < 3:
+                raise typed_config.at("label.classes", "a multiclass task lists its classes (at least 3)")
+            if len(set(classes)) != len(classes):
+                raise typed_config.at("label.classes", "has duplicates")
+        if task == "regression" and classes:
+            raise typed_config.at("label.classes", "a regression task has no classes")
+        if task == "regression" and columns[label.column].type == "string":
+            raise typed_config.at("label.column", f"regression needs a numeric label column, "
+                                                  f"'{label.column}' is a string")
+
+
+SCHEMA_JSON = os.path.join(REPO_ROOT, "configs", "spec.schema.json")
+
+
+def json_schema() -> Dict[str, Any]:
+    """The JSON Schema of a spec file, from SpecConfig: editors validate configs/*.yaml with it."""
+    schema = SpecConfig.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "skewless dataset feature spec (configs/<dataset>.yaml)"
+    return schema
+
+
+def write_json_schema(path: str = SCHEMA_JSON) -> str:
+    """Writes json_schema() as stable, sorted JSON (`make schema-json`); returns the path."""
+    import json
+
+    with open(path, "w") as f:
+        f.write(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
+    return path
 
 
 # --- checking a spec against its data --------------------------------------------------
@@ -511,3 +620,9 @@ def check_against_data(spec: FeatureSpec, sample_rows: int = 2000) -> None:
                         raise SpecError(
                             f"{spec.source}: {key}.{name}.type: declared {feature.type} but column "
                             f"'{name}' holds {value!r} at {path}:{line_no} ({e})") from None
+
+
+if __name__ == "__main__":  # make schema-json
+    import sys
+
+    print(write_json_schema(*sys.argv[1:2]))

@@ -27,7 +27,6 @@ refuses it (NotImplementedError in its step builder), so this component runs on 
 (see README).
 """
 
-import dataclasses
 import http.client
 import json
 import os
@@ -35,15 +34,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
+import pydantic
 from tfx.components.util import model_utils
 from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
 from tfx.dsl.component.experimental.decorators import component
 from tfx.types.standard_artifacts import Examples, InfraBlessing, Model, ModelBlessing
 
-from serving import loadgen
+from serving import loadgen, typed_config
 from serving.repository import MAX_WARMUP_RECORDS  # TF Serving reads no more warmup records
 
 SANDBOX_REPORT = "sandbox_report.json"
@@ -51,50 +51,50 @@ REPLAY_BATCH = 100  # rows per REST request in the equality check
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@dataclasses.dataclass(frozen=True)
-class SandboxConfig:
-    """Thresholds and replay sizes; the environment config's `sandbox:` block, key for key."""
-    rows: int = 500                      # eval rows replayed for the equality check
-    tolerance: float = 1e-6              # largest |REST - in-process| allowed on any output
-    latency_requests: int = 200          # sequential single-row requests for p50/p99
-    max_p50_ms: float = 25.0
-    max_p99_ms: float = 100.0
-    clients: int = 4                     # concurrent keep-alive clients for throughput
-    throughput_seconds: float = 2.0
-    min_requests_per_second: float = 50.0
-    warmup_records: int = 100            # PredictionLog records written into the pushed model
-    server: str = "local"                # local (serving.server) | tf_serving
+NonNegativeInt = Annotated[int, pydantic.Field(ge=0)]
+NonNegativeFloat = Annotated[float, pydantic.Field(ge=0, allow_inf_nan=False)]
+
+
+class SandboxConfig(typed_config.StrictConfig):
+    """Thresholds and replay sizes; the environment file's `sandbox:` block, key for key."""
+    model_config = pydantic.ConfigDict(frozen=True)
+
+    rows: NonNegativeInt = 500                      # eval rows replayed for the equality check
+    tolerance: NonNegativeFloat = 1e-6              # largest |REST - in-process| allowed on any output
+    latency_requests: NonNegativeInt = 200          # sequential single-row requests for p50/p99
+    max_p50_ms: NonNegativeFloat = 25.0
+    max_p99_ms: NonNegativeFloat = 100.0
+    clients: NonNegativeInt = 4                     # concurrent keep-alive clients for throughput
+    throughput_seconds: NonNegativeFloat = 2.0
+    min_requests_per_second: NonNegativeFloat = 50.0
+    warmup_records: NonNegativeInt = 100            # PredictionLog records written into the pushed model
+    server: Literal["local", "tf_serving"] = "local"  # local (serving.server) | tf_serving
     tf_serving_binary: str = ""          # server: tf_serving: a tensorflow_model_server to start
     tf_serving_url: str = ""             # server: tf_serving: a running TF Serving's REST root instead
-    through_proxy: int = 1               # 1: replay through serving.proxy in front of the server
-    start_timeout_seconds: float = 180.0
+    through_proxy: Annotated[int, pydantic.Field(ge=0, le=1)] = 1  # 1: replay through serving.proxy
+    start_timeout_seconds: NonNegativeFloat = 180.0
+
+    @pydantic.field_validator("warmup_records")
+    @classmethod
+    def _readable_warmup(cls, count: int) -> int:
+        if count > MAX_WARMUP_RECORDS:
+            raise typed_config.at("", f"is at most {MAX_WARMUP_RECORDS} (TF Serving reads no more), got {count}")
+        return count
+
+    @pydantic.model_validator(mode="after")
+    def _one_tf_serving(self) -> "SandboxConfig":
+        if self.server == "tf_serving" and bool(self.tf_serving_binary) == bool(self.tf_serving_url):
+            raise typed_config.at("server", "tf_serving needs exactly one of 'tf_serving_binary' (a "
+                                            "tensorflow_model_server to start) or 'tf_serving_url' (a running TF Serving)")
+        return self
 
     @classmethod
     def from_dict(cls, values: Optional[Dict[str, Any]]) -> "SandboxConfig":
-        values = dict(values or {})
-        known = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"sandbox config: unknown key(s) {unknown}; known keys: {sorted(known)}")
-        for key, value in values.items():
-            if known[key] in (str, "str"):
-                if not isinstance(value, str):
-                    raise ValueError(f"sandbox config: '{key}' must be a string, got {value!r}")
-                continue
-            kind = int if known[key] in (int, "int") else float
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"sandbox config: '{key}' must be a non-negative number, got {value!r}")
-            values[key] = kind(value)
-        if values.get("server", "local") not in ("local", "tf_serving"):
-            raise ValueError(f"sandbox config: 'server' must be 'local' or 'tf_serving', got {values['server']!r}")
-        if values.get("server") == "tf_serving" and bool(values.get("tf_serving_binary")) == bool(
-                values.get("tf_serving_url")):
-            raise ValueError("sandbox config: server: tf_serving needs exactly one of 'tf_serving_binary' (a "
-                             "tensorflow_model_server to start) or 'tf_serving_url' (a running TF Serving)")
-        if values.get("warmup_records", 0) > MAX_WARMUP_RECORDS:
-            raise ValueError(f"sandbox config: 'warmup_records' is at most {MAX_WARMUP_RECORDS} "
-                             f"(TF Serving reads no more), got {values['warmup_records']}")
-        return cls(**values)
+        """The checked settings; a ValueError names the key (e.g. 'sandbox config: clients: must be int ...')."""
+        try:
+            return cls.model_validate(dict(values or {}))
+        except pydantic.ValidationError as e:
+            raise ValueError(typed_config.describe(e, cls, "sandbox config")) from None
 
 
 # --- the served candidate ---------------------------------------------------------------------
@@ -405,7 +405,7 @@ def validate(model_dir: str, model_name: str, examples: List[bytes], config: San
     except BaseException:
         server.__exit__()
         raise
-    report: Dict[str, Any] = {"model_name": model_name, "config": dataclasses.asdict(config)}
+    report: Dict[str, Any] = {"model_name": model_name, "config": config.model_dump()}
     with server:
         report["server_start_seconds"] = time.perf_counter() - started
         report["predictions"] = compare_predictions(server, expected, rows, config.tolerance)

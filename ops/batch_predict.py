@@ -50,7 +50,6 @@ import time
 from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
-import yaml
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 from apache_beam.metrics import Metrics
@@ -416,20 +415,15 @@ def environment_defaults(env_path: Optional[str]) -> Tuple[Optional[str], List[s
     """(model_repository, beam_args) from the environment file, the local runner's settings."""
     if not env_path:
         return None, []
-    path = feature_spec.resolve_path(env_path)
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise BatchPredictError(f"cannot read environment file '{path}': {e.strerror}") from e
-    repository = raw.get("model_repository")
     from pipelines import beam_profiles  # the environment's Beam profile, as the pipeline runs it
+    from pipelines.environment import load_environment
 
     try:
-        args = beam_profiles.beam_args(raw, path, pipeline_root=raw.get("pipeline_root", "build"), name="batch_predict")
-    except beam_profiles.ProfileError as e:
+        env = load_environment(env_path)
+        args = beam_profiles.beam_args(env, env["source"], pipeline_root=env["pipeline_root"], name="batch_predict")
+    except feature_spec.SpecError as e:  # the environment file's or the Beam profile's mistake, named
         raise BatchPredictError(str(e)) from e
-    return (feature_spec.resolve_path(repository) if repository else None), args
+    return env["model_repository"], args
 
 
 def run(model: str, input_path: str, output_dir: str, model_repository: str, version: Optional[int] = None,

@@ -90,17 +90,21 @@ class MonitorError(RuntimeError):
 # --- thresholds ----------------------------------------------------------------------------------
 
 def load_thresholds(spec: feature_spec.FeatureSpec, override: Optional[str] = None) -> Dict[str, Any]:
-    """The defaults, updated by the spec's `monitoring:` block, then by --thresholds (checked key by key)."""
+    """The defaults, updated by the spec's typed `monitoring:` block, then by --thresholds (checked by the same
+    model, feature_spec.MonitoringConfig)."""
     thresholds = copy.deepcopy(DEFAULT_THRESHOLDS)
-    if spec.raw.get("monitoring"):
-        _merge_thresholds(thresholds, spec.raw["monitoring"], f"{spec.source}: monitoring", spec)
+    if spec.monitoring is not None:
+        _merge_thresholds(thresholds, spec.monitoring)
     if override:
-        block, source = _read_override(override)
-        _merge_thresholds(thresholds, block, source, spec)
+        block, source, prefix = _read_override(override)
+        try:
+            _merge_thresholds(thresholds, feature_spec.parse_monitoring(block, source, spec, prefix))
+        except feature_spec.SpecError as e:
+            raise MonitorError(str(e)) from None
     return thresholds
 
 
-def _read_override(text: str) -> Tuple[Any, str]:
+def _read_override(text: str) -> Tuple[Any, str, Tuple[str, ...]]:
     if os.path.isfile(text):
         try:
             with open(text) as f:
@@ -108,54 +112,25 @@ def _read_override(text: str) -> Tuple[Any, str]:
         except (OSError, yaml.YAMLError) as e:
             raise MonitorError(f"--thresholds {text}: cannot read: {e}") from e
         if isinstance(block, Mapping) and "monitoring" in block:
-            return block["monitoring"], f"{text}: monitoring"
-        return block, text
+            return block["monitoring"], text, ("monitoring",)
+        return block, text, ()
     try:
-        return json.loads(text), "--thresholds"
+        return json.loads(text), "--thresholds", ()
     except ValueError as e:
         raise MonitorError(f"--thresholds: neither a file nor JSON text ({e}): {text!r}") from e
 
 
-def _merge_thresholds(thresholds: Dict[str, Any], block: Any, source: str, spec) -> None:
-    if not isinstance(block, Mapping):
-        raise MonitorError(f"{source}: must be a mapping, got {type(block).__name__}")
-    for key, value in block.items():
-        where = f"{source}.{key}"
-        if key == "window_hours":
-            thresholds[key] = _positive(value, where)
-        elif key == "min_values":
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise MonitorError(f"{where}: must be a positive integer, got {value!r}")
-            thresholds[key] = value
-        elif key in CHECKS:
-            thresholds[key].update(_comparator_thresholds(value, where))
-        elif key == "features":
-            if not isinstance(value, Mapping):
-                raise MonitorError(f"{where}: must map feature names to {{skew: ..., drift: ...}}")
-            for name, per_check in value.items():
-                if name not in spec.features:
-                    raise MonitorError(f"{where}.{name}: not a feature of {spec.source} "
-                                       f"(features: {', '.join(spec.features)})")
-                if not isinstance(per_check, Mapping):
-                    raise MonitorError(f"{where}.{name}: must be a mapping with skew and/or drift")
-                for check, comparators in per_check.items():
-                    if check not in CHECKS:
-                        raise MonitorError(f"{where}.{name}.{check}: unknown key (allowed: {', '.join(CHECKS)})")
-                    thresholds["features"].setdefault(name, {}).setdefault(check, {}).update(
-                        _comparator_thresholds(comparators, f"{where}.{name}.{check}"))
-        else:
-            raise MonitorError(f"{where}: unknown key (allowed: window_hours, min_values, skew, drift, features)")
-
-
-def _comparator_thresholds(value: Any, where: str) -> Dict[str, float]:
-    if not isinstance(value, Mapping):
-        raise MonitorError(f"{where}: must be a mapping of {' and/or '.join(COMPARATORS)} to a threshold")
-    for comparator, threshold in value.items():
-        if comparator not in COMPARATORS:
-            raise MonitorError(f"{where}.{comparator}: unknown comparator (allowed: {', '.join(COMPARATORS)})")
-        if _positive(threshold, f"{where}.{comparator}") > 1:
-            raise MonitorError(f"{where}.{comparator}: {threshold} is above 1, the largest value TFDV reports")
-    return {c: float(t) for c, t in value.items()}
+def _merge_thresholds(thresholds: Dict[str, Any], block: feature_spec.MonitoringConfig) -> None:
+    """Overlays the keys the block sets; what it leaves out keeps its current value."""
+    given = block.model_dump(exclude_none=True)
+    for key in ("window_hours", "min_values"):
+        if key in given:
+            thresholds[key] = given[key]
+    for check in CHECKS:
+        thresholds[check].update(given.get(check, {}))
+    for name, per_check in given.get("features", {}).items():
+        for check, comparators in per_check.items():
+            thresholds["features"].setdefault(name, {}).setdefault(check, {}).update(comparators)
 
 
 def _positive(value: Any, where: str) -> float:

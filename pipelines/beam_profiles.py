@@ -19,11 +19,12 @@ import contextlib
 import io
 import os
 import re
-from typing import Dict, List, Mapping, Optional
+from typing import Annotated, Any, Dict, List, Mapping, Optional
 
-import yaml
+import pydantic
 
 from components import feature_spec
+from serving import typed_config
 
 PROFILE_DIR = os.path.join(feature_spec.REPO_ROOT, "configs", "beam")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -44,30 +45,37 @@ def profile_path(name: str) -> str:
     return os.path.join(PROFILE_DIR, f"{name}.yaml")
 
 
+def _flag(text: str) -> str:
+    if not text.startswith("--"):
+        raise ValueError(f"must be a --flag[=value] string, got {text!r}")
+    return text
+
+
+class BeamProfile(typed_config.StrictConfig):
+    """configs/beam/<name>.yaml: a runner, its flags, and the placeholders they use."""
+    runner: str = pydantic.Field(min_length=1, description="a Beam runner, e.g. DirectRunner")
+    args: List[Annotated[str, pydantic.AfterValidator(_flag)]] = []
+    vars: Dict[str, Any] = pydantic.Field({}, description="placeholder defaults; null: the environment must set it")
+
+    @pydantic.field_validator("args")
+    @classmethod
+    def _no_runner_flag(cls, args: List[str]) -> List[str]:
+        if any(a.split("=", 1)[0] == "--runner" for a in args):
+            raise typed_config.at("", "--runner belongs in the runner: key")
+        return args
+
+
 def load_profile(name: str) -> Dict:
-    """{"runner", "args", "vars", "source"} of a profile, its shape checked."""
+    """{"runner", "args", "vars", "source"} of a profile, checked by BeamProfile."""
     path = profile_path(name)
     if not os.path.exists(path):
         raise ProfileError(f"beam profile '{name}': no file {path} (profiles: {', '.join(profile_names())})")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ProfileError(f"{path}: not valid YAML: {e}") from e
-    unknown = sorted(set(raw) - {"runner", "args", "vars"})
-    if unknown:
-        raise ProfileError(f"{path}: {unknown[0]}: unknown key (known: runner, args, vars)")
-    if not isinstance(raw.get("runner"), str) or not raw["runner"]:
-        raise ProfileError(f"{path}: runner: is required (e.g. DirectRunner)")
-    args = raw.get("args") or []
-    if not isinstance(args, list) or not all(isinstance(a, str) and a.startswith("--") for a in args):
-        raise ProfileError(f"{path}: args: must be a list of --flag[=value] strings")
-    if any(a.split("=", 1)[0] == "--runner" for a in args):
-        raise ProfileError(f"{path}: args: --runner belongs in the runner: key")
-    variables = raw.get("vars") or {}
-    if not isinstance(variables, dict):
-        raise ProfileError(f"{path}: vars: must be a mapping of name to default (null: required)")
-    return {"runner": raw["runner"], "args": args, "vars": variables, "source": path}
+    raw, lines, path = feature_spec.read_yaml(path, "beam profile", ProfileError)
+    try:
+        profile = BeamProfile.model_validate(raw if raw is not None else {})
+    except pydantic.ValidationError as e:
+        raise ProfileError(typed_config.describe(e, BeamProfile, path, lines)) from None
+    return {**profile.model_dump(), "source": path}
 
 
 def fill(profile: Mapping, variables: Mapping, env_source: str) -> List[str]:
@@ -91,12 +99,9 @@ def beam_args(environment: Mapping, env_source: str, profile: Optional[str] = No
     `profile` (a runner's --beam_profile) replaces the file's `beam_profile:`; `known` are the
     placeholders the runner fills (pipeline_root, name, image).
     """
+    # The environment file's own model (pipelines/environment.py) has checked beam_args and beam_vars.
     extra = environment.get("beam_args") or []
-    if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
-        raise ProfileError(f"{env_source}: beam_args: must be a list of --flag[=value] strings")
     variables = environment.get("beam_vars") or {}
-    if not isinstance(variables, dict):
-        raise ProfileError(f"{env_source}: beam_vars: must be a mapping")
     name = profile or environment.get("beam_profile")
     if not name:
         return list(extra)

@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Tuple
 import yaml
 
 from components import feature_spec
-from pipelines import beam_profiles
+from pipelines import beam_profiles, environment
 
 DEFAULT_ENV = "configs/kubeflow.yaml"
 BUILD_DIR = os.path.join(feature_spec.REPO_ROOT, "build", "kubeflow")
@@ -48,9 +48,6 @@ BUILD_DIR = os.path.join(feature_spec.REPO_ROOT, "build", "kubeflow")
 IMAGE_ROOT = "/pipeline"
 ENTRYPOINT = ("python", "-m", "pipelines.kubeflow_entrypoint")
 DATA_ROOT_PARAMETER = "data_root"
-OBJECT_STORAGE = ("gs://", "s3://")
-ENV_KEYS = {"pipeline_root", "model_repository", "data_path", "enable_cache", "beam_profile", "beam_args",
-            "beam_vars", "image", "baseline", "sandbox"}
 
 
 class KubeflowError(feature_spec.SpecError):
@@ -60,27 +57,8 @@ class KubeflowError(feature_spec.SpecError):
 # --- environment ----------------------------------------------------------------------------
 
 def load_environment(path: str, spec) -> Dict:
-    """configs/kubeflow.yaml with "{name}" filled in and every location checked to be object storage."""
-    path = feature_spec.resolve_path(path)
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise KubeflowError(f"cannot read environment file '{path}': {e.strerror}") from e
-    unknown = sorted(set(raw) - ENV_KEYS)
-    if unknown:
-        raise KubeflowError(f"{path}: {unknown[0]}: unknown key (known: {', '.join(sorted(ENV_KEYS))})")
-    for key in ("pipeline_root", "model_repository", "data_path"):
-        value = raw.get(key)
-        if not isinstance(value, str) or not value:
-            raise KubeflowError(f"{path}: {key}: is required")
-        raw[key] = value.format(name=spec.name)
-        if not raw[key].startswith(OBJECT_STORAGE):
-            raise KubeflowError(f"{path}: {key}: '{raw[key]}' is not in object storage "
-                                f"({' or '.join(OBJECT_STORAGE)}): every component runs in its own pod and "
-                                f"reads what the others wrote from there")
-    raw["source"] = path
-    return raw
+    """configs/kubeflow.yaml, read and checked by its typed model (pipelines/environment.py)."""
+    return environment.load_kubeflow_environment(path, spec)
 
 
 def kfp_pipeline_name(name: str) -> str:

@@ -100,13 +100,14 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
 import aiohttp
 import prometheus_client as prom
+import pydantic
 
-from serving import wire
+from serving import typed_config, wire
 from serving.http import HttpServer, Request, Response
 from serving.predlog import PredictionLog
 
@@ -125,15 +126,6 @@ class ConfigError(ValueError):
 
 # --- settings -----------------------------------------------------------------------------
 
-def _flag(key: str, text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{key}: expected true or false, got '{text}'")
-
-
 def _number(key: str, text: str, minimum: float = 0.0, maximum: float = math.inf) -> float:
     try:
         value = float(text)
@@ -144,21 +136,89 @@ def _number(key: str, text: str, minimum: float = 0.0, maximum: float = math.inf
     return value
 
 
-def _json(key: str, text: str, kind: type):
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise ConfigError(f"{key}: not valid JSON ({e})") from None
-    if not isinstance(value, kind):
-        raise ConfigError(f"{key}: expected a JSON {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
-def _url(key: str, text: str) -> str:
+def _http_url(text: str) -> str:
     parts = urlsplit(text)
     if parts.scheme != "http" or not parts.hostname:
-        raise ConfigError(f"{key}: expected http://host:port, got '{text}'")
+        raise ValueError(f"expected http://host:port, got '{text}'")
     return text.rstrip("/")
+
+
+HttpUrl = Annotated[str, pydantic.AfterValidator(_http_url)]
+Name = Annotated[str, pydantic.Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+# PROXY_ variables read elsewhere (the CLI and the log): known, but not settings.
+NOT_SETTINGS = ("PROXY_ENV_FILE", "PROXY_LOG")
+# Settings where an empty value means itself, not "left out".
+EMPTY_IS_A_VALUE = ("PROXY_ROUTING_HEADER", "PROXY_HASH_SALT")
+
+
+class VariantSettings(typed_config.StrictConfig):
+    """One entry of PROXY_VARIANTS: its share of traffic and what it calls (a label, a version, a backend)."""
+    weight: float = pydantic.Field(1.0, ge=0, allow_inf_nan=False)
+    label: Optional[Name] = None
+    version: Optional[Annotated[int, pydantic.Field(gt=0)]] = None
+    backend: Optional[HttpUrl] = None
+
+    @pydantic.model_validator(mode="after")
+    def _label_or_version(self) -> "VariantSettings":
+        if self.label is not None and self.version is not None:
+            raise typed_config.at("", "give a label or a version, not both")
+        return self
+
+
+class ProxySettings(pydantic.BaseModel):
+    """The proxy's settings: PROXY_* variables of the environment and of PROXY_ENV_FILE (text, so not strict)."""
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    backend: HttpUrl = pydantic.Field("http://127.0.0.1:8501", alias="PROXY_BACKEND")
+    enabled: bool = pydantic.Field(True, alias="PROXY_ENABLED")
+    fallback: pydantic.Json[Dict[str, Any]] = pydantic.Field({}, alias="PROXY_FALLBACK")
+    threshold: Optional[float] = pydantic.Field(None, ge=0, le=1, alias="PROXY_THRESHOLD")
+    classes: Optional[pydantic.Json[List[Any]]] = pydantic.Field(None, alias="PROXY_CLASSES")
+    timeout: float = pydantic.Field(5.0, ge=0.001, allow_inf_nan=False, alias="PROXY_TIMEOUT_SECONDS")
+    retries: int = pydantic.Field(1, ge=0, le=10, alias="PROXY_RETRIES")
+    routing_header: str = pydantic.Field("X-User-Id", alias="PROXY_ROUTING_HEADER")
+    complete_missing: bool = pydantic.Field(True, alias="PROXY_COMPLETE_MISSING")
+    max_rows: int = pydantic.Field(1000, ge=1, le=1_000_000, alias="PROXY_MAX_ROWS")
+    max_in_flight: int = pydantic.Field(256, ge=1, le=100_000, alias="PROXY_MAX_IN_FLIGHT")
+    allow_client_routing: bool = pydantic.Field(False, alias="PROXY_ALLOW_CLIENT_ROUTING")
+    auth_tokens_file: Optional[str] = pydantic.Field(None, alias="PROXY_AUTH_TOKENS_FILE")
+    hash_routing_key: bool = pydantic.Field(False, alias="PROXY_HASH_ROUTING_KEY")
+    hash_salt: str = pydantic.Field("", alias="PROXY_HASH_SALT")
+    redact: pydantic.Json[List[Annotated[str, pydantic.Field(min_length=1)]]] = pydantic.Field(
+        [], alias="PROXY_REDACT_FEATURES", description="a JSON list of feature names")
+    log_max_body: int = pydantic.Field(65536, ge=256, alias="PROXY_LOG_MAX_BODY_BYTES")
+    model: Optional[Name] = pydantic.Field(None, alias="PROXY_MODEL")
+    variants: pydantic.Json[Dict[str, VariantSettings]] = pydantic.Field(
+        {"default": VariantSettings()}, alias="PROXY_VARIANTS")
+    shadow: Optional[str] = pydantic.Field(None, alias="PROXY_SHADOW")
+    holdback_share: float = pydantic.Field(0.0, ge=0, le=0.5, allow_inf_nan=False, alias="PROXY_HOLDBACK_SHARE")
+    holdback_policy: Literal["fallback", "stable", "random"] = pydantic.Field("fallback", alias="PROXY_HOLDBACK_POLICY")
+    holdback_label: Name = pydantic.Field("stable", alias="PROXY_HOLDBACK_LABEL")
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _proxy_variables(cls, values: Any) -> Any:
+        """Only PROXY_* variables are settings (a misspelt one is refused); an empty one is left out."""
+        if not isinstance(values, dict):
+            return values
+        return {k: v.strip() for k, v in values.items()
+                if k.startswith("PROXY_") and k not in NOT_SETTINGS and (v.strip() or k in EMPTY_IS_A_VALUE)}
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> "ProxySettings":
+        if self.classes is not None and len(self.classes) != 2 and self.threshold is not None:
+            raise typed_config.at("PROXY_CLASSES", f"a threshold needs exactly two classes, got {self.classes}")
+        if not self.variants:
+            raise typed_config.at("PROXY_VARIANTS", "at least one variant is needed")
+        if self.shadow is not None and self.shadow not in self.variants:
+            raise typed_config.at("PROXY_SHADOW", f"'{self.shadow}' is not a variant; variants: {sorted(self.variants)}")
+        if self.holdback_share > 0 and self.holdback_policy == "random" and not self.classes:
+            raise typed_config.at("PROXY_HOLDBACK_POLICY", "random draws a class uniformly from PROXY_CLASSES: set "
+                                                           'PROXY_CLASSES (e.g. ["no", "yes"])')
+        if not any(n != self.shadow and v.weight > 0 for n, v in self.variants.items()):
+            raise typed_config.at("PROXY_VARIANTS", "no variant with a weight > 0 is left to answer "
+                                                    "(the shadow variant never answers)")
+        return self
 
 
 class Variant:
@@ -174,62 +234,21 @@ class Settings:
     """One consistent set of proxy parameters; replaced whole on reload, never edited."""
 
     def __init__(self, values: Dict[str, str]):
-        get = values.get
-        self.backend = _url("PROXY_BACKEND", get("PROXY_BACKEND", "http://127.0.0.1:8501"))
-        self.enabled = _flag("PROXY_ENABLED", get("PROXY_ENABLED", "true"))
-        self.fallback = _json("PROXY_FALLBACK", get("PROXY_FALLBACK", "{}"), dict)
-        self.threshold = (_number("PROXY_THRESHOLD", get("PROXY_THRESHOLD"), 0.0, 1.0)
-                          if get("PROXY_THRESHOLD", "").strip() else None)
-        self.classes = _json("PROXY_CLASSES", get("PROXY_CLASSES"), list) if get("PROXY_CLASSES", "").strip() else None
-        if self.classes is not None and len(self.classes) != 2 and self.threshold is not None:
-            raise ConfigError(f"PROXY_CLASSES: a threshold needs exactly two classes, got {self.classes}")
-        self.timeout = _number("PROXY_TIMEOUT_SECONDS", get("PROXY_TIMEOUT_SECONDS", "5"), 0.001)
-        retries = _number("PROXY_RETRIES", get("PROXY_RETRIES", "1"), 0, 10)
-        if retries != int(retries):
-            raise ConfigError(f"PROXY_RETRIES: expected a whole number, got {retries:g}")
-        self.retries = int(retries)
-        self.routing_header = get("PROXY_ROUTING_HEADER", "X-User-Id").strip()
-        self.complete_missing = _flag("PROXY_COMPLETE_MISSING", get("PROXY_COMPLETE_MISSING", "true"))
-        self.max_rows = int(_number("PROXY_MAX_ROWS", get("PROXY_MAX_ROWS", "1000"), 1, 1_000_000))
-        self.max_in_flight = int(_number("PROXY_MAX_IN_FLIGHT", get("PROXY_MAX_IN_FLIGHT", "256"), 1, 100_000))
-        self.allow_client_routing = _flag("PROXY_ALLOW_CLIENT_ROUTING", get("PROXY_ALLOW_CLIENT_ROUTING", "false"))
-        self.auth_tokens_file = get("PROXY_AUTH_TOKENS_FILE", "").strip() or None
+        try:
+            config = ProxySettings.model_validate(values)
+        except pydantic.ValidationError as e:
+            raise ConfigError(typed_config.describe(e, ProxySettings, "")) from None
+        for name in ("backend", "enabled", "fallback", "threshold", "classes", "timeout", "retries", "routing_header",
+                     "complete_missing", "max_rows", "max_in_flight", "allow_client_routing", "auth_tokens_file",
+                     "hash_routing_key", "hash_salt", "redact", "log_max_body", "model"):
+            setattr(self, name, getattr(config, name))
         self.auth_tokens = _read_tokens(self.auth_tokens_file) if self.auth_tokens_file else None
-        self.hash_routing_key = _flag("PROXY_HASH_ROUTING_KEY", get("PROXY_HASH_ROUTING_KEY", "false"))
-        self.hash_salt = get("PROXY_HASH_SALT", "")
-        self.redact = _json("PROXY_REDACT_FEATURES", get("PROXY_REDACT_FEATURES", "[]"), list)
-        if not all(isinstance(name, str) and name for name in self.redact):
-            raise ConfigError(f"PROXY_REDACT_FEATURES: expected a JSON list of feature names, got {self.redact}")
-        self.log_max_body = int(_number("PROXY_LOG_MAX_BODY_BYTES", get("PROXY_LOG_MAX_BODY_BYTES", "65536"), 256))
-        self.holdback = Holdback.parse(get, self.classes)
-        self.model = get("PROXY_MODEL", "").strip() or None
-        if self.model is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model):
-            raise ConfigError(f"PROXY_MODEL: expected a model name, got '{self.model}'")
-        raw = _json("PROXY_VARIANTS", get("PROXY_VARIANTS", '{"default": {"weight": 1}}'), dict)
-        if not raw:
-            raise ConfigError("PROXY_VARIANTS: at least one variant is needed")
-        self.variants: Dict[str, Variant] = {}
-        for name, spec in raw.items():
-            key = f"PROXY_VARIANTS.{name}"
-            if not isinstance(spec, dict):
-                raise ConfigError(f"{key}: expected an object, got {spec!r}")
-            unknown = set(spec) - {"weight", "label", "version", "backend"}
-            if unknown:
-                raise ConfigError(f"{key}: unknown field(s) {sorted(unknown)}; known: backend, label, version, weight")
-            if "label" in spec and "version" in spec:
-                raise ConfigError(f"{key}: give a label or a version, not both")
-            version = spec.get("version")
-            if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version <= 0):
-                raise ConfigError(f"{key}.version: expected a positive integer, got {version!r}")
-            label = spec.get("label")
-            if label is not None and (not isinstance(label, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", label)):
-                raise ConfigError(f"{key}.label: expected a label name, got {label!r}")
-            self.variants[name] = Variant(
-                name, _url(f"{key}.backend", spec["backend"]) if "backend" in spec else self.backend,
-                _number(f"{key}.weight", str(spec.get("weight", 1))), label, version)
-        self.shadow = get("PROXY_SHADOW", "").strip() or None
-        if self.shadow is not None and self.shadow not in self.variants:
-            raise ConfigError(f"PROXY_SHADOW: '{self.shadow}' is not a variant; variants: {sorted(self.variants)}")
+        self.variants: Dict[str, Variant] = {
+            name: Variant(name, v.backend or self.backend, v.weight, v.label, v.version)
+            for name, v in config.variants.items()}
+        self.shadow = config.shadow
+        self.holdback = (Holdback(config.holdback_share, config.holdback_policy, config.holdback_label, self.classes)
+                         if config.holdback_share > 0 else None)
         self.answering = [v for v in self.variants.values() if v.name != self.shadow and v.weight > 0]
         if not self.answering:
             raise ConfigError("PROXY_VARIANTS: no variant with a weight > 0 is left to answer "
@@ -254,24 +273,8 @@ class Holdback:
     """Users held back from the model under training (the feedback-loop guard): a sticky share of
     routing keys answered by a policy that does not depend on that model."""
 
-    POLICIES = ("fallback", "stable", "random")
-
     def __init__(self, share: float, policy: str, label: str, classes: Optional[List[Any]]):
         self.share, self.policy, self.label, self.classes = share, policy, label, classes
-
-    @classmethod
-    def parse(cls, get, classes) -> Optional["Holdback"]:
-        share = _number("PROXY_HOLDBACK_SHARE", get("PROXY_HOLDBACK_SHARE", "0"), 0.0, 0.5)
-        policy = get("PROXY_HOLDBACK_POLICY", "fallback").strip()
-        if policy not in cls.POLICIES:
-            raise ConfigError(f"PROXY_HOLDBACK_POLICY: expected one of {', '.join(cls.POLICIES)}, got '{policy}'")
-        label = get("PROXY_HOLDBACK_LABEL", "stable").strip()
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", label):
-            raise ConfigError(f"PROXY_HOLDBACK_LABEL: expected a label name, got '{label}'")
-        if policy == "random" and not classes:
-            raise ConfigError("PROXY_HOLDBACK_POLICY=random draws a class uniformly from PROXY_CLASSES: set "
-                              'PROXY_CLASSES (e.g. ["no", "yes"])')
-        return cls(share, policy, label, classes) if share > 0 else None
 
     def holds(self, key: str) -> bool:
         """Sticky, and independent of the A/B split (another hash of the same key)."""

@@ -104,8 +104,11 @@ def test_placeholders_fill_from_profile_then_environment_then_runner_and_beam_ar
     ({"args": ["--direct_num_workers=1"]}, r"p.yaml: runner: is required"),
     ({"runner": "DirectRunner", "args": ["--runner=FlinkRunner"]},
      r"p.yaml: args: --runner belongs in the runner: key"),
-    ({"runner": "DirectRunner", "arguments": []}, r"p.yaml: arguments: unknown key"),
-    ({"runner": "DirectRunner", "args": "--direct_num_workers=1"}, r"p.yaml: args: must be a list"),
+    ({"runner": "DirectRunner", "arguments": []}, r"p.yaml: arguments: unknown key \(allowed: args, runner, vars\) "
+                                                   r"\(.*p.yaml:1\)"),  # safe_dump sorts: line 1
+    ({"runner": "DirectRunner", "args": "--direct_num_workers=1"}, r"p.yaml: args: must be list, got str"),
+    ({"runner": "DirectRunner", "args": ["direct_num_workers=1"]},
+     r"p.yaml: args\[0\]: must be a --flag\[=value\] string, got 'direct_num_workers=1'"),
 ])
 def test_profile_mistakes_name_the_file_and_key(tmp_path, profile, message):
     from pipelines import beam_profiles

@@ -175,8 +175,8 @@ MALFORMED = [
     ("unknown data key", _set("data.format", "csv"), "data.format", "unknown key"),
     ("missing task", lambda r: r.pop("task"), "task", "is required"),
     ("unknown task", _set("task", "ranking"), "task", "'ranking' is not one of"),
-    ("bad split", _set("data.split", {"train": 2, "test": 1}), "data.split", "train"),
-    ("zero split", _set("data.split", {"train": 0, "eval": 1}), "data.split", "positive"),
+    ("bad split", _set("data.split", {"train": 2, "test": 1}), "data.split.test", "allowed: eval, train"),
+    ("zero split", _set("data.split", {"train": 0, "eval": 1}), "data.split.train", "must be positive, got 0"),
     ("no features", _set("features", {}), "features", "declares no feature"),
     ("feature not a mapping", _set("features.fare", "float"), "features.fare", "must be a mapping"),
     ("unknown feature key", _set("features.company.vocab_size", 3), "features.company.vocab_size", "unknown key"),
@@ -252,7 +252,7 @@ MALFORMED = [
      "'tip' must be a numeric column"),
     ("derive from a string column", _set("label.derive.other", "company"), "label.derive.other",
      "must be a numeric column"),
-    ("derive with an unknown op", _set("label.derive.op", "=="), "label.derive.op", "must be one of"),
+    ("derive with an unknown op", _set("label.derive.op", "=="), "label.derive.op", "is not one of >, >=, < or <="),
     ("derive with a string scale", _set("label.derive.scale", "20%"), "label.derive.scale", "must be float"),
     ("unknown derive key", _set("label.derive.offset", 1), "label.derive.offset", "unknown key"),
     ("slice naming an undeclared column", _set("slices", [["payment_type"], ["pickup_zone"]]), "slices[1]",
@@ -266,12 +266,12 @@ MALFORMED = [
     ("threshold not a mapping", _set("thresholds.AUC", 0.9), "thresholds.AUC", "must be a mapping"),
     ("unknown threshold key", _set("thresholds.AUC", {"min": 0.9}), "thresholds.AUC.min", "unknown key"),
     ("string threshold bound", _set("thresholds.AUC", {"lower": "0.9"}), "thresholds.AUC.lower", "must be float"),
-    ("schedule stage with batch_size 0", _schedule_stage(1, batch_size=0), "training.schedule[1]", "positive"),
-    ("schedule stage with epochs 0", _schedule_stage(0, epochs=0), "training.schedule[0]", "positive"),
+    ("schedule stage with batch_size 0", _schedule_stage(1, batch_size=0), "training.schedule[1].batch_size", "must be positive"),
+    ("schedule stage with epochs 0", _schedule_stage(0, epochs=0), "training.schedule[0].epochs", "must be positive"),
     ("schedule stage with negative learning rate", _schedule_stage(0, learning_rate=-0.1),
-     "training.schedule[0]", "positive"),
+     "training.schedule[0].learning_rate", "must be positive, got -0.1"),
     ("schedule stage with infinite learning rate", _schedule_stage(0, learning_rate=float("inf")),
-     "training.schedule[0]", "positive"),
+     "training.schedule[0].learning_rate", "must be a finite number"),
     ("schedule stage without epochs", lambda r: r["training"]["schedule"][1].pop("epochs"),
      "training.schedule[1].epochs", "is required"),
     ("schedule stage with float batch_size", _schedule_stage(1, batch_size=256.0),
@@ -324,6 +324,17 @@ def test_load_passes_its_path_as_source(tmp_path, taxi_raw):
     with pytest.raises(SpecError) as info:
         feature_spec.load(str(path))
     assert str(info.value).startswith(f"{path}: features.company.transform: ")
+
+
+def test_load_names_the_line_of_the_key_at_fault(tmp_path, taxi_raw):
+    path = tmp_path / "spec.yaml"
+    text = yaml.safe_dump(_mutated(taxi_raw, _set("features.fare.type", "double")), sort_keys=True)
+    path.write_text(text)
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if t.strip() == "type: double")
+    with pytest.raises(SpecError) as info:
+        feature_spec.load(str(path))
+    assert str(info.value) == (f"{path}: features.fare.type: 'double' is not one of int, float or string "
+                               f"({path}:{line})")
 
 
 # --- checking a spec against its CSV data --------------------------------------------------

@@ -264,9 +264,10 @@ def test_thresholds_from_a_yaml_file_with_a_monitoring_block(taxi_spec, tmp_path
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--thresholds", '{"skew": {"l_infinity": 0.1}}'], "--thresholds.skew.l_infinity: unknown comparator"),
+    (["--thresholds", '{"skew": {"l_infinity": 0.1}}'],
+     "--thresholds: skew.l_infinity: unknown key (allowed: infinity_norm, jensen_shannon_divergence)"),
     (["--thresholds", '{"features": {"tips": {"skew": {"infinity_norm": 0.1}}}}'], "features.tips: not a feature"),
-    (["--thresholds", '{"drift": {"infinity_norm": -1}}'], "drift.infinity_norm: must be a positive number"),
+    (["--thresholds", '{"drift": {"infinity_norm": -1}}'], "drift.infinity_norm: must be positive, got -1"),
 ])
 def test_bad_thresholds_are_usage_errors_naming_the_key(extra, message, training_statistics, tmp_path, capsys):
     log = data.write_log(str(tmp_path / "log.sqlite"), [])
@@ -426,18 +427,19 @@ def test_windows():
 
 
 def test_the_specs_monitoring_block_is_read_before_the_override(taxi_spec, tmp_path):
-    import dataclasses
-
+    from components import feature_spec
     from ops import monitor
 
-    spec = dataclasses.replace(taxi_spec, raw={**taxi_spec.raw, "monitoring": {
-        "min_values": 300, "skew": {"jensen_shannon_divergence": 0.4}}})
+    spec = feature_spec.parse({**taxi_spec.raw, "monitoring": {
+        "min_values": 300, "skew": {"jensen_shannon_divergence": 0.4}}}, source=taxi_spec.source)
     thresholds = monitor.load_thresholds(spec)
     assert thresholds["min_values"] == 300
     assert monitor.threshold_for(thresholds, "fare", "skew", "jensen_shannon_divergence") == 0.4
     override = monitor.load_thresholds(spec, '{"skew": {"jensen_shannon_divergence": 0.5}}')
     assert monitor.threshold_for(override, "fare", "skew", "jensen_shannon_divergence") == 0.5
     assert override["min_values"] == 300  # what the override does not set stays the spec's
-    bad = dataclasses.replace(taxi_spec, raw={**taxi_spec.raw, "monitoring": {"skew": {"l1": 0.1}}})
-    with pytest.raises(monitor.MonitorError, match=r"taxi.yaml: monitoring.skew.l1: unknown comparator"):
-        monitor.load_thresholds(bad)
+    with pytest.raises(feature_spec.SpecError, match=r"taxi.yaml: monitoring.skew.l1: unknown key \(allowed: "
+                                                     r"infinity_norm, jensen_shannon_divergence\)"):
+        feature_spec.parse({**taxi_spec.raw, "monitoring": {"skew": {"l1": 0.1}}}, source=taxi_spec.source)
+    with pytest.raises(monitor.MonitorError, match=r"--thresholds: skew.infinity_norm: must be at most 1, got 2"):
+        monitor.load_thresholds(spec, '{"skew": {"infinity_norm": 2}}')

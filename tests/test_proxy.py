@@ -252,9 +252,12 @@ def test_switch_threshold_and_timeout_change_on_sighup_without_a_restart(backend
 def test_bad_settings_name_the_key():
     from serving.proxy import ConfigError, Settings
 
-    cases = {"PROXY_ENABLED": ("maybe", "expected true or false"),
-             "PROXY_THRESHOLD": ("high", "expected a number"),
-             "PROXY_VARIANTS": ('{"a": {"weight": 1, "lable": "x"}}', r"PROXY_VARIANTS.a: unknown field\(s\) \['lable'\]"),
+    cases = {"PROXY_ENABLED": ("maybe", "must be true or false .*got 'maybe'"),
+             "PROXY_THRESHOLD": ("high", "must be a number, got 'high'"),
+             "PROXY_VARIANTS": ('{"a": {"weight": 1, "lable": "x"}}',
+                                r"PROXY_VARIANTS.a.lable: unknown key \(allowed: backend, label, version, weight\)"),
+             "PROXY_SHADDOW": ("b", r"PROXY_SHADDOW: unknown key \(allowed: .*PROXY_SHADOW"),
+             "PROXY_RETRIES": ("1.5", "PROXY_RETRIES: must be a whole number, got '1.5'"),
              "PROXY_SHADOW": ("nobody", "'nobody' is not a variant"),
              "PROXY_BACKEND": ("localhost:8501", "expected http://host:port")}
     for key, (value, message) in cases.items():
@@ -450,7 +453,7 @@ def test_sighup_applies_the_env_file_in_the_running_process(backend, tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=60)[0].decode()
-    assert "PROXY_ENABLED: expected true or false, got 'perhaps'" in output
+    assert "PROXY_ENABLED: must be true or false (1/0, yes/no, on/off), got 'perhaps'" in output
 
 
 def test_readiness_waits_for_every_variants_label(backend):
@@ -607,9 +610,9 @@ def test_holdback_users_are_answered_without_the_model_and_carry_policy_and_prop
 def test_holdback_settings_name_the_key():
     from serving.proxy import ConfigError, Settings
 
-    with pytest.raises(ConfigError, match="PROXY_HOLDBACK_SHARE: must be between 0 and 0.5"):
+    with pytest.raises(ConfigError, match="PROXY_HOLDBACK_SHARE: must be at most 0.5, got '0.9'"):
         Settings({"PROXY_HOLDBACK_SHARE": "0.9"})
-    with pytest.raises(ConfigError, match="PROXY_HOLDBACK_POLICY: expected one of fallback, stable, random"):
+    with pytest.raises(ConfigError, match="PROXY_HOLDBACK_POLICY: 'coin' is not one of fallback, stable or random"):
         Settings({"PROXY_HOLDBACK_SHARE": "0.1", "PROXY_HOLDBACK_POLICY": "coin"})
     with pytest.raises(ConfigError, match="random draws a class uniformly from PROXY_CLASSES"):
         Settings({"PROXY_HOLDBACK_SHARE": "0.1", "PROXY_HOLDBACK_POLICY": "random"})

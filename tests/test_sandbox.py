@@ -112,10 +112,11 @@ def test_a_model_the_server_cannot_load_is_not_served(small_model, tmp_path):
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"p50": 3}, r"unknown key\(s\) \['p50'\]"),
-    ({"max_p99_ms": -1}, "'max_p99_ms' must be a non-negative number"),
-    ({"clients": "four"}, "'clients' must be a non-negative number"),
-    ({"warmup_records": 5000}, "'warmup_records' is at most 1000"),
+    ({"p50": 3}, r"^sandbox config: p50: unknown key \(allowed: clients, .*warmup_records\)$"),
+    ({"max_p99_ms": -1}, r"^sandbox config: max_p99_ms: must be at least 0, got -1$"),
+    ({"clients": "four"}, r"^sandbox config: clients: must be int, got str \('four'\)$"),
+    ({"warmup_records": 5000}, r"^sandbox config: warmup_records: is at most 1000 \(TF Serving reads no more\)"),
+    ({"server": "triton"}, r"^sandbox config: server: 'triton' is not one of local or tf_serving$"),
 ])
 def test_config_errors_name_the_key(config, message):
     from components.sandbox import SandboxConfig
@@ -171,5 +172,5 @@ def test_server_tf_serving_runs_the_same_checks_on_a_binary_or_a_running_url(sma
         assert report["blessed"] and report["predictions"]["rows_differing"] == 0, report.get("reasons")
     finally:
         staging.stop()
-    with pytest.raises(ValueError, match="needs exactly one of 'tf_serving_binary'"):
+    with pytest.raises(ValueError, match="sandbox config: server: tf_serving needs exactly one of 'tf_serving_binary'"):
         SandboxConfig.from_dict({"server": "tf_serving"})

@@ -40,7 +40,7 @@ def test_rolling_spans_needs_a_span_pattern():
     raw = feature_spec.load("configs/taxi.yaml").raw
     with pytest.raises(feature_spec.SpecError, match=r"data.rolling_spans: needs \{SPAN\} in data.path"):
         feature_spec.parse({**raw, "data": {**raw["data"], "rolling_spans": 3}})
-    with pytest.raises(feature_spec.SpecError, match="data.rolling_spans: must be a whole number of spans >= 1"):
+    with pytest.raises(feature_spec.SpecError, match="data.rolling_spans: must be positive, got 0"):
         feature_spec.parse({**raw, "data": {"path": "build/spans/span-{SPAN}/", "rolling_spans": 0}})
     spec = feature_spec.parse({**raw, "data": {"path": "build/spans/span-{SPAN}/", "rolling_spans": 3}})
     assert spec.rolling_spans == 3 and spec.has_spans

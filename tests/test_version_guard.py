@@ -390,7 +390,7 @@ def test_proxy_image_holds_the_proxy_only_with_locked_pins_for_all_it_imports():
     final = list(stages)[-1]
     sources = _context_sources(stages, final, arguments)
     assert sorted(sources) == ["serving/__init__.py", "serving/http.py", "serving/logstore.py", "serving/predlog.py",
-                               "serving/proxy.py", "serving/retention.py", "serving/wire.py"]
+                               "serving/proxy.py", "serving/retention.py", "serving/typed_config.py", "serving/wire.py"]
     # What the proxy imports beyond the standard library is what the image installs, at the lock's
     # pins, and so is everything those packages need on the image's Python (installed --no-deps).
     installs = [rest for keyword, rest in _image(stages, final, arguments) if keyword == "RUN" and "pip install" in rest]
@@ -404,7 +404,7 @@ def test_proxy_image_holds_the_proxy_only_with_locked_pins_for_all_it_imports():
     python = {"python_version": "3.11", "python_full_version": "3.11.0", "sys_platform": "linux", "extra": "",
               "platform_system": "Linux", "platform_python_implementation": "CPython", "implementation_name": "cpython",
               "platform_machine": "x86_64", "os_name": "posix"}
-    wanted, seen = ["aiohttp", "prometheus-client", "psycopg", "psycopg-binary", "tornado"], set()
+    wanted, seen = ["aiohttp", "prometheus-client", "psycopg", "psycopg-binary", "pydantic", "tornado"], set()
     while wanted:
         name = wanted.pop().lower().replace("_", "-")
         if name in seen:
