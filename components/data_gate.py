@@ -86,7 +86,8 @@ def find_problems(anomalies_uri: str, statistics_uri: str, split_names: List[str
             from tfx.utils import io_utils
 
             schema = io_utils.SchemaReader().read(io_utils.get_only_uri_in_dir(schema_uri))
-            thresholds = dict((spec.raw.get("monitoring") or {}).get("drift") or {})
+            drift = spec.monitoring.drift if spec.monitoring is not None else None  # no bounds: no drift check
+            thresholds = drift.model_dump(exclude_none=True) if drift is not None else {}
             problems += drift_problems(stats, _statistics(previous_uri, split), schema, thresholds, split)
     return problems
 

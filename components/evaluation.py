@@ -73,4 +73,8 @@ def eval_config(spec: FeatureSpec) -> tfma.EvalConfig:
             label_key=label_key(spec),
             prediction_key=PREDICTION_KEYS[spec.task])],
         slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=list(s)) for s in spec.slices],
-        metrics_specs=specs)
+        metrics_specs=specs,
+        # TFMA would also compute the model's compiled Keras metrics and loss (accuracy, auc,
+        # mae, rmse, loss): the same numbers as the metrics above under other names, each an
+        # extra combiner on every slice. The trainer's own evaluation already reports them.
+        options=tfma.Options(include_default_metrics={"value": False}))

@@ -38,6 +38,18 @@ RUN_FN = "components.trainer.run_fn"
 #   none                 no baseline: change thresholds are skipped, value thresholds still gate
 #                        (open-source Kubeflow Pipelines implements no resolver tasks)
 BASELINES = ("excluding_candidate", "latest_blessed", "stable", "none")
+# The spec keys each component reads. A component's custom_config (or parameter) is part of
+# its cache key (TFX 1.16 tfx/orchestration/portable/cache_utils.py get_cache_context hashes
+# the node's parameters), so shipping the whole spec would make a thresholds-only edit re-run
+# Transform and Trainer. The Evaluator gets its slices and thresholds through eval_config.
+# name, data and schema are what parsing a spec needs; task, label and the columns shape
+# the preprocessing_fn, the data gate's checks and the model's inputs.
+_DATA_KEYS = ("name", "data", "schema", "task", "label", "label_columns", "features")
+SPEC_KEYS = {
+    "data_gate": _DATA_KEYS,  # + monitoring with spans: its drift bounds gate span-to-span drift
+    "Transform": _DATA_KEYS,
+    "Trainer": _DATA_KEYS + ("training",),
+}
 
 
 @dataclasses.dataclass
@@ -116,10 +128,17 @@ def _previous_span_statistics(spec: FeatureSpec, statistics_gen: StatisticsGen) 
         current=statistics_gen.outputs["statistics"]).with_id("previous_span_statistics")
 
 
+def component_config(spec: FeatureSpec, component: str) -> Dict[str, Any]:
+    """spec.to_custom_config() cut down to the keys SPEC_KEYS lists for this component."""
+    config = spec.to_custom_config()
+    keys = SPEC_KEYS[component] + (("monitoring",) if component == "data_gate" and spec.has_spans else ())
+    config["feature_spec"] = {k: v for k, v in config["feature_spec"].items() if k in keys}
+    return config
+
+
 def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional[str] = None, data_root=None):
     """The pipeline for `spec` in `env`. `data_root` (a folder or a RuntimeParameter) replaces the
     folder of the spec's data.path, so a runner varies the data without editing the DAG."""
-    custom_config = spec.to_custom_config()
     example_gen = _example_gen(spec, data_root)
     window, training_examples = _training_examples(spec, example_gen)
     statistics_gen = StatisticsGen(examples=example_gen.outputs["examples"])
@@ -135,9 +154,10 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
                          statistics=statistics_gen.outputs["statistics"],
                          previous_statistics=previous.outputs["statistics"] if previous else None,
                          schema=schema_gen.outputs["schema"] if previous else None,
-                         feature_spec=json.dumps(custom_config)).with_id("data_gate")
+                         feature_spec=json.dumps(component_config(spec, "data_gate"))).with_id("data_gate")
     transform = Transform(examples=training_examples, schema=schema_gen.outputs["schema"],
-                          preprocessing_fn=PREPROCESSING_FN, custom_config=custom_config,
+                          preprocessing_fn=PREPROCESSING_FN,
+                          custom_config=component_config(spec, "Transform"),
                           # StatisticsGen already describes the raw data; Transform's own pre-
                           # and post-transform statistics would double the Beam work.
                           disable_statistics=True,
@@ -146,7 +166,7 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
     transform.add_upstream_node(data_gate)
     trainer = Trainer(run_fn=RUN_FN, examples=transform.outputs["transformed_examples"],
                       transform_graph=transform.outputs["transform_graph"],
-                      schema=schema_gen.outputs["schema"], custom_config=custom_config)
+                      schema=schema_gen.outputs["schema"], custom_config=component_config(spec, "Trainer"))
     trainer.add_upstream_node(data_gate)
     model_resolver = _baseline_resolver(env.baseline, trainer, env.model_repository, spec.name)
     evaluator = Evaluator(examples=example_gen.outputs["examples"], model=trainer.outputs["model"],

@@ -149,14 +149,18 @@ def test_local_runner_refuses_an_unknown_profile_before_running(capsys):
 
 @pytest.mark.slow
 def test_local_pipeline_runs_under_the_multi_processing_profile(tmp_path):
-    """LocalDagRunner on 3,000 taxi rows with `--beam_profile direct_multi_processing`."""
+    """LocalDagRunner on 1,200 taxi rows with `--beam_profile direct_multi_processing`.
+
+    What is asserted (every component ran, Beam SDK workers did the work) does not depend on
+    the model's quality: few rows, one epoch, no slices and no thresholds keep the run short."""
     from components import feature_spec
     from pipelines import local_runner
 
     with open(TAXI_SPEC) as f:
         raw = yaml.safe_load(f)
     raw["schema"] = os.path.join(REPO, raw["schema"])
-    raw["training"]["schedule"] = [{"learning_rate": 0.003, "batch_size": 64, "epochs": 2}]
+    raw["training"]["schedule"] = [{"learning_rate": 0.003, "batch_size": 128, "epochs": 1}]
+    raw["slices"], raw["thresholds"] = [], {}
     spec_path = tmp_path / "taxi_sample.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
     env_path = tmp_path / "env.yaml"
@@ -166,7 +170,7 @@ def test_local_pipeline_runs_under_the_multi_processing_profile(tmp_path):
         "sandbox": {"rows": 100, "latency_requests": 50, "throughput_seconds": 1, "max_p50_ms": 500,
                     "max_p99_ms": 5000, "min_requests_per_second": 1, "warmup_records": 10}}))
     data = tmp_path / "data"
-    write_sample(read_rows(taxi_csv_path(feature_spec.load(TAXI_SPEC)), limit=3000), str(data))
+    write_sample(read_rows(taxi_csv_path(feature_spec.load(TAXI_SPEC)), limit=1200), str(data))
 
     summary = local_runner.run(str(spec_path), str(env_path), data_path=str(data), quiet=True,
                                summary_path=str(tmp_path / "run_summary.json"), report_dir=str(tmp_path / "reports"),
@@ -187,4 +191,4 @@ def test_local_pipeline_runs_under_the_multi_processing_profile(tmp_path):
     # the workers' own lines always come back, and they print their options.)
     assert re.search(r"local_job_service: Worker: .*direct_running_mode\\?': \\?'multi_processing", log)
     assert "=in_memory" not in log and "'in_memory'" not in log
-    assert summary["metrics"]["overall"]["example_count"] > 500
+    assert summary["metrics"]["overall"]["example_count"] > 200  # the eval split, about a third

@@ -25,23 +25,25 @@ def _env(tmp, name="env.yaml", sandbox=None):
     return path
 
 
-def _sample_spec(tmp):
+def _sample_spec(tmp, edit=None):
     """taxi.yaml with a schedule that takes enough steps on a sample (same schema and gates)."""
     with open(TAXI_SPEC) as f:
         raw = yaml.safe_load(f)
     raw["schema"] = os.path.join(REPO, raw["schema"])
     raw["training"]["schedule"] = [{"learning_rate": 0.003, "batch_size": 64, "epochs": 4},
                                    {"learning_rate": 0.001, "batch_size": 256, "epochs": 2}]
+    if edit:
+        edit(raw)
     path = os.path.join(tmp, "taxi_sample.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(raw, f)
     return path
 
 
-def _run(tmp, data_dir, sandbox=None, **kwargs):
+def _run(tmp, data_dir, sandbox=None, edit=None, **kwargs):
     from pipelines import local_runner
 
-    return local_runner.run(_sample_spec(tmp), env_path=_env(tmp, sandbox=sandbox), data_path=data_dir, quiet=True,
+    return local_runner.run(_sample_spec(tmp, edit), env_path=_env(tmp, sandbox=sandbox), data_path=data_dir, quiet=True,
                             summary_path=os.path.join(tmp, "run_summary.json"),
                             report_dir=os.path.join(tmp, "reports"), **kwargs)
 
@@ -64,11 +66,34 @@ def pipeline_run(taxi_spec, tmp_path_factory):
     return tmp, first, second
 
 
+def _last_states(tmp):
+    """{node id: MLMD state of its latest execution} in the run's metadata store."""
+    from ml_metadata import metadata_store
+    from ml_metadata.proto import metadata_store_pb2
+
+    config = metadata_store_pb2.ConnectionConfig()
+    config.sqlite.filename_uri = os.path.join(tmp, "metadata", "taxi.sqlite")
+    store = metadata_store.MetadataStore(config)
+    states = {}
+    for node in store.get_contexts_by_type("node"):
+        executions = store.get_executions_by_context(node.id)
+        if executions:
+            latest = max(executions, key=lambda e: e.id)
+            states[node.name.split(".", 1)[1]] = metadata_store_pb2.Execution.State.Name(latest.last_known_state)
+    return states
+
+
+def _lower_thresholds(raw):
+    raw["thresholds"] = {"AUC": {"lower": 0.85, "change": -0.01}, "BinaryAccuracy": {"lower": 0.8, "change": -0.01}}
+
+
 @pytest.fixture(scope="module")
 def sandbox_refused_run(pipeline_run):
-    """The same model again, with a p50 latency no server meets: only the sandbox and Pusher rerun."""
+    """The same data with lower thresholds only, and a p50 latency no server meets: Transform and
+    Trainer come from the cache (they never see thresholds), the Evaluator and what follows rerun."""
     tmp = pipeline_run[0]
-    return _run(tmp, os.path.join(tmp, "data"), sandbox={"max_p50_ms": 0.001})
+    summary = _run(tmp, os.path.join(tmp, "data"), sandbox={"max_p50_ms": 0.001}, edit=_lower_thresholds)
+    return summary, _last_states(tmp)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +145,7 @@ def test_summary_reports_metrics_slices_and_timings(pipeline_run):
     assert on_disk["pipeline_name"] == "taxi" and on_disk["data_path"].endswith("data")
     overall = on_disk["metrics"]["overall"]
     assert overall["auc"] > 0.9 and overall["binary_accuracy"] > 0.85
+    assert not {"accuracy", "loss"} & set(overall)  # the model's compiled copies are not recomputed
     assert 0 < overall["example_count"] < 5000
     assert any(k.startswith("payment_type=") for k in on_disk["metrics"]["slices"])
     assert {"CsvExampleGen", "Transform", "Trainer", "Evaluator", "Pusher"} <= set(on_disk["seconds_per_component"])
@@ -146,7 +172,7 @@ def test_unchanged_rerun_is_served_from_cache(pipeline_run):
 @pytest.mark.xdist_group("e2e")
 def test_a_model_failing_sandbox_validation_is_not_pushed(pipeline_run, sandbox_refused_run):
     tmp, first, _ = pipeline_run
-    summary = sandbox_refused_run
+    summary, _ = sandbox_refused_run
     assert summary["succeeded"] and summary["blessed"]  # the Evaluator still blesses it...
     assert not summary["pushed"]                          # ...but Pusher needs both blessings
     assert summary["sandbox"]["blessed"] is False
@@ -154,7 +180,46 @@ def test_a_model_failing_sandbox_validation_is_not_pushed(pipeline_run, sandbox_
     assert summary["sandbox"]["rows_differing"] == 0      # the predictions themselves were right
     assert os.listdir(os.path.join(tmp, "models", "taxi")) == [first["model_version"]]
     ran = {k for k, v in summary["seconds_per_component"].items() if v >= 1.0}
-    assert "sandbox_validator" in ran and not {"Transform", "Trainer", "Evaluator"} & ran
+    assert "sandbox_validator" in ran and not {"Transform", "Trainer"} & ran
+
+
+@pytest.mark.xdist_group("e2e")
+def test_a_thresholds_only_change_reruns_only_the_evaluator_onward(sandbox_refused_run):
+    summary, states = sandbox_refused_run
+    assert summary["artifacts"]["model"] is not None
+    for node in ("CsvExampleGen", "StatisticsGen", "ExampleValidator", "data_gate", "Transform", "Trainer"):
+        assert states[node] == "CACHED", (node, states)
+    for node in ("Evaluator", "sandbox_validator"):
+        assert states[node] == "COMPLETE", (node, states)
+
+
+def _node_parameters(spec_path, tmp):
+    """{node id: its serialized parameters} of the compiled pipeline: what TFX hashes into the cache key."""
+    from tfx.dsl.compiler import compiler
+
+    from components.feature_spec import load
+    from pipelines.pipeline import Environment, create_pipeline
+
+    env = Environment(pipeline_root=os.path.join(tmp, "root"), model_repository=os.path.join(tmp, "models"))
+    ir = compiler.Compiler().compile(create_pipeline(load(spec_path), env))
+    return {n.pipeline_node.node_info.id: n.pipeline_node.parameters.SerializeToString(deterministic=True)
+            for n in ir.nodes}
+
+
+@pytest.mark.parametrize("edit, changed", [
+    (_lower_thresholds, {"Evaluator"}),
+    (lambda raw: raw.update(slices=[["company"]]), {"Evaluator"}),
+    (lambda raw: raw["training"]["schedule"].append({"learning_rate": 0.0001, "batch_size": 512, "epochs": 1}),
+     {"Trainer"}),
+    (lambda raw: raw["monitoring"].update(window_hours=6), set()),
+], ids=["thresholds", "slices", "schedule", "monitoring"])
+def test_each_component_sees_only_the_spec_keys_it_uses(tmp_path, edit, changed):
+    # Downstream nodes rerun because their inputs are new artifacts (the run above shows it);
+    # here: which nodes' own parameters, and so cache keys, an edit changes.
+    before = _node_parameters(_sample_spec(str(tmp_path)), str(tmp_path))
+    after = _node_parameters(_sample_spec(str(tmp_path), edit), str(tmp_path))
+    assert before.keys() == after.keys()
+    assert {n for n in before if before[n] != after[n]} == changed
 
 
 @pytest.mark.xdist_group("e2e")
