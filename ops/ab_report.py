@@ -59,6 +59,7 @@ import time
 from typing import List, Optional, Tuple
 
 from ops.ab.report import HIGHER_IS_BETTER, SHADOW_SUFFIX, InputError, build_report, render
+from serving import logstore
 
 INPUT_ERROR_EXIT = 2
 
@@ -112,7 +113,7 @@ def _metric_list(text: str) -> List[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--log", default="build/prediction_log.sqlite",
-                        help="the proxy's prediction log: a file path or sqlite: URL, or postgresql://user:pw@host/db")
+                        help=f"the proxy's prediction log: {logstore.ACCEPTED_FORMS}")
     parser.add_argument("--labels", help="ground truth: CSV or JSON lines with request_id, label[, row]")
     parser.add_argument("--model", help="model name in the log (default: the only one in the window)")
     parser.add_argument("--a", default="stable", help="baseline variant (default: stable)")

@@ -161,7 +161,7 @@ def _counts(values) -> Dict[str, int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--log", default="build/prediction_log.sqlite", help="the prediction log: a path or URL")
+    parser.add_argument("--log", default="build/prediction_log.sqlite", help=f"the proxy's prediction log: {logstore.ACCEPTED_FORMS}")
     parser.add_argument("--labels", required=True, help="ground truth: CSV or JSON lines with request_id, label[, row]")
     parser.add_argument("--spans", default="build/spans", help="the folder of spans (span-<n>/ inside)")
     parser.add_argument("--spec", default="configs/taxi.yaml")

@@ -779,7 +779,7 @@ def print_summary(report: Dict[str, Any], stream=sys.stdout) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--log", default="build/prediction_log.sqlite",
-                        help="the proxy's prediction log: a file path or sqlite: URL, or postgresql://user:pw@host/db")
+                        help=f"the proxy's prediction log: {logstore.ACCEPTED_FORMS}")
     parser.add_argument("--model", default="taxi")
     parser.add_argument("--spec", help="feature spec (default: configs/<model>.yaml)")
     parser.add_argument("--env", default="configs/local.yaml", help="environment file: metadata and model repository")

@@ -79,7 +79,8 @@ def require_new_span(spec, env) -> int:
         raise NothingNew(f"{spec.source}: data.path '{spec.data_path}' is one dataset, not spans: retraining on "
                          "it again learns nothing new; point data.path at spans ({SPAN}, e.g. build/spans/"
                          "span-{SPAN}/, what make export-span writes)")
-    newest = spec.spans()[-1] if spec.spans() else None
+    spans = spec.spans()  # one glob of the span folders
+    newest = spans[-1] if spans else None
     if newest is None:
         raise NothingNew(f"{spec.source}: no span matches '{spec.data_path}': export one with make export-span")
     if newest in mlmd.ingested_spans(env["metadata_path"]):

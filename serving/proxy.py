@@ -587,7 +587,7 @@ class Proxy:
                 if newer is not None and newer != version:
                     version = newer
                     continue
-            return status, data, (version if status == 200 or version is None else version), sent
+            break
         return status, data, version, sent
 
     def backend_slots(self) -> asyncio.Semaphore:
