@@ -5,8 +5,9 @@
         [--model_repository DIR] [--spec configs/taxi.yaml] [--env configs/local.yaml]
         [--batch_size 1000] [--max_errors 0] [Beam args: --runner DirectRunner ...]
 
-Each CSV row becomes a raw tf.Example the way CsvExampleGen writes one (an empty cell is a
-feature with no value) and goes through Beam's RunInference to the model's `serving_default`
+Each CSV row becomes a raw tf.Example the way CsvExampleGen writes one: records split as its
+reader splits them, cells from tfx_bsl's ParseCSVLine (its parser), an empty cell a feature
+with no value, and goes through Beam's RunInference to the model's `serving_default`
 signature, the one REST `:predict` calls, converted by the same `raw_inputs` that `make
 parity` uses. So the numbers are the online ones: the tests compare them with the local
 server's REST answers row for row.
@@ -55,6 +56,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
+from tfx_bsl.coders import csv_decoder
 
 from components import feature_spec
 from components.values import coerce
@@ -224,49 +226,81 @@ def to_example(values: Dict[str, Any], types: Dict[str, str]) -> bytes:
 
 # --- the Beam pieces ---------------------------------------------------------------------
 
-class _ReadRows(beam.DoFn):
-    """(row, line, cells as UTF-8 bytes) for each data row; the header and blank lines are skipped.
-
-    Python's csv reader keeps quoted cells that span lines together. One reader per file keeps
-    the row numbers; the rows are reshuffled afterwards so parsing and inference spread out.
-    Bytes that are not UTF-8 travel through unchanged (surrogateescape) to be refused per row.
+class _ReadRecords(beam.DoFn):
+    """(row, line, record bytes) for each CSV record after the header, split as CsvExampleGen
+    splits them: physical lines are joined until their double quotes balance (a quoted cell may
+    span lines). `line` is the file line where the record starts; `row` counts the records that
+    are not blank (CsvExampleGen skips blank lines too). One reader per file keeps the numbers; the records are reshuffled afterwards so parsing spreads out.
     """
 
     def __init__(self):
         self.rows_read = Metrics.counter(METRICS_NAMESPACE, "rows_read")
 
-    def process(self, path: str) -> Iterable[Tuple[int, int, List[bytes]]]:
+    def process(self, path: str) -> Iterable[Tuple[int, int, bytes]]:
         with FileSystems.open(path, compression_type="uncompressed") as raw:
-            reader = csv.reader(io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline=""))
-            row, line = 0, 1
-            try:
-                next(reader, None)
-                line = reader.line_num + 1
-                for cells in reader:
-                    if cells:
+            raw.readline()  # the header, read by read_header
+            row, line, start, pending, quotes = 0, 1, 0, [], 0
+            for physical in raw:
+                line += 1
+                if not pending:
+                    start = line
+                pending.append(physical)
+                quotes += physical.count(b'"')
+                if quotes % 2 == 0:
+                    record, pending, quotes = b"".join(pending), [], 0
+                    if record.strip(b"\r\n"):
                         self.rows_read.inc()
-                        yield row, line, [c.encode("utf-8", "surrogateescape") for c in cells]
+                        yield row, start, record
                         row += 1
-                    line = reader.line_num + 1
-            except csv.Error as e:
-                raise ValueError(f"{path}: line {line}: not readable as CSV: {e}") from None
+            if pending:
+                raise ValueError(f"{path}: line {start}: a quoted cell is never closed (unbalanced double "
+                                 "quotes to the end of the file); close the quote or escape it as \"\"")
 
 
 class _ParseRows(beam.DoFn):
-    """(row, serialized raw tf.Example), or to ERRORS the row's problems."""
+    """(row, serialized raw tf.Example), or to ERRORS the row's problems.
+
+    Cells come from tfx_bsl's ParseCSVLine, the parser CsvExampleGen runs, so a record splits
+    into the same cells in training and in batch prediction.
+    """
 
     def __init__(self, header_size: int, index: Dict[str, int], types: Dict[str, str], required: FrozenSet[str]):
         self.header_size, self.index, self.types, self.required = header_size, index, types, required
         self.refused = Metrics.counter(METRICS_NAMESPACE, "rows_with_errors")
+        self._parser = None
 
-    def process(self, element: Tuple[int, int, List[bytes]]):
-        row, line, cells = element
-        values, problems = parse_row(cells, self.header_size, self.index, self.types, self.required)
+    def setup(self):
+        self._parser = csv_decoder.ParseCSVLine(delimiter=",")
+        self._parser.setup()
+
+    def process(self, element: Tuple[int, int, bytes]):
+        row, line, record = element
+        cells, problems = record_cells(self._parser, record, self.index)
+        if not problems:
+            values, problems = parse_row(cells, self.header_size, self.index, self.types, self.required)
         if problems:
             self.refused.inc()
             yield beam.pvalue.TaggedOutput(ERRORS, {"row": row, "line": line, "problems": problems})
         else:
             yield (row, line), to_example(values, self.types)
+
+
+def record_cells(parser: "csv_decoder.ParseCSVLine", record: bytes,
+                 index: Dict[str, int]) -> Tuple[List[bytes], List[Dict[str, Any]]]:
+    """(cells, problems) of one record. CsvExampleGen reads text as strict UTF-8 (and stops the
+    whole run on a bad byte); here only the row is refused, naming the first column whose cell
+    holds the bad bytes."""
+    try:
+        text = record.decode("utf-8")
+    except UnicodeDecodeError as e:
+        (cells, _), = parser.process(record.decode("utf-8", "replace"))
+        names = {i: name for name, i in index.items()}
+        at = next((i for i, c in enumerate(cells) if "\ufffd".encode() in c), None)
+        bad = record[e.start:e.end]
+        return [], [{"column": names.get(at), "value": _shown(cells[at]) if at is not None else None,
+                     "reason": f"not valid UTF-8 (byte {bad.hex(' ')} at offset {e.start} of the row)"}]
+    (cells, _), = parser.process(text)
+    return cells, []
 
 
 class ServingSignatureHandler(ModelHandler):
@@ -331,7 +365,7 @@ def build(pipeline: beam.Pipeline, input_path: str, output_dir: str, contract: M
     examples, errors = (
         pipeline
         | "InputFile" >> beam.Create([input_path])
-        | "ReadRows" >> beam.ParDo(_ReadRows())
+        | "ReadRecords" >> beam.ParDo(_ReadRecords())
         | "Spread" >> beam.Reshuffle()
         | "ParseRows" >> beam.ParDo(_ParseRows(header_size, index, contract.types, contract.required))
         .with_outputs(ERRORS, main="examples"))

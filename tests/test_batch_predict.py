@@ -145,6 +145,44 @@ def test_bad_rows_go_to_errors_naming_row_and_column_and_the_job_fails(repositor
     assert summary["rows_read"] == len(good) + len(expected) + 1 == summary["rows_predicted"] + summary["rows_with_errors"]
 
 
+def test_records_and_cells_are_the_ones_csv_example_gen_reads(tmp_path):
+    """The reference is CsvExampleGen's own reader and parser (tfx/components/example_gen/
+    csv_example_gen/executor.py: _ReadCsvRecordsFromTextFile joins lines until quotes balance;
+    tfx_bsl's ParseCSVLine splits a record into cells)."""
+    from tfx.components.example_gen.csv_example_gen import executor as csv_executor
+    from tfx_bsl.coders import csv_decoder
+
+    text = ('fare,company,payment_type\n'
+            '1.5,"Two-line ""quoted""\ncompany",Cash\n'
+            '\n'
+            '2,plain,"Credit Card"\r\n'
+            '3,"a, comma",\n')
+    path = tmp_path / "tricky.csv"
+    path.write_bytes(text.encode())
+
+    ours = list(batch_predict._ReadRecords().process(str(path)))
+    theirs = [r for r in csv_executor._ReadCsvRecordsFromTextFile().process(str(path)) if r.strip("\r\n")]
+    assert [record.decode() for _, _, record in ours] == theirs
+    assert [(row, line) for row, line, _ in ours] == [(0, 2), (1, 5), (2, 6)]  # line 4 is blank
+
+    reference = csv_decoder.ParseCSVLine(",")
+    reference.setup()
+    parse = batch_predict._ParseRows(3, {"fare": 0, "company": 1, "payment_type": 2},
+                                     {"fare": "float", "company": "string", "payment_type": "string"}, frozenset())
+    parse.setup()
+    for (_, _, record), line in zip(ours, theirs):
+        cells, problems = batch_predict.record_cells(parse._parser, record, parse.index)
+        assert problems == [] and cells == next(reference.process(line))[0]
+    assert cells == [b"3", b"a, comma", b""]
+
+
+def test_an_unclosed_quote_names_the_file_and_the_line_it_opens_on(tmp_path):
+    path = tmp_path / "open.csv"
+    path.write_bytes(b'fare,company\n1,ok\n2,"never closed\n3,x\n')
+    with pytest.raises(ValueError, match=r"open\.csv: line 3: a quoted cell is never closed"):
+        list(batch_predict._ReadRecords().process(str(path)))
+
+
 # --- what is checked before a job starts ----------------------------------------------------------
 
 SIMPLE_TYPES = {"fare": "float", "trip_seconds": "int", "payment_type": "string"}

@@ -98,17 +98,19 @@ def test_a_csv_row_its_rest_and_grpc_requests_and_its_batch_prediction_reach_the
     examples.sort(key=lambda e: int(tf.train.Example.FromString(e).features.feature[ROW_ID].int64_list.value[0]))
     from_csv = {k: v.numpy() for k, v in components.export.raw_inputs(examples, specs).items()}
 
-    # 2. Batch prediction: its own cell parsing, then RunInference's handler as the job runs it.
+    # 2. Batch prediction: its record reader and tfx_bsl's cell parser, then RunInference's handler.
     captured = []
     raw_inputs = components.export.raw_inputs
     monkeypatch.setattr(components.export, "raw_inputs",
                         lambda e, s: captured.append(raw_inputs(e, s)) or captured[-1])
     index = {n: header.index(n) for n in contract.types}
+    parse = batch_predict._ParseRows(len(header), index, contract.types, contract.required)
+    parse.setup()
     batch_examples = []
-    for _, _, cells in batch_predict._ReadRows().process(os.path.join(str(csv_dir), "rows.csv")):
-        values, problems = batch_predict.parse_row(cells, len(header), index, contract.types, contract.required)
-        assert problems == [], problems
-        batch_examples.append(batch_predict.to_example(values, contract.types))
+    for record in batch_predict._ReadRecords().process(os.path.join(str(csv_dir), "rows.csv")):
+        (parsed,) = parse.process(record)
+        assert isinstance(parsed, tuple), parsed  # not a TaggedOutput of ERRORS
+        batch_examples.append(parsed[1])
     assert len(batch_examples) == len(rows)
     handler = batch_predict.ServingSignatureHandler(contract.path)
     results = handler.run_inference(batch_examples, handler.load_model())
