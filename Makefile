@@ -45,8 +45,8 @@ test-fast: ## the suite without the slow end-to-end pipeline runs
 retrain: ## a run over the rolling window of spans, refused (exit 3) unless the newest span is new: make retrain [SPEC=]
 	$(PY) -m pipelines.local_runner --spec $(SPEC) --env $(ENV) --require_new_span
 
-run: ## run the pipeline on $(SPEC); writes build/run_summary.json and build/reports/*.html [BEAM_PROFILE=direct_multi_processing]
-	$(PY) -m pipelines.local_runner --spec $(SPEC) --env $(ENV) $(if $(BEAM_PROFILE),--beam_profile $(BEAM_PROFILE))
+run: ## run the pipeline on $(SPEC); writes build/run_summary.json and build/reports/*.html [BEAM_PROFILE=direct_multi_processing] [FORCE=1: even if nothing changed]
+	$(PY) -m pipelines.local_runner --spec $(SPEC) --env $(ENV) $(if $(BEAM_PROFILE),--beam_profile $(BEAM_PROFILE)) $(if $(FORCE),--force)
 
 image-train: ## docker build -f Dockerfile.train: make image-train IMAGE=<registry>/skewless-train:<tag>
 	$(if $(IMAGE),,$(error IMAGE is required))

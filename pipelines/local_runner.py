@@ -17,7 +17,7 @@ import time
 from typing import Dict, Optional
 
 from components import feature_spec
-from pipelines import beam_profiles, mlmd
+from pipelines import beam_profiles, fingerprint, mlmd
 from pipelines.environment import load_environment
 
 SUMMARY_PATH = "build/run_summary.json"
@@ -91,10 +91,13 @@ def require_new_span(spec, env) -> int:
 
 def run(spec_path: str, env_path: str = "configs/local.yaml", data_path: Optional[str] = None,
         summary_path: str = SUMMARY_PATH, report_dir: Optional[str] = None, quiet: bool = False,
-        check_data: bool = True, beam_profile: Optional[str] = None, new_span_only: bool = False) -> Dict:
+        check_data: bool = True, beam_profile: Optional[str] = None, new_span_only: bool = False,
+        reuse_unchanged: bool = False) -> Dict:
     """Runs the whole pipeline once; returns the run summary (also written as JSON).
 
     `beam_profile` (a configs/beam/ name) replaces the environment file's `beam_profile:`.
+    `reuse_unchanged`: when nothing the run reads changed since the summary at summary_path was
+    written (pipelines/fingerprint.py), that summary is the answer and TFX is not started.
     """
     started = time.time()
     spec = feature_spec.load(spec_path)
@@ -105,6 +108,14 @@ def run(spec_path: str, env_path: str = "configs/local.yaml", data_path: Optiona
     env = load_environment(env_path, spec)
     if new_span_only:
         require_new_span(spec, env)
+    inputs = fingerprint.inputs_fingerprint(spec, spec_path, env_path, beam_profile)
+    if reuse_unchanged and not new_span_only:
+        previous, why = fingerprint.unchanged_run(summary_path, inputs, also_needed=[env["metadata_path"]])
+        if previous is not None:
+            if not quiet:
+                print(f"skewless: nothing changed since the last run of '{spec.name}' (same spec, environment, "
+                      f"data and code; its outputs are in place): {summary_path} stands. `--force` runs anyway.")
+            return previous
     beam_args = beam_profiles.beam_args(env, env_path, beam_profile, pipeline_root=env["pipeline_root"],
                                         name=spec.name)
 
@@ -149,6 +160,7 @@ def run(spec_path: str, env_path: str = "configs/local.yaml", data_path: Optiona
     summary = report.build_summary(spec, env, environment, progress.order, progress.seconds,
                                    time.time() - started, error)
     summary["log"] = log_path
+    summary[fingerprint.KEY] = inputs
     report_dir = report_dir or os.path.join(os.path.dirname(os.path.abspath(summary_path)), "reports")
     try:
         summary["reports"] = report.write_html(summary, spec, report_dir)
@@ -187,10 +199,12 @@ def main(argv=None) -> int:
                                                f"(one of {', '.join(beam_profiles.profile_names())})")
     parser.add_argument("--require_new_span", action="store_true",
                         help="retraining: refuse unless the newest span was never ingested (make retrain)")
+    parser.add_argument("--force", action="store_true",
+                        help="run even when nothing changed since the last run (pipelines/fingerprint.py)")
     args = parser.parse_args(argv)
     try:
         run(args.spec, args.env, args.data, args.summary, beam_profile=args.beam_profile,
-            new_span_only=args.require_new_span)
+            new_span_only=args.require_new_span, reuse_unchanged=not args.force)
     except feature_spec.SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
