@@ -626,10 +626,11 @@ class BadValue:
     line: int
     reason: str
 
-    def message(self, spec: FeatureSpec) -> str:
+    def message(self, spec: FeatureSpec, source: bool = True) -> str:
+        """'<spec file>: <key>: why, at <file>:<line>' (without the spec file when `source` is false)."""
         feature = spec.columns[self.column]
         key = "label_columns" if self.column in spec.label_columns else "features"
-        return (f"{spec.source}: {key}.{self.column}.type: declared {feature.type} but column "
+        return (f"{spec.source + ': ' if source else ''}{key}.{self.column}.type: declared {feature.type} but column "
                 f"'{self.column}' holds {self.value!r} at {self.path}:{self.line} ({self.reason})")
 
 
