@@ -110,8 +110,10 @@ class ConsoleWarnings(logging.Handler):
         self.stream, self.shown = stream, set()
 
     def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage() if record.levelno == logging.WARNING else None
-        if record.levelno == logging.WARNING and record.pathname.startswith(self.OWN) and message not in self.shown:
+        if record.levelno != logging.WARNING or not record.pathname.startswith(self.OWN):
+            return
+        message = record.getMessage()
+        if message not in self.shown:
             self.shown.add(message)
             self.stream.write(f"  warning: {message}\n")
             self.stream.flush()
@@ -133,6 +135,9 @@ class Console:
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         os.close(log_fd)
+        # Python-level streams too: a test runner or an embedding program may have replaced them.
+        self.streams = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = self.log_stream = os.fdopen(os.dup(1), "w", buffering=1)
         self.out = open(os.devnull, "w") if self.quiet else os.fdopen(os.dup(self.saved[0]), "w", buffering=1)
         self.err = self.out if self.quiet else os.fdopen(os.dup(self.saved[1]), "w", buffering=1)
         log_file = logging.FileHandler(self.log_path, mode="a")
@@ -141,7 +146,7 @@ class Console:
         self.saved_root = root.level, list(root.handlers)
         root.handlers = [log_file, ConsoleWarnings(self.out)]
         root.setLevel(logging.INFO)
-        self.saved_capture = logging.captureWarnings(True)  # Python warnings (deprecations) into the log
+        logging.captureWarnings(True)  # Python warnings (deprecations) into the log
         return self
 
     def __exit__(self, *exc) -> None:
@@ -151,8 +156,7 @@ class Console:
         root.setLevel(self.saved_root[0])
         root.handlers = self.saved_root[1]
         logging.captureWarnings(False)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        sys.stdout, sys.stderr = self.streams  # log_stream stays open: a handler made meanwhile may hold it
         for fd, saved in zip((1, 2), self.saved):
             os.dup2(saved, fd)
             os.close(saved)
