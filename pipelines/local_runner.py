@@ -115,7 +115,8 @@ class ConsoleWarnings(logging.Handler):
         message = record.getMessage()
         if message not in self.shown:
             self.shown.add(message)
-            self.stream.write(f"  warning: {message}\n")
+            clear = "\r\x1b[K" if self.stream.isatty() else ""  # over a progress line being rewritten
+            self.stream.write(f"{clear}  warning: {message}\n")
             self.stream.flush()
 
 

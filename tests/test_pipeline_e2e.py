@@ -4,8 +4,6 @@ import json
 import os
 import re
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -256,23 +254,28 @@ def _assert_halted_before_training(tmp):
 
 
 @pytest.mark.xdist_group("gate")
-def test_gate_halts_on_a_string_in_a_numeric_column_and_the_console_says_so_once(taxi_spec, tmp_path):
-    """Through the CLI, as `make run` would: a quiet console, the failure once, cause first."""
+def test_gate_halts_on_a_string_in_a_numeric_column_and_the_console_says_so_once(taxi_spec, tmp_path, capfd):
+    """The command line's console (its file descriptors, as a terminal would see them): progress lines
+    only, the failure once, cause first. In this process, to spare the suite a second import of TFX:
+    the multiclass run (tests/test_other_tasks_e2e.py) checks a fresh process's import lines."""
+    from pipelines import local_runner
+
     tmp = str(tmp_path)
     rows = read_rows(taxi_csv_path(taxi_spec), limit=2500)
     rows[2400]["trip_miles"] = "twelve"  # past the loader's 2,000-row sample: the gate must catch it
     data_csv = write_sample(rows, os.path.join(tmp, "data"))
-    out = subprocess.run([sys.executable, "-m", "pipelines.local_runner", "--spec", _sample_spec(tmp), "--env",
-                          _env(tmp), "--data", os.path.dirname(data_csv), "--summary", os.path.join(tmp, "s.json")],
-                         cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-4000:]
+    capfd.readouterr()
+    code = local_runner.main(["--spec", _sample_spec(tmp), "--env", _env(tmp), "--data", os.path.dirname(data_csv),
+                              "--summary", os.path.join(tmp, "s.json")])
+    out = capfd.readouterr()
+    assert code == 1, out.out[-2000:] + out.err[-4000:]
     _assert_halted_before_training(tmp)
-    console = out.stdout + out.stderr
+    console = out.out + out.err
     assert not [w for w in CONSOLE_NOISE if w in console], console
-    assert component_lines(out.stdout) == {node: 1 for node in _executed_nodes(tmp)}
-    assert re.search(r"^  data_gate +FAILED ", out.stdout, re.M), out.stdout
+    assert component_lines(out.out) == {node: 1 for node in _executed_nodes(tmp)}
+    assert re.search(r"^  data_gate +FAILED ", out.out, re.M), out.out
     # The cause once, first, naming the component, the file, the line and the value; then the log.
-    errors = out.stderr.splitlines()
+    errors = out.err.splitlines()
     assert errors[0].startswith("error: data_gate: DataGateError: data gate:"), errors
     assert errors[1] == (f"  [train, eval] features.trip_miles.type: declared float but column 'trip_miles' holds "
                          f"'twelve' at {data_csv}:2402 (" + errors[1].split(":2402 (", 1)[-1]), errors
