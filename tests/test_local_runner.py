@@ -36,18 +36,19 @@ def test_a_long_component_gets_a_line_per_interval_in_a_file_and_one_rewritten_l
 
 def test_the_console_sends_every_library_line_to_the_log_and_shows_our_warnings_once(tmp_path, capfd):
     log = str(tmp_path / "run.log")
-    own = os.path.join(feature_spec.REPO_ROOT, "components", "sandbox.py")
+    own = os.path.join(feature_spec.REPO_ROOT, "components", "strategy.py")
+    ours = "training.strategy.type multi_worker without TF_CONFIG: training as a single worker"
     with local_runner.Console(log, quiet=False) as console:
         os.write(2, b"E cuda_dnn.cc: Unable to register cuDNN factory\n")  # C++ writes to the descriptor
         print("INFO:tensorflow:Assets written to: /tmp/model", flush=True)
         logging.getLogger("absl").info("TFMA deprecation notice")
         for _ in range(2):
             logging.getLogger().handle(logging.makeLogRecord(
-                {"msg": "sandbox: NOT blessed", "levelno": logging.WARNING, "levelname": "WARNING", "pathname": own}))
+                {"msg": ours, "levelno": logging.WARNING, "levelname": "WARNING", "pathname": own}))
         logging.getLogger("apache_beam").warning("a library's warning")
         console.out.write("  CsvExampleGen done 1.0 s\n")
     terminal = capfd.readouterr()
-    assert terminal.out == "  warning: sandbox: NOT blessed\n  CsvExampleGen done 1.0 s\n" and terminal.err == ""
+    assert terminal.out == f"  warning: {ours}\n  CsvExampleGen done 1.0 s\n" and terminal.err == ""
     with open(log) as f:
         text = f.read()
     for line in ("cuDNN factory", "INFO:tensorflow:Assets", "TFMA deprecation notice", "a library's warning"):
