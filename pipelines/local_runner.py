@@ -78,7 +78,7 @@ class ProgressWatcher(threading.Thread):
                     if state == "FAILED" and self.failed is None:
                         self.failed = node
                     mark = {"COMPLETE": "done", "CACHED": "cached"}.get(state, state)
-                    self._write(f"  {node:<28} {mark:>8} {self.seconds[node]:7.1f} s")
+                    self._write(f"  {node:<30} {mark:>8} {self.seconds[node]:7.1f} s")
                 elif self.seen[e.id] == "NEW":
                     running.append((e, node))
             if running and not final:
@@ -90,11 +90,11 @@ class ProgressWatcher(threading.Thread):
         elapsed = time.time() - execution.create_time_since_epoch / 1000
         if self.tty:
             if elapsed >= 2:
-                self._write(f"  {node:<28} {'running':>8} {elapsed:7.0f} s", end="")
+                self._write(f"  {node:<30} {'running':>8} {elapsed:7.0f} s", end="")
                 self.spinning = True
         elif elapsed >= self.still_every * (self.reported_still.get(execution.id, 0) + 1):
             self.reported_still[execution.id] = self.reported_still.get(execution.id, 0) + 1
-            self._write(f"  {node:<28} {'running':>8} {elapsed:7.0f} s")
+            self._write(f"  {node:<30} {'running':>8} {elapsed:7.0f} s")
 
 
 class ConsoleWarnings(logging.Handler):
