@@ -9,7 +9,7 @@ names each feature and why.
 
 import json
 import os
-from typing import List
+from typing import Callable, Dict, List, Optional
 
 from tensorflow_metadata.proto.v0 import anomalies_pb2, statistics_pb2
 from tfx.dsl.io import fileio
@@ -18,6 +18,7 @@ from tfx.dsl.component.experimental.decorators import component
 from tfx.types import artifact_utils
 from tfx.types.standard_artifacts import ExampleAnomalies, ExampleStatistics, Schema
 
+from components import feature_spec
 from components.feature_spec import FeatureSpec
 from components.spans import drift_problems
 
@@ -30,24 +31,26 @@ class DataGateError(RuntimeError):
     """The data failed validation; nothing downstream may run."""
 
 
-def anomaly_problems(split: str, anomalies: anomalies_pb2.Anomalies) -> List[str]:
+def anomaly_problems(anomalies: anomalies_pb2.Anomalies) -> List[str]:
     problems = []
     for feature, info in sorted(anomalies.anomaly_info.items()):
         reasons = "; ".join(f"{r.short_description}: {r.description}" for r in info.reason)
-        problems.append(f"[{split}] feature '{feature}': {reasons or info.description}")
+        problems.append(f"feature '{feature}': {reasons or info.description}")
     for reason in anomalies.dataset_anomaly_info.reason:
-        problems.append(f"[{split}] dataset: {reason.short_description}: {reason.description}")
+        problems.append(f"dataset: {reason.short_description}: {reason.description}")
     return problems
 
 
-def spec_problems(split: str, stats: statistics_pb2.DatasetFeatureStatisticsList, spec: FeatureSpec) -> List[str]:
-    """Columns the spec declares that are absent or of another type in the statistics."""
+def spec_problems(stats: statistics_pb2.DatasetFeatureStatisticsList, spec: FeatureSpec,
+                  locate: Callable[[str], Optional[str]] = lambda name: None) -> List[str]:
+    """Columns the spec declares that are absent or of another type in the statistics; `locate(column)`
+    names the first value of a mistyped column that its type refuses (file, line and value)."""
     problems = []
     dataset = stats.datasets[0]
     seen = {f.path.step[0] if f.path.step else f.name: f for f in dataset.features}
     for name, feature in spec.columns.items():
         if name not in seen:
-            problems.append(f"[{split}] feature '{name}': missing column: the spec declares it, the data has none")
+            problems.append(f"feature '{name}': missing column: the spec declares it, the data has none")
             continue
         stats_of = seen[name]
         kind = stats_of.WhichOneof("stats")
@@ -57,13 +60,23 @@ def spec_problems(split: str, stats: statistics_pb2.DatasetFeatureStatisticsList
         # A column with no values at all has no type to check (CsvExampleGen calls it bytes).
         if present and actual != _STATS_TYPES[feature.type]:
             got = statistics_pb2.FeatureNameStatistics.Type.Name(actual)
-            problems.append(f"[{split}] feature '{name}': declared {feature.type} but the data holds {got} "
-                            f"values (a non-{feature.type} value somewhere in the column)")
+            problems.append(locate(name) or f"feature '{name}': declared {feature.type} but the data holds {got} "
+                                            f"values (a non-{feature.type} value somewhere in the column)")
         elif feature.required and common is not None:
             missing = common.num_missing
             if missing:
-                problems.append(f"[{split}] feature '{name}': required, but missing in {missing} rows")
+                problems.append(f"feature '{name}': required, but missing in {missing} rows")
     return problems
+
+
+def first_bad_value(spec: FeatureSpec, column: str) -> Optional[str]:
+    """The first cell of `column` in the run's CSV files that its declared type refuses, as a problem line
+    naming the file, line and value; None when the files cannot be read here or hold none."""
+    try:
+        bad = next(feature_spec.bad_values(spec, columns=[column]), None)
+    except (OSError, feature_spec.SpecError):  # e.g. data on a store this process cannot glob
+        return None
+    return None if bad is None else bad.message(spec, source=False)
 
 
 def _statistics(uri: str, split: str) -> statistics_pb2.DatasetFeatureStatisticsList:
@@ -75,21 +88,33 @@ def _statistics(uri: str, split: str) -> statistics_pb2.DatasetFeatureStatistics
 
 def find_problems(anomalies_uri: str, statistics_uri: str, split_names: List[str], spec: FeatureSpec,
                   previous_uri: str = None, schema_uri: str = None) -> List[str]:
-    problems = []
+    """Each problem once, with the splits it shows in ("[train, eval] ..."): CsvExampleGen types a column
+    over the whole file, so one bad cell shows in every split. A located bad value comes first."""
+    splits_of: Dict[str, List[str]] = {}
+    located: Dict[str, Optional[str]] = {}
+    drifted: List[str] = []  # per split by nature: each line carries its own split and figures
+
+    def locate(name: str) -> Optional[str]:
+        if name not in located:
+            located[name] = first_bad_value(spec, name)
+        return located[name]
+
     for split in split_names:
         anomalies = anomalies_pb2.Anomalies()
         with fileio.open(os.path.join(anomalies_uri, f"Split-{split}", "SchemaDiff.pb"), "rb") as f:
             anomalies.ParseFromString(f.read())
         stats = _statistics(statistics_uri, split)
-        problems += anomaly_problems(split, anomalies) + spec_problems(split, stats, spec)
+        for problem in spec_problems(stats, spec, locate) + anomaly_problems(anomalies):
+            splits_of.setdefault(problem, []).append(split)
         if previous_uri and schema_uri:
             from tfx.utils import io_utils
 
             schema = io_utils.SchemaReader().read(io_utils.get_only_uri_in_dir(schema_uri))
             drift = spec.monitoring.drift if spec.monitoring is not None else None  # no bounds: no drift check
             thresholds = drift.model_dump(exclude_none=True) if drift is not None else {}
-            problems += drift_problems(stats, _statistics(previous_uri, split), schema, thresholds, split)
-    return problems
+            drifted += drift_problems(stats, _statistics(previous_uri, split), schema, thresholds, split)
+    cause_first = sorted(splits_of, key=lambda p: p not in located.values())  # stable: the rest keep their order
+    return [f"[{', '.join(splits_of[p])}] {p}" for p in cause_first] + drifted
 
 
 @component

@@ -37,18 +37,28 @@ SERVING_SPEC_FILE = model_config.SERVING_SPEC_FILE  # the repository layout's ow
 CLASSIFY_SIGNATURE, REGRESS_SIGNATURE = "classification", "regression"
 
 
-def serving_spec(spec: FeatureSpec) -> Dict:
+def serving_spec(spec: FeatureSpec, tf_transform_output=None) -> Dict:
     """What a server needs to know beyond the signatures, written beside the SavedModel.
 
     The serving side reads this file instead of importing training code: which inputs must
-    be present (the rest may be left out and are filled like missing training values) and
-    the class names in the order of the model's probability columns.
+    be present (the rest may be left out and are filled like missing training values), the
+    class names in the order of the model's probability columns, and (given the Transform's
+    output) each vocabulary feature's training vocabulary, by which the proxy counts served
+    values the model never saw (serving/proxy.py PROXY_SERVING_SPEC).
     """
-    return {
+    written = {
         "task": spec.task,
         "classes": list(spec.label.classes),
         "features": {name: {"type": f.type, "required": f.required} for name, f in spec.features.items()},
     }
+    if tf_transform_output is not None:
+        from components.preprocessing import vocabulary_name
+
+        written["vocabularies"] = {
+            name: [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+                   for v in tf_transform_output.vocabulary_by_name(vocabulary_name(name))]
+            for name, f in spec.features.items() if "vocabulary" in f.transforms}
+    return written
 
 
 def serving_input_specs(spec: FeatureSpec) -> Dict[str, tf.TensorSpec]:

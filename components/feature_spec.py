@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import glob
 import math
 import os
@@ -135,6 +136,14 @@ class FeatureSpec:
     def columns(self) -> Dict[str, Feature]:
         """Every raw column the pipeline reads: features plus label sources."""
         return {**self.label_columns, **self.features}
+
+    @property
+    def label_by_name(self) -> bool:
+        """How a label column's value becomes a class id (README "Labels and classes"): by its text's
+        position in label.classes (a string column, or any multiclass label), or, for a binary task on
+        a numeric column, the value is the id itself (0 = classes[0], 1 = classes[1])."""
+        column = self.columns.get(self.label.column)
+        return column is not None and (self.task == "multiclass" or column.type == "string")
 
     @property
     def num_classes(self) -> int:
@@ -564,6 +573,10 @@ class SpecConfig(_Block):
                 raise typed_config.at("label.classes", "has duplicates")
         if task == "regression" and classes:
             raise typed_config.at("label.classes", "a regression task has no classes")
+        if task == "multiclass" and label.column and columns[label.column].type == "float":
+            raise typed_config.at(f"label_columns.{label.column}.type",
+                                  "a multiclass label is matched to label.classes by its text, and a float's "
+                                  "text ('1.000000') matches no class: declare the column int or string")
         if task == "regression" and columns[label.column].type == "string":
             raise typed_config.at("label.column", f"regression needs a numeric label column, "
                                                   f"'{label.column}' is a string")
@@ -595,8 +608,35 @@ def check_against_data(spec: FeatureSpec, sample_rows: int = 2000) -> None:
     """Fails at once when the spec and the CSV disagree, naming the key, column and file.
 
     Checks every file's header and the first `sample_rows` rows' values against the
-    declared types; the statistics-based data gate in the pipeline checks every row.
+    declared types, and the label's values against label.classes; the statistics-based
+    data gate in the pipeline checks every row.
     """
+    bad = next(bad_values(spec, sample_rows), None)
+    if bad is not None:
+        raise SpecError(bad.message(spec))
+    _check_label_values(spec, sample_rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class BadValue:
+    """A CSV cell that does not read as its column's declared type."""
+    column: str
+    value: str
+    path: str
+    line: int
+    reason: str
+
+    def message(self, spec: FeatureSpec, source: bool = True) -> str:
+        """'<spec file>: <key>: why, at <file>:<line>' (without the spec file when `source` is false)."""
+        feature = spec.columns[self.column]
+        key = "label_columns" if self.column in spec.label_columns else "features"
+        return (f"{spec.source + ': ' if source else ''}{key}.{self.column}.type: declared {feature.type} but column "
+                f"'{self.column}' holds {self.value!r} at {self.path}:{self.line} ({self.reason})")
+
+
+def _rows(spec: FeatureSpec, sample_rows: Optional[int]) -> Iterable[Tuple[str, int, Dict[str, str]]]:
+    """(file, line, {column: cell}) of the spec's columns, the first `sample_rows` rows of each file
+    (all with None); a file that lacks a declared column raises SpecError."""
     for path in spec.csv_files():
         with open(path, newline="") as f:
             reader = csv.reader(f)
@@ -609,17 +649,72 @@ def check_against_data(spec: FeatureSpec, sample_rows: int = 2000) -> None:
                     f"(its columns: {', '.join(header)})")
             index = {n: header.index(n) for n in spec.columns}
             for line_no, row in enumerate(reader, start=2):
-                if line_no > sample_rows + 1:
+                if sample_rows is not None and line_no > sample_rows + 1:
                     break
-                for name, feature in spec.columns.items():
-                    value = row[index[name]] if index[name] < len(row) else ""
-                    try:
-                        coerce(value, feature.type)
-                    except ValueError as e:
-                        key = "label_columns" if name in spec.label_columns else "features"
-                        raise SpecError(
-                            f"{spec.source}: {key}.{name}.type: declared {feature.type} but column "
-                            f"'{name}' holds {value!r} at {path}:{line_no} ({e})") from None
+                yield path, line_no, {n: row[i] if i < len(row) else "" for n, i in index.items()}
+
+
+def bad_values(spec: FeatureSpec, sample_rows: Optional[int] = None,
+               columns: Optional[Iterable[str]] = None) -> Iterable[BadValue]:
+    """Every cell of `columns` (default: all the spec's) that its declared type refuses, in file order;
+    `sample_rows` limits each file to its first rows (the up-front check), None reads them all (the
+    data gate, locating a value its statistics saw)."""
+    wanted = {n: spec.columns[n] for n in (columns if columns is not None else spec.columns)}
+    for path, line_no, cells in _rows(spec, sample_rows):
+        for name, feature in wanted.items():
+            try:
+                coerce(cells[name], feature.type)
+            except ValueError as e:
+                yield BadValue(name, cells[name], path, line_no, str(e))
+
+
+def _label_text(spec: FeatureSpec, cell: str) -> str:
+    """The text a label cell is matched to label.classes by (its fill when empty), as preprocessing does."""
+    column = spec.columns[spec.label.column]
+    value = coerce(cell, column.type)
+    if value is None:
+        return str(column.missing.fill)
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _check_label_values(spec: FeatureSpec, sample_rows: int) -> None:
+    """The label column's values in the sample map to label.classes (see FeatureSpec.label_by_name)."""
+    if spec.task == "regression" or not spec.label.column:
+        return
+    name, classes = spec.label.column, list(spec.label.classes)
+    first: Dict[str, Tuple[str, int]] = {}
+    for path, line_no, cells in _rows(spec, sample_rows):
+        first.setdefault(_label_text(spec, cells[name]), (path, line_no))
+    seen = ", ".join(sorted(first)[:20]) + (" ..." if len(first) > 20 else "")
+    where = f"label.classes: [{', '.join(classes)}]; the values of column '{name}' in the first {sample_rows} rows: {seen}"
+    if not spec.label_by_name:
+        strangers = sorted(t for t in first if float(t) not in (0.0, 1.0))
+        if not strangers:
+            return
+        codes = sorted(first, key=float)
+        path, line_no = first[strangers[0]]
+        fix = (f"declare label_columns.{name}.type: string and list its codes in class order, e.g. "
+               f"classes: [{', '.join(codes)}]" if len(codes) == 2 else f"recode column '{name}' to 0/1")
+        raise SpecError(
+            f"{spec.source}: label.classes: column '{name}' holds {strangers[0]} at {path}:{line_no}, but a binary "
+            f"task reads a numeric label as the class id itself (0 = '{classes[0]}', 1 = '{classes[1]}'), so only "
+            f"0 and 1 may appear: {fix} ({where})")
+    strangers = sorted((t for t in first if t not in classes), key=lambda t: first[t][1])
+    if not strangers:
+        return
+    text = strangers[0]
+    path, line_no = first[text]
+    unused = [c for c in classes if c not in first]
+    near = difflib.get_close_matches(text, unused or classes, n=1)
+    if near:
+        fix = f"did you mean '{text}' for '{near[0]}'?"
+    elif text == str(spec.columns[name].missing.fill):
+        fix = (f"an empty cell takes label_columns.{name}.missing.fill ({text!r}), which is not a class: drop "
+               "rows without a label or fill them with a class")
+    else:
+        fix = "add it to label.classes (class ids follow the list's order) or drop those rows"
+    raise SpecError(f"{spec.source}: label.classes: column '{name}' holds '{text}' at {path}:{line_no}, which is "
+                    f"not a class: {fix} ({where})")
 
 
 if __name__ == "__main__":  # make schema-json

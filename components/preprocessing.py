@@ -117,7 +117,7 @@ def _label(spec: FeatureSpec, inputs: Mapping[str, Any]) -> tf.Tensor:
     value = filled(label.column)
     if spec.task == "regression":
         return tf.cast(value, tf.float32)
-    if columns[label.column].type == "string" or spec.task == "multiclass":
+    if spec.label_by_name:
         # Class ids follow the order in label.classes; a value outside them becomes -1 (the
         # schema's domain check stops such data before it gets here).
         as_string = value if value.dtype == tf.string else tf.strings.as_string(value)

@@ -142,7 +142,7 @@ def _export(model: tf.keras.Model, spec: FeatureSpec, tf_transform_output, strat
         path = os.path.join(serving_model_dir, export.SERVING_SPEC_FILE)
         tf.io.gfile.makedirs(os.path.dirname(path))
         with tf.io.gfile.GFile(path, "w") as f:
-            f.write(json.dumps(export.serving_spec(spec), indent=2))
+            f.write(json.dumps(export.serving_spec(spec, tf_transform_output), indent=2))
 
 
 def _exact_distributed_evaluation(model: tf.keras.Model, eval_files) -> None:

@@ -527,6 +527,25 @@ def _vanished(spec, training, served, min_values: int) -> List[Dict[str, Any]]:
     return out
 
 
+def unseen_categories(spec, training, served) -> Dict[str, Dict[str, Any]]:
+    """{categorical feature: {"count": served values never seen in the training statistics, "examples":
+    the most frequent of them}}. A feature whose training statistics do not list every value (more
+    distinct values than rank-histogram buckets) or that no served row carries is left out."""
+    trained, sent = _features(training), _features(served)
+    out = {}
+    for name in spec.features:
+        if not (is_categorical(spec, name) and name in trained and name in sent
+                and _has_category_counts(trained[name]) and _has_category_counts(sent[name])):
+            continue
+        known = {b.label for b in trained[name].string_stats.rank_histogram.buckets}
+        if trained[name].string_stats.unique > len(known):
+            continue
+        unseen = sorted(((b.sample_count, b.label) for b in sent[name].string_stats.rank_histogram.buckets
+                         if b.label not in known), reverse=True)
+        out[name] = {"count": int(sum(n for n, _ in unseen)), "examples": [label for _, label in unseen[:5]]}
+    return out
+
+
 def _collect(result, check: str, measurements, anomalies, comparator_reasons_only: bool) -> None:
     from tensorflow_metadata.proto.v0 import anomalies_pb2
 
@@ -696,6 +715,7 @@ def run(args, popen: Callable = subprocess.Popen, now: Optional[float] = None) -
         "thresholds": thresholds, **result,
         "anomalous_features": sorted({a["feature"] for a in result["anomalies"] if a["feature"]}),
         "ignored_keys": served.unknown_keys,
+        "unseen_categories": unseen_categories(spec, training, served_stats),
     }
     report["retrain"] = None
     write_report(report, args.out_dir, served_stats, training)
@@ -767,6 +787,11 @@ def print_summary(report: Dict[str, Any], stream=sys.stdout) -> None:
         print(f"  {a['kind']:7s} {a['feature'] or '(dataset)'}:{measured} {a['description']}", file=stream)
     if not report["anomalies"]:
         print("  no anomaly", file=stream)
+    unseen = {n: u for n, u in report.get("unseen_categories", {}).items() if u["count"]}
+    if unseen:
+        print("  values never seen in training: " + "; ".join(
+            f"{n} {u['count']} (e.g. {', '.join(map(repr, u['examples'][:3]))})" for n, u in sorted(unseen.items())),
+            file=stream)
     retrain = report["retrain"]
     if retrain and retrain["started"]:
         print(f"  retraining started (pid {retrain['pid']}): {shlex.join(retrain['command'])}; log {retrain['log']}",

@@ -24,20 +24,27 @@ SUMMARY_PATH = "build/run_summary.json"
 
 
 class ProgressWatcher(threading.Thread):
-    """Prints each component as it starts and finishes, read from ML Metadata.
+    """Prints one line per component when it ends (state and elapsed seconds), read from ML Metadata.
 
     MLMD is the run's own record (cached components included), so the timings here are
-    the ones the summary reports, not a parse of log lines.
+    the ones the summary reports, not a parse of log lines. A component still running after
+    `still_every` seconds gets a progress line: rewritten in place on a terminal, a new line
+    every `still_every` seconds otherwise (a file or a pipe keeps no carriage returns).
     """
 
-    def __init__(self, connection_config, stream=sys.stdout, interval: float = 0.5):
+    def __init__(self, connection_config, stream=sys.stdout, interval: float = 0.5, still_every: float = 60.0):
         super().__init__(daemon=True)
         self.connection_config, self.stream, self.interval = connection_config, stream, interval
+        self.still_every = still_every
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
         self.started_ms = int(time.time() * 1000)
         self.stop_event = threading.Event()
         self.seen: Dict[int, str] = {}
         self.seconds: Dict[str, float] = {}
         self.order = []
+        self.failed: Optional[str] = None  # the first component that failed
+        self.reported_still: Dict[int, int] = {}  # execution id -> progress lines printed (not on a TTY)
+        self.spinning = False
 
     def run(self):
         while not self.stop_event.wait(self.interval):
@@ -46,26 +53,136 @@ class ProgressWatcher(threading.Thread):
     def stop(self):
         self.stop_event.set()
         self.join()
-        self.poll()
+        self.poll(final=True)
 
-    def poll(self):
+    def _write(self, text: str, end: str = "\n") -> None:
+        if self.spinning:  # a progress line is on screen: overwrite it
+            text, self.spinning = "\r\x1b[K" + text, False
+        self.stream.write(text + end)
+        self.stream.flush()
+
+    def poll(self, final: bool = False):
         try:
             store = mlmd.store_for(self.connection_config)
             run = mlmd.latest_run(store, since_ms=self.started_ms)
             if run is None:
                 return
+            running = []
             for e, node, state in mlmd.run_executions(store, run):
                 if e.id not in self.seen:
                     self.seen[e.id] = "NEW"
                     self.order.append(node)
-                    print(f"  > {node} ...", file=self.stream, flush=True)
                 if state in ("COMPLETE", "CACHED", "FAILED", "CANCELED") and self.seen[e.id] == "NEW":
                     self.seen[e.id] = state
                     self.seconds[node] = (e.last_update_time_since_epoch - e.create_time_since_epoch) / 1000
+                    if state == "FAILED" and self.failed is None:
+                        self.failed = node
                     mark = {"COMPLETE": "done", "CACHED": "cached"}.get(state, state)
-                    print(f"  < {node}: {mark} ({self.seconds[node]:.1f} s)", file=self.stream, flush=True)
+                    self._write(f"  {node:<30} {mark:>8} {self.seconds[node]:7.1f} s")
+                elif self.seen[e.id] == "NEW":
+                    running.append((e, node))
+            if running and not final:
+                self._progress(*running[-1])
         except Exception as e:  # progress is a convenience: never let it break a run
             logging.debug("progress poll failed: %s", e)
+
+    def _progress(self, execution, node: str) -> None:
+        elapsed = time.time() - execution.create_time_since_epoch / 1000
+        if self.tty:
+            if elapsed >= 2:
+                self._write(f"  {node:<30} {'running':>8} {elapsed:7.0f} s", end="")
+                self.spinning = True
+        elif elapsed >= self.still_every * (self.reported_still.get(execution.id, 0) + 1):
+            self.reported_still[execution.id] = self.reported_still.get(execution.id, 0) + 1
+            self._write(f"  {node:<30} {'running':>8} {elapsed:7.0f} s")
+
+
+class ConsoleWarnings(logging.Handler):
+    """Shows each distinct warning our own code logs (components/, pipelines/, ...) once on the console;
+    the libraries' warnings stay in the log file, and so do errors: one that ends the run is printed
+    once, as the run's failure."""
+
+    OWN = tuple(os.path.join(feature_spec.REPO_ROOT, room) + os.sep for room in ("components", "pipelines", "ops",
+                                                                                 "serving"))
+
+    def __init__(self, stream):
+        super().__init__(logging.WARNING)
+        self.stream, self.shown = stream, set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno != logging.WARNING or not record.pathname.startswith(self.OWN):
+            return
+        message = record.getMessage()
+        if message not in self.shown:
+            self.shown.add(message)
+            clear = "\r\x1b[K" if self.stream.isatty() else ""  # over a progress line being rewritten
+            self.stream.write(f"{clear}  warning: {message}\n")
+            self.stream.flush()
+
+
+class Console:
+    """The run's terminal: while open, file descriptors 1 and 2 (every library's prints, absl,
+    TensorFlow's C++ lines such as the CUDA-factory errors at import, Beam's workers) go to the
+    run's log file; progress, warnings and the failure go to `out`, a copy of the real stdout."""
+
+    def __init__(self, log_path: str, quiet: bool):
+        self.log_path, self.quiet = log_path, quiet
+
+    def __enter__(self) -> "Console":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.saved = os.dup(1), os.dup(2)
+        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        # Python-level streams too: a test runner or an embedding program may have replaced them.
+        self.streams = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = self.log_stream = os.fdopen(os.dup(1), "w", buffering=1)
+        self.out = open(os.devnull, "w") if self.quiet else os.fdopen(os.dup(self.saved[0]), "w", buffering=1)
+        self.err = self.out if self.quiet else os.fdopen(os.dup(self.saved[1]), "w", buffering=1)
+        log_file = logging.FileHandler(self.log_path, mode="a")
+        log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        self.saved_root = root.level, list(root.handlers)
+        root.handlers = [log_file, ConsoleWarnings(self.out)]
+        root.setLevel(logging.INFO)
+        logging.captureWarnings(True)  # Python warnings (deprecations) into the log
+        return self
+
+    def __exit__(self, *exc) -> None:
+        root = logging.getLogger()
+        for handler in root.handlers:
+            handler.close()
+        root.setLevel(self.saved_root[0])
+        root.handlers = self.saved_root[1]
+        logging.captureWarnings(False)
+        sys.stdout, sys.stderr = self.streams  # log_stream stays open: a handler made meanwhile may hold it
+        for fd, saved in zip((1, 2), self.saved):
+            os.dup2(saved, fd)
+            os.close(saved)
+        for stream in {self.out, self.err}:
+            stream.close()
+
+
+class RunFailed(RuntimeError):
+    """A component failed; run() has printed the cause once and logged the traceback."""
+
+    def __init__(self, node: str, error: BaseException, log_path: str):
+        super().__init__(f"{node}: {type(error).__name__}: {error}")
+        self.node, self.error, self.log_path = node, error, log_path
+
+
+def log_path_for(summary_path: str, name: str) -> str:
+    """A new file per run under <summary's folder>/logs/: <name>-<UTC time>.log."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(summary_path)), "logs")
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.join(folder, f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    path, n = stem + ".log", 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{stem}-{n}.log"
+    return path
 
 
 class NothingNew(RuntimeError):
@@ -110,7 +227,7 @@ def run(spec_path: str, env_path: str = "configs/local.yaml", data_path: Optiona
         require_new_span(spec, env)
     inputs = fingerprint.inputs_fingerprint(spec, spec_path, env_path, beam_profile)
     if reuse_unchanged and not new_span_only:
-        previous, why = fingerprint.unchanged_run(summary_path, inputs, also_needed=[env["metadata_path"]])
+        previous, _ = fingerprint.unchanged_run(summary_path, inputs, also_needed=[env["metadata_path"]])
         if previous is not None:
             if not quiet:
                 print(f"skewless: nothing changed since the last run of '{spec.name}' (same spec, environment, "
@@ -118,58 +235,53 @@ def run(spec_path: str, env_path: str = "configs/local.yaml", data_path: Optiona
             return previous
     beam_args = beam_profiles.beam_args(env, env_path, beam_profile, pipeline_root=env["pipeline_root"],
                                         name=spec.name)
-
-    from tfx.orchestration import metadata
-    from tfx.orchestration.local.local_dag_runner import LocalDagRunner
-
-    from pipelines import pipeline as pipeline_lib, report
-
     beam_profiles.check_flags(beam_args, env_path)  # Beam would drop a misspelt flag with a warning
-    os.makedirs(os.path.dirname(env["metadata_path"]), exist_ok=True)
-    environment = pipeline_lib.Environment(
-        pipeline_root=env["pipeline_root"], model_repository=env["model_repository"],
-        metadata_connection_config=metadata.sqlite_metadata_connection_config(env["metadata_path"]),
-        beam_pipeline_args=beam_args, enable_cache=env.get("enable_cache", True),
-        sandbox=dict(env.get("sandbox") or {}))
-    tfx_pipeline = pipeline_lib.create_pipeline(spec, environment)
-
-    progress = ProgressWatcher(environment.metadata_connection_config,
-                               stream=open(os.devnull, "w") if quiet else sys.stdout)
-    # The full log goes to a file; the terminal gets progress lines and errors only.
-    log_path = os.path.join(os.path.dirname(os.path.abspath(summary_path)), "logs", f"{spec.name}.log")
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    log_file = logging.FileHandler(log_path, mode="w")
-    log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    saved_root = (root.level, list(root.handlers))
-    root.handlers = [log_file]
-    root.setLevel(logging.INFO)
-    error = None
-    try:
-        print(f"skewless: running pipeline '{spec.name}' on {spec.data_path}", flush=True) if not quiet else None
-        progress.start()
-        LocalDagRunner().run(tfx_pipeline)
-    except Exception as e:  # reported in the summary, then re-raised
-        error = e
-    finally:
-        progress.stop()
-        root.setLevel(saved_root[0])
-        root.handlers = saved_root[1]
-        log_file.close()
-    _record_code_commit(environment.metadata_connection_config)
-    summary = report.build_summary(spec, env, environment, progress.order, progress.seconds,
-                                   time.time() - started, error)
-    summary["log"] = log_path
-    summary[fingerprint.KEY] = inputs
+    log_path = log_path_for(summary_path, spec.name)
     report_dir = report_dir or os.path.join(os.path.dirname(os.path.abspath(summary_path)), "reports")
-    try:
-        summary["reports"] = report.write_html(summary, spec, report_dir)
-    finally:  # written once, with the reports when they could be made
-        report.write_summary(summary, summary_path)
+    if not quiet:
+        print(f"skewless: running pipeline '{spec.name}' on {spec.data_path}", flush=True)
+    error, failed = None, None
+    with Console(log_path, quiet) as console:
+        from tfx.orchestration import metadata
+        from tfx.orchestration.local.local_dag_runner import LocalDagRunner
+
+        from pipelines import pipeline as pipeline_lib, report
+
+        os.makedirs(os.path.dirname(env["metadata_path"]), exist_ok=True)
+        environment = pipeline_lib.Environment(
+            pipeline_root=env["pipeline_root"], model_repository=env["model_repository"],
+            metadata_connection_config=metadata.sqlite_metadata_connection_config(env["metadata_path"]),
+            beam_pipeline_args=beam_args, enable_cache=env.get("enable_cache", True),
+            sandbox=dict(env.get("sandbox") or {}))
+        tfx_pipeline = pipeline_lib.create_pipeline(spec, environment)
+        progress = ProgressWatcher(environment.metadata_connection_config, stream=console.out)
+        try:
+            progress.start()
+            LocalDagRunner().run(tfx_pipeline)
+        except Exception as e:  # reported in the summary, printed once below, then re-raised
+            error = e
+            logging.exception("the run failed")  # the traceback, in the log only
+        finally:
+            progress.stop()
+        _record_code_commit(environment.metadata_connection_config)
+        summary = report.build_summary(spec, env, environment, progress.order, progress.seconds,
+                                       time.time() - started, error)
+        summary["log"] = log_path
+        summary[fingerprint.KEY] = inputs
+        try:
+            summary["reports"] = report.write_html(summary, spec, report_dir)
+        finally:  # written once, with the reports when they could be made
+            report.write_summary(summary, summary_path)
+        if error is not None:
+            failed = RunFailed(progress.failed or "pipeline", error, log_path)
+            console.err.write(f"error: {failed}\n")
+            for name, path in (summary.get("reports") or {}).items():
+                console.err.write(f"{name} report: {path}\n")
+            console.err.write(f"full log: {log_path}\n")
+    if failed is not None:
+        raise failed from error
     if not quiet:
         report.print_summary(summary)
-    if error is not None:
-        raise error
     return summary
 
 
@@ -211,6 +323,8 @@ def main(argv=None) -> int:
     except NothingNew as e:
         print(f"nothing to retrain on: {e}", file=sys.stderr)
         return 3
+    except RunFailed:  # run() printed it, cause first
+        return 1
     except Exception as e:
         print(f"error: pipeline failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

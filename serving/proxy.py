@@ -53,6 +53,11 @@ refused with a message naming the key, and the previous settings stay in force.
                           "holdback:<policy>", "fallback", "client") and `propensity` (the
                           probability of the answer given, per row: 1 - share for the model,
                           share for a held-back answer, share / K for a random draw)
+  PROXY_SERVING_SPEC      the answering model version's assets.extra/serving_spec.json (the trainer
+                          writes it; mount or copy it beside the proxy): its `vocabularies`, the
+                          training vocabulary of each vocabulary-transformed feature, let the proxy
+                          count served values the model never saw in training, per feature
+                          (skewless_proxy_unseen_categories); unset: not counted
   PROXY_MODEL             the model /readyz checks: ready only when every variant's label or
                           version is AVAILABLE on its backend (unset: only that backends answer)
   PREDLOG_QUEUE_SIZE, PREDLOG_SEGMENT_RECORDS, PREDLOG_RETRY_SECONDS  the log's bounds
@@ -194,6 +199,7 @@ class ProxySettings(pydantic.BaseModel):
     holdback_share: float = pydantic.Field(0.0, ge=0, le=0.5, allow_inf_nan=False, alias="PROXY_HOLDBACK_SHARE")
     holdback_policy: Literal["fallback", "stable", "random"] = pydantic.Field("fallback", alias="PROXY_HOLDBACK_POLICY")
     holdback_label: Name = pydantic.Field("stable", alias="PROXY_HOLDBACK_LABEL")
+    serving_spec: Optional[str] = pydantic.Field(None, alias="PROXY_SERVING_SPEC")
 
     @pydantic.model_validator(mode="before")
     @classmethod
@@ -243,6 +249,7 @@ class Settings:
                      "hash_routing_key", "hash_salt", "redact", "log_max_body", "model"):
             setattr(self, name, getattr(config, name))
         self.auth_tokens = _read_tokens(self.auth_tokens_file) if self.auth_tokens_file else None
+        self.vocabularies = read_vocabularies(config.serving_spec) if config.serving_spec else {}
         self.variants: Dict[str, Variant] = {
             name: Variant(name, v.backend or self.backend, v.weight, v.label, v.version)
             for name, v in config.variants.items()}
@@ -319,6 +326,59 @@ def _read_tokens(path: str) -> frozenset:
         raise ConfigError(f"PROXY_AUTH_TOKENS_FILE: {path} holds no token (one per line); unset the key to turn "
                           "authentication off")
     return tokens
+
+MAX_VOCABULARY_FEATURES = 100  # bounds the unseen-categories counter's feature label
+
+
+def read_vocabularies(path: str) -> Dict[str, frozenset]:
+    """{feature: its training values} from a serving spec's `vocabularies` (components/export.py writes
+    them); a file that cannot be read, or holds no usable vocabularies, is refused, naming it."""
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"PROXY_SERVING_SPEC: cannot read {path} ({e.strerror})") from None
+    except ValueError as e:
+        raise ConfigError(f"PROXY_SERVING_SPEC: {path} is not JSON ({e})") from None
+    vocabularies = spec.get("vocabularies") if isinstance(spec, dict) else None
+    if not isinstance(vocabularies, dict) or not all(isinstance(v, list) for v in vocabularies.values()):
+        raise ConfigError(f"PROXY_SERVING_SPEC: {path} has no `vocabularies` object of lists (a model exported "
+                          "before the trainer wrote them): re-export it, or unset the key")
+    if len(vocabularies) > MAX_VOCABULARY_FEATURES:
+        raise ConfigError(f"PROXY_SERVING_SPEC: {path} has {len(vocabularies)} vocabularies; at most "
+                          f"{MAX_VOCABULARY_FEATURES} features are counted")
+    return {name: frozenset(values) for name, values in vocabularies.items()}
+
+
+def unseen_categories(body: Dict[str, Any], vocabularies: Dict[str, frozenset]) -> Dict[str, int]:
+    """{feature: how many of the request's string values are outside its training vocabulary}, over
+    `instances` or `examples` rows and `inputs` columns; a missing value ("") is not a category."""
+    counts: Dict[str, int] = {}
+    rows = body.get("instances", body.get("examples"))
+    columns = body.get("inputs")
+    for name, known in vocabularies.items():
+        if isinstance(rows, list):
+            values = (_one(r.get(name)) for r in rows if isinstance(r, dict))
+        elif isinstance(columns, dict):
+            column = columns.get(name)
+            values = (_one(v) for v in column) if isinstance(column, list) else (_one(column),)
+        else:
+            return counts
+        unseen = sum(1 for v in map(_category, values) if v and v not in known)
+        if unseen:
+            counts[name] = unseen
+    return counts
+
+
+def _category(value: Any) -> Optional[str]:
+    """A served value as its vocabulary entry: a string as is, a whole number as its digits (tf.Transform
+    writes an int column's vocabulary as text); None for anything else (missing, b64, a fraction)."""
+    if isinstance(value, str):
+        return value
+    if _is_number(value) and math.isfinite(value) and value == int(value):
+        return str(int(value))
+    return None
+
 
 # --- backend calls ------------------------------------------------------------------------
 
@@ -433,6 +493,15 @@ class Proxy:
                                       registry=r)
         self.m_weight = prom.Gauge("skewless_proxy_variant_weight", "Traffic share per answering variant.",
                                    ["variant"], registry=r)
+        self.m_unseen = prom.Counter("skewless_proxy_unseen_categories", "Served values of a categorical feature "
+                                     "outside its training vocabulary (PROXY_SERVING_SPEC).", ["model", "feature"],
+                                     registry=r)
+
+    def count_unseen(self, model: str, body: Dict[str, Any], settings: "Settings") -> None:
+        """Adds each feature's values outside the training vocabulary to skewless_proxy_unseen_categories."""
+        if settings.vocabularies:
+            for feature, n in unseen_categories(body, settings.vocabularies).items():
+                self.m_unseen.labels(self.model_label(model), feature).inc(n)
 
     def model_label(self, model: str) -> str:
         """The metrics label for a model name: names the backend knows, up to MAX_MODEL_LABELS; else "other"."""
@@ -964,6 +1033,7 @@ class ProxyApi:
                 code, answer = 400, {"error": f"{rows} rows in one request; at most {settings.max_rows} "
                                               "(PROXY_MAX_ROWS): split the request"}
                 return
+            proxy.count_unseen(model, body, settings)
             if not settings.enabled:
                 variant_name, code, answer = "fallback", 200, proxy.fallback(body, verb)
                 policy, propensity = "fallback", 1.0

@@ -292,3 +292,28 @@ def postgres_server():
 def postgres_url(postgres_server):
     """The URL (with password) of a new, empty database on the test server: each test its own."""
     return postgres_server.create_database()
+
+
+CONSOLE_NOISE = ("INFO", "cuDNN", "cuFFT", "cuBLAS", "Traceback", "WARNING:", "Deprecat")
+
+
+def component_lines(stdout: str) -> "collections.Counter":
+    """{node: how many end-of-component lines} in a run's console output (pipelines/local_runner.py's
+    ProgressWatcher: '  <node>  done|cached|FAILED  <seconds> s'), after checking that every line of
+    the run's progress is one of those or a 'running' progress line."""
+    import collections
+    import re
+
+    ended = re.compile(r"^  (\S+) +(done|cached|FAILED|CANCELED) +\d+\.\d s$")
+    running = re.compile(r"^  \S+ +running +\d+ s$")
+    lines = stdout.splitlines()
+    assert lines and lines[0].startswith("skewless: running pipeline"), lines[:3]
+    counts = collections.Counter()
+    for line in lines[1:]:
+        if not line.startswith("  "):
+            break  # the summary (pipelines/report.py's print_summary) or nothing
+        match = ended.match(line)
+        assert match or running.match(line) or line.startswith("  warning: "), line
+        if match:
+            counts[match.group(1)] += 1
+    return counts

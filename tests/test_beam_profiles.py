@@ -185,7 +185,7 @@ def test_local_pipeline_runs_under_the_multi_processing_profile(tmp_path):
     assert {"CsvExampleGen", "StatisticsGen", "Transform", "Trainer", "Evaluator"} <= ran
     # The profile's arguments replaced the environment file's, and Beam ran SDK worker processes:
     # their log lines come back through the local job service, which in-memory runs do not start.
-    with open(tmp_path / "logs" / "taxi.log") as f:
+    with open(summary["log"]) as f:
         log = f.read()
     # (Which INFO lines of TFX reach the file depends on logging set up earlier in the process;
     # the workers' own lines always come back, and they print their options.)

@@ -572,3 +572,88 @@ def test_bug_float_vocabulary_is_accepted(taxi_raw):
 def test_bug_custom_config_round_trip_loses_replaced_fields(taxi, tmp_path):
     moved = dataclasses.replace(taxi, data_path=str(tmp_path))
     assert FeatureSpec.from_custom_config(moved.to_custom_config()) == moved
+
+
+# --- the label's values against label.classes (README "Labels and classes") -----------------
+
+PENGUIN_SPEC = {
+    "name": "penguin",
+    "data": {"path": "PLACEHOLDER"},
+    "task": "multiclass",
+    "label": {"name": "species_id", "column": "species", "classes": ["Adelie", "Chinstrap", "Gentoo"]},
+    "label_columns": {"species": {"type": "string"}},
+    "features": {"body_mass_g": {"type": "float", "transform": "zscore"}},
+}
+
+
+def _penguin_spec(tmp_path, classes, column_type="string", task="multiclass"):
+    raw = copy.deepcopy(PENGUIN_SPEC)
+    raw["data"]["path"] = str(tmp_path)
+    raw["task"] = task
+    raw["label"]["classes"] = classes
+    raw["label_columns"]["species"]["type"] = column_type
+    return feature_spec.parse(raw, source=SOURCE)
+
+
+def _penguins(tmp_path, species):
+    return _write_csv(tmp_path / "penguins.csv",
+                      "species,body_mass_g\n" + "".join(f"{s},{3000 + i}\n" for i, s in enumerate(species)))
+
+
+def test_class_names_matching_the_label_column_pass(tmp_path):
+    _penguins(tmp_path, ["Adelie", "Gentoo", "Chinstrap", "Adelie"])
+    feature_spec.check_against_data(_penguin_spec(tmp_path, ["Adelie", "Chinstrap", "Gentoo"]))
+
+
+def test_a_misspelt_class_fails_up_front_with_did_you_mean(tmp_path):
+    path = _penguins(tmp_path, ["Adelie", "Chinstrap", "Adelie", "Gentoo"])
+    with pytest.raises(SpecError) as info:
+        feature_spec.check_against_data(_penguin_spec(tmp_path, ["Adelie", "Chinstrap", "Gento"]))
+    message = str(info.value)
+    assert _names_key(message, "label.classes"), message
+    assert f"'Gentoo' at {path}:5" in message  # the header is line 1
+    assert "did you mean 'Gentoo' for 'Gento'?" in message, message
+
+
+def test_a_label_value_far_from_every_class_asks_to_list_it(tmp_path):
+    path = _penguins(tmp_path, ["Adelie", "Chinstrap", "Gentoo", "Emperor"])
+    with pytest.raises(SpecError) as info:
+        feature_spec.check_against_data(_penguin_spec(tmp_path, ["Adelie", "Chinstrap", "Gentoo"]))
+    message = str(info.value)
+    assert _names_key(message, "label.classes") and f"'Emperor' at {path}:5" in message
+    assert "did you mean" not in message and "add it to label.classes" in message
+
+
+def test_an_empty_label_cell_names_the_fill_that_is_not_a_class(tmp_path):
+    _penguins(tmp_path, ["Adelie", "", "Gentoo", "Chinstrap"])
+    with pytest.raises(SpecError) as info:
+        feature_spec.check_against_data(_penguin_spec(tmp_path, ["Adelie", "Chinstrap", "Gentoo"]))
+    assert "label_columns.species.missing.fill ('')" in str(info.value) and "penguins.csv:3" in str(info.value)
+
+
+def test_integer_codes_of_a_multiclass_label_match_classes_by_text(tmp_path):
+    _penguins(tmp_path, [1, 2, 3, 2])
+    feature_spec.check_against_data(_penguin_spec(tmp_path, [1, 2, 3], column_type="int"))
+    with pytest.raises(SpecError, match="'0' at .*penguins.csv:2"):  # classes are texts: a 0-based list is not 1-based data
+        _penguins(tmp_path, [0, 1, 2])
+        feature_spec.check_against_data(_penguin_spec(tmp_path, [1, 2, 3], column_type="int"))
+
+
+def test_a_binary_label_coded_1_2_fails_with_the_fix_spelled_out(tmp_path):
+    path = _penguins(tmp_path, [1, 2, 2, 1])
+    with pytest.raises(SpecError) as info:
+        feature_spec.check_against_data(_penguin_spec(tmp_path, ["male", "female"], column_type="int", task="binary"))
+    message = str(info.value)
+    assert _names_key(message, "label.classes") and f"holds 2 at {path}:3" in message, message
+    assert "0 = 'male', 1 = 'female'" in message
+    assert "declare label_columns.species.type: string" in message and "classes: [1, 2]" in message
+    # The fix it names works: the codes read as text, in class order.
+    feature_spec.check_against_data(_penguin_spec(tmp_path, [1, 2], task="binary"))
+    _penguins(tmp_path, [0, 1, 1])  # and a 0/1 column is the ids themselves
+    feature_spec.check_against_data(_penguin_spec(tmp_path, ["male", "female"], column_type="int", task="binary"))
+
+
+def test_a_float_multiclass_label_is_refused_by_the_spec(tmp_path):
+    with pytest.raises(SpecError) as info:
+        _penguin_spec(tmp_path, [1, 2, 3], column_type="float")
+    assert _names_key(str(info.value), "label_columns.species.type") and "int or string" in str(info.value)

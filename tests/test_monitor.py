@@ -443,3 +443,31 @@ def test_the_specs_monitoring_block_is_read_before_the_override(taxi_spec, tmp_p
         feature_spec.parse({**taxi_spec.raw, "monitoring": {"skew": {"l1": 0.1}}}, source=taxi_spec.source)
     with pytest.raises(monitor.MonitorError, match=r"--thresholds: skew.infinity_norm: must be at most 1, got 2"):
         monitor.load_thresholds(spec, '{"skew": {"infinity_norm": 2}}')
+
+
+def test_served_categories_never_seen_in_training_are_counted_per_feature(clean, rows, taxi_spec):
+    _, report, _, _ = clean
+    unseen = report["unseen_categories"]
+    assert {"payment_type", "company", "trip_start_hour"} <= set(unseen) and "fare" not in unseen
+    for name in ("company", "pickup_community_area", "payment_type"):
+        def text(value):  # the CSV's int cells read as the statistics' labels ("8.0" is not a category of 8)
+            return str(int(float(value))) if taxi_spec.features[name].type == "int" else value
+        trained = {text(r[name]) for r in rows[0] if r[name] != ""}
+        served = [text(r[name]) for r in rows[2] if r[name] != ""]
+        assert unseen[name]["count"] == sum(v not in trained for v in served), name
+        assert set(unseen[name]["examples"]) <= set(served) - trained
+    assert unseen["payment_type"]["count"] == 0 or unseen["payment_type"]["examples"]
+
+
+def test_a_new_category_in_served_traffic_is_counted_and_printed(taxi_spec, rows, training_statistics, tmp_path):
+    import io
+
+    from ops import monitor
+
+    current = [dict(r, payment_type="Bitcoin") if i % 50 == 0 else r for i, r in enumerate(rows[2])]
+    _, report = _run(_log(tmp_path, rows[1], current, taxi_spec, noise=False), training_statistics, tmp_path / "out")
+    bitcoin = sum(1 for i, _ in enumerate(rows[2]) if i % 50 == 0)
+    assert report["unseen_categories"]["payment_type"] == {"count": bitcoin, "examples": ["Bitcoin"]}
+    printed = io.StringIO()
+    monitor.print_summary(report, stream=printed)
+    assert f"payment_type {bitcoin} (e.g. 'Bitcoin')" in printed.getvalue()

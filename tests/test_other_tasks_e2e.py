@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests import datasets
-from tests.conftest import REPO
+from tests.conftest import CONSOLE_NOISE, REPO, component_lines
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,11 @@ def _run_cli(spec, data_dir, tmp):
          "--summary", summary_path],
         cwd=REPO, env=dict(os.environ, TF_USE_LEGACY_KERAS="1"), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    assert "Transform" in out.stdout and "Pusher" in out.stdout  # progress lines
+    # A quiet console: one line per component, the rest in the run's log file.
+    assert not [w for w in CONSOLE_NOISE if w in out.stdout + out.stderr], out.stdout + out.stderr
+    ended = component_lines(out.stdout)
+    assert {"CsvExampleGen", "Transform", "Trainer", "Evaluator", "Pusher"} <= set(ended), out.stdout
+    assert set(ended.values()) == {1}, ended
     with open(summary_path) as f:
         return json.load(f)
 

@@ -2,12 +2,13 @@
 
 import json
 import os
+import re
 import sqlite3
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, TAXI_SPEC, read_rows, taxi_csv_path, write_sample
+from tests.conftest import CONSOLE_NOISE, REPO, TAXI_SPEC, component_lines, read_rows, taxi_csv_path, write_sample
 
 pytestmark = pytest.mark.slow
 
@@ -253,13 +254,36 @@ def _assert_halted_before_training(tmp):
 
 
 @pytest.mark.xdist_group("gate")
-def test_gate_halts_on_a_string_in_a_numeric_column(taxi_spec, tmp_path):
-    def corrupt(rows):
-        rows[2400]["trip_miles"] = "twelve"  # past the loader's 2,000-row sample: the gate must catch it
-        return rows
-    message = _corrupt_and_run(taxi_spec, str(tmp_path), corrupt)
-    assert "data gate" in message and "'trip_miles'" in message and "FLOAT" in message
-    _assert_halted_before_training(str(tmp_path))
+def test_gate_halts_on_a_string_in_a_numeric_column_and_the_console_says_so_once(taxi_spec, tmp_path, capfd):
+    """The command line's console (its file descriptors, as a terminal would see them): progress lines
+    only, the failure once, cause first. In this process, to spare the suite a second import of TFX:
+    the multiclass run (tests/test_other_tasks_e2e.py) checks a fresh process's import lines."""
+    from pipelines import local_runner
+
+    tmp = str(tmp_path)
+    rows = read_rows(taxi_csv_path(taxi_spec), limit=2500)
+    rows[2400]["trip_miles"] = "twelve"  # past the loader's 2,000-row sample: the gate must catch it
+    data_csv = write_sample(rows, os.path.join(tmp, "data"))
+    capfd.readouterr()
+    code = local_runner.main(["--spec", _sample_spec(tmp), "--env", _env(tmp), "--data", os.path.dirname(data_csv),
+                              "--summary", os.path.join(tmp, "s.json")])
+    out = capfd.readouterr()
+    assert code == 1, out.out[-2000:] + out.err[-4000:]
+    _assert_halted_before_training(tmp)
+    console = out.out + out.err
+    assert not [w for w in CONSOLE_NOISE if w in console], console
+    assert component_lines(out.out) == {node: 1 for node in _executed_nodes(tmp)}
+    assert re.search(r"^  data_gate +FAILED ", out.out, re.M), out.out
+    # The cause once, first, naming the component, the file, the line and the value; then the log.
+    errors = out.err.splitlines()
+    assert errors[0].startswith("error: data_gate: DataGateError: data gate:"), errors
+    assert errors[1] == (f"  [train, eval] features.trip_miles.type: declared float but column 'trip_miles' holds "
+                         f"'twelve' at {data_csv}:2402 (" + errors[1].split(":2402 (", 1)[-1]), errors
+    assert console.count("holds 'twelve'") == 1 and console.count("DataGateError") == 1, console
+    log = errors[-1].removeprefix("full log: ")
+    assert errors[-1].startswith("full log: ") and os.path.dirname(log) == os.path.join(tmp, "logs")
+    with open(log) as f:
+        assert "Traceback" in f.read()  # the traceback is kept, in the log only
 
 
 @pytest.mark.xdist_group("gate")

@@ -666,3 +666,38 @@ def test_load_generator_counts_requests_errors_and_reconnects(backend):
         closed = s.getsockname()[1]
     refused = loadgen.sequential({"gone": closed}, "/v1/models/taxi:predict", good, 3)["gone"]
     assert refused == {**refused, "requests": 3, "errors": 3}
+
+
+def _serving_spec(tmp_path, vocabularies):
+    path = tmp_path / "serving_spec.json"
+    path.write_text(json.dumps({"task": "binary", "classes": ["no", "yes"], "vocabularies": vocabularies}))
+    return str(path)
+
+
+def test_served_values_outside_the_training_vocabulary_are_counted_per_feature(backend, tmp_path):
+    spec = _serving_spec(tmp_path, {"payment_type": ["Cash", "Credit Card"], "company": ["Flash Cab"],
+                                    "trip_start_hour": [str(h) for h in range(24)]})
+    proxy, url, stop = start_proxy({"PROXY_BACKEND": backend.url, "PROXY_SERVING_SPEC": spec})
+    try:
+        assert post(url, {"instances": [{"payment_type": "Cash", "company": "Flash Cab"}]})[0] == 200
+        assert post(url, {"instances": [{"payment_type": "Bitcoin", "company": "Flash Cab", "city": "Nowhere"},
+                                        {"payment_type": ["Barter"], "company": ""},  # "" is missing, not a category
+                                        {"payment_type": "Cash"}]})[0] == 200
+        post(url, {"inputs": {"payment_type": ["Cash", "Cheque"], "company": ["Yellow", "Flash Cab"],
+                              "trip_start_hour": [3, 25.0, 4.5]}})  # columns; 4.5 is no category
+        # (counted before any backend call: the fake backend answers rows only)
+        metrics = urllib.request.urlopen(url + "/monitoring/prometheus/metrics").read().decode()
+    finally:
+        stop()
+    counted = dict(re.findall(r'^skewless_proxy_unseen_categories_total\{(.*)\} (\S+)$', metrics, re.M))
+    assert counted == {'feature="payment_type",model="taxi"': "3.0", 'feature="company",model="taxi"': "1.0",
+                       'feature="trip_start_hour",model="taxi"': "1.0"}
+
+
+def test_an_unusable_serving_spec_is_refused_naming_the_key(tmp_path):
+    from serving.proxy import ConfigError, Settings
+
+    (tmp_path / "old.json").write_text(json.dumps({"task": "binary", "classes": ["no", "yes"]}))
+    for path, why in ((tmp_path / "old.json", "no `vocabularies`"), (tmp_path / "absent.json", "cannot read")):
+        with pytest.raises(ConfigError, match=f"PROXY_SERVING_SPEC: .*{why}"):
+            Settings({"PROXY_SERVING_SPEC": str(path)})

@@ -123,3 +123,15 @@ def test_transform_features_derives_the_label_as_training_did(loaded, taxi_spec,
 def test_small_model_learns(small_model):
     _, metrics = small_model
     assert metrics["auc"] > 0.85  # the majority class alone gives AUC 0.5
+
+
+def test_the_serving_spec_carries_each_vocabulary_features_training_values(small_model, taxi_spec, taxi_rows):
+    import json
+    import os
+
+    with open(os.path.join(small_model[0], "assets.extra", "serving_spec.json")) as f:
+        vocabularies = json.load(f)["vocabularies"]
+    assert set(vocabularies) == {n for n, f in taxi_spec.features.items() if "vocabulary" in f.transforms}
+    trained_on = taxi_rows[:1500]  # conftest's small_transform analyses these
+    assert set(vocabularies["payment_type"]) - {""} == {r["payment_type"] for r in trained_on} - {""}
+    assert set(vocabularies["trip_start_hour"]) == {r["trip_start_hour"] for r in trained_on}  # ints as digits
