@@ -1,0 +1,463 @@
+"""`make review VERSION=n`: the page a person reads before promoting a pushed version.
+
+    python -m ops.review --version N [--model taxi] [--label stable] [--spec configs/taxi.yaml]
+        [--model_repository build/model_repository] [--metadata build/metadata/<model>.sqlite]
+        [--ab_report build/ab_report.json] [--parity build/parity.json] [--out_dir build/reports]
+
+It puts the candidate beside the version the label (`stable`) points at in models.config, or says
+there is none yet, and writes build/reports/review_<model>_v<n>.html (self-contained, through
+pipelines/pages.py) with the figures as JSON beside it:
+
+  metrics      overall and per slice, each version's Evaluator output (found by lineage from the
+               pushed model), with confidence intervals when the Evaluator computed them, and
+               the candidate's delta
+  blessing     the Evaluator's verdict per threshold, the baseline it compared with, the sandbox's
+  A/B          the A/B report (`make ab-report` writes build/ab_report.json) when one of its variants
+               was answered by the candidate
+  drift        the candidate's training statistics against the stable's, with TFDV's drift
+               comparators and the monitor's drift bounds (components/spans.py)
+  parity       `make parity VERSION=n` (build/parity.json) when it checked the candidate
+  sandbox      each version's latency and throughput as measured before its push
+  lineage      data, its fingerprint, schema, transform graph, model, code commit
+  warmup       the version folder's warmup file: present, records
+  promote      the exact command to run
+
+Every ML Metadata query goes through pipelines/mlmd.py; models.config through serving/model_config.py.
+Exit codes: 0 written, 2 input error (the message names the version, file or flag at fault).
+"""
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+from pipelines import mlmd
+from serving import model_config
+
+INPUT_ERROR_EXIT = 2
+
+
+class ReviewError(RuntimeError):
+    """The review cannot be made; the message names the version, file or flag at fault and the fix."""
+
+
+# --- one version ----------------------------------------------------------------------------------
+
+def warmup(version_dir: str) -> Dict[str, Any]:
+    """The version's warmup file (TF Serving replays it before serving): present, and its records."""
+    from serving.repository import MAX_WARMUP_RECORDS, WARMUP_FILE  # imports TensorFlow
+
+    path = os.path.join(version_dir, WARMUP_FILE)
+    if not os.path.exists(path):
+        return {"path": path, "present": False, "records": 0, "max_records": MAX_WARMUP_RECORDS}
+    import tensorflow as tf
+
+    records = sum(1 for _ in tf.data.TFRecordDataset(path))
+    return {"path": path, "present": True, "records": records, "max_records": MAX_WARMUP_RECORDS}
+
+
+def metrics_by_slice(evaluation_uri: str) -> Dict[str, Dict[str, Dict[str, Optional[float]]]]:
+    """{slice: {metric: {value, lower, upper}}} of an Evaluator output (bounds None when the
+    Evaluator computed no confidence interval)."""
+    from pipelines.report import load_metrics
+
+    return {name: {m: {"value": v, "lower": None, "upper": None} for m, v in metrics.items()}
+            for name, metrics in load_metrics(evaluation_uri).items()}
+
+
+def blessing(evaluation_uri: str) -> Dict[str, Any]:
+    """The Evaluator's validation result: blessed or not, and each failed threshold."""
+    import tensorflow_model_analysis as tfma
+
+    result = tfma.load_validation_result(evaluation_uri)
+    failures = []
+    for per_slice in result.metric_validations_per_slice:
+        for failure in per_slice.failures:
+            failures.append({"metric": failure.metric_key.name, "value": failure.metric_value.double_value.value,
+                             "threshold": str(failure.metric_threshold).strip(), "message": failure.message})
+    return {"blessed": bool(result.validation_ok), "failures": failures}
+
+
+def version_facts(store, model_repository: str, model: str, version: int) -> Dict[str, Any]:
+    """What one pushed version is, from ML Metadata (lineage) and its version folder."""
+    from pipelines.report import sandbox_result
+
+    try:
+        evidence = mlmd.lineage_in(store, model, version)
+    except mlmd.MetadataError as e:
+        pushed = model_config.complete_versions(os.path.join(model_repository, model))
+        raise ReviewError(f"{e} (pushed versions of '{model}': {', '.join(map(str, pushed)) or 'none'}; "
+                          "a version the pipeline did not push after both blessings cannot be reviewed)") from None
+    return {
+        "version": version,
+        "lineage": evidence,
+        "metrics": metrics_by_slice(evidence["evaluation"]),
+        "blessing": blessing(evidence["evaluation"]),
+        "sandbox": sandbox_result(evidence["sandbox"]) if evidence["sandbox"] else None,
+        "warmup": warmup(model_config.version_path(os.path.join(model_repository, model), version)),
+        "training_statistics": mlmd.statistics_for_examples(store, evidence["examples"]).uri,
+    }
+
+
+# --- the two side by side -----------------------------------------------------------------------
+
+def compare_metrics(candidate: Dict[str, Dict[str, Dict]], stable: Optional[Dict[str, Dict[str, Dict]]]) -> List[Dict]:
+    """One row per slice and metric: both values with their intervals and candidate - stable.
+    Overall first, then slices by the candidate's example count, largest first."""
+    stable = stable or {}
+
+    def size(name: str) -> float:
+        return (candidate.get(name) or stable.get(name) or {}).get("example_count", {}).get("value") or 0
+
+    slices = sorted(set(candidate) | set(stable), key=lambda s: (s != "Overall", -size(s), s))
+    rows = []
+    for name in slices:
+        for metric in sorted(set(candidate.get(name, {})) | set(stable.get(name, {}))):
+            c, s = candidate.get(name, {}).get(metric), stable.get(name, {}).get(metric)
+            both = c is not None and s is not None and c["value"] is not None and s["value"] is not None
+            rows.append({"slice": name, "metric": metric, "candidate": c, "stable": s,
+                         "delta": c["value"] - s["value"] if both else None})
+    return rows
+
+
+def training_drift(candidate: Dict[str, Any], stable: Dict[str, Any], spec) -> Dict[str, Any]:
+    """The candidate's training split against the stable's, with TFDV's drift comparators
+    (components/spans.py, as the data gate compares spans) and the monitor's drift bounds."""
+    from tfx.utils import io_utils
+
+    from components.spans import drift_measurements
+    from ops.monitor import load_statistics_file, load_thresholds
+
+    def train_split(uri: str):
+        return load_statistics_file(os.path.join(uri, "Split-train", "FeatureStats.pb"))
+
+    schema_uri = candidate["lineage"]["schema"]
+    schema = io_utils.SchemaReader().read(io_utils.get_only_uri_in_dir(schema_uri))
+    bounds = load_thresholds(spec)["drift"]
+    same = candidate["lineage"]["examples"] == stable["lineage"]["examples"]
+    measurements = drift_measurements(train_split(candidate["training_statistics"]),
+                                      train_split(stable["training_statistics"]), schema, bounds)
+    return {"same_examples": same, "bounds": bounds, "features": measurements,
+            "drifted": [m["feature"] for m in measurements if m["drifted"]]}
+
+
+def ab_evidence(path: str, model: str, version: int) -> Dict[str, Any]:
+    """The A/B report at `path` when a variant of it was answered by this version."""
+    if not os.path.exists(path):
+        return {"path": path, "found": False, "note": f"no A/B report at {path} (make ab-report LABELS=file writes one)"}
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        variants = report["variants"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ReviewError(f"--ab_report {path}: not an A/B report written by `make ab-report` ({e}); "
+                          "rerun make ab-report or pass another --ab_report") from None
+    answered = {name for name, v in variants.items() if str(version) in v.get("model_versions", {})}
+    if report.get("model") not in (None, model) or not answered:
+        seen = sorted({f"{n}: {', '.join(v.get('model_versions', {})) or 'none'}" for n, v in variants.items()})
+        return {"path": path, "found": False,
+                "note": f"{path} is not about version {version} of '{model}' (model '{report.get('model')}', "
+                        f"versions per variant: {'; '.join(seen) or 'none'})"}
+    return {"path": path, "found": True, "candidate_variants": sorted(answered), "report": report}
+
+
+def parity_evidence(path: str, model: str, version: int) -> Dict[str, Any]:
+    """The parity report at `path` when it checked this version."""
+    hint = f"make parity VERSION={version} writes it to build/parity.json"
+    if not os.path.exists(path):
+        return {"path": path, "found": False, "note": f"no parity report at {path} ({hint})"}
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        checked = (report["model"], int(report["version"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ReviewError(f"--parity {path}: not a report of `make parity` ({e}); {hint}") from None
+    if checked != (model, version):
+        return {"path": path, "found": False,
+                "note": f"{path} checked version {checked[1]} of '{checked[0]}', not version {version} ({hint})"}
+    return {"path": path, "found": True, "report": report}
+
+
+def promote_command(model: str, version: int, label: str) -> str:
+    if model == "taxi":  # the Makefile's promote target acts on the default model
+        return f"make promote VERSION={version} LABEL={label}"
+    return f"python -m ops.release promote --model {model} --version {version} --label {label}"
+
+
+def gather(model: str, version: int, spec, model_repository: str = "build/model_repository",
+           metadata: Optional[str] = None, label: str = "stable", ab_report: str = "build/ab_report.json",
+           parity: str = "build/parity.json") -> Dict[str, Any]:
+    """Everything the review page shows, as plain data."""
+    metadata = metadata or f"build/metadata/{model}.sqlite"
+    try:
+        store = mlmd.connect(metadata)
+    except mlmd.MetadataError as e:
+        raise ReviewError(f"--metadata: {e}") from None
+    try:
+        labels = model_config.repository_labels(model_repository, model)
+    except model_config.ConfigError as e:
+        raise ReviewError(str(e)) from None
+    candidate = version_facts(store, model_repository, model, version)
+    stable_version = labels.get(label)
+    stable = (version_facts(store, model_repository, model, stable_version)
+              if stable_version is not None and stable_version != version else None)
+    baseline = candidate["lineage"]["baseline_model"]
+    return {
+        "model": model, "label": label, "labels": labels,
+        "candidate": candidate,
+        "stable": stable,
+        "stable_version": stable_version,
+        "already_labelled": stable_version == version,
+        "baseline_is_stable": bool(stable and baseline == stable["lineage"]["model"]),
+        "metrics": compare_metrics(candidate["metrics"], stable["metrics"] if stable else None),
+        "drift": training_drift(candidate, stable, spec) if stable else None,
+        "ab": ab_evidence(ab_report, model, version),
+        "parity": parity_evidence(parity, model, version),
+        "promote_command": promote_command(model, version, label),
+    }
+
+
+# --- the page -------------------------------------------------------------------------------------
+
+def _delta(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:+.4f}"
+
+
+def _bounds(entry: Optional[Dict[str, Optional[float]]]):
+    from pipelines import pages
+
+    if entry is None:
+        return pages.NOT_DEFINED
+    return pages.interval(entry["value"], entry["lower"], entry["upper"])
+
+
+def _summary_section(data: Dict[str, Any]):
+    from pipelines import pages
+
+    candidate, stable = data["candidate"], data["stable"]
+    version = candidate["version"]
+    if data["already_labelled"]:
+        against = f"version {version} already carries the label '{data['label']}': nothing to compare it with"
+    elif stable is None:
+        against = (f"no version is labelled '{data['label']}' yet: this would be the first release, and the "
+                   "figures below are the candidate's alone")
+    else:
+        against = f"version {stable['version']}, labelled '{data['label']}' in models.config"
+    sandbox = candidate["sandbox"]
+    drift = data["drift"]
+    facts = [
+        ("candidate", f"version {version}"),
+        (f"compared with ({data['label']})", against),
+        ("Evaluator", pages.verdict(candidate["blessing"]["blessed"])),
+        ("sandbox", pages.verdict(sandbox["blessed"]) if sandbox else "no sandbox report"),
+        ("A/B", data["ab"]["report"]["decision"]["outcome"] if data["ab"]["found"] else data["ab"]["note"]),
+        ("training data drift", "not compared (no stable version)" if drift is None else
+         f"{len(drift['drifted'])} of {len(drift['features'])} features past their bound"
+         + (f": {', '.join(drift['drifted'])}" if drift["drifted"] else "")),
+        ("parity", _parity_line(data["parity"])),
+        ("promote", pages.code(data["promote_command"])),
+    ]
+    return pages.section("Summary", pages.definitions(facts), anchor="summary")
+
+
+def _parity_line(parity: Dict[str, Any]) -> str:
+    if not parity["found"]:
+        return parity["note"]
+    report = parity["report"]
+    over = sum(p["rows_over_tolerance"] for p in report["paths"].values())
+    return (f"{over} rows over {report['tolerance']:g} on {len(report['paths'])} paths, {report['rows']} rows, "
+            f"{report['training_path_unmatched_rows']} unmatched")
+
+
+def _metrics_section(data: Dict[str, Any]):
+    from pipelines import pages
+
+    stable = data["stable"]
+    head = ["slice", "metric", f"candidate v{data['candidate']['version']}"]
+    head += [f"{data['label']} v{stable['version']}", "delta"] if stable else []
+    rows = []
+    for row in data["metrics"]:
+        cells = [row["slice"], row["metric"], _bounds(row["candidate"])]
+        if stable:
+            cells += [_bounds(row["stable"]), _delta(row["delta"])]
+        rows.append(cells)
+    intervals = any(r["candidate"] and r["candidate"]["lower"] is not None for r in data["metrics"])
+    note = ("Values with their confidence intervals [lower, upper] as the Evaluator computed them; delta is "
+            "candidate minus stable." if intervals else
+            "The Evaluator computed no confidence intervals for these outputs; delta is candidate minus stable.")
+    return pages.section("Metrics, overall and per slice", note, pages.table(head, rows), anchor="metrics")
+
+
+def _blessing_section(data: Dict[str, Any]):
+    from pipelines import pages
+
+    rows = []
+    for role, facts in (("candidate", data["candidate"]), (data["label"], data["stable"])):
+        if facts is None:
+            continue
+        evaluation, sandbox = facts["blessing"], facts["sandbox"]
+        reasons = [f"{f['metric']} = {pages.number(f['value'])}: {f['message'] or f['threshold']}"
+                   for f in evaluation["failures"]] + (sandbox["reasons"] if sandbox else [])
+        rows.append([f"v{facts['version']} ({role})", pages.verdict(evaluation["blessed"]),
+                     pages.verdict(sandbox["blessed"]) if sandbox else "no report",
+                     facts["lineage"]["baseline_model"] or "none (first blessing, or no earlier blessed model)",
+                     "; ".join(reasons) or "every threshold met"])
+    baseline = ("The Evaluator judged the candidate's `change` thresholds against the stable version's model."
+                if data["baseline_is_stable"] else
+                "The Evaluator's baseline was not the stable version's model (see the baseline column).")
+    return pages.section("Why blessed", baseline, pages.table(
+        ["version", "Evaluator", "sandbox", "baseline model", "reasons"], rows), anchor="blessing")
+
+
+def _ab_section(data: Dict[str, Any]):
+    from pipelines import pages
+
+    ab = data["ab"]
+    if not ab["found"]:
+        return pages.section("A/B report", ab["note"], anchor="ab")
+    report = ab["report"]
+    decision, comparison = report["decision"], report["comparison"]
+    rows = [[c["metric"], c.get("a"), c.get("b"),
+             pages.interval(c.get("estimate"), c.get("ci_low"), c.get("ci_high")) if "estimate" in c
+             else c.get("not_testable", ""), c.get("p_value")] for c in comparison["metrics"]]
+    return pages.section(
+        "A/B report",
+        f"{ab['path']}: A = '{report['a']}', B = '{report['b']}', {report['window']['text']}; the candidate "
+        f"answered as {', '.join(ab['candidate_variants'])}.",
+        pages.definitions([("decision", decision["outcome"]), ("reasons", "; ".join(decision["reasons"]) or "none")]),
+        pages.table(["metric", "A", "B", "B - A [CI]", "p-value"], rows), anchor="ab")
+
+
+def _drift_section(data: Dict[str, Any]):
+    from pipelines import pages
+
+    drift = data["drift"]
+    if drift is None:
+        return pages.section("Drift between the training data", "Not compared: there is no stable version.",
+                             anchor="drift")
+    rows = [[m["feature"], m["comparator"], m["value"], m["threshold"], pages.verdict(not m["drifted"])]
+            for m in drift["features"]]
+    same = " Both versions were trained on the same examples." if drift["same_examples"] else ""
+    return pages.section(
+        "Drift between the training data",
+        "The candidate's training split against the stable's (TFDV drift comparators; bounds from the spec's "
+        f"monitoring.drift).{same}", pages.table(["feature", "comparator", "distance", "bound", "within bound"], rows),
+        anchor="drift")
+
+
+def _parity_section(data: Dict[str, Any]):
+    from pipelines import pages
+
+    parity = data["parity"]
+    if not parity["found"]:
+        return pages.section("Parity", parity["note"], anchor="parity")
+    report = parity["report"]
+    rows = [[name, p["max_abs_diff"], p["rows_over_tolerance"]] for name, p in report["paths"].items()]
+    parts = [_parity_line(parity), pages.table(["path vs training path", "max |diff|", "rows over tolerance"], rows)]
+    metrics = report.get("metrics")
+    if metrics:
+        online, offline = metrics["online_from_rest"], metrics["offline_evaluator"]
+        parts.append(pages.table(["metric", "online (REST)", "offline (Evaluator)"],
+                                 [[k, online[k], offline.get(k)] for k in online]))
+    return pages.section("Parity", *parts, anchor="parity")
+
+
+def _side_by_side(data: Dict[str, Any], title: str, anchor: str, items):
+    """A table of figures, one column per version: items are (name, function of a version's facts)."""
+    from pipelines import pages
+
+    versions = [(f"candidate v{data['candidate']['version']}", data["candidate"])]
+    if data["stable"]:
+        versions.append((f"{data['label']} v{data['stable']['version']}", data["stable"]))
+    rows = [[name] + [get(facts) for _, facts in versions] for name, get in items]
+    return pages.section(title, pages.table([""] + [v for v, _ in versions], rows), anchor=anchor)
+
+
+def _sandbox(key: str):
+    return lambda facts: (facts["sandbox"] or {}).get(key)
+
+
+def render(data: Dict[str, Any]) -> str:
+    from pipelines import pages
+
+    import time
+
+    version = data["candidate"]["version"]
+    stable = data["stable"]
+    subtitle = (f"candidate version {version} beside version {stable['version']} ({data['label']})" if stable
+                else f"candidate version {version}; no version is labelled '{data['label']}' yet")
+    lineage = [("data", lambda f: f["lineage"]["data"]), ("data fingerprint", lambda f: f["lineage"]["data_fingerprint"]),
+               ("examples", lambda f: f["lineage"]["examples"]), ("schema", lambda f: f["lineage"]["schema"]),
+               ("transform graph", lambda f: f["lineage"]["transform_graph"]),
+               ("model", lambda f: f["lineage"]["model"]),
+               ("code commit", lambda f: f["lineage"]["code_commit"] or "not recorded"),
+               ("pushed at", lambda f: time.strftime("%Y-%m-%d %H:%M:%SZ",
+                                                     time.gmtime(f["lineage"]["pushed_at_ms"] / 1000)))]
+    sandbox = [("p50 latency (ms)", _sandbox("p50_ms")), ("p99 latency (ms)", _sandbox("p99_ms")),
+               ("throughput (requests/s)", _sandbox("requests_per_second")),
+               ("rows compared", _sandbox("rows_compared")), ("rows differing", _sandbox("rows_differing"))]
+    warm = [("warmup file", lambda f: "present" if f["warmup"]["present"] else "absent"),
+            ("records", lambda f: f["warmup"]["records"]),
+            ("most TF Serving reads", lambda f: f["warmup"]["max_records"]),
+            ("path", lambda f: f["warmup"]["path"])]
+    return pages.document(
+        f"Release review: {data['model']} version {version}",
+        _summary_section(data), _metrics_section(data), _blessing_section(data), _ab_section(data),
+        _drift_section(data), _parity_section(data),
+        _side_by_side(data, "Sandbox latency and throughput (measured before each push)", "sandbox", sandbox),
+        _side_by_side(data, "Lineage", "lineage", lineage),
+        _side_by_side(data, "Warmup", "warmup", warm),
+        pages.section("Promote", "After reading this page, to release the candidate:",
+                      pages.code(data["promote_command"]), anchor="promote"),
+        subtitle=subtitle)
+
+
+def page_path(out_dir: str, model: str, version: int) -> str:
+    return os.path.join(out_dir, f"review_{model}_v{version}.html")
+
+
+def write(data: Dict[str, Any], out_dir: str) -> Dict[str, str]:
+    """Writes the page and the figures beside it as JSON; returns both paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    html_path = page_path(out_dir, data["model"], data["candidate"]["version"])
+    with open(html_path, "w", encoding="utf-8") as f:
+        f.write(render(data))
+    json_path = html_path[:-len(".html")] + ".json"
+    with open(json_path, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    return {"html": html_path, "json": json_path}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--version", type=int, required=True, help="the pushed version to review")
+    parser.add_argument("--model", default="taxi")
+    parser.add_argument("--label", default="stable", help="the label the candidate would take (default: stable)")
+    parser.add_argument("--spec", default="configs/taxi.yaml", help="the dataset spec (its monitoring.drift bounds)")
+    parser.add_argument("--model_repository", default="build/model_repository")
+    parser.add_argument("--metadata", help="ML Metadata SQLite file (default: build/metadata/<model>.sqlite)")
+    parser.add_argument("--ab_report", default="build/ab_report.json", help="the JSON `make ab-report` writes")
+    parser.add_argument("--parity", default="build/parity.json", help="the JSON `make parity` writes")
+    parser.add_argument("--out_dir", default="build/reports")
+    args = parser.parse_args(argv)
+    from components import feature_spec
+
+    try:
+        spec = feature_spec.load(args.spec)
+        data = gather(args.model, args.version, spec, args.model_repository, args.metadata, args.label,
+                      args.ab_report, args.parity)
+    except (ReviewError, feature_spec.SpecError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return INPUT_ERROR_EXIT
+    paths = write(data, args.out_dir)
+    stable = data["stable"]
+    print(f"review of {args.model} version {args.version} beside "
+          + (f"version {stable['version']} ({args.label})" if stable else f"no '{args.label}' version (none yet)")
+          + f": {paths['html']}")
+    print(f"to release it: {data['promote_command']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
