@@ -179,6 +179,18 @@ def parity_evidence(path: str, model: str, version: int) -> Dict[str, Any]:
     return {"path": path, "found": True, "report": report}
 
 
+def gated_metric_keys(spec, overall: Dict[str, Any]) -> List[str]:
+    """The Evaluator's keys of the metrics the spec's thresholds gate (TFMA names AUC "auc")."""
+    import tensorflow_model_analysis as tfma
+
+    keys = []
+    for threshold in spec.thresholds:
+        metric = getattr(tfma.metrics, threshold.metric, None)
+        name = metric().name if metric is not None else threshold.metric
+        keys += [k for k in overall if k == name or k.startswith(f"{name}[")]
+    return sorted(set(keys))
+
+
 def promote_command(model: str, version: int, label: str) -> str:
     if model == "taxi":  # the Makefile's promote target acts on the default model
         return f"make promote VERSION={version} LABEL={label}"
@@ -211,6 +223,7 @@ def gather(model: str, version: int, spec, model_repository: str = "build/model_
         "already_labelled": stable_version == version,
         "baseline_is_stable": bool(stable and baseline == stable["lineage"]["model"]),
         "metrics": compare_metrics(candidate["metrics"], stable["metrics"] if stable else None),
+        "gated_metrics": gated_metric_keys(spec, candidate["metrics"].get("Overall", {})),
         "drift": training_drift(candidate, stable, spec) if stable else None,
         "ab": ab_evidence(ab_report, model, version),
         "parity": parity_evidence(parity, model, version),
@@ -224,11 +237,13 @@ def _delta(value: Optional[float]) -> str:
     return "" if value is None else f"{value:+.4f}"
 
 
-def _bounds(entry: Optional[Dict[str, Optional[float]]]):
+def _bounds(entry: Optional[Dict[str, Optional[float]]], count: bool = False):
     from pipelines import pages
 
     if entry is None:
         return pages.NOT_DEFINED
+    if count and entry["value"] is not None:
+        return pages.number(int(entry["value"]))
     return pages.interval(entry["value"], entry["lower"], entry["upper"])
 
 
@@ -270,23 +285,38 @@ def _parity_line(parity: Dict[str, Any]) -> str:
             f"{report['training_path_unmatched_rows']} unmatched")
 
 
+def _metric_rows(data: Dict[str, Any], rows: List[Dict], with_slice: bool) -> List[List[Any]]:
+    out = []
+    for row in rows:
+        count = row["metric"] == "example_count"  # a count, not a fraction
+        cells = ([row["slice"]] if with_slice else []) + [row["metric"], _bounds(row["candidate"], count)]
+        if data["stable"]:
+            cells += [_bounds(row["stable"], count), f"{row['delta']:+.0f}" if count and row["delta"] is not None
+                      else _delta(row["delta"])]
+        out.append(cells)
+    return out
+
+
 def _metrics_section(data: Dict[str, Any]):
+    """Overall: every metric. Per slice: the metrics the thresholds gate, and the example count."""
     from pipelines import pages
 
     stable = data["stable"]
-    head = ["slice", "metric", f"candidate v{data['candidate']['version']}"]
-    head += [f"{data['label']} v{stable['version']}", "delta"] if stable else []
-    rows = []
-    for row in data["metrics"]:
-        cells = [row["slice"], row["metric"], _bounds(row["candidate"])]
-        if stable:
-            cells += [_bounds(row["stable"]), _delta(row["delta"])]
-        rows.append(cells)
+    versions = [f"candidate v{data['candidate']['version']}"]
+    versions += [f"{data['label']} v{stable['version']}", "delta"] if stable else []
+    overall = [r for r in data["metrics"] if r["slice"] == "Overall"]
+    gated = set(data["gated_metrics"]) | {"example_count"}
+    slices = [r for r in data["metrics"] if r["slice"] != "Overall" and r["metric"] in gated]
     intervals = any(r["candidate"] and r["candidate"]["lower"] is not None for r in data["metrics"])
     note = ("Values with their confidence intervals [lower, upper] as the Evaluator computed them; delta is "
             "candidate minus stable." if intervals else
             "The Evaluator computed no confidence intervals for these outputs; delta is candidate minus stable.")
-    return pages.section("Metrics, overall and per slice", note, pages.table(head, rows), anchor="metrics")
+    return pages.section(
+        "Metrics, overall and per slice", note,
+        pages.table(["metric"] + versions, _metric_rows(data, overall, with_slice=False), caption="Overall"),
+        pages.table(["slice", "metric"] + versions, _metric_rows(data, slices, with_slice=True),
+                    caption=f"Per slice, largest first: {', '.join(sorted(gated))}"),
+        anchor="metrics")
 
 
 def _blessing_section(data: Dict[str, Any]):
@@ -303,9 +333,12 @@ def _blessing_section(data: Dict[str, Any]):
                      pages.verdict(sandbox["blessed"]) if sandbox else "no report",
                      facts["lineage"]["baseline_model"] or "none (first blessing, or no earlier blessed model)",
                      "; ".join(reasons) or "every threshold met"])
-    baseline = ("The Evaluator judged the candidate's `change` thresholds against the stable version's model."
-                if data["baseline_is_stable"] else
-                "The Evaluator's baseline was not the stable version's model (see the baseline column).")
+    if data["baseline_is_stable"]:
+        baseline = "The Evaluator judged the candidate's `change` thresholds against the stable version's model."
+    elif data["stable"] is None:
+        baseline = "There is no stable version; the baseline column names the model the Evaluator compared with."
+    else:
+        baseline = "The Evaluator's baseline was not the stable version's model (see the baseline column)."
     return pages.section("Why blessed", baseline, pages.table(
         ["version", "Evaluator", "sandbox", "baseline model", "reasons"], rows), anchor="blessing")
 

@@ -249,3 +249,11 @@ def lines(title: str, series: Mapping[str, Sequence[Tuple[float, float]]], x_lab
                 *xy(x, y).split(","), colour) for x, y in pts)
     parts.append(Markup("</svg>"))
     return Markup("").join(parts)
+
+
+# --- added for the release review page (ops/review.py) --------------------------------------
+
+def code(text: str) -> Markup:
+    """A command for the reader to copy, in a monospace box (e.g. the `make promote` to run)."""
+    return Markup("<pre class='command' style='background:#f4f6f8;border:1px solid #d6d6d6;padding:6px 12px;"
+                  "display:inline-block;margin:4px 0'><code>{}</code></pre>").format(text)

@@ -313,6 +313,15 @@ def test_promote_records_lineage_refuses_the_unblessed_and_rolls_back(pipeline_r
 
 
 @pytest.mark.xdist_group("e2e")
+def test_review_page_puts_the_candidate_beside_the_stable_version(pipeline_run, changed_data_run, taxi_spec):
+    from tests.test_review import check_review_of_real_runs
+
+    tmp, first, _ = pipeline_run
+    assert changed_data_run["pushed"], changed_data_run["sandbox"]  # new rows, a model as good: a second version
+    check_review_of_real_runs(tmp, first, changed_data_run, taxi_spec)
+
+
+@pytest.mark.xdist_group("e2e")
 def test_parity_every_prediction_path_agrees_and_online_metrics_match_offline(pipeline_run):
     from ops import parity
 
