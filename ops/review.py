@@ -312,11 +312,27 @@ def _metrics_section(data: Dict[str, Any]):
             "candidate minus stable." if intervals else
             "The Evaluator computed no confidence intervals for these outputs; delta is candidate minus stable.")
     return pages.section(
-        "Metrics, overall and per slice", note,
+        "Metrics, overall and per slice", note, _slice_plots(data, slices),
         pages.table(["metric"] + versions, _metric_rows(data, overall, with_slice=False), caption="Overall"),
         pages.table(["slice", "metric"] + versions, _metric_rows(data, slices, with_slice=True),
                     caption=f"Per slice, largest first: {', '.join(sorted(gated))}"),
         anchor="metrics")
+
+
+def _slice_plots(data: Dict[str, Any], rows: List[Dict], most: int = 10):
+    """Bars per gated metric: the largest slices where the candidate defines it, both versions."""
+    from pipelines import pages
+
+    series = {"candidate": "candidate", **({data["label"]: "stable"} if data["stable"] else {})}
+    svgs = []
+    for metric in data["gated_metrics"]:
+        defined = [r for r in rows if r["metric"] == metric and r["candidate"] and r["candidate"]["value"] is not None]
+        defined = defined[:most]
+        if defined:
+            svgs.append(pages.bars(f"{metric} per slice", [r["slice"] for r in defined],
+                                   {name: [(r[role] or {}).get("value") for r in defined] for name, role in series.items()},
+                                   y_label=metric))
+    return pages.plots(*svgs)
 
 
 def _blessing_section(data: Dict[str, Any]):

@@ -91,10 +91,10 @@ def test_the_command_line_names_a_missing_store_and_exits_2(tmp_path, capsys):
 
 def _repository_with(tmp, source_repo, versions, labels):
     """A model repository of its own (links to the pushed version folders) with `labels` in its
-    models.config: the review's view, whatever the release tests do to the shared one."""
+    models.config (none without labels): the review's view, whatever the release tests do to the shared one."""
     from tests.conftest import write_models_config
 
-    repo = os.path.join(tmp, "review_repository")
+    repo = os.path.join(tmp, "review_repository_" + "_".join(f"{k}{v}" for k, v in sorted((labels or {}).items())))
     os.makedirs(os.path.join(repo, "taxi"), exist_ok=True)
     for v in versions:
         link = os.path.join(repo, "taxi", str(v))
