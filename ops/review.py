@@ -215,11 +215,16 @@ def gather(model: str, version: int, spec, model_repository: str = "build/model_
     stable = (version_facts(store, model_repository, model, stable_version)
               if stable_version is not None and stable_version != version else None)
     baseline = candidate["lineage"]["baseline_model"]
+    from ops.release import read_log
+
+    released = [e for e in read_log(os.path.join(model_repository, model))
+                if e["label"] == label and e["version"] == stable_version]
     return {
         "model": model, "label": label, "labels": labels,
         "candidate": candidate,
         "stable": stable,
         "stable_version": stable_version,
+        "stable_release": {k: released[-1].get(k) for k in ("action", "who", "when")} if released else None,
         "already_labelled": stable_version == version,
         "baseline_is_stable": bool(stable and baseline == stable["lineage"]["model"]),
         "metrics": compare_metrics(candidate["metrics"], stable["metrics"] if stable else None),
@@ -259,6 +264,8 @@ def _summary_section(data: Dict[str, Any]):
                    "figures below are the candidate's alone")
     else:
         against = f"version {stable['version']}, labelled '{data['label']}' in models.config"
+        if data["stable_release"]:
+            against += " ({action} by {who}, {when})".format(**data["stable_release"])
     sandbox = candidate["sandbox"]
     drift = data["drift"]
     facts = [

@@ -89,19 +89,19 @@ def test_the_command_line_names_a_missing_store_and_exits_2(tmp_path, capsys):
 
 # --- against real runs (called from tests/test_pipeline_e2e.py) -------------------------------
 
-def _repository_with(tmp, source_repo, versions, labels):
-    """A model repository of its own (links to the pushed version folders) with `labels` in its
-    models.config (none without labels): the review's view, whatever the release tests do to the shared one."""
-    from tests.conftest import write_models_config
+def _repository_with(tmp, source_repo, versions, stable=None):
+    """A model repository of its own (links to the pushed version folders), with `stable` promoted
+    by ops.release when given: the review's view, whatever the release tests do to the shared one."""
+    from ops import release
 
-    repo = os.path.join(tmp, "review_repository_" + "_".join(f"{k}{v}" for k, v in sorted((labels or {}).items())))
+    repo = os.path.join(tmp, f"review_repository_{stable}")
     os.makedirs(os.path.join(repo, "taxi"), exist_ok=True)
     for v in versions:
         link = os.path.join(repo, "taxi", str(v))
         if not os.path.exists(link):
             os.symlink(os.path.join(source_repo, "taxi", str(v)), link)
-    if labels:
-        write_models_config(repo, {"taxi": labels})
+    if stable is not None and not release.read_labels(repo, "taxi"):
+        release.promote(repo, os.path.join(tmp, "metadata", "taxi.sqlite"), "taxi", stable, who="reviewer")
     return repo
 
 
@@ -115,18 +115,19 @@ def check_review_of_real_runs(tmp, first, candidate_run, spec):
     out_dir = os.path.join(tmp, "review_reports")
 
     # Before the first release: no stable, and the page says so.
-    repo = _repository_with(tmp, os.path.join(tmp, "models"), [stable_v, candidate_v], labels=None)
+    repo = _repository_with(tmp, os.path.join(tmp, "models"), [stable_v, candidate_v])
     alone = review.gather("taxi", stable_v, spec, repo, metadata, ab_report=os.path.join(tmp, "none.json"),
                           parity=os.path.join(tmp, "none.json"))
     assert alone["stable"] is None and alone["drift"] is None and alone["stable_version"] is None
     alone_page = review.write(alone, out_dir)["html"]
 
-    repo = _repository_with(tmp, os.path.join(tmp, "models"), [stable_v, candidate_v], {"stable": stable_v})
+    repo = _repository_with(tmp, os.path.join(tmp, "models"), [stable_v, candidate_v], stable=stable_v)
     ab_path = _ab_report_file(_fresh(tmp, "ab"), stable_version=stable_v, canary_version=candidate_v)
     data = review.gather("taxi", candidate_v, spec, repo, metadata, ab_report=ab_path,
                          parity=os.path.join(tmp, "parity.json"))
     candidate, stable = data["candidate"], data["stable"]
     assert stable["version"] == stable_v and candidate["version"] == candidate_v
+    assert data["stable_release"]["who"] == "reviewer" and data["stable_release"]["action"] == "promote"
     # Metrics are each version's own Evaluator output, found by lineage.
     assert candidate["lineage"]["model"] == candidate_run["artifacts"]["model"]
     assert stable["lineage"]["model"] == first["artifacts"]["model"]
@@ -158,7 +159,7 @@ def check_review_of_real_runs(tmp, first, candidate_run, spec):
     assert rendered.requests == []
     text = rendered.dom
     assert f"Release review: taxi version {candidate_v}" in text
-    assert f"candidate v{candidate_v}" in text and f"stable v{stable_v}" in text
+    assert f"candidate v{candidate_v}" in text and f"stable v{stable_v}" in text and "promote by reviewer" in text
     assert f"{overall['auc']['candidate']['value']:.4f}" in text and f"{overall['auc']['stable']['value']:.4f}" in text
     assert f"{overall['auc']['delta']:+.4f}" in text
     assert f"make promote VERSION={candidate_v} LABEL=stable" in text
