@@ -24,7 +24,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bott
 h3{font-size:15px;margin:18px 0 6px}p.subtitle{color:#555;margin:0 0 16px}
 table{border-collapse:collapse;margin:6px 0 12px}th,td{padding:3px 10px;border:1px solid #d6d6d6}
 th{background:#f3f3f3;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.undefined{color:#888;font-style:italic}span.ci{color:#666;font-size:12px}
+td.undefined,span.undefined{color:#888;font-style:italic}span.ci{color:#666;font-size:12px}
 span.verdict{font-weight:600;padding:0 6px;border-radius:3px}span.pass{background:#d8f0dd;color:#14532d}
 span.fail{background:#fbdcdc;color:#7f1d1d}span.unknown{background:#eee;color:#444}
 dl{display:grid;grid-template-columns:max-content auto;gap:2px 14px}dt{font-weight:600}dd{margin:0}
@@ -48,8 +48,10 @@ def number(value: Any, digits: int = 4) -> str:
 
 def interval(value: Optional[float], lower: Optional[float], upper: Optional[float], digits: int = 4) -> Markup:
     """A value with its confidence interval: 0.9123 [0.9001, 0.9240]."""
+    if number(value) == NOT_DEFINED:
+        return Markup("<span class='undefined'>{}</span>").format(NOT_DEFINED)
     shown = escape(number(value, digits))
-    if number(value) == NOT_DEFINED or number(lower) == NOT_DEFINED or number(upper) == NOT_DEFINED:
+    if number(lower) == NOT_DEFINED or number(upper) == NOT_DEFINED:
         return Markup(shown)
     return Markup("{} <span class='ci'>[{}, {}]</span>").format(shown, number(lower, digits), number(upper, digits))
 
@@ -131,7 +133,7 @@ def write(path: str, title: str, *parts: Any, subtitle: Optional[str] = None) ->
 # --- inline SVG plots ---------------------------------------------------------------------
 
 _W, _H = 420, 300
-_LEFT, _RIGHT, _TOP, _BOTTOM = 52, 14, 30, 58
+_LEFT, _RIGHT, _TOP, _BOTTOM = 52, 14, 40, 58
 
 
 def _ticks(low: float, high: float, count: int = 5) -> Sequence[float]:
@@ -147,7 +149,7 @@ def _ticks(low: float, high: float, count: int = 5) -> Sequence[float]:
 def _frame(kind: str, title: str, x_label: str, y_label: str, points: int, width: int, height: int) -> Markup:
     return Markup("<svg class='plot' data-kind='{}' data-points='{}' xmlns='http://www.w3.org/2000/svg' "
                   "width='{}' height='{}' viewBox='0 0 {} {}' role='img' aria-label='{}'><title>{}</title>"
-                  "<text x='{}' y='18' text-anchor='middle' font-weight='600'>{}</text>"
+                  "<text x='{}' y='14' text-anchor='middle' font-weight='600'>{}</text>"
                   "<text x='{}' y='{}' text-anchor='middle'>{}</text>"
                   "<text transform='translate(12,{}) rotate(-90)' text-anchor='middle'>{}</text>").format(
         kind, points, width, height, width, height, title, title, width / 2, title,
@@ -157,7 +159,7 @@ def _frame(kind: str, title: str, x_label: str, y_label: str, points: int, width
 def _legend(names: Sequence[str], width: int) -> Markup:
     items = Markup("").join(
         Markup("<rect x='{}' y='{}' width='10' height='10' fill='{}'/><text x='{}' y='{}'>{}</text>").format(
-            _LEFT + i * 110, 24, PALETTE[i % len(PALETTE)], _LEFT + 14 + i * 110, 33, name)
+            _LEFT + i * 110, 22, PALETTE[i % len(PALETTE)], _LEFT + 14 + i * 110, 31, name)
         for i, name in enumerate(names))
     return Markup("<g class='legend'>{}</g>").format(items) if len(names) > 1 else Markup("")
 

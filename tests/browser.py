@@ -94,6 +94,20 @@ def render(page: str, name: str, width: int = 1280, height: int = 2000, timeout:
     return Rendered(dom=dom, screenshot=screenshot, requests=requests)
 
 
+def render_page(page: str, name: str, headings=(), height: int = 2000, min_ink: int = 50000) -> Rendered:
+    """render() and the checks every report must pass: it asked the network for nothing, shows
+    each heading as an <h2>, and its screenshot is not blank."""
+    from html import escape
+
+    rendered = render(page, name, height=height)
+    assert rendered.requests == [], f"{page} asked the network for {rendered.requests}"
+    missing = [h for h in headings if f"<h2>{escape(h, quote=False)}</h2>" not in rendered.dom]
+    assert not missing, f"{page}: no <h2> heading {missing} in the rendered page"
+    ink = ink_pixels(rendered.screenshot)
+    assert ink > min_ink, f"{rendered.screenshot}: only {ink} non-background pixels (blank page?)"
+    return rendered
+
+
 def ink_pixels(png: str, background=(255, 255, 255), tolerance: int = 16) -> int:
     """How many pixels of the screenshot differ from the background: 0 means a blank page."""
     from PIL import Image, ImageChops
