@@ -57,29 +57,24 @@ def warmup(version_dir: str) -> Dict[str, Any]:
     return {"path": path, "present": True, "records": records, "max_records": MAX_WARMUP_RECORDS}
 
 
-def metrics_by_slice(evaluation_uri: str) -> Dict[str, Dict[str, Dict[str, Optional[float]]]]:
-    """{slice: {metric: {value, lower, upper}}} of an Evaluator output (bounds None when the
-    Evaluator computed no confidence interval)."""
-    from pipelines.report import load_metrics
+def evaluation_facts(evaluation_uri: str, spec) -> Dict[str, Any]:
+    """An Evaluator output as the review shows it (pipelines/report.py reads it): {slice: {metric:
+    {value, lower, upper}}} (bounds None without a confidence interval), the changes the Evaluator
+    measured against its baseline on the same rows, and the verdict per threshold."""
+    from pipelines.report import read_evaluation, threshold_verdicts
 
-    return {name: {m: {"value": v, "lower": None, "upper": None} for m, v in metrics.items()}
-            for name, metrics in load_metrics(evaluation_uri).items()}
-
-
-def blessing(evaluation_uri: str) -> Dict[str, Any]:
-    """The Evaluator's validation result: blessed or not, and each failed threshold."""
-    import tensorflow_model_analysis as tfma
-
-    result = tfma.load_validation_result(evaluation_uri)
-    failures = []
-    for per_slice in result.metric_validations_per_slice:
-        for failure in per_slice.failures:
-            failures.append({"metric": failure.metric_key.name, "value": failure.metric_value.double_value.value,
-                             "threshold": str(failure.metric_threshold).strip(), "message": failure.message})
-    return {"blessed": bool(result.validation_ok), "failures": failures}
+    evaluation = read_evaluation(evaluation_uri)
+    metrics = {name: {m: {"value": v, "lower": e["intervals"].get(m, [None, None])[0],
+                          "upper": e["intervals"].get(m, [None, None])[1]} for m, v in e["metrics"].items()}
+               for name, e in evaluation["slices"].items()}
+    diffs = {name: e["diffs"] for name, e in evaluation["slices"].items() if e["diffs"]}
+    validation = evaluation["validation"]
+    return {"metrics": metrics, "diffs": diffs,
+            "blessing": {"blessed": validation["ok"], "failures": validation["failures"],
+                         "verdicts": threshold_verdicts(spec, evaluation)}}
 
 
-def version_facts(store, model_repository: str, model: str, version: int) -> Dict[str, Any]:
+def version_facts(store, model_repository: str, model: str, version: int, spec) -> Dict[str, Any]:
     """What one pushed version is, from ML Metadata (lineage) and its version folder."""
     from pipelines.report import sandbox_result
 
@@ -92,8 +87,7 @@ def version_facts(store, model_repository: str, model: str, version: int) -> Dic
     return {
         "version": version,
         "lineage": evidence,
-        "metrics": metrics_by_slice(evidence["evaluation"]),
-        "blessing": blessing(evidence["evaluation"]),
+        **evaluation_facts(evidence["evaluation"], spec),
         "sandbox": sandbox_result(evidence["sandbox"]) if evidence["sandbox"] else None,
         "warmup": warmup(model_config.version_path(os.path.join(model_repository, model), version)),
         "training_statistics": mlmd.statistics_for_examples(store, evidence["examples"]).uri,
@@ -102,10 +96,12 @@ def version_facts(store, model_repository: str, model: str, version: int) -> Dic
 
 # --- the two side by side -----------------------------------------------------------------------
 
-def compare_metrics(candidate: Dict[str, Dict[str, Dict]], stable: Optional[Dict[str, Dict[str, Dict]]]) -> List[Dict]:
-    """One row per slice and metric: both values with their intervals and candidate - stable.
-    Overall first, then slices by the candidate's example count, largest first."""
-    stable = stable or {}
+def compare_metrics(candidate: Dict[str, Dict[str, Dict]], stable: Optional[Dict[str, Dict[str, Dict]]],
+                    evaluator_diffs: Optional[Dict[str, Dict[str, Optional[float]]]] = None) -> List[Dict]:
+    """One row per slice and metric: both values with their intervals, candidate - stable (each on
+    its own eval rows) and the Evaluator's candidate - baseline on the candidate's rows. Overall
+    first, then slices by the candidate's example count, largest first."""
+    stable, evaluator_diffs = stable or {}, evaluator_diffs or {}
 
     def size(name: str) -> float:
         return (candidate.get(name) or stable.get(name) or {}).get("example_count", {}).get("value") or 0
@@ -117,7 +113,8 @@ def compare_metrics(candidate: Dict[str, Dict[str, Dict]], stable: Optional[Dict
             c, s = candidate.get(name, {}).get(metric), stable.get(name, {}).get(metric)
             both = c is not None and s is not None and c["value"] is not None and s["value"] is not None
             rows.append({"slice": name, "metric": metric, "candidate": c, "stable": s,
-                         "delta": c["value"] - s["value"] if both else None})
+                         "delta": c["value"] - s["value"] if both else None,
+                         "evaluator_diff": evaluator_diffs.get(name, {}).get(metric)})
     return rows
 
 
@@ -179,18 +176,6 @@ def parity_evidence(path: str, model: str, version: int) -> Dict[str, Any]:
     return {"path": path, "found": True, "report": report}
 
 
-def gated_metric_keys(spec, overall: Dict[str, Any]) -> List[str]:
-    """The Evaluator's keys of the metrics the spec's thresholds gate (TFMA names AUC "auc")."""
-    import tensorflow_model_analysis as tfma
-
-    keys = []
-    for threshold in spec.thresholds:
-        metric = getattr(tfma.metrics, threshold.metric, None)
-        name = metric().name if metric is not None else threshold.metric
-        keys += [k for k in overall if k == name or k.startswith(f"{name}[")]
-    return sorted(set(keys))
-
-
 def promote_command(model: str, version: int, label: str) -> str:
     if model == "taxi":  # the Makefile's promote target acts on the default model
         return f"make promote VERSION={version} LABEL={label}"
@@ -201,6 +186,8 @@ def gather(model: str, version: int, spec, model_repository: str = "build/model_
            metadata: Optional[str] = None, label: str = "stable", ab_report: str = "build/ab_report.json",
            parity: str = "build/parity.json") -> Dict[str, Any]:
     """Everything the review page shows, as plain data."""
+    from components.evaluation import threshold_metric_names
+
     metadata = metadata or f"build/metadata/{model}.sqlite"
     try:
         store = mlmd.connect(metadata)
@@ -210,9 +197,9 @@ def gather(model: str, version: int, spec, model_repository: str = "build/model_
         labels = model_config.repository_labels(model_repository, model)
     except model_config.ConfigError as e:
         raise ReviewError(str(e)) from None
-    candidate = version_facts(store, model_repository, model, version)
+    candidate = version_facts(store, model_repository, model, version, spec)
     stable_version = labels.get(label)
-    stable = (version_facts(store, model_repository, model, stable_version)
+    stable = (version_facts(store, model_repository, model, stable_version, spec)
               if stable_version is not None and stable_version != version else None)
     baseline = candidate["lineage"]["baseline_model"]
     from ops.release import read_log
@@ -227,8 +214,8 @@ def gather(model: str, version: int, spec, model_repository: str = "build/model_
         "stable_release": {k: released[-1].get(k) for k in ("action", "who", "when")} if released else None,
         "already_labelled": stable_version == version,
         "baseline_is_stable": bool(stable and baseline == stable["lineage"]["model"]),
-        "metrics": compare_metrics(candidate["metrics"], stable["metrics"] if stable else None),
-        "gated_metrics": gated_metric_keys(spec, candidate["metrics"].get("Overall", {})),
+        "metrics": compare_metrics(candidate["metrics"], stable["metrics"] if stable else None, candidate["diffs"]),
+        "gated_metrics": sorted(threshold_metric_names(spec).values()),
         "drift": training_drift(candidate, stable, spec) if stable else None,
         "ab": ab_evidence(ab_report, model, version),
         "parity": parity_evidence(parity, model, version),
@@ -300,8 +287,14 @@ def _metric_rows(data: Dict[str, Any], rows: List[Dict], with_slice: bool) -> Li
         if data["stable"]:
             cells += [_bounds(row["stable"], count), f"{row['delta']:+.0f}" if count and row["delta"] is not None
                       else _delta(row["delta"])]
+        if _has_evaluator_diffs(data):
+            cells.append(_delta(row["evaluator_diff"]))
         out.append(cells)
     return out
+
+
+def _has_evaluator_diffs(data: Dict[str, Any]) -> bool:
+    return any(r["evaluator_diff"] is not None for r in data["metrics"])
 
 
 def _metrics_section(data: Dict[str, Any]):
@@ -311,6 +304,7 @@ def _metrics_section(data: Dict[str, Any]):
     stable = data["stable"]
     versions = [f"candidate v{data['candidate']['version']}"]
     versions += [f"{data['label']} v{stable['version']}", "delta"] if stable else []
+    versions += ["Evaluator: vs its baseline, same rows"] if _has_evaluator_diffs(data) else []
     overall = [r for r in data["metrics"] if r["slice"] == "Overall"]
     gated = set(data["gated_metrics"]) | {"example_count"}
     slices = [r for r in data["metrics"] if r["slice"] != "Overall" and r["metric"] in gated]
@@ -318,6 +312,10 @@ def _metrics_section(data: Dict[str, Any]):
     note = ("Values with their confidence intervals [lower, upper] as the Evaluator computed them; delta is "
             "candidate minus stable." if intervals else
             "The Evaluator computed no confidence intervals for these outputs; delta is candidate minus stable.")
+    note += (" Each version was evaluated on its own run's eval split; the last column is the Evaluator's "
+             "candidate minus its baseline model on the candidate's eval rows (the like-for-like comparison"
+             + (", and the baseline is the stable version)." if data["baseline_is_stable"] else ").")
+             if _has_evaluator_diffs(data) else "")
     return pages.section(
         "Metrics, overall and per slice", note, _slice_plots(data, slices),
         pages.table(["metric"] + versions, _metric_rows(data, overall, with_slice=False), caption="Overall"),
@@ -344,26 +342,29 @@ def _slice_plots(data: Dict[str, Any], rows: List[Dict], most: int = 10):
 
 def _blessing_section(data: Dict[str, Any]):
     from pipelines import pages
+    from pipelines.report import describe_verdict
 
     rows = []
     for role, facts in (("candidate", data["candidate"]), (data["label"], data["stable"])):
         if facts is None:
             continue
-        evaluation, sandbox = facts["blessing"], facts["sandbox"]
-        reasons = [f"{f['metric']} = {pages.number(f['value'])}: {f['message'] or f['threshold']}"
-                   for f in evaluation["failures"]] + (sandbox["reasons"] if sandbox else [])
-        rows.append([f"v{facts['version']} ({role})", pages.verdict(evaluation["blessed"]),
-                     pages.verdict(sandbox["blessed"]) if sandbox else "no report",
-                     facts["lineage"]["baseline_model"] or "none (first blessing, or no earlier blessed model)",
-                     "; ".join(reasons) or "every threshold met"])
+        name, sandbox = f"v{facts['version']} ({role})", facts["sandbox"]
+        for v in facts["blessing"]["verdicts"]:
+            rows.append([name, "Evaluator", describe_verdict(v), pages.verdict(v["passed"])])
+        rows.append([name, "Evaluator", f"validation result of {facts['lineage']['evaluation']}",
+                     pages.verdict(facts["blessing"]["blessed"])])
+        if sandbox:
+            rows.append([name, "sandbox", "; ".join(sandbox["reasons"]) or "every sandbox threshold met",
+                         pages.verdict(sandbox["blessed"])])
+    baseline = data["candidate"]["lineage"]["baseline_model"]
     if data["baseline_is_stable"]:
-        baseline = "The Evaluator judged the candidate's `change` thresholds against the stable version's model."
-    elif data["stable"] is None:
-        baseline = "There is no stable version; the baseline column names the model the Evaluator compared with."
+        said = "The Evaluator judged the candidate's change thresholds against the stable version's model."
+    elif baseline is None:
+        said = "The Evaluator had no baseline model (no earlier blessed model): change thresholds were not checked."
     else:
-        baseline = "The Evaluator's baseline was not the stable version's model (see the baseline column)."
-    return pages.section("Why blessed", baseline, pages.table(
-        ["version", "Evaluator", "sandbox", "baseline model", "reasons"], rows), anchor="blessing")
+        said = f"The Evaluator's baseline was {baseline}, not the stable version's model."
+    return pages.section("Why blessed", said, pages.table(["version", "by", "threshold", "verdict"], rows),
+                         anchor="blessing")
 
 
 def _ab_section(data: Dict[str, Any]):
@@ -376,7 +377,8 @@ def _ab_section(data: Dict[str, Any]):
     decision, comparison = report["decision"], report["comparison"]
     rows = [[c["metric"], c.get("a"), c.get("b"),
              pages.interval(c.get("estimate"), c.get("ci_low"), c.get("ci_high")) if "estimate" in c
-             else c.get("not_testable", ""), c.get("p_value")] for c in comparison["metrics"]]
+             else c.get("not_testable", ""), "" if c.get("p_value") is None else f"{c['p_value']:.3g}"]
+            for c in comparison["metrics"]]
     return pages.section(
         "A/B report",
         f"{ab['path']}: A = '{report['a']}', B = '{report['b']}', {report['window']['text']}; the candidate "

@@ -137,6 +137,13 @@ def check_review_of_real_runs(tmp, first, candidate_run, spec):
     assert overall["auc"]["delta"] == pytest.approx(candidate_run["metrics"]["overall"]["auc"]
                                                     - first["metrics"]["overall"]["auc"])
     assert data["metrics"][0]["slice"] == "Overall" and any(r["slice"].startswith("payment_type=") for r in data["metrics"])
+    accuracy = overall["binary_accuracy"]["candidate"]
+    assert accuracy["lower"] < accuracy["value"] < accuracy["upper"]  # the Evaluator output's interval
+    # The like-for-like figure: the Evaluator's change against its baseline on the candidate's rows,
+    # the same number the candidate run's summary judged the change threshold on.
+    auc_change = next(v for v in candidate_run["thresholds"] if v["name"] == "auc" and v["kind"] == "change")
+    assert overall["auc"]["evaluator_diff"] == pytest.approx(auc_change["value"])
+    assert [v["passed"] for v in candidate["blessing"]["verdicts"]] == [True] * len(candidate_run["thresholds"])
     # The Evaluator compared the candidate with the first run's model, the stable one.
     assert data["baseline_is_stable"] and candidate["blessing"]["blessed"] and candidate["blessing"]["failures"] == []
     # Different rows were trained on: the drift comparison ran on every compared feature.
@@ -161,7 +168,8 @@ def check_review_of_real_runs(tmp, first, candidate_run, spec):
     assert f"Release review: taxi version {candidate_v}" in text
     assert f"candidate v{candidate_v}" in text and f"stable v{stable_v}" in text and "promote by reviewer" in text
     assert f"{overall['auc']['candidate']['value']:.4f}" in text and f"{overall['auc']['stable']['value']:.4f}" in text
-    assert f"{overall['auc']['delta']:+.4f}" in text
+    assert f"{overall['auc']['delta']:+.4f}" in text and f"{overall['auc']['evaluator_diff']:+.4f}" in text
+    assert f"[{accuracy['lower']:.4f}, {accuracy['upper']:.4f}]" in text
     assert f"make promote VERSION={candidate_v} LABEL=stable" in text
     assert "payment_type" in text and "GO" in text and f"{candidate['sandbox']['p50_ms']:.4f}" in text
     assert browser.ink_pixels(rendered.screenshot) > 10_000
