@@ -309,9 +309,9 @@ def _metrics_section(data: Dict[str, Any]):
     gated = set(data["gated_metrics"]) | {"example_count"}
     slices = [r for r in data["metrics"] if r["slice"] != "Overall" and r["metric"] in gated]
     intervals = any(r["candidate"] and r["candidate"]["lower"] is not None for r in data["metrics"])
-    note = ("Values with their confidence intervals [lower, upper] as the Evaluator computed them; delta is "
-            "candidate minus stable." if intervals else
-            "The Evaluator computed no confidence intervals for these outputs; delta is candidate minus stable.")
+    note = ("Values with their confidence intervals [lower, upper] as the Evaluator output gives them." if intervals
+            else "The Evaluator output gives no confidence intervals.")
+    note += " Delta is candidate minus stable." if stable else ""
     note += (" Each version was evaluated on its own run's eval split; the last column is the Evaluator's "
              "candidate minus its baseline model on the candidate's eval rows (the like-for-like comparison"
              + (", and the baseline is the stable version)." if data["baseline_is_stable"] else ").")
