@@ -9,9 +9,11 @@ there is none yet, and writes build/reports/review_<model>_v<n>.html (self-conta
 pipelines/pages.py) with the figures as JSON beside it:
 
   metrics      overall and per slice, each version's Evaluator output (found by lineage from the
-               pushed model), with confidence intervals when the Evaluator computed them, and
-               the candidate's delta
-  blessing     the Evaluator's verdict per threshold, the baseline it compared with, the sandbox's
+               pushed model, read by pipelines/report.py) with its confidence intervals; candidate
+               minus stable (each on its own run's eval split) and the Evaluator's own candidate
+               minus baseline on the candidate's rows (like for like)
+  blessing     every threshold's value, bound and verdict, the baseline the Evaluator compared
+               with, and the sandbox's verdict
   A/B          the A/B report (`make ab-report` writes build/ab_report.json) when one of its variants
                was answered by the candidate
   drift        the candidate's training statistics against the stable's, with TFDV's drift
@@ -32,6 +34,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
+from ops.release import read_log
 from pipelines import mlmd
 from serving import model_config
 
@@ -202,8 +205,6 @@ def gather(model: str, version: int, spec, model_repository: str = "build/model_
     stable = (version_facts(store, model_repository, model, stable_version, spec)
               if stable_version is not None and stable_version != version else None)
     baseline = candidate["lineage"]["baseline_model"]
-    from ops.release import read_log
-
     released = [e for e in read_log(os.path.join(model_repository, model))
                 if e["label"] == label and e["version"] == stable_version]
     return {
