@@ -400,8 +400,9 @@ def _drift_section(data: Dict[str, Any]):
     same = " Both versions were trained on the same examples." if drift["same_examples"] else ""
     return pages.section(
         "Drift between the training data",
-        "The candidate's training split against the stable's (TFDV drift comparators; bounds from the spec's "
-        f"monitoring.drift).{same}", pages.table(["feature", "comparator", "distance", "bound", "within bound"], rows),
+        "The candidate's training split against the stable's: TFDV's drift comparators, as the data gate compares "
+        "spans, with the monitor's drift bounds (the spec's monitoring.drift, else the monitor's defaults)."
+        f"{same}", pages.table(["feature", "comparator", "distance", "bound", "within bound"], rows),
         anchor="drift")
 
 
