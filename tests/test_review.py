@@ -158,9 +158,16 @@ def check_review_of_real_runs(tmp, first, candidate_run, spec):
     assert candidate["lineage"]["code_commit"] and candidate["lineage"]["data"]
     assert data["ab"]["found"] and data["ab"]["candidate_variants"] == ["canary"]
     assert data["promote_command"] == f"make promote VERSION={candidate_v} LABEL=stable"
-    paths = review.write(data, out_dir)
-    with open(paths["json"]) as f:
-        assert json.load(f)["candidate"]["version"] == candidate_v
+    # The command line `make review VERSION=n` runs writes the same page.
+    assert review.main(["--version", str(candidate_v), "--model_repository", repo, "--metadata", metadata,
+                        "--ab_report", ab_path, "--parity", os.path.join(tmp, "parity.json"),
+                        "--out_dir", out_dir, "--spec", spec.source]) == 0
+    paths = {"html": review.page_path(out_dir, "taxi", candidate_v)}
+    with open(paths["html"][:-len(".html")] + ".json") as f:
+        assert json.load(f)["metrics"] == json.loads(json.dumps(data["metrics"]))
+    with pytest.raises(review.ReviewError, match=r"version 42 of 'taxi' was never pushed after a blessing.*"
+                                                 rf"pushed versions of 'taxi': {stable_v}, {candidate_v}"):
+        review.gather("taxi", 42, spec, repo, metadata)
 
     rendered = browser.render(paths["html"], "review_taxi_candidate_vs_stable")
     assert rendered.requests == []
