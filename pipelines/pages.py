@@ -24,7 +24,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bott
 h3{font-size:15px;margin:18px 0 6px}p.subtitle{color:#555;margin:0 0 16px}
 table{border-collapse:collapse;margin:6px 0 12px}th,td{padding:3px 10px;border:1px solid #d6d6d6}
 th{background:#f3f3f3;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.undefined,span.undefined{color:#888;font-style:italic}span.ci{color:#666;font-size:12px}
+td.undefined,span.undefined{color:#888;font-style:italic}span.ci{color:#666;font-size:12px;white-space:nowrap}
 span.verdict{font-weight:600;padding:0 6px;border-radius:3px}span.pass{background:#d8f0dd;color:#14532d}
 span.fail{background:#fbdcdc;color:#7f1d1d}span.unknown{background:#eee;color:#444}
 dl{display:grid;grid-template-columns:max-content auto;gap:2px 14px}dt{font-weight:600}dd{margin:0}

@@ -541,7 +541,8 @@ def thresholds_section(summary: Dict[str, Any]):
     else:
         headline = "Not blessed."
     rows = [[v["name"], {"lower": "value ≥", "upper": "value ≤", "change": "change vs baseline ≥"}[v["kind"]],
-             v["bound"], v["value"], pages.verdict(v["passed"]), v["note"]] for v in verdicts]
+             v["bound"], "no baseline" if v["kind"] == "change" and v["value"] is None else v["value"],
+             pages.verdict(v["passed"]), v["note"]] for v in verdicts]
     return pages.section("Thresholds", headline,
                          pages.table(["metric", "bound", "limit", "value", "verdict", "note"], rows, row_headers=False)
                          if rows else "The spec sets no thresholds.", anchor="thresholds")

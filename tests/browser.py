@@ -76,7 +76,7 @@ def _chromium(args: List[str], profile: str, timeout: float) -> subprocess.Compl
 
 
 def render(page: str, name: str, width: int = 1280, height: int = 2000, timeout: float = 90.0) -> Rendered:
-    """Loads page (a file path) from file:// twice, once for the DOM and once for a width x height
+    """Loads page (a file path) from file:// in one Chromium run: its DOM, and a width x height
     screenshot saved as build/screenshots/<name>.png."""
     url = "file://" + os.path.abspath(page)
     os.makedirs(SCREENSHOTS, exist_ok=True)
@@ -84,11 +84,10 @@ def render(page: str, name: str, width: int = 1280, height: int = 2000, timeout:
     if os.path.exists(screenshot):
         os.remove(screenshot)
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-        logs = [os.path.join(profile, "dom-net-log.json"), os.path.join(profile, "screenshot-net-log.json")]
-        dom = _chromium([f"--log-net-log={logs[0]}", "--dump-dom", url], profile, timeout).stdout
-        _chromium([f"--log-net-log={logs[1]}", f"--screenshot={screenshot}", f"--window-size={width},{height}",
-                   "--hide-scrollbars", url], profile, timeout)
-        requests = _page_requests(logs[0]) + _page_requests(logs[1])
+        net_log = os.path.join(profile, "net-log.json")
+        dom = _chromium([f"--log-net-log={net_log}", "--dump-dom", f"--screenshot={screenshot}",
+                         f"--window-size={width},{height}", "--hide-scrollbars", url], profile, timeout).stdout
+        requests = _page_requests(net_log)
     if not os.path.exists(screenshot):
         raise RuntimeError(f"chromium wrote no screenshot at {screenshot} for {url}")
     return Rendered(dom=dom, screenshot=screenshot, requests=requests)

@@ -113,6 +113,7 @@ def test_the_console_summary_names_each_threshold_and_the_failing_one(capsys):
     page = report.thresholds_section(summary)
     assert "Not blessed: auc 0.8700, lower bound 0.9: FAIL (below 0.9)." in page
     assert page.count("verdict fail") == 1 and page.count("verdict pass") == 1
+    assert page.count("<td>no baseline</td>") == 2 and page.count("verdict unknown") == 2
 
 
 def test_intervals_match_published_examples_and_narrow_with_more_data():
