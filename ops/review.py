@@ -189,8 +189,6 @@ def gather(model: str, version: int, spec, model_repository: str = "build/model_
            metadata: Optional[str] = None, label: str = "stable", ab_report: str = "build/ab_report.json",
            parity: str = "build/parity.json") -> Dict[str, Any]:
     """Everything the review page shows, as plain data."""
-    from components.evaluation import threshold_metric_names
-
     metadata = metadata or f"build/metadata/{model}.sqlite"
     try:
         store = mlmd.connect(metadata)
@@ -201,6 +199,8 @@ def gather(model: str, version: int, spec, model_repository: str = "build/model_
     except model_config.ConfigError as e:
         raise ReviewError(str(e)) from None
     candidate = version_facts(store, model_repository, model, version, spec)
+    from components.evaluation import threshold_metric_names  # imports TensorFlow: after the cheap checks
+
     stable_version = labels.get(label)
     stable = (version_facts(store, model_repository, model, stable_version, spec)
               if stable_version is not None and stable_version != version else None)
