@@ -75,11 +75,16 @@ schema-json: ## write configs/spec.schema.json, the JSON Schema of a dataset spe
 promote: ## promote a pushed, blessed version: make promote VERSION=n [LABEL=stable|canary] [BASE_PATH=/models]
 	$(PY) -m ops.release promote --version $(VERSION) --label $(or $(LABEL),stable) $(if $(SERVING_URL),--serving_url $(SERVING_URL)) $(if $(BASE_PATH),--serving_base_path $(BASE_PATH))
 
+.PHONY: review
+review: ## the release review page of a pushed version beside the stable one: make review VERSION=n; writes build/reports/review_<model>_v<n>.html
+	$(if $(VERSION),,$(error VERSION is required))
+	$(PY) -m ops.review --version $(VERSION) --model $(or $(MODEL),taxi) --spec $(SPEC) $(if $(LABEL),--label $(LABEL))
+
 rollback: ## move a label back to the version it replaced: make rollback [LABEL=stable]
 	$(PY) -m ops.release rollback --label $(or $(LABEL),stable) $(if $(SERVING_URL),--serving_url $(SERVING_URL)) $(if $(BASE_PATH),--serving_base_path $(BASE_PATH))
 
-parity: ## the taxi eval split through training path, both signatures and REST; writes build/parity.json
-	$(PY) -m ops.parity
+parity: ## the taxi eval split through training path, both signatures and REST; writes build/parity.json [VERSION=n]
+	$(PY) -m ops.parity $(if $(VERSION),--version $(VERSION))
 
 serve: ## TF-Serving twin (REST :8501, gRPC :8500) from build/model_repository/models.config, and the proxy on :8080
 	@config=build/model_repository/models.config; \

@@ -1,6 +1,8 @@
-"""TFMA EvalConfig from the spec: metrics per task, slices, value and change thresholds."""
+"""TFMA EvalConfig from the spec: metrics per task, plots, confidence intervals, slices, value and
+change thresholds; and metric_name(), the one place TFMA's metric keys become readable names."""
 
-from typing import List
+import json
+from typing import Dict, List
 
 import tensorflow_model_analysis as tfma
 
@@ -18,6 +20,12 @@ METRICS = {
     "regression": ["ExampleCount", "MeanAbsoluteError", "RootMeanSquaredError", "MeanLabel",
                    "MeanPrediction"],
 }
+# ROC and precision-recall curves come from the confusion matrices at these many thresholds; the
+# calibration plot groups predictions into this many buckets. Few enough to keep the evaluation
+# output and the SVG small, enough to draw a smooth curve.
+PLOTS = [("ConfusionMatrixPlot", {"num_thresholds": 100}), ("CalibrationPlot", {"num_buckets": 10})]
+# Multiclass metrics computed one class against the rest, then macro-averaged.
+MACRO_AVERAGED = ["AUC", "Precision", "Recall"]
 # Metrics that can fall: for them a threshold's `change` is the largest allowed drop.
 LOWER_IS_BETTER = {"MeanAbsoluteError", "RootMeanSquaredError", "MeanSquaredError"}
 
@@ -51,18 +59,59 @@ def _threshold(t: Threshold) -> tfma.MetricThreshold:
     return threshold
 
 
+_AGGREGATION_PREFIX = {"macro_average": "macro", "weighted_macro_average": "weighted_macro",
+                       "micro_average": "micro"}
+_SUB_KEY_LABEL = (("class_id", "class"), ("top_k", "top"), ("k", "k"))
+
+
+def metric_name(key) -> str:
+    """The readable name of a TFMA MetricKey or PlotKey: "auc", "macro_auc", "auc_class_2",
+    "precision_top_3", "auc_diff" (the change against the baseline). TFMA's own display joins the
+    aggregation proto's text into the name ("macro_average: true\\n_auc"); every reader of
+    evaluation results names metrics through this function instead."""
+    fields = key.DESCRIPTOR.fields_by_name
+    name = key.name
+    if "aggregation_type" in fields and key.HasField("aggregation_type"):
+        name = f"{_AGGREGATION_PREFIX[key.aggregation_type.WhichOneof('type')]}_{name}"
+    if key.HasField("sub_key"):
+        for field, label in _SUB_KEY_LABEL:
+            if key.sub_key.HasField(field):
+                name += f"_{label}_{getattr(key.sub_key, field).value}"
+    if "is_diff" in fields and key.is_diff:
+        name += "_diff"
+    return name
+
+
+def threshold_metric_names(spec: FeatureSpec) -> Dict[str, str]:
+    """{threshold's metric class (spec key): the metric_name() its value is reported under}."""
+    from tensorflow_model_analysis.proto import metrics_for_slice_pb2
+
+    names = {}
+    for t in spec.thresholds:
+        key = metrics_for_slice_pb2.MetricKey(name=getattr(tfma.metrics, t.metric)().name)
+        if spec.task == "multiclass" and t.metric in MACRO_AVERAGED:
+            key.aggregation_type.macro_average = True
+        names[t.metric] = metric_name(key)
+    return names
+
+
+def _plots() -> List[tfma.MetricConfig]:
+    return [tfma.MetricConfig(class_name=name, config=json.dumps(config)) for name, config in PLOTS]
+
+
 def eval_config(spec: FeatureSpec) -> tfma.EvalConfig:
     thresholds = {t.metric: t for t in spec.thresholds}
-    known = METRICS[spec.task] + (["AUC", "Precision", "Recall"] if spec.task == "multiclass" else [])
+    known = METRICS[spec.task] + (MACRO_AVERAGED if spec.task == "multiclass" else [])
     unknown = sorted(set(thresholds) - set(known))
     if unknown:
         raise ValueError(f"{spec.source}: thresholds.{unknown[0]}: not a metric computed for a "
                          f"{spec.task} task (computed: {', '.join(known)})")
-    specs: List[tfma.MetricsSpec] = [tfma.MetricsSpec(metrics=[_metric(m, thresholds) for m in METRICS[spec.task]])]
+    specs: List[tfma.MetricsSpec] = [tfma.MetricsSpec(
+        metrics=[_metric(m, thresholds) for m in METRICS[spec.task]] + (_plots() if spec.task == "binary" else []))]
     if spec.task == "multiclass":
-        # One-vs-rest AUC, precision and recall, macro-averaged over the classes.
+        # One-vs-rest AUC, precision and recall, macro-averaged over the classes; plots per class.
         specs.append(tfma.MetricsSpec(
-            metrics=[_metric(m, thresholds) for m in ("AUC", "Precision", "Recall")],
+            metrics=[_metric(m, thresholds) for m in MACRO_AVERAGED] + _plots(),
             binarize=tfma.BinarizationOptions(class_ids={"values": list(range(spec.num_classes))}),
             aggregate=tfma.AggregationOptions(
                 macro_average=True, class_weights={i: 1.0 for i in range(spec.num_classes)})))

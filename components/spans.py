@@ -5,7 +5,7 @@ ones. The data gate stops the run before Transform and the Trainer when a featur
 them, naming the feature, the distance and the bound.
 """
 
-from typing import Dict, List, Mapping
+from typing import Any, Dict, List, Mapping
 
 from tfx import types
 from tfx.dsl.components.common import resolver
@@ -25,8 +25,9 @@ class PreviousSpanStatisticsStrategy(resolver.ResolverStrategy):
         return {STATISTICS: [best] if best is not None else [], CURRENT: current}
 
 
-def drift_problems(statistics, previous, schema, thresholds: Mapping[str, float], split: str = "train") -> List[str]:
-    """One line per feature whose distance to the previous span is past its bound (TFDV computes it)."""
+def drift_measurements(statistics, previous, schema, thresholds: Mapping[str, float]) -> List[Dict[str, Any]]:
+    """Every compared feature's distance from the previous statistics, as TFDV computes it:
+    {feature, comparator, value, threshold, drifted}, by feature name."""
     import copy
 
     import tensorflow_data_validation as tfdv
@@ -39,12 +40,15 @@ def drift_problems(statistics, previous, schema, thresholds: Mapping[str, float]
         elif feature.type in (schema_pb2.INT, schema_pb2.FLOAT) and "jensen_shannon_divergence" in thresholds:
             feature.drift_comparator.jensen_shannon_divergence.threshold = thresholds["jensen_shannon_divergence"]
     anomalies = tfdv.validate_statistics(statistics, schema, previous_statistics=previous)
-    problems = []
-    for info in anomalies.drift_skew_info:
-        name = ".".join(info.path.step)
-        for m in info.drift_measurements:
-            if m.value > m.threshold:
-                kind = anomalies_pb2.DriftSkewInfo.Measurement.Type.Name(m.type)
-                problems.append(f"[{split}] feature '{name}': drifted from the previous span: {kind} {m.value:.4f} "
-                                f"> {m.threshold:g} (the spec's monitoring.drift)")
-    return sorted(problems)
+    return sorted(({"feature": ".".join(info.path.step),
+                    "comparator": anomalies_pb2.DriftSkewInfo.Measurement.Type.Name(m.type),
+                    "value": m.value, "threshold": m.threshold, "drifted": m.value > m.threshold}
+                   for info in anomalies.drift_skew_info for m in info.drift_measurements),
+                  key=lambda m: (m["feature"], m["comparator"]))
+
+
+def drift_problems(statistics, previous, schema, thresholds: Mapping[str, float], split: str = "train") -> List[str]:
+    """One line per feature whose distance to the previous span is past its bound (TFDV computes it)."""
+    return sorted(f"[{split}] feature '{m['feature']}': drifted from the previous span: {m['comparator']} "
+                  f"{m['value']:.4f} > {m['threshold']:g} (the spec's monitoring.drift)"
+                  for m in drift_measurements(statistics, previous, schema, thresholds) if m["drifted"])

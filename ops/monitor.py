@@ -46,7 +46,6 @@ import argparse
 import copy
 import datetime
 import glob
-import html
 import json
 import logging
 import math
@@ -592,57 +591,46 @@ def write_report(report: Dict[str, Any], out_dir: str, served_stats, training_st
     return paths
 
 
-def _escape(value: Any) -> str:
-    return html.escape("" if value is None else str(value))
-
-
 def _html(report: Dict[str, Any], served_stats, training_stats) -> str:
-    e = _escape
+    """The monitor's page (pipelines.pages): anomalies, measurements, and served traffic's
+    distributions beside training's."""
+    from pipelines import pages
+    from pipelines.report import statistics_section
+
     window, previous = report["window"], report["previous_window"]
-    parts = [f"<h1>Skew and drift of {e(report['model'])}</h1>",
-             f"<p>Window [{e(window['start'])}, {e(window['end'])}): {window['rows']} rows from "
-             f"{window['requests']} requests (HTTP 200). Previous window: "
-             + (f"[{e(previous['start'])}, {e(previous['end'])}) {previous['rows']} rows" if previous['rows'] else
-                "no traffic, drift not checked") + "</p>",
-             f"<p>Training statistics: {e(report['training_statistics'].get('path'))} "
-             f"({e(report['training_statistics'].get('num_examples'))} examples). Schema: {e(report['schema'])}.</p>"]
+    training = report["training_statistics"]
+    facts = pages.definitions([
+        ("window", f"[{window['start']}, {window['end']}): {window['rows']} rows from {window['requests']} "
+                   "requests (HTTP 200)"),
+        ("previous window", f"[{previous['start']}, {previous['end']}): {previous['rows']} rows"
+         if previous["rows"] else "no traffic, drift not checked"),
+        ("training statistics", f"{training.get('path')} ({training.get('num_examples')} examples)"),
+        ("schema", report["schema"])])
     anomalies = report["anomalies"]
-    parts.append(f"<h2>{len(anomalies)} anomal{'y' if len(anomalies) == 1 else 'ies'}</h2>")
-    if anomalies:
-        parts.append(_table(["feature", "kind", "comparator", "value", "threshold", "description"],
-                            [[a["feature"], a["kind"], a["comparator"], a["value"], a["threshold"], a["description"]]
-                             for a in anomalies], highlight=True))
-    features = sorted(set(report["measurements"]["skew"]) | set(report["measurements"]["drift"]))
+    parts = [facts, pages.section(
+        f"{len(anomalies)} anomal{'y' if len(anomalies) == 1 else 'ies'}",
+        pages.table(["feature", "kind", "comparator", "value", "threshold", "description"],
+                    [[a["feature"] or "(dataset)", a["kind"], a["comparator"], a["value"], a["threshold"],
+                      a["description"]] for a in anomalies])
+        if anomalies else "Served traffic is within every threshold of training and the previous window.",
+        anchor="anomalies")]
+    measured = report["measurements"]
     rows = []
-    for name in features:
-        skew, drift = report["measurements"]["skew"].get(name, {}), report["measurements"]["drift"].get(name, {})
+    for name in sorted(set(measured["skew"]) | set(measured["drift"])):
+        skew, drift = measured["skew"].get(name, {}), measured["drift"].get(name, {})
         rows.append([name, skew.get("comparator") or drift.get("comparator"), skew.get("value"),
                      skew.get("threshold"), drift.get("value"), drift.get("threshold")])
-    parts.append("<h2>Measurements</h2>" + _table(
-        ["feature", "comparator", "skew", "skew threshold", "drift", "drift threshold"], rows))
+    parts.append(pages.section("Measurements", pages.table(
+        ["feature", "comparator", "skew", "skew threshold", "drift", "drift threshold"], rows), anchor="measurements"))
     skipped = [[check, name, why] for check, notes in report["not_compared"].items() for name, why in notes.items()]
     if skipped:
-        parts.append("<h2>Not compared</h2>" + _table(["check", "feature", "why"], skipped))
+        parts.append(pages.section("Not compared", pages.table(["check", "feature", "why"], skipped, row_headers=False)))
     if report.get("retrain"):
-        parts.append(f"<h2>Retraining</h2><pre>{e(json.dumps(report['retrain'], indent=2))}</pre>")
-    try:
-        from tensorflow_data_validation.utils import display_util
-
-        parts.append("<h2>Statistics: served vs training</h2>" + display_util.get_statistics_html(
-            served_stats, training_stats, lhs_name="served", rhs_name="training"))
-    except Exception as error:  # the tables above are the report; Facets is a convenience
-        parts.append(f"<p>(TFDV's statistics view is unavailable: {e(error)})</p>")
-    return ("<!doctype html><meta charset='utf-8'><title>monitor</title>"
-            "<style>td,th{padding:2px 8px;text-align:left}tr.bad{background:#fdd}</style>" + "\n".join(parts))
-
-
-def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], highlight: bool = False) -> str:
-    def cell(value: Any) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else _escape(value)
-
-    body = "".join(f"<tr{' class=bad' if highlight else ''}>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
-                   for row in rows)
-    return "<table border=1><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + f"</tr>{body}</table>"
+        parts.append(pages.section("Retraining", pages.Markup("<pre>{}</pre>").format(
+            json.dumps(report["retrain"], indent=2))))
+    parts.append(statistics_section(served_stats.datasets[0], training_stats.datasets[0], "served", "training",
+                                    "Distributions: served vs training"))
+    return pages.document(f"Skew and drift of {report['model']}", *parts)
 
 
 # --- retraining ----------------------------------------------------------------------------------

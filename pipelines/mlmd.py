@@ -235,6 +235,7 @@ def lineage_in(store, model_name: str, version: int) -> Dict[str, Any]:
     evaluator = graph.producer(blessing)
     # The evaluation is the Evaluator's other output, beside (not upstream of) the blessing.
     evaluation = artifacts_of(store, evaluator.id, pb2.Event.OUTPUT)["evaluation"][0]
+    baseline = graph.inputs_of(evaluator).get("baseline_model", [None])[0]  # what `change` thresholds compared with
     commit = None
     contexts = [graph.contexts[i] for i in graph.associations.get(trainer.id, []) if i in graph.contexts] \
         or store.get_contexts_by_execution(trainer.id)
@@ -248,4 +249,6 @@ def lineage_in(store, model_name: str, version: int) -> Dict[str, Any]:
         "data": exec_property(example_gen, "input_base"),
         "data_fingerprint": custom_property(raw_examples, "input_fingerprint"),
         "code_commit": commit,
+        "baseline_model": baseline.uri if baseline is not None else None,
+        "pushed_at_ms": pushed[-1].create_time_since_epoch,
     }

@@ -1,6 +1,8 @@
 """pipelines/mlmd.py against a store laid out as TFX 1.16 writes one run: artifacts, executions,
 INPUT/OUTPUT events keyed by the components' channel names, node and pipeline_run contexts."""
 
+import time
+
 import pytest
 
 from pipelines import mlmd
@@ -19,7 +21,7 @@ def _store(path):
 class Run:
     """Writes ExampleGen -> Transform -> Trainer -> Evaluator / sandbox_validator -> Pusher."""
 
-    def __init__(self, path, blessed=1, sandbox_blessed=1, commit="abc123"):
+    def __init__(self, path, blessed=1, sandbox_blessed=1, commit="abc123", baseline=None):
         self.store, self.pb2 = _store(path)
         s, pb2 = self.store, self.pb2
         self.types = {}
@@ -36,7 +38,8 @@ class Run:
                                       {"model": [model]}, run=True)
         blessing = self.artifact("ModelBlessing", "/root/Evaluator/blessing/5", blessed=blessed)
         evaluation = self.artifact("ModelEvaluation", "/root/Evaluator/evaluation/6")
-        self.execution("Evaluator", {"model": [model], "examples": [examples]},
+        baseline_model = {"baseline_model": [self.artifact("Model", baseline)]} if baseline else {}
+        self.execution("Evaluator", {"model": [model], "examples": [examples], **baseline_model},
                        {"blessing": [blessing], "evaluation": [evaluation]})
         infra = self.artifact("InfraBlessing", "/root/sandbox_validator/blessing/7", blessed=sandbox_blessed)
         # The warmed copy Pusher pushes lives in the InfraBlessing (has_model), as InfraValidator's does.
@@ -86,14 +89,22 @@ class Run:
 
 def test_lineage_walks_one_subgraph_from_the_pushed_model_to_the_data(tmp_path):
     path = str(tmp_path / "mlmd.sqlite")
+    before_ms = time.time() * 1000 - 1
     Run(path)
     evidence = mlmd.lineage(path, "taxi", 1700000000)
+    assert before_ms <= evidence.pop("pushed_at_ms") <= time.time() * 1000 + 1  # when MLMD recorded the push
     assert evidence == {
         "model": "/root/Trainer/model/4", "blessing": "/root/Evaluator/blessing/5",
         "sandbox": "/root/sandbox_validator/blessing/7", "evaluation": "/root/Evaluator/evaluation/6",
         "transform_graph": "/root/Transform/transform_graph/3", "schema": "/root/schema_importer/result/2",
         "examples": "/root/CsvExampleGen/examples/1", "data": "/data/taxi", "data_fingerprint": "fp-1",
-        "code_commit": "abc123"}
+        "code_commit": "abc123", "baseline_model": None}
+
+
+def test_lineage_names_the_model_the_evaluator_compared_with(tmp_path):
+    path = str(tmp_path / "mlmd.sqlite")
+    Run(path, baseline="/root/Trainer/model/earlier")
+    assert mlmd.lineage(path, "taxi", 1700000000)["baseline_model"] == "/root/Trainer/model/earlier"
 
 
 @pytest.mark.parametrize("blessed, sandbox, message", [(0, 1, "has no blessing"),

@@ -7,6 +7,7 @@ needed; served traffic is the other rows, sent as clients send them and logged a
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -133,13 +134,32 @@ def test_shifted_replay_flags_payment_type_and_fare_for_skew_and_drift(shifted):
 def test_report_files(shifted):
     _, report, _, out_dir = shifted
     page = (out_dir / "taxi_monitor.html").read_text()
-    anomaly_rows = [line for line in page.split("<tr") if line.startswith(" class=bad")]
+    anomalies = page.split("<section id='anomalies'>", 1)[1].split("</section>", 1)[0]
+    anomaly_rows = anomalies.split("<tr>")[2:]  # after the head row
     assert len(anomaly_rows) == len(report["anomalies"]) == 4
     assert all(("fare" in r) != ("payment_type" in r) for r in anomaly_rows)
     import tensorflow_data_validation as tfdv
 
     served = tfdv.load_stats_binary(str(out_dir / "taxi_served_stats.pb"))
     assert served.datasets[0].num_examples == report["window"]["rows"]
+
+
+def test_the_report_renders_offline_with_served_beside_training_distributions(shifted):
+    from pipelines import pages
+    from tests import browser
+
+    browser.require_chromium()
+    _, report, _, out_dir = shifted
+    page = browser.render_page(str(out_dir / "taxi_monitor.html"), "taxi_monitor",
+                               ("4 anomalies", "Measurements", "Distributions: served vs training"), height=4800)
+    # The shifted replay moved payment types: the served bars differ from training's.
+    svg = re.search(r'aria-label="payment_type">(.*?)</svg>', page.dom).group(1)
+    bars = {(s, v): float(h) for s, h, v in re.findall(
+        r'<rect class="bar" data-series="(\w+)"[^>]*height="([\d.]+)"[^>]*><title>\w+: ([^=]+) =', svg)}
+    assert {s for s, _ in bars} == {"served", "training"}
+    assert any(abs(bars[("served", v)] - bars[("training", v)]) > 10 for _, v in bars if ("served", v) in bars)
+    assert report["measurements"]["skew"]["payment_type"]["value"] > 0
+    assert browser.colour_pixels(page.screenshot, pages.PALETTE[0]) > 500
 
 
 def test_retraining_starts_the_local_pipeline_for_the_spec(shifted):

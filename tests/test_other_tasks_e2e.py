@@ -58,7 +58,14 @@ def test_multiclass_spec_trains_blesses_and_serves(tmp_path):
     import tensorflow as tf
 
     summary, model, inputs = _train(tmp_path, datasets.write_multiclass_csv, "configs/synthetic_multiclass.yaml")
-    assert summary["metrics"]["overall"]["sparse_categorical_accuracy"] > 0.65  # chance is 0.33
+    overall = summary["metrics"]["overall"]
+    assert overall["sparse_categorical_accuracy"] > 0.65  # chance is 0.33
+    # Readable names, each metric once: no "macro_average: true\n_auc", no compiled "accuracy".
+    assert set(overall) == {"example_count", "sparse_categorical_accuracy", "macro_auc", "macro_precision",
+                            "macro_recall", *(f"{m}_class_{k}" for m in ("auc", "precision", "recall") for k in range(3))}
+    assert overall["macro_auc"] == pytest.approx(sum(overall[f"auc_class_{k}"] for k in range(3)) / 3)
+    lower, upper = summary["metrics"]["intervals"]["Overall"]["auc_class_0"]
+    assert lower < overall["auc_class_0"] < upper
     assert any(k.startswith("region=") for k in summary["metrics"]["slices"])
     assert "segment" not in inputs  # the label column is not asked for
     columns = {}

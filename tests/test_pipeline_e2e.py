@@ -155,8 +155,72 @@ def test_summary_reports_metrics_slices_and_timings(pipeline_run):
         assert "payment_type=Cash" in f.read()
     with open(on_disk["reports"]["data"]) as f:
         html = f.read()
-    # TFDV's facets view embeds the statistics proto (base64) for both splits.
-    assert "Anomalies (train)" in html and "No anomalies found" in html and len(html) > 20000
+    assert "Anomalies (train)" in html and "No anomalies found" in html
+    # Why (not) blessed: the first run has no baseline, so only the value bounds were checked.
+    verdicts = {(v["name"], v["kind"]): v for v in on_disk["thresholds"]}
+    assert set(verdicts) == {("auc", "lower"), ("auc", "change"), ("binary_accuracy", "lower"),
+                             ("binary_accuracy", "change")}
+    assert verdicts[("auc", "lower")] == {"metric": "AUC", "name": "auc", "kind": "lower", "bound": 0.9,
+                                          "value": overall["auc"], "passed": True, "note": ""}
+    assert verdicts[("binary_accuracy", "change")]["passed"] is None
+    assert all("\n" not in k for metrics in [overall, *on_disk["metrics"]["slices"].values()] for k in metrics)
+
+
+def _table_rows(dom, first_cell):
+    """{row header: [cell texts]} of the rendered table whose rows start with first_cell's pattern."""
+    rows = {}
+    for header, cells in re.findall(rf"<tr><th>({first_cell})</th>(.*?)</tr>", dom):
+        rows[header] = [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>(.*?)</td>", cells)]
+    return rows
+
+
+@pytest.mark.xdist_group("e2e")
+def test_evaluation_report_renders_offline_with_sorted_slices_plots_and_verdicts(pipeline_run):
+    from pipelines import pages
+    from tests import browser
+
+    browser.require_chromium()
+    _, summary, _ = pipeline_run
+    page = browser.render_page(summary["reports"]["evaluation"], "taxi_evaluation",
+                               ("Thresholds", "Metrics by slice", "Plots (Overall)"), height=2200)
+    dom = page.dom
+    rows = _table_rows(dom, r"Overall|payment_type=[^<]*|trip_start_day=[^<]*")
+    assert list(rows)[0] == "Overall" and set(list(rows)[1:]) == set(summary["metrics"]["slices"])
+    sizes = [int(cells[0]) for cells in list(rows.values())[1:]]
+    assert sizes == sorted(sizes, reverse=True) and int(rows["Overall"][0]) == summary["metrics"]["overall"]["example_count"]
+    assert rows["Overall"][1].startswith(f"{summary['metrics']['overall']['auc']:.4f}")
+    # Tips are recorded for card payments only: a cash slice has one class, and its AUC no meaning.
+    cash = summary["metrics"]["slices"]["payment_type=Cash"]
+    assert cash["mean_label"] == 0.0 and cash["auc"] is None and rows["payment_type=Cash"][1] == "not defined"
+    assert dom.count('class="verdict pass"') == 2 and dom.count('class="verdict unknown"') == 2
+    for title in ("ROC", "Precision-recall", "Calibration"):
+        svg = re.search(rf'<svg class="plot" data-kind="lines" data-points="(\d+)"[^>]*aria-label="{title}"', dom)
+        assert svg and int(svg.group(1)) >= (5 if title == "Calibration" else 50), title
+    assert browser.colour_pixels(page.screenshot, pages.PALETTE[0]) > 500  # the curves were drawn
+
+
+@pytest.mark.xdist_group("e2e")
+def test_data_report_renders_offline_with_distributions_and_missing_rates(pipeline_run, taxi_spec):
+    from pipelines import pages
+    from tests import browser
+
+    browser.require_chromium()
+    _, summary, _ = pipeline_run
+    page = browser.render_page(summary["reports"]["data"], "taxi_data",
+                               ("Distributions: train vs eval", "Anomalies (train)", "Anomalies (eval)"), height=2200)
+    dom = page.dom
+    missing = _table_rows(dom, "[a-z_]+")
+    rows = read_rows(taxi_csv_path(taxi_spec), limit=5000)
+    for column in ("company", "dropoff_latitude", "fare"):
+        share = sum(r[column] == "" for r in rows) / len(rows)
+        _, train, evaluation = missing[column]
+        assert float(train) == pytest.approx(share, abs=0.03) and float(evaluation) == pytest.approx(share, abs=0.04)
+    for feature in ("fare", "payment_type", "trip_start_hour"):
+        svg = re.search(rf'<svg class="plot" data-kind="bars" data-points="(\d+)"[^>]*aria-label="{feature}">(.*?)</svg>',
+                        dom)
+        assert svg and int(svg.group(1)) >= 4, feature
+        assert {"train", "eval"} == set(re.findall(r'data-series="(\w+)"', svg.group(2)))
+    assert browser.colour_pixels(page.screenshot, pages.PALETTE[1]) > 500  # eval's bars
 
 
 @pytest.mark.xdist_group("e2e")
@@ -230,6 +294,10 @@ def test_new_data_is_judged_against_the_last_blessed_model(pipeline_run, changed
     assert summary["succeeded"] and summary["seconds_per_component"]["Trainer"] > 1.0
     assert summary["baseline_model"] is not None
     assert summary["baseline_model"] == first["artifacts"]["model"] != summary["artifacts"]["model"]
+    # With a baseline every change bound is checked, and the blessing is the verdicts' conjunction.
+    changes = [v for v in summary["thresholds"] if v["kind"] == "change"]
+    assert len(changes) == 2 and all(v["passed"] is not None and v["value"] is not None for v in changes)
+    assert summary["blessed"] == all(v["passed"] for v in summary["thresholds"])
     if summary["pushed"]:
         assert int(summary["model_version"]) > int(first["model_version"])
 
@@ -334,6 +402,15 @@ def test_promote_records_lineage_refuses_the_unblessed_and_rolls_back(pipeline_r
     assert lineage["sandbox"] and os.path.exists(os.path.join(lineage["sandbox"], "sandbox_report.json"))
     log = release.read_log(os.path.join(repo, "taxi"))
     assert [e["version"] for e in log] == ([v1, v2, v1] if changed_data_run["pushed"] else [v1])
+
+
+@pytest.mark.xdist_group("e2e")
+def test_review_page_puts_the_candidate_beside_the_stable_version(pipeline_run, changed_data_run, taxi_spec):
+    from tests.test_review import check_review_of_real_runs
+
+    tmp, first, _ = pipeline_run
+    assert changed_data_run["pushed"], changed_data_run["sandbox"]  # new rows, a model as good: a second version
+    check_review_of_real_runs(tmp, first, changed_data_run, taxi_spec)
 
 
 @pytest.mark.xdist_group("e2e")

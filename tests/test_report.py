@@ -1,0 +1,137 @@
+"""pipelines/report.py and components/evaluation.py's names, on small synthetic inputs: metric
+names, threshold verdicts, intervals, distributions of two datasets (the reports of a real run are
+checked in headless Chromium in tests/test_pipeline_e2e.py)."""
+
+import math
+
+import pytest
+
+from components.evaluation import metric_name, threshold_metric_names
+from components.feature_spec import load
+from pipelines import report
+from tests.conftest import TAXI_SPEC
+
+
+def _key(**fields):
+    from tensorflow_model_analysis.proto import metrics_for_slice_pb2
+
+    return metrics_for_slice_pb2.MetricKey(**fields)
+
+
+def test_metric_names_are_readable_and_have_no_newline():
+    from tensorflow_model_analysis.proto import metrics_for_slice_pb2 as m
+
+    macro = _key(name="auc", aggregation_type=m.AggregationType(macro_average=True))
+    assert str(macro.aggregation_type) == "macro_average: true\n"  # what TFMA's own view joins into the name
+    assert metric_name(macro) == "macro_auc"
+    assert metric_name(_key(name="precision", sub_key=m.SubKey(class_id={"value": 2}))) == "precision_class_2"
+    assert metric_name(_key(name="recall", sub_key=m.SubKey(top_k={"value": 3}))) == "recall_top_3"
+    assert metric_name(_key(name="auc", is_diff=True)) == "auc_diff"
+    assert metric_name(m.PlotKey(name="confusion_matrix_plot", sub_key=m.SubKey(class_id={"value": 0}))) == \
+        "confusion_matrix_plot_class_0"
+
+
+def test_threshold_names_follow_the_task():
+    spec = load(TAXI_SPEC)
+    assert threshold_metric_names(spec) == {"AUC": "auc", "BinaryAccuracy": "binary_accuracy"}
+
+
+def _evaluation(auc, accuracy, diffs=None, failures=(), ok=True):
+    overall = {"examples": 100, "metrics": {"auc": auc, "binary_accuracy": accuracy}, "intervals": {},
+               "diffs": diffs or {}, "plots": {}}
+    return {"slices": {"Overall": overall}, "validation": {"ok": ok, "rubber_stamp": not diffs,
+                                                           "failures": list(failures)}}
+
+
+def test_threshold_verdicts_take_tfma_failures_and_say_when_a_change_was_not_checked():
+    spec = load(TAXI_SPEC)  # AUC lower 0.90 change -0.01; BinaryAccuracy lower 0.85 change -0.01
+    first = report.threshold_verdicts(spec, _evaluation(0.95, 0.80, failures=[
+        {"slice": "Overall", "metric": "binary_accuracy", "kind": "value", "value": 0.80, "message": "too low"}],
+        ok=False))
+    by = {(v["name"], v["kind"]): v for v in first}
+    assert set(by) == {("auc", "lower"), ("auc", "change"), ("binary_accuracy", "lower"), ("binary_accuracy", "change")}
+    assert by[("auc", "lower")]["passed"] is True and by[("auc", "lower")]["value"] == 0.95
+    assert by[("binary_accuracy", "lower")]["passed"] is False and by[("binary_accuracy", "lower")]["bound"] == 0.85
+    assert by[("auc", "change")]["passed"] is None and "no blessed baseline" in by[("auc", "change")]["note"]
+    assert report.describe_verdict(by[("binary_accuracy", "lower")]) == \
+        "binary_accuracy 0.8000, lower bound 0.85: FAIL (too low)"
+    second = report.threshold_verdicts(spec, _evaluation(0.95, 0.90, diffs={"auc": -0.02, "binary_accuracy": 0.01},
+                                                         failures=[{"slice": "Overall", "metric": "auc",
+                                                                    "kind": "change", "value": -0.02, "message": "m"}],
+                                                         ok=False))
+    by = {(v["name"], v["kind"]): v for v in second}
+    assert by[("auc", "change")]["passed"] is False and by[("auc", "change")]["value"] == -0.02
+    assert by[("binary_accuracy", "change")]["passed"] is True and by[("auc", "lower")]["passed"] is True
+    assert report.describe_verdict(by[("auc", "change")]) == \
+        "auc change vs baseline -0.0200, allowed >= -0.01: FAIL (m)"
+
+
+def _stats(num_examples, numeric_buckets, strings, missing):
+    from tensorflow_metadata.proto.v0 import statistics_pb2 as s
+
+    dataset = s.DatasetFeatureStatistics(num_examples=num_examples)
+    fare = dataset.features.add(name="fare")
+    # An empty value list counts as present in TFDV: the missing are the examples minus the values.
+    fare.num_stats.common_stats.num_missing = missing // 2
+    fare.num_stats.common_stats.tot_num_values = num_examples - missing
+    fare.num_stats.common_stats.max_num_values = 1
+    fare.num_stats.histograms.add(type=s.Histogram.STANDARD, buckets=[
+        s.Histogram.Bucket(low_value=lo, high_value=hi, sample_count=c) for lo, hi, c in numeric_buckets])
+    payment = dataset.features.add(name="payment_type")
+    payment.string_stats.common_stats.tot_num_values = sum(strings.values())
+    for value, count in strings.items():
+        payment.string_stats.top_values.add(value=value, frequency=count)
+    return dataset
+
+
+def test_distributions_of_two_datasets_share_buckets_and_categories():
+    train = _stats(100, [(0, 10, 50), (10, 20, 50)], {"Cash": 60, "Credit Card": 30, "Dispute": 10}, missing=0)
+    served = _stats(40, [(10, 20, 20), (20, 40, 20)], {"Credit Card": 30, "Bitcoin": 10}, missing=10)
+    labels, a, b = report.distribution(train.features[0], served.features[0], buckets=4)
+    assert labels == ["0–10", "10–20", "20–30", "30–40"]
+    assert a == pytest.approx([0.5, 0.5, 0, 0]) and b == pytest.approx([0, 0.5, 0.25, 0.25])
+    labels, a, b = report.distribution(train.features[1], served.features[1])
+    assert labels == ["Cash", "Credit Card", "Dispute", "(other)"]  # served's Bitcoin lands in (other)
+    assert a == pytest.approx([0.6, 0.3, 0.1, 0.0]) and b == pytest.approx([0.0, 0.75, 0.0, 0.25])
+    assert report.missing_rate(served.features[0], served.num_examples) == 0.25
+    page = report.statistics_section(train, served, "training", "served", "Distributions")
+    assert page.count("<svg class='plot' data-kind='bars'") == 2 and "missing in served" in page
+
+
+def test_the_console_summary_names_each_threshold_and_the_failing_one(capsys):
+    spec = load(TAXI_SPEC)
+    evaluation = _evaluation(0.87, 0.90, failures=[
+        {"slice": "Overall", "metric": "auc", "kind": "value", "value": 0.87, "message": "below 0.9"}], ok=False)
+    summary = {"pipeline_name": "taxi", "succeeded": True, "total_seconds": 3.0, "error": None, "sandbox": None,
+               "blessed": False, "pushed": False, "metrics": {"overall": {"auc": 0.87}},
+               "thresholds": report.threshold_verdicts(spec, evaluation), "log": "build/logs/x.log"}
+    report.print_summary(summary)
+    lines = capsys.readouterr().out.splitlines()
+    assert "threshold: auc 0.8700, lower bound 0.9: FAIL (below 0.9)" in lines
+    assert "threshold: binary_accuracy 0.9000, lower bound 0.85: pass" in lines
+    assert sum(line.startswith("threshold: ") for line in lines) == 4
+    page = report.thresholds_section(summary)
+    assert "Not blessed: auc 0.8700, lower bound 0.9: FAIL (below 0.9)." in page
+    assert page.count("verdict fail") == 1 and page.count("verdict pass") == 1
+    assert page.count("<td>no baseline</td>") == 2 and page.count("verdict unknown") == 2
+
+
+def test_intervals_match_published_examples_and_narrow_with_more_data():
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    # AUC 0.5 on n positives and n negatives: Q1 = Q2 = 1/3, so SE^2 = (1/4 + (n - 1) / 6) / n^2.
+    low, high = report.auc_interval(0.5, 100, 100)
+    assert (high - low) / 2 == pytest.approx(1.959964 * math.sqrt((0.25 + 99 / 6) / 100 ** 2), rel=1e-4)
+    # And the spread of AUC over simulated samples (binormal scores, AUC about 0.86) agrees.
+    rng = np.random.default_rng(0)
+    aucs = [roc_auc_score(np.r_[np.ones(150), np.zeros(250)], np.r_[rng.normal(1.5, 1, 150), rng.normal(0, 1, 250)])
+            for _ in range(400)]
+    low, high = report.auc_interval(float(np.mean(aucs)), 150, 250)
+    assert (high - low) / 2 / 1.959964 == pytest.approx(np.std(aucs), rel=0.15)
+    # Wilson (1927) as in Newcombe (1998), example: 81 of 263 -> 0.2553 to 0.3662.
+    low, high = report.proportion_interval(81 / 263, 263)
+    assert (low, high) == (pytest.approx(0.2553, abs=1e-4), pytest.approx(0.3662, abs=1e-4))
+    narrow = report.proportion_interval(81 / 263, 2630)
+    assert low < narrow[0] < 81 / 263 < narrow[1] < high
+    assert report.auc_interval(0.9, 0, 10) is None and report.proportion_interval(0.5, 0) is None
