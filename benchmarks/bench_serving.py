@@ -8,7 +8,9 @@ The servers run in their own processes (`python -m serving.server`, as `make ser
 so the clients' Python does not share the server's interpreter. Targets (issue 9): single-row
 REST p50 <= 1.5x in-process, gRPC p50 <= 1.3x in-process; with batching, 50 concurrent
 single-row clients >= 4x the requests/s of one sequential client, with p99 <= 50 ms.
-Writes build/bench_serving.json.
+Each concurrent run also reports the CPU per request of the server process and of the clients
+(both share this machine's cores), and what those costs allow at most on all cores
+(`cpu_bound_requests_per_s`), so a miss can be told apart from a ceiling. Writes build/bench_serving.json.
 """
 
 import argparse
@@ -80,6 +82,18 @@ class ServerProcess:
         self.log.close()
 
 
+def under_load(server: ServerProcess, path: str, body: bytes, clients: int, seconds: float):
+    """loadgen.concurrent, with the server's CPU per request and the requests/s that the server's
+    and the clients' CPU per request allow on every core of this machine."""
+    before = loadgen.cpu_seconds(server.process.pid)
+    result = loadgen.concurrent(server.rest_port, path, [body], clients, seconds)
+    result["server_cpu_ms_per_request"] = (loadgen.cpu_seconds(server.process.pid) - before) / max(
+        result["requests"], 1) * 1e3
+    per_request = result["server_cpu_ms_per_request"] + result["client_cpu_ms_per_request"]
+    result["cpu_bound_requests_per_s"] = (os.cpu_count() or 1) * 1e3 / per_request if per_request else None
+    return result
+
+
 def rest_caller(port: int, path: str, body: bytes):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
@@ -138,16 +152,14 @@ def main(argv=None) -> int:
                               "rest_p50_ratio": rest["p50_ms"] / floor["p50_ms"],
                               "grpc_p50_ratio": grpc_["p50_ms"] / floor["p50_ms"]}
         body = json.dumps({"instances": [row]}).encode()
-        results["unbatched"] = [loadgen.concurrent(plain.rest_port, path, [body], c, args.seconds)
-                                for c in (1, 8, 50)]
+        results["unbatched"] = [under_load(plain, path, body, c, args.seconds) for c in (1, 8, 50)]
     finally:
         plain.stop()
     # Each REST worker blocks while its request waits in the batch queue (as TF Serving's do), so
     # with batching the pool is sized for the clients, not the cores.
     batched = ServerProcess(args.model, base, batching=True, extra=["--rest_api_num_threads=64"])
     try:
-        results["batched"] = [loadgen.concurrent(batched.rest_port, path, [body], c, args.seconds)
-                              for c in (1, 8, 50)]
+        results["batched"] = [under_load(batched, path, body, c, args.seconds) for c in (1, 8, 50)]
     finally:
         batched.stop()
 
@@ -158,7 +170,9 @@ def main(argv=None) -> int:
     for mode in ("unbatched", "batched"):
         for c in results[mode]:
             print(f"{mode:>10}, {c['clients']:>2} clients: {c['requests_per_second']:7.0f} req/s, "
-                  f"p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms, errors {c['errors']}")
+                  f"p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms, errors {c['errors']} | CPU per request: "
+                  f"server {c['server_cpu_ms_per_request']:.2f} ms, clients {c['client_cpu_ms_per_request']:.2f} ms "
+                  f"(at most {c['cpu_bound_requests_per_s']:.0f} req/s on {os.cpu_count()} cores)")
     sequential = results["unbatched"][0]["requests_per_second"]
     fifty = results["batched"][2]
     results["targets"] = {
@@ -168,8 +182,9 @@ def main(argv=None) -> int:
         "batched_50_clients_p99<=50ms": fifty["p99_ms"] <= 50,
     }
     results["batched_50_vs_sequential_throughput_ratio"] = fifty["requests_per_second"] / sequential
+    results["batched_50_cpu_bound_vs_sequential_ratio"] = fifty["cpu_bound_requests_per_s"] / sequential
     print(f"50 batched clients vs one sequential client: {results['batched_50_vs_sequential_throughput_ratio']:.2f}x "
-          f"requests/s")
+          f"requests/s (their CPU per request allows at most {results['batched_50_cpu_bound_vs_sequential_ratio']:.2f}x)")
     for name, ok in results["targets"].items():
         print(f"target {name}: {'PASS' if ok else 'MISS'}")
     os.makedirs("build", exist_ok=True)

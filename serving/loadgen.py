@@ -5,12 +5,14 @@ The sandbox component's latency and throughput checks (components/sandbox.py) an
 bench-proxy` / `make bench-serving` measure with it, so their figures mean the same thing:
 `requests` sent, `errors` (a status other than 200, or a broken connection, after which the
 client reconnects), p50/p99 in ms over every request sent, and for concurrent clients
-`requests_per_second` answered with 200.
+`requests_per_second` answered with 200, and `client_cpu_ms_per_request`, the CPU the sending
+process spent per request (the clients share the machine with the server they measure).
 
 It needs the standard library and numpy only (no TensorFlow): it is a client, and runs wherever one does.
 """
 
 import http.client
+import os
 import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -30,6 +32,16 @@ def post(conn: http.client.HTTPConnection, path: str, body: bytes) -> Tuple[int,
     conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
     response = conn.getresponse()
     return response.status, response.read()
+
+
+def cpu_seconds(pid: Optional[int] = None) -> float:
+    """CPU time (user + system, all threads) a process has used so far: this one, or another
+    by its pid (Linux /proc/<pid>/stat fields 14 and 15)."""
+    if pid is None:
+        return time.process_time()
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentiles(seconds: Sequence[float]) -> Dict[str, Optional[float]]:
@@ -101,14 +113,15 @@ def concurrent(port: int, path: str, bodies: Sequence[bytes], clients: int, seco
         finally:
             senders[k].close()
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     threads = [threading.Thread(target=run, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     sent = [s for sender in senders for s in sender.seconds]
     errors = sum(sender.errors for sender in senders)
     return {"clients": clients, "seconds": elapsed, "requests": len(sent), "errors": errors,
-            "requests_per_second": (len(sent) - errors) / elapsed, **percentiles(sent)}
+            "requests_per_second": (len(sent) - errors) / elapsed, **percentiles(sent),
+            "client_cpu_ms_per_request": cpu / max(len(sent), 1) * 1e3}

@@ -660,6 +660,10 @@ def test_load_generator_counts_requests_errors_and_reconnects(backend):
     loaded = loadgen.concurrent(port, "/v1/models/taxi:predict", good, clients=4, seconds=0.5)
     assert loaded["clients"] == 4 and loaded["requests"] > 4 and loaded["errors"] == 0
     assert loaded["requests_per_second"] == pytest.approx(loaded["requests"] / loaded["seconds"])
+    # the senders' CPU: some, and no more than every core for the whole run
+    assert 0 < loaded["client_cpu_ms_per_request"] <= 1.1 * os.cpu_count() * loaded["seconds"] * 1e3 / loaded["requests"]
+    # another process's CPU is read from /proc: this process read that way agrees with process_time()
+    assert loadgen.cpu_seconds(os.getpid()) == pytest.approx(loadgen.cpu_seconds(), abs=0.05)
     # nothing listens: every request is an error, and the client reconnects instead of stopping
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
