@@ -1,6 +1,7 @@
 """`make bench-serving`: the local TF Serving twin against the in-process signature call (the
-floor), REST and gRPC, single row and a batch of 100; then 1, 8 and 50 concurrent single-row
-clients with server-side batching off and on. One run, ratios against references measured in it.
+floor), REST and gRPC, single row and a batch of 100 (the three calls in turn); then 1, 8 and 50
+concurrent single-row clients with server-side batching off and on. One run, ratios against
+references measured in it.
 
     python -m benchmarks.bench_serving [--model_repository build/model_repository] [--model taxi]
 
@@ -36,14 +37,18 @@ def full_row(specs):
     return {name: ROW.get(name, "" if spec.dtype.name == "string" else math.nan) for name, spec in specs.items()}
 
 
-def timed(fn, n):
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return {**loadgen.percentiles(times), "n": len(times)}
+def timed(calls, n):
+    """{name: p50/p99/n} of `n` rounds that make each call in turn (after one round not counted):
+    on a shared machine the floor and the paths compared with it see the same moments, so a burst
+    of other work cannot land on one of them alone and flip a ratio."""
+    times = {name: [] for name in calls}
+    for round_ in range(n + 1):
+        for name, call in calls.items():
+            t = time.perf_counter()
+            call()
+            if round_:
+                times[name].append(time.perf_counter() - t)
+    return {name: {**loadgen.percentiles(t), "n": len(t)} for name, t in times.items()}
 
 
 def free_port() -> int:
@@ -145,9 +150,10 @@ def main(argv=None) -> int:
     try:
         for label, rows in (("single_row", [row]), ("batch_100", [row] * 100)):
             tensors = {k: tf.constant([r[k] for r in rows], s.dtype) for k, s in specs.items()}
-            floor = timed(lambda: signature(**tensors), args.requests)
-            rest = timed(rest_caller(plain.rest_port, path, json.dumps({"instances": rows}).encode()), args.requests)
-            grpc_ = timed(grpc_caller(plain.grpc_port, args.model, specs, rows), args.requests)
+            measured = timed({"in_process": lambda: signature(**tensors),
+                              "rest": rest_caller(plain.rest_port, path, json.dumps({"instances": rows}).encode()),
+                              "grpc": grpc_caller(plain.grpc_port, args.model, specs, rows)}, args.requests)
+            floor, rest, grpc_ = measured["in_process"], measured["rest"], measured["grpc"]
             results[label] = {"in_process": floor, "rest": rest, "grpc": grpc_,
                               "rest_p50_ratio": rest["p50_ms"] / floor["p50_ms"],
                               "grpc_p50_ratio": grpc_["p50_ms"] / floor["p50_ms"]}
