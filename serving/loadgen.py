@@ -100,7 +100,25 @@ def concurrent(port: int, path: str, bodies: Sequence[bytes], clients: int, seco
                host: str = HOST) -> Dict[str, float]:
     """`clients` threads, each on its own keep-alive connection, sending for `seconds` (client k
     sends bodies k, k + clients, ...): clients, seconds, requests, errors, requests_per_second
-    (answered with 200), p50_ms, p99_ms."""
+    (answered with 200), p50_ms, p99_ms, client_cpu_ms_per_request."""
+    return _summary(clients, [_load(port, path, bodies, clients, seconds, host)])
+
+
+def alternating(ports: Dict[str, int], path: str, bodies: Sequence[bytes], clients: int, seconds: float,
+                rounds: int, host: str = HOST) -> Dict[str, Dict[str, float]]:
+    """concurrent() against each named server for `seconds` in all, in `rounds` turns taken in
+    order (a, b, a, b, ...), so servers compared on a shared machine see the same stretch of time
+    rather than one of them a quiet minute and the other a busy one. Per name, as concurrent()."""
+    runs: Dict[str, list] = {name: [] for name in ports}
+    for _ in range(rounds):
+        for name, port in ports.items():
+            runs[name].append(_load(port, path, bodies, clients, seconds / rounds, host))
+    return {name: _summary(clients, r) for name, r in runs.items()}
+
+
+def _load(port: int, path: str, bodies: Sequence[bytes], clients: int, seconds: float,
+          host: str) -> Tuple[List[float], int, float, float]:
+    """(seconds of every request sent, errors, elapsed seconds, CPU seconds of this process)."""
     stop_at = time.perf_counter() + seconds
     senders = [_Client(port, host) for _ in range(clients)]
 
@@ -119,9 +137,13 @@ def concurrent(port: int, path: str, bodies: Sequence[bytes], clients: int, seco
         t.start()
     for t in threads:
         t.join()
-    elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu
-    sent = [s for sender in senders for s in sender.seconds]
-    errors = sum(sender.errors for sender in senders)
+    return ([s for sender in senders for s in sender.seconds], sum(sender.errors for sender in senders),
+            time.perf_counter() - started, cpu_seconds() - cpu)
+
+
+def _summary(clients: int, runs: Sequence[Tuple[List[float], int, float, float]]) -> Dict[str, float]:
+    sent = [s for run in runs for s in run[0]]
+    errors, elapsed, cpu = (sum(run[i] for run in runs) for i in (1, 2, 3))
     return {"clients": clients, "seconds": elapsed, "requests": len(sent), "errors": errors,
             "requests_per_second": (len(sent) - errors) / elapsed, **percentiles(sent),
             "client_cpu_ms_per_request": cpu / max(len(sent), 1) * 1e3}
