@@ -480,3 +480,44 @@ def test_grpc_inputs_read_as_tf_make_ndarray_reads_them():
             assert got.tolist() == want.tolist()
         else:
             np.testing.assert_array_equal(got, want)
+
+
+def test_an_idle_server_answers_small_requests_on_its_event_loop():
+    """serving/http.py: alone on the server, a small request skips the hop to a worker; a large
+    body, a second request in flight, or a server without the option goes to the workers."""
+    from serving.http import INLINE_BODY_BYTES, HttpServer, Response
+
+    seen, release = [], threading.Event()
+
+    def handler(request):
+        seen.append((request.target, threading.current_thread().name))
+        if request.target == "/hold":
+            release.wait(10)
+        return Response(200, b"{}")
+
+    def post(port, target, body=b"{}"):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{target}", data=body, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status
+
+    inline = HttpServer(handler, num_threads=2, inline_when_idle=True, name="inl").start()
+    plain = HttpServer(handler, num_threads=2, name="wrk").start()
+    try:
+        assert post(inline.port, "/small") == 200 and post(inline.port, "/big", b"x" * (INLINE_BODY_BYTES + 1)) == 200
+        # /hold (a large body: a worker's) is still being answered when /beside arrives
+        held = threading.Thread(target=post, args=(inline.port, "/hold", b"x" * (INLINE_BODY_BYTES + 1)))
+        held.start()
+        deadline = time.monotonic() + 10
+        while not any(t == "/hold" for t, _ in seen) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert post(inline.port, "/beside") == 200
+        release.set()
+        held.join(10)
+        assert post(plain.port, "/plain") == 200
+    finally:
+        release.set()
+        inline.stop()
+        plain.stop()
+    threads = dict(seen)
+    assert threads["/small"] == "inl-ioloop" and threads["/plain"].startswith("wrk_")
+    assert threads["/big"].startswith("inl_") and threads["/beside"].startswith("inl_")
