@@ -1,6 +1,7 @@
 """`make bench-serving`: the local TF Serving twin against the in-process signature call (the
-floor), REST and gRPC, single row and a batch of 100; then 1, 8 and 50 concurrent single-row
-clients with server-side batching off and on. One run, ratios against references measured in it.
+floor), REST and gRPC, single row and a batch of 100 (the three calls in turn); then 1, 8 and 50
+concurrent single-row clients with server-side batching off and on. One run, ratios against
+references measured in it.
 
     python -m benchmarks.bench_serving [--model_repository build/model_repository] [--model taxi]
 
@@ -8,7 +9,9 @@ The servers run in their own processes (`python -m serving.server`, as `make ser
 so the clients' Python does not share the server's interpreter. Targets (issue 9): single-row
 REST p50 <= 1.5x in-process, gRPC p50 <= 1.3x in-process; with batching, 50 concurrent
 single-row clients >= 4x the requests/s of one sequential client, with p99 <= 50 ms.
-Writes build/bench_serving.json.
+Each concurrent run also reports the CPU per request of the server process and of the clients
+(both share this machine's cores), and what those costs allow at most on all cores
+(`cpu_bound_requests_per_s`), so a miss can be told apart from a ceiling. Writes build/bench_serving.json.
 """
 
 import argparse
@@ -34,14 +37,18 @@ def full_row(specs):
     return {name: ROW.get(name, "" if spec.dtype.name == "string" else math.nan) for name, spec in specs.items()}
 
 
-def timed(fn, n):
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return {**loadgen.percentiles(times), "n": len(times)}
+def timed(calls, n):
+    """{name: p50/p99/n} of `n` rounds that make each call in turn (after one round not counted):
+    on a shared machine the floor and the paths compared with it see the same moments, so a burst
+    of other work cannot land on one of them alone and flip a ratio."""
+    times = {name: [] for name in calls}
+    for round_ in range(n + 1):
+        for name, call in calls.items():
+            t = time.perf_counter()
+            call()
+            if round_:
+                times[name].append(time.perf_counter() - t)
+    return {name: {**loadgen.percentiles(t), "n": len(t)} for name, t in times.items()}
 
 
 def free_port() -> int:
@@ -78,6 +85,18 @@ class ServerProcess:
         self.process.terminate()
         self.process.wait(30)
         self.log.close()
+
+
+def under_load(server: ServerProcess, path: str, body: bytes, clients: int, seconds: float):
+    """loadgen.concurrent, with the server's CPU per request and the requests/s that the server's
+    and the clients' CPU per request allow on every core of this machine."""
+    before = loadgen.cpu_seconds(server.process.pid)
+    result = loadgen.concurrent(server.rest_port, path, [body], clients, seconds)
+    result["server_cpu_ms_per_request"] = (loadgen.cpu_seconds(server.process.pid) - before) / max(
+        result["requests"], 1) * 1e3
+    per_request = result["server_cpu_ms_per_request"] + result["client_cpu_ms_per_request"]
+    result["cpu_bound_requests_per_s"] = (os.cpu_count() or 1) * 1e3 / per_request if per_request else None
+    return result
 
 
 def rest_caller(port: int, path: str, body: bytes):
@@ -131,23 +150,22 @@ def main(argv=None) -> int:
     try:
         for label, rows in (("single_row", [row]), ("batch_100", [row] * 100)):
             tensors = {k: tf.constant([r[k] for r in rows], s.dtype) for k, s in specs.items()}
-            floor = timed(lambda: signature(**tensors), args.requests)
-            rest = timed(rest_caller(plain.rest_port, path, json.dumps({"instances": rows}).encode()), args.requests)
-            grpc_ = timed(grpc_caller(plain.grpc_port, args.model, specs, rows), args.requests)
+            measured = timed({"in_process": lambda: signature(**tensors),
+                              "rest": rest_caller(plain.rest_port, path, json.dumps({"instances": rows}).encode()),
+                              "grpc": grpc_caller(plain.grpc_port, args.model, specs, rows)}, args.requests)
+            floor, rest, grpc_ = measured["in_process"], measured["rest"], measured["grpc"]
             results[label] = {"in_process": floor, "rest": rest, "grpc": grpc_,
                               "rest_p50_ratio": rest["p50_ms"] / floor["p50_ms"],
                               "grpc_p50_ratio": grpc_["p50_ms"] / floor["p50_ms"]}
         body = json.dumps({"instances": [row]}).encode()
-        results["unbatched"] = [loadgen.concurrent(plain.rest_port, path, [body], c, args.seconds)
-                                for c in (1, 8, 50)]
+        results["unbatched"] = [under_load(plain, path, body, c, args.seconds) for c in (1, 8, 50)]
     finally:
         plain.stop()
     # Each REST worker blocks while its request waits in the batch queue (as TF Serving's do), so
     # with batching the pool is sized for the clients, not the cores.
     batched = ServerProcess(args.model, base, batching=True, extra=["--rest_api_num_threads=64"])
     try:
-        results["batched"] = [loadgen.concurrent(batched.rest_port, path, [body], c, args.seconds)
-                              for c in (1, 8, 50)]
+        results["batched"] = [under_load(batched, path, body, c, args.seconds) for c in (1, 8, 50)]
     finally:
         batched.stop()
 
@@ -158,7 +176,9 @@ def main(argv=None) -> int:
     for mode in ("unbatched", "batched"):
         for c in results[mode]:
             print(f"{mode:>10}, {c['clients']:>2} clients: {c['requests_per_second']:7.0f} req/s, "
-                  f"p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms, errors {c['errors']}")
+                  f"p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms, errors {c['errors']} | CPU per request: "
+                  f"server {c['server_cpu_ms_per_request']:.2f} ms, clients {c['client_cpu_ms_per_request']:.2f} ms "
+                  f"(at most {c['cpu_bound_requests_per_s']:.0f} req/s on {os.cpu_count()} cores)")
     sequential = results["unbatched"][0]["requests_per_second"]
     fifty = results["batched"][2]
     results["targets"] = {
@@ -168,8 +188,9 @@ def main(argv=None) -> int:
         "batched_50_clients_p99<=50ms": fifty["p99_ms"] <= 50,
     }
     results["batched_50_vs_sequential_throughput_ratio"] = fifty["requests_per_second"] / sequential
+    results["batched_50_cpu_bound_vs_sequential_ratio"] = fifty["cpu_bound_requests_per_s"] / sequential
     print(f"50 batched clients vs one sequential client: {results['batched_50_vs_sequential_throughput_ratio']:.2f}x "
-          f"requests/s")
+          f"requests/s (their CPU per request allows at most {results['batched_50_cpu_bound_vs_sequential_ratio']:.2f}x)")
     for name, ok in results["targets"].items():
         print(f"target {name}: {'PASS' if ok else 'MISS'}")
     os.makedirs("build", exist_ok=True)

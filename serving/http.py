@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import zlib
-from typing import Callable, Dict, NamedTuple, Optional
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 from tornado import httputil
 from tornado.httpserver import HTTPServer
@@ -27,6 +27,7 @@ from tornado.ioloop import IOLoop
 from tornado.netutil import bind_sockets
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+INLINE_BODY_BYTES = 16 * 1024  # the largest body an idle server may answer on its event loop
 
 
 class Request(NamedTuple):
@@ -57,6 +58,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
     def finish(self):
         # Told when the client closes while its answer is being made (tornado watches the socket then).
         self.connection.set_close_callback(self.on_connection_close)
+        self.server.received += 1
         asyncio.ensure_future(self.server.respond(self))
 
     def on_connection_close(self):
@@ -90,14 +92,19 @@ class HttpServer:
     event loop runs on its own thread. `on_timeout(Request)` answers a request the handler did not
     finish within `timeout_ms` (a coroutine is cancelled; a worker's work goes on, its answer is
     dropped). A request whose client has gone before a worker takes it is never handled: a caller
-    that gave up (the proxy at its deadline closes the connection) costs no model call."""
+    that gave up (the proxy at its deadline closes the connection) costs no model call. With
+    `inline_when_idle`, a request with a small body that finds no other request on the server is
+    answered on the event loop instead (no thread hop; its timeout is not enforced)."""
 
     def __init__(self, handler: Callable[[Request], Response], host: str = "127.0.0.1", port: int = 0,
                  num_threads: int = 0, timeout_ms: int = 0, max_connections: int = 1024, idle_timeout: float = 60.0,
                  body_timeout: float = 30.0, max_body_bytes: int = MAX_BODY_BYTES,
-                 on_timeout: Optional[Callable[[Request], Response]] = None, name: str = "http"):
+                 on_timeout: Optional[Callable[[Request], Response]] = None, name: str = "http",
+                 inline_when_idle: bool = False):
         self.handler, self.on_timeout = handler, on_timeout
         self.is_async = asyncio.iscoroutinefunction(handler)
+        self.inline_when_idle = inline_when_idle and not self.is_async
+        self.received = 0  # requests read whole and not answered yet
         self.dropped = 0  # requests not handled because their client had gone
         self.timeout = timeout_ms / 1000.0 if timeout_ms > 0 else None
         threads = num_threads or 4 * (os.cpu_count() or 1)
@@ -138,6 +145,15 @@ class HttpServer:
         return out
 
     async def respond(self, exchange: _Exchange):
+        try:
+            answer = await self._answer(exchange)
+        finally:
+            self.received -= 1
+        if answer is not None:  # None: the client left before the work began
+            self._write(exchange, *answer)
+
+    async def _answer(self, exchange: _Exchange) -> Optional[Tuple[Response, bool]]:
+        """(response, head_only) for one request read whole."""
         body = b"".join(exchange.chunks)
         exchange.chunks = []
         if "gzip" in exchange.headers.get("Content-Encoding", "").lower():
@@ -145,22 +161,34 @@ class HttpServer:
                 body = self._gunzip(body)
             except (zlib.error, ValueError) as e:
                 message = f"Content-Encoding gzip: the body cannot be decompressed ({e}); send gzip or drop the header"
-                return self._write(exchange, Response(400, json.dumps({"error": message}).encode()), False)
+                return Response(400, json.dumps({"error": message}).encode()), False
         request = Request(exchange.method, exchange.target, exchange.headers, body)
+        head_only = request.method == "HEAD"
+        if self.inline_when_idle and self.received == 1 and len(body) <= INLINE_BODY_BYTES:
+            # Alone on the server: the two thread hops (loop -> worker -> loop) would cost more
+            # than the call they wrap (0.2 ms of a 0.9 ms trivial round trip here). The loop reads
+            # no other socket meanwhile, hence small bodies only; the timeout does not apply.
+            try:
+                return self.handler(request), head_only
+            except Exception:
+                return self._internal_error(request), head_only
         if self.is_async:
             future = self.handler(request)
         else:
             future = asyncio.wrap_future(self.workers.submit(self._work, exchange, request))
         try:
             response = await asyncio.wait_for(future, self.timeout)
-            if response is None:  # the client left before the work began
-                return
         except asyncio.TimeoutError:
             response = self.on_timeout(request) if self.on_timeout else Response(504, b'{"error": "timed out"}')
-        except Exception:  # the handler itself failed: a bug, answered as one
-            logging.exception("unhandled error on %s %s", request.method, request.target[:200])
-            response = Response(500, b'{"error": "internal error"}')
-        self._write(exchange, response, head_only=request.method == "HEAD")
+        except Exception:
+            response = self._internal_error(request)
+        return None if response is None else (response, head_only)
+
+    @staticmethod
+    def _internal_error(request: Request) -> Response:
+        """The handler itself failed: a bug, answered as one."""
+        logging.exception("unhandled error on %s %s", request.method, request.target[:200])
+        return Response(500, b'{"error": "internal error"}')
 
     def _work(self, exchange: _Exchange, request: Request) -> Optional[Response]:
         if exchange.gone:

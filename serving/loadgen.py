@@ -5,12 +5,14 @@ The sandbox component's latency and throughput checks (components/sandbox.py) an
 bench-proxy` / `make bench-serving` measure with it, so their figures mean the same thing:
 `requests` sent, `errors` (a status other than 200, or a broken connection, after which the
 client reconnects), p50/p99 in ms over every request sent, and for concurrent clients
-`requests_per_second` answered with 200.
+`requests_per_second` answered with 200, and `client_cpu_ms_per_request`, the CPU the sending
+process spent per request (the clients share the machine with the server they measure).
 
 It needs the standard library and numpy only (no TensorFlow): it is a client, and runs wherever one does.
 """
 
 import http.client
+import os
 import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -30,6 +32,16 @@ def post(conn: http.client.HTTPConnection, path: str, body: bytes) -> Tuple[int,
     conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
     response = conn.getresponse()
     return response.status, response.read()
+
+
+def cpu_seconds(pid: Optional[int] = None) -> float:
+    """CPU time (user + system, all threads) a process has used so far: this one, or another
+    by its pid (Linux /proc/<pid>/stat fields 14 and 15)."""
+    if pid is None:
+        return time.process_time()
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentiles(seconds: Sequence[float]) -> Dict[str, Optional[float]]:
@@ -88,7 +100,25 @@ def concurrent(port: int, path: str, bodies: Sequence[bytes], clients: int, seco
                host: str = HOST) -> Dict[str, float]:
     """`clients` threads, each on its own keep-alive connection, sending for `seconds` (client k
     sends bodies k, k + clients, ...): clients, seconds, requests, errors, requests_per_second
-    (answered with 200), p50_ms, p99_ms."""
+    (answered with 200), p50_ms, p99_ms, client_cpu_ms_per_request."""
+    return _summary(clients, [_load(port, path, bodies, clients, seconds, host)])
+
+
+def alternating(ports: Dict[str, int], path: str, bodies: Sequence[bytes], clients: int, seconds: float,
+                rounds: int, host: str = HOST) -> Dict[str, Dict[str, float]]:
+    """concurrent() against each named server for `seconds` in all, in `rounds` turns taken in
+    order (a, b, a, b, ...), so servers compared on a shared machine see the same stretch of time
+    rather than one of them a quiet minute and the other a busy one. Per name, as concurrent()."""
+    runs: Dict[str, list] = {name: [] for name in ports}
+    for _ in range(rounds):
+        for name, port in ports.items():
+            runs[name].append(_load(port, path, bodies, clients, seconds / rounds, host))
+    return {name: _summary(clients, r) for name, r in runs.items()}
+
+
+def _load(port: int, path: str, bodies: Sequence[bytes], clients: int, seconds: float,
+          host: str) -> Tuple[List[float], int, float, float]:
+    """(seconds of every request sent, errors, elapsed seconds, CPU seconds of this process)."""
     stop_at = time.perf_counter() + seconds
     senders = [_Client(port, host) for _ in range(clients)]
 
@@ -101,14 +131,19 @@ def concurrent(port: int, path: str, bodies: Sequence[bytes], clients: int, seco
         finally:
             senders[k].close()
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     threads = [threading.Thread(target=run, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - started
-    sent = [s for sender in senders for s in sender.seconds]
-    errors = sum(sender.errors for sender in senders)
+    return ([s for sender in senders for s in sender.seconds], sum(sender.errors for sender in senders),
+            time.perf_counter() - started, cpu_seconds() - cpu)
+
+
+def _summary(clients: int, runs: Sequence[Tuple[List[float], int, float, float]]) -> Dict[str, float]:
+    sent = [s for run in runs for s in run[0]]
+    errors, elapsed, cpu = (sum(run[i] for run in runs) for i in (1, 2, 3))
     return {"clients": clients, "seconds": elapsed, "requests": len(sent), "errors": errors,
-            "requests_per_second": (len(sent) - errors) / elapsed, **percentiles(sent)}
+            "requests_per_second": (len(sent) - errors) / elapsed, **percentiles(sent),
+            "client_cpu_ms_per_request": cpu / max(len(sent), 1) * 1e3}

@@ -108,8 +108,10 @@ class LocalServer:
         self.servables, self.host = servables, host
         self.api = RestApi(servables)
         threads = num_threads or 4 * (os.cpu_count() or 1)  # TF Serving's --rest_api_num_threads default
+        # With batching a request must wait for others in a worker, never on the event loop.
         self.http = HttpServer(self._handle, host, rest_port, threads, timeout_ms, max_connections, idle_timeout,
-                               body_timeout, max_body_bytes, on_timeout=self._timed_out, name="rest")
+                               body_timeout, max_body_bytes, on_timeout=self._timed_out, name="rest",
+                               inline_when_idle=servables.batcher is None)
         self.timeout_ms = timeout_ms
         self.grpc = None
         if grpc_port is not None:

@@ -660,6 +660,15 @@ def test_load_generator_counts_requests_errors_and_reconnects(backend):
     loaded = loadgen.concurrent(port, "/v1/models/taxi:predict", good, clients=4, seconds=0.5)
     assert loaded["clients"] == 4 and loaded["requests"] > 4 and loaded["errors"] == 0
     assert loaded["requests_per_second"] == pytest.approx(loaded["requests"] / loaded["seconds"])
+    # the senders' CPU: some, and no more than every core for the whole run
+    assert 0 < loaded["client_cpu_ms_per_request"] <= 1.1 * os.cpu_count() * loaded["seconds"] * 1e3 / loaded["requests"]
+    # alternating turns: each server gets its share of the time, the counts add up over the turns
+    both = loadgen.alternating({"a": port, "b": port}, "/v1/models/taxi:predict", good, 2, 0.6, rounds=3)
+    for run in both.values():
+        assert run["errors"] == 0 and run["requests"] > 3 and run["seconds"] == pytest.approx(0.6, abs=0.3)
+        assert run["requests_per_second"] == pytest.approx(run["requests"] / run["seconds"])
+    # another process's CPU is read from /proc: this process read that way agrees with process_time()
+    assert loadgen.cpu_seconds(os.getpid()) == pytest.approx(loadgen.cpu_seconds(), abs=0.05)
     # nothing listens: every request is an error, and the client reconnects instead of stopping
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -450,3 +450,74 @@ def test_work_whose_client_left_before_a_worker_took_it_is_dropped():
         assert calls == ["/first"] and server.dropped == 1
     finally:
         server.stop()
+
+
+def test_grpc_inputs_read_as_tf_make_ndarray_reads_them():
+    """serving/grpc_server.py's quick TensorProto reader against TensorFlow's own, on what clients
+    send: listed values of each common dtype, several shapes, packed tensor_content, one value
+    repeated to fill a shape, and a dtype the quick path leaves to make_ndarray."""
+    import tensorflow as tf
+    from tensorflow.core.framework import tensor_pb2
+
+    from serving.grpc_server import _ndarray
+
+    repeated = tensor_pb2.TensorProto(dtype=tf.float32.as_datatype_enum, float_val=[2.5])
+    repeated.tensor_shape.dim.add(size=3)
+    protos = [tf.make_tensor_proto([1.5, float("nan"), -0.0], dtype=tf.float32),
+              tf.make_tensor_proto([[1e300, -2.0]], dtype=tf.float64),
+              tf.make_tensor_proto([2 ** 62, -(2 ** 63)], dtype=tf.int64),
+              tf.make_tensor_proto([[1, 2, 3], [4, 5, 6]], dtype=tf.int32),
+              tf.make_tensor_proto([True, False], dtype=tf.bool),
+              tf.make_tensor_proto([b"Cash", b"\xff\xfe", "Crédit".encode()], dtype=tf.string),
+              tf.make_tensor_proto(np.zeros((0, 3), np.float32)),
+              tf.make_tensor_proto(np.arange(6, dtype=np.float32).reshape(2, 3)),  # tensor_content
+              tf.make_tensor_proto(7.0, dtype=tf.float32),  # a scalar
+              tf.make_tensor_proto([1.0, 2.0], dtype=tf.float16), repeated]
+    for proto in protos:
+        want, got = tf.make_ndarray(proto), _ndarray(proto)
+        assert got.dtype == want.dtype and got.shape == want.shape, proto
+        if want.dtype == object:
+            assert got.tolist() == want.tolist()
+        else:
+            np.testing.assert_array_equal(got, want)
+
+
+def test_an_idle_server_answers_small_requests_on_its_event_loop():
+    """serving/http.py: alone on the server, a small request skips the hop to a worker; a large
+    body, a second request in flight, or a server without the option goes to the workers."""
+    from serving.http import INLINE_BODY_BYTES, HttpServer, Response
+
+    seen, release = [], threading.Event()
+
+    def handler(request):
+        seen.append((request.target, threading.current_thread().name))
+        if request.target == "/hold":
+            release.wait(10)
+        return Response(200, b"{}")
+
+    def post(port, target, body=b"{}"):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{target}", data=body, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status
+
+    inline = HttpServer(handler, num_threads=2, inline_when_idle=True, name="inl").start()
+    plain = HttpServer(handler, num_threads=2, name="wrk").start()
+    try:
+        assert post(inline.port, "/small") == 200 and post(inline.port, "/big", b"x" * (INLINE_BODY_BYTES + 1)) == 200
+        # /hold (a large body: a worker's) is still being answered when /beside arrives
+        held = threading.Thread(target=post, args=(inline.port, "/hold", b"x" * (INLINE_BODY_BYTES + 1)))
+        held.start()
+        deadline = time.monotonic() + 10
+        while not any(t == "/hold" for t, _ in seen) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert post(inline.port, "/beside") == 200
+        release.set()
+        held.join(10)
+        assert post(plain.port, "/plain") == 200
+    finally:
+        release.set()
+        inline.stop()
+        plain.stop()
+    threads = dict(seen)
+    assert threads["/small"] == "inl-ioloop" and threads["/plain"].startswith("wrk_")
+    assert threads["/big"].startswith("inl_") and threads["/beside"].startswith("inl_")
