@@ -358,10 +358,10 @@ def unseen_categories(body: Dict[str, Any], vocabularies: Dict[str, frozenset]) 
     columns = body.get("inputs")
     for name, known in vocabularies.items():
         if isinstance(rows, list):
-            values = (_one(r.get(name)) for r in rows if isinstance(r, dict))
+            values = (wire.one_element(r.get(name)) for r in rows if isinstance(r, dict))
         elif isinstance(columns, dict):
             column = columns.get(name)
-            values = (_one(v) for v in column) if isinstance(column, list) else (_one(column),)
+            values = (wire.one_element(v) for v in column) if isinstance(column, list) else (wire.one_element(column),)
         else:
             return counts
         unseen = sum(1 for v in map(_category, values) if v and v not in known)
@@ -375,7 +375,7 @@ def _category(value: Any) -> Optional[str]:
     writes an int column's vocabulary as text); None for anything else (missing, b64, a fraction)."""
     if isinstance(value, str):
         return value
-    if _is_number(value) and math.isfinite(value) and value == int(value):
+    if wire.is_number(value) and math.isfinite(value) and value == int(value):
         return str(int(value))
     return None
 
@@ -800,51 +800,27 @@ def _log_options(env: Dict[str, str]) -> Dict[str, Any]:
     return options
 
 
-def _one(value: Any) -> Any:
-    """TF Serving writes an output of shape [n, 1] as one-element lists."""
-    return value[0] if isinstance(value, list) and len(value) == 1 else value
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _answer_rows(verb: str, answer: Dict[str, Any]) -> Optional[List[Any]]:
-    """The rows of an answer: :predict's `predictions` rows or `outputs` columns, :classify/:regress `results`."""
-    if verb != "predict":
-        rows = answer.get("results")
-    elif "predictions" in answer:
-        rows = answer["predictions"]
-    else:
-        rows = answer.get("outputs")
-        if isinstance(rows, dict) and rows and all(isinstance(v, list) for v in rows.values()):
-            rows = [dict(zip(rows, values)) for values in zip(*rows.values())]
-        elif _is_number(rows):
-            rows = [rows]
-    return rows if isinstance(rows, list) else None
-
-
 def _row_answer(verb: str, row: Any) -> Optional[Tuple[str, Any]]:
     """("class", what the client is told) or ("value", a regression number) for one answer row; None if neither."""
     if verb == "classify":  # [[label, score], ...]: the top label is the answer
-        if isinstance(row, list) and row and all(isinstance(p, list) and len(p) == 2 and _is_number(p[1]) for p in row):
+        if isinstance(row, list) and row and all(isinstance(p, list) and len(p) == 2 and wire.is_number(p[1]) for p in row):
             return "class", max(row, key=lambda p: p[1])[0]
         return None
-    row = _one(row)
+    row = wire.one_element(row)
     if isinstance(row, dict):
         for key in ("classes", "class_ids"):
             if key in row:
-                return "class", _one(row[key])
-        value = _one(row.get("value", row.get("outputs", row.get("predictions"))))
-        return ("value", float(value)) if _is_number(value) else None
-    return ("value", float(row)) if _is_number(row) else None
+                return "class", wire.one_element(row[key])
+        value = wire.one_element(row.get("value", row.get("outputs", row.get("predictions"))))
+        return ("value", float(value)) if wire.is_number(value) else None
+    return ("value", float(row)) if wire.is_number(row) else None
 
 
 def shadow_outcome(verb: str, answer: Dict[str, Any], shadow: Dict[str, Any]) -> str:
     """How a shadow's 200 answer compares with the client's: same_class / different_class (predict with
     classes or class_ids, classify by top label), same_value / different_value (regression, within
     SHADOW_VALUE_TOLERANCE), incomparable (no such field in every row of both, or other row counts)."""
-    rows_a, rows_b = _answer_rows(verb, answer), _answer_rows(verb, shadow)
+    rows_a, rows_b = wire.answer_rows(answer, verb), wire.answer_rows(shadow, verb)
     if not rows_a or rows_b is None or len(rows_a) != len(rows_b):
         return "incomparable"
     pairs = [(_row_answer(verb, a), _row_answer(verb, b)) for a, b in zip(rows_a, rows_b)]

@@ -13,7 +13,7 @@ The specification is tensorflow/serving's own source:
 
 import json
 import re
-from typing import NamedTuple, Optional
+from typing import Any, List, NamedTuple, Optional
 from urllib.parse import unquote_to_bytes
 
 API_PATH = re.compile(r"/v1/.*", re.IGNORECASE | re.DOTALL)
@@ -112,3 +112,39 @@ def parse(method: str, path: str) -> Route:
 def error_body(message: str) -> bytes:
     """{"error": "..."} (json_tensor.cc MakeJsonFromStatus); always valid JSON, any message."""
     return json.dumps({"error": message}).encode()
+
+
+# --- answers -----------------------------------------------------------------------------
+# What a 200 answer's rows are, for everything that reads answers back (the proxy's shadow
+# comparison and fallback metrics, the A/B report): tensorflow/serving's
+# util/json_tensor.cc writes :predict in the request's format, row ("predictions": one entry per
+# instance) or columnar ("outputs": one list per named output, or the bare list or value of a
+# single unnamed output), and :classify / :regress as "results" (one entry per example).
+
+def is_number(value: Any) -> bool:
+    """A JSON number (bool excluded, which Python counts as int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def one_element(value: Any) -> Any:
+    """An output of shape [n, 1] arrives as one-element lists per row: the element."""
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def answer_rows(answer: Any, api: Optional[str] = None) -> Optional[List[Any]]:
+    """The rows of an answer, or None when it has none readable. `api` (predict / classify /
+    regress) picks the key the verb answers with; None takes whichever the answer carries."""
+    if not isinstance(answer, dict):
+        return None
+    keys = ("results",) if api in ("classify", "regress") else ("predictions", "outputs") if api else (
+        "predictions", "outputs", "results")
+    key = next((k for k in keys if k in answer), None)
+    if key is None:
+        return None
+    rows = answer[key]
+    if key == "outputs":
+        if isinstance(rows, dict) and rows and all(isinstance(v, list) for v in rows.values()):
+            rows = [dict(zip(rows, values)) for values in zip(*rows.values())]
+        elif is_number(rows):
+            rows = [rows]
+    return rows if isinstance(rows, list) else None

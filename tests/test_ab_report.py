@@ -629,3 +629,37 @@ def test_decision_rule_branches():
     two_guards[0]["p_value"] = 0.02
     assert decide(entry(0.02, 0.01, 0.03, 0.001), two_guards)[0] == "NO-GO"
     assert decide(entry(0.02, 0.01, 0.03, 0.001), [entry(0.02, 0.01, 0.03, 1e-9)])[0] == "GO"
+
+
+# --- reading answers back: one rule (serving/wire.answer_rows) for the report and the proxy ---
+
+@pytest.mark.parametrize("answer,api,rows", [
+    ({"predictions": [{"score": 0.2}, {"score": 0.9}]}, "predict", [{"score": 0.2}, {"score": 0.9}]),
+    # columnar :predict (json_tensor.cc MakeJsonFromTensors, columnar format): one list per output
+    ({"outputs": {"score": [0.2, 0.9], "classes": ["no", "yes"]}}, "predict",
+     [{"score": 0.2, "classes": "no"}, {"score": 0.9, "classes": "yes"}]),
+    ({"outputs": [0.2, 0.9]}, "predict", [0.2, 0.9]),     # a single unnamed output: the bare list
+    ({"outputs": 0.7}, "predict", [0.7]),                 # ...or a bare value
+    ({"results": [[["no", 0.8], ["yes", 0.2]]]}, "classify", [[["no", 0.8], ["yes", 0.2]]]),
+    ({"results": [1.5]}, "regress", [1.5]),
+    ({"results": [1.5]}, "predict", None),                # :predict never answers with results
+    ({"predictions": [1]}, "classify", None),
+    ({"results": [1.5]}, None, [1.5]),                     # api unknown: whichever key is there
+    ({"outputs": {"a": [1], "b": 2}}, "predict", None),   # not columns of equal kind: unreadable
+    ({"error": "x"}, None, None),
+    ([1, 2], None, None),
+])
+def test_answer_rows_reads_every_answer_format_tf_serving_writes(answer, api, rows):
+    from serving import wire
+
+    assert wire.answer_rows(answer, api) == rows
+
+
+def test_the_report_and_the_proxy_read_a_columnar_answer_alike():
+    from serving import proxy
+
+    answer = {"outputs": {"classes": [["yes"], ["no"]], "probabilities": [[0.1, 0.9], [0.7, 0.3]]}}
+    rows = reporting.parse_outputs(answer)
+    assert [r.class_id for r in rows] == [1, 0]
+    assert proxy.shadow_outcome("predict", answer, {"predictions": [{"classes": ["yes"]}, {"classes": ["no"]}]}) \
+        == "same_class"

@@ -18,7 +18,7 @@ import numpy as np
 from ops.ab.statistics import (Key, NotTestable, Sample, delong_paired_test, delong_test, error_rate_test,
                                mcnemar_test, metric_value, paired_t_test, row_losses, two_proportion_test,
                                welch_test)
-from serving import logstore
+from serving import logstore, wire
 
 GO, NO_GO, NOT_ENOUGH_DATA = "GO", "NO-GO", "NOT ENOUGH DATA"
 EXIT_CODES = {GO: 0, NO_GO: 1, NOT_ENOUGH_DATA: 3}
@@ -87,12 +87,7 @@ class RowOutput:
 
 
 def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _scalar(x: Any) -> Any:
-    """TF Serving writes an output of shape [n, 1] as one-element lists."""
-    return x[0] if isinstance(x, list) and len(x) == 1 else x
+    return wire.is_number(x) and math.isfinite(x)
 
 
 def _classified(probabilities: Sequence[Any], class_id: Any = None, class_name: Any = None,
@@ -100,19 +95,19 @@ def _classified(probabilities: Sequence[Any], class_id: Any = None, class_name: 
     if len(probabilities) < 2 or not all(_number(p) for p in probabilities):
         return None
     probabilities = tuple(float(p) for p in probabilities)
-    class_id = _scalar(class_id)
+    class_id = wire.one_element(class_id)
     if class_id is None:
         class_id = int(np.argmax(probabilities))
     if not (_number(class_id) and float(class_id).is_integer() and 0 <= class_id < len(probabilities)):
         return None
-    class_name = _scalar(class_name)
+    class_name = wire.one_element(class_name)
     if isinstance(class_name, str):
         names += ((class_name, int(class_id)),)
     return RowOutput(probabilities=probabilities, class_id=int(class_id), names=names)
 
 
 def _row(item: Any) -> Optional[RowOutput]:
-    item = _scalar(item)
+    item = wire.one_element(item)
     if _number(item):
         return RowOutput(value=float(item))  # a single-output model: bare values
     if isinstance(item, list):
@@ -122,10 +117,10 @@ def _row(item: Any) -> Optional[RowOutput]:
     if not isinstance(item, dict):
         return None
     if "value" in item:
-        value = _scalar(item["value"])
+        value = wire.one_element(item["value"])
         return RowOutput(value=float(value)) if _number(value) else None
     probabilities = item.get("probabilities")
-    score = _scalar(item.get("score"))
+    score = wire.one_element(item.get("score"))
     if probabilities is None and _number(score):  # e.g. a proxy fallback answer with a score only
         probabilities = [1.0 - score, score]
     if not isinstance(probabilities, list):
@@ -133,23 +128,10 @@ def _row(item: Any) -> Optional[RowOutput]:
     return _classified(probabilities, item.get("class_ids"), item.get("classes"))
 
 
-def _columns_to_rows(outputs: Any) -> Any:
-    if isinstance(outputs, dict) and outputs and all(isinstance(v, list) for v in outputs.values()):
-        return [dict(zip(outputs, values)) for values in zip(*outputs.values())]
-    return outputs
-
-
 def parse_outputs(response: Any) -> Optional[List[RowOutput]]:
     """The rows of a 200 answer (:predict rows or columns, :classify, :regress), or None if unreadable."""
-    if not isinstance(response, dict):
-        return None
-    for key in ("predictions", "outputs", "results"):
-        if key in response:
-            items = _columns_to_rows(response[key]) if key == "outputs" else response[key]
-            break
-    else:
-        return None
-    if not isinstance(items, list):
+    items = wire.answer_rows(response)
+    if items is None:
         return None
     rows = [_row(item) for item in items]
     return None if any(r is None for r in rows) else rows
