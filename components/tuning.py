@@ -40,8 +40,8 @@ def with_hyperparameters(spec: FeatureSpec, values: Mapping[str, Any]) -> Featur
         elif key == "hidden_units":
             units = value.split(_UNITS_SEPARATOR) if isinstance(value, str) else value
             changes["hidden_units"] = tuple(int(u) for u in units)
-        else:
-            changes[key] = value
+        else:  # KerasTuner keeps a bool choice as 0/1
+            changes[key] = bool(value) if key == "wide" else int(value)
     return dataclasses.replace(spec, training=dataclasses.replace(training, **changes))
 
 
