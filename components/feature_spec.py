@@ -74,6 +74,14 @@ class Feature:
 
 
 @dataclasses.dataclass(frozen=True)
+class Cross:
+    """Features crossed into one categorical input: their ids joined, hashed into hash_buckets."""
+    name: str
+    features: Tuple[str, ...]
+    hash_buckets: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Label:
     name: str
     column: Optional[str] = None  # read directly from this column...
@@ -103,6 +111,15 @@ class Training:
     hidden_units: Tuple[int, ...] = (64, 32)
     embedding_dim: int = 8
     shuffle_buffer: int = 10000
+    wide: bool = False  # a linear part over the categorical inputs and crosses, added to the deep one
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """The Tuner's search: training keys to choose among (TUNABLE), how many trials and epochs each."""
+    search_space: Mapping[str, Tuple[Any, ...]]
+    trials: int = 6
+    epochs: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +148,8 @@ class FeatureSpec:
     monitoring: Optional["MonitoringConfig"] = dataclasses.field(default=None, repr=False, compare=False)
     # With {SPAN} in data.path: how many of the newest spans a run reads (TFX's RollingRange).
     rolling_spans: Optional[int] = None
+    crosses: Mapping[str, Cross] = dataclasses.field(default_factory=dict)
+    tuning: Optional[Tuning] = None  # None: no Tuner node, the training block is used as written
 
     @property
     def columns(self) -> Dict[str, Feature]:
@@ -251,10 +270,13 @@ def parse(raw: Any, source: str = "<spec>", lines: Optional[Mapping[tuple, int]]
         training=Training(
             strategy=dict(training.strategy), schedule=tuple(Stage(**s.model_dump()) for s in training.schedule),
             deterministic=training.deterministic, seed=training.seed, hidden_units=tuple(training.hidden_units),
-            embedding_dim=training.embedding_dim, shuffle_buffer=training.shuffle_buffer),
+            embedding_dim=training.embedding_dim, shuffle_buffer=training.shuffle_buffer, wide=training.wide),
         raw=raw,
         monitoring=config.monitoring,
         rolling_spans=config.data.rolling_spans,
+        crosses={n: Cross(n, tuple(c.features), c.hash_buckets) for n, c in config.crosses.items()},
+        tuning=(Tuning({k: tuple(v) for k, v in config.tuning.search_space.items()}, config.tuning.trials,
+                       config.tuning.epochs) if config.tuning else None),
     )
 
 
@@ -428,6 +450,8 @@ class TrainingConfig(_Block):
     hidden_units: List[PositiveInt] = [64, 32]
     embedding_dim: PositiveInt = 8
     shuffle_buffer: PositiveInt = 10000
+    wide: bool = pydantic.Field(False, description="add a linear (wide) part over the categorical inputs and "
+                                                   "crosses to the deep one (wide-and-deep)")
     schedule: List[StageConfig] = pydantic.Field(
         default=[StageConfig(learning_rate=0.001, batch_size=128, epochs=5)], min_length=1)
 
@@ -455,6 +479,45 @@ class TrainingConfig(_Block):
             raise typed_config.at("deterministic", "cannot be true with training.strategy.type parameter_server: "
                                                    "its workers update the variables asynchronously")
         self.strategy = {**self.strategy, "type": kind}
+        return self
+
+
+class CrossConfig(_Block):
+    """A feature cross: the features' ids (each one's first categorical transform) hashed together."""
+    features: List[str] = pydantic.Field(min_length=2, description="two or more feature names to cross")
+    hash_buckets: PositiveInt = 1000
+
+
+# The training keys a Tuner may choose (tuning.search_space), with a check of one candidate value:
+# (what it must be, test). learning_rate is the first schedule stage's; later stages keep theirs.
+TUNABLE = {
+    "learning_rate": ("a positive number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                      and math.isfinite(v) and v > 0),
+    "embedding_dim": ("a positive whole number", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    "hidden_units": ("a list of positive whole numbers", lambda v: isinstance(v, list) and bool(v) and all(
+        isinstance(u, int) and not isinstance(u, bool) and u > 0 for u in v)),
+    "wide": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+class TuningConfig(_Block):
+    """Opt-in: the pipeline runs TFX's Tuner (KerasTuner random search) before the Trainer."""
+    search_space: Dict[str, List[Any]] = pydantic.Field(
+        min_length=1, description="training key -> the values to try; keys: " + ", ".join(TUNABLE))
+    trials: PositiveInt = 6
+    epochs: PositiveInt = pydantic.Field(2, description="epochs per trial, at the first stage's batch size")
+
+    @pydantic.model_validator(mode="after")
+    def _known_values(self) -> "TuningConfig":
+        for key, values in self.search_space.items():
+            if key not in TUNABLE:
+                raise typed_config.at(f"search_space.{key}", f"cannot be tuned (tunable: {', '.join(TUNABLE)})")
+            if not values:
+                raise typed_config.at(f"search_space.{key}", "lists no value to try: give one or more")
+            what, ok = TUNABLE[key]
+            bad = next((v for v in values if not ok(v)), None)
+            if bad is not None or (None in values):
+                raise typed_config.at(f"search_space.{key}", f"each value must be {what}, got {bad!r}")
         return self
 
 
@@ -514,6 +577,9 @@ class SpecConfig(_Block):
     thresholds: Dict[str, ThresholdConfig] = {}
     training: TrainingConfig = TrainingConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
+    crosses: Dict[str, CrossConfig] = pydantic.Field(
+        default={}, description="name -> features crossed into one hashed categorical input (<name>_xf)")
+    tuning: Optional[TuningConfig] = None
 
     @pydantic.field_validator("slices", mode="before")
     @classmethod
@@ -539,6 +605,25 @@ class SpecConfig(_Block):
         if stranger:
             raise typed_config.at(f"monitoring.features.{stranger}",
                                   f"not a feature of this spec (features: {', '.join(self.features)})")
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _crosses_of_categorical_features(self) -> "SpecConfig":
+        outputs = {f"{n}_{t}" for n, f in self.features.items() for t in f.transform[1:]} | set(self.features)
+        for name, cross in self.crosses.items():
+            if name in outputs or name == self.label.name:
+                raise typed_config.at(f"crosses.{name}", f"'{name}' is already a model input's name: "
+                                                         "give the cross another name")
+            for i, feature in enumerate(cross.features):
+                if feature not in self.features:
+                    raise typed_config.at(f"crosses.{name}.features", f"'{feature}' is not a feature "
+                                                                      f"(features: {', '.join(self.features)})")
+                if not set(self.features[feature].transform) & set(CATEGORICAL_TRANSFORMS):
+                    raise typed_config.at(
+                        f"crosses.{name}.features", f"'{feature}' has no categorical transform to cross: add one "
+                        f"of {', '.join(CATEGORICAL_TRANSFORMS)} to features.{feature}.transform")
+            if len(set(cross.features)) != len(cross.features):
+                raise typed_config.at(f"crosses.{name}.features", f"names a feature twice: {cross.features}")
         return self
 
     def _check_label(self, columns: Mapping[str, FeatureConfig]) -> None:

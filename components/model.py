@@ -1,4 +1,5 @@
-"""The Keras model: embeddings for categorical ids, dense inputs for numbers, an MLP head.
+"""The Keras model: embeddings for categorical ids, dense inputs for numbers, an MLP head, and
+with training.wide a linear part over the ids and crosses (wide-and-deep) added to its logits.
 
 Built from the spec and the Transform output only; knows nothing of raw columns.
 """
@@ -27,16 +28,18 @@ def input_cardinalities(spec: FeatureSpec, tf_transform_output) -> Dict[str, int
             sizes[output_name] = size
         if f.missing.indicator:
             sizes[transformed_name(name + MISSING_SUFFIX)] = 0
+    for cross in spec.crosses.values():
+        sizes[transformed_name(cross.name)] = cross.hash_buckets
     return sizes
 
 
 def build(spec: FeatureSpec, cardinalities: Mapping[str, int]) -> tf.keras.Model:
     """Returns a compiled model; call it inside strategy.scope()."""
     train = spec.training
-    inputs, parts, numeric = {}, [], []
+    inputs, parts, numeric, ids = {}, [], [], {}
     for name, size in sorted(cardinalities.items()):
         if size:
-            inputs[name] = tf.keras.Input(shape=(), name=name, dtype=tf.int64)
+            inputs[name] = ids[name] = tf.keras.Input(shape=(), name=name, dtype=tf.int64)
             dim = min(train.embedding_dim, size)
             parts.append(tf.keras.layers.Embedding(size, dim, name=f"embed_{name}")(inputs[name]))
         else:
@@ -47,21 +50,33 @@ def build(spec: FeatureSpec, cardinalities: Mapping[str, int]) -> tf.keras.Model
     x = tf.keras.layers.Concatenate(name="all_features")(parts) if len(parts) > 1 else parts[0]
     for i, units in enumerate(train.hidden_units):
         x = tf.keras.layers.Dense(units, activation="relu", name=f"hidden_{i}")(x)
+    width = spec.num_classes if spec.task == "multiclass" else 1
+    logits = tf.keras.layers.Dense(width, name="deep_logits")(x)
+    if train.wide and ids:
+        logits = tf.keras.layers.Add(name="wide_and_deep")([logits, _wide(ids, cardinalities, width)])
     first_rate = train.schedule[0].learning_rate
     optimizer = tf.keras.optimizers.Adam(learning_rate=first_rate)
     if spec.task == "binary":
-        out = tf.keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
+        out = tf.keras.layers.Activation("sigmoid", name="probability")(logits)
         loss = tf.keras.losses.BinaryCrossentropy()
         metrics = [tf.keras.metrics.BinaryAccuracy(name="accuracy"), tf.keras.metrics.AUC(name="auc")]
     elif spec.task == "multiclass":
-        out = tf.keras.layers.Dense(spec.num_classes, activation="softmax", name="probabilities")(x)
+        out = tf.keras.layers.Activation("softmax", name="probabilities")(logits)
         loss = tf.keras.losses.SparseCategoricalCrossentropy()
         metrics = [tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     else:
-        out = tf.keras.layers.Dense(1, name="value")(x)
+        out = tf.keras.layers.Activation("linear", name="value")(logits)
         loss = tf.keras.losses.MeanSquaredError()
         metrics = [tf.keras.metrics.MeanAbsoluteError(name="mae"),
                    tf.keras.metrics.RootMeanSquaredError(name="rmse")]
     model = tf.keras.Model(inputs=inputs, outputs=out)
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
     return model
+
+
+def _wide(ids: Mapping[str, tf.Tensor], cardinalities: Mapping[str, int], width: int) -> tf.Tensor:
+    """A linear model over one-hot ids: one learned weight per id (an embedding of width 1 per
+    output), summed over the inputs; crosses give it the interactions the deep part must learn."""
+    weights = [tf.keras.layers.Embedding(cardinalities[name], width, embeddings_initializer="zeros",
+                                         name=f"wide_{name}")(ids[name]) for name in sorted(ids)]
+    return tf.keras.layers.Add(name="wide_logits")(weights) if len(weights) > 1 else weights[0]

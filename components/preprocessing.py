@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from components.feature_spec import Feature, FeatureSpec
+from components.feature_spec import CATEGORICAL_TRANSFORMS, Cross, Feature, FeatureSpec
 
 XF_SUFFIX = "_xf"
 MISSING_SUFFIX = "_missing"
@@ -35,6 +35,11 @@ def feature_outputs(feature: Feature) -> List[Tuple[str, str]]:
     return first + [(transformed_name(f"{feature.name}_{t}"), t) for t in feature.extra_transforms]
 
 
+def categorical_output(feature: Feature) -> str:
+    """The transformed name of a feature's first id-valued output: what a cross combines."""
+    return next(name for name, t in feature_outputs(feature) if t in CATEGORICAL_TRANSFORMS)
+
+
 def preprocessing_fn(inputs: Mapping[str, Any], custom_config: Dict[str, Any]) -> Dict[str, tf.Tensor]:
     """Entry point named in the Transform component (custom_config carries the spec)."""
     spec = FeatureSpec.from_custom_config(custom_config)
@@ -48,8 +53,17 @@ def preprocessing_fn(inputs: Mapping[str, Any], custom_config: Dict[str, Any]) -
             outputs[output_name] = _transform(feature, transform, filled)
         if feature.missing.indicator:
             outputs[transformed_name(name + MISSING_SUFFIX)] = 1.0 - tf.cast(present, tf.float32)
+    for cross in spec.crosses.values():
+        outputs[transformed_name(cross.name)] = _cross(cross, spec, outputs)
     outputs[label_key(spec)] = _label(spec, inputs)
     return outputs
+
+
+def _cross(cross: Cross, spec: FeatureSpec, outputs: Mapping[str, tf.Tensor]) -> tf.Tensor:
+    """One id per combination of the features' ids ("3|17"), hashed: no vocabulary of pairs to learn,
+    and a combination never seen in training still gets a bucket."""
+    ids = [tf.strings.as_string(outputs[categorical_output(spec.features[f])]) for f in cross.features]
+    return tft.hash_strings(tf.strings.join(ids, separator="|"), cross.hash_buckets)
 
 
 def _dense_with_presence(x: Any, feature: Feature):

@@ -17,6 +17,7 @@ import tensorflow_transform as tft
 
 from components import export, feeder, model as model_lib
 from components import strategy as strategy_lib
+from components import tuning
 from components.feature_spec import FeatureSpec, load as load_spec, parse as parse_spec
 from components.preprocessing import label_key
 
@@ -42,6 +43,10 @@ def _skip_autograph_for_tf_keras() -> None:
 def run_fn(fn_args) -> None:
     """Called by the TFX Trainer (GenericExecutor) with FnArgs, in every replica of a distributed run."""
     spec = FeatureSpec.from_custom_config(fn_args.custom_config)
+    if fn_args.hyperparameters:  # the Tuner's best values (its artifact in ML Metadata) replace the spec's
+        values = tuning.hyperparameter_values(fn_args.hyperparameters)
+        logging.info("hyperparameters from the Tuner: %s", json.dumps(values, sort_keys=True))
+        spec = tuning.with_hyperparameters(spec, values)
     metrics = train_and_export(
         spec,
         transform_output_dir=fn_args.transform_output,

@@ -9,13 +9,13 @@ import os
 from typing import Any, Dict, List, Optional
 
 from tfx.components import (CsvExampleGen, Evaluator, ExampleValidator, Pusher, SchemaGen,
-                            StatisticsGen, Trainer, Transform)
+                            StatisticsGen, Trainer, Transform, Tuner)
 from tfx.components.schema_gen.import_schema_gen.component import ImportSchemaGen
 from tfx.dsl.components.common import resolver
 from tfx.dsl.input_resolution.strategies.latest_blessed_model_strategy import LatestBlessedModelStrategy
 from tfx.dsl.input_resolution.strategies.span_range_strategy import SpanRangeStrategy
 from tfx.orchestration import pipeline as tfx_pipeline
-from tfx.proto import example_gen_pb2, pusher_pb2, range_config_pb2
+from tfx.proto import example_gen_pb2, pusher_pb2, range_config_pb2, trainer_pb2
 from tfx.types import Channel
 from tfx.types.standard_artifacts import Examples, ExampleStatistics, Model, ModelBlessing
 
@@ -28,6 +28,7 @@ from components.spans import PreviousSpanStatisticsStrategy
 
 PREPROCESSING_FN = "components.preprocessing.preprocessing_fn"
 RUN_FN = "components.trainer.run_fn"
+TUNER_FN = "components.tuning.tuner_fn"
 # Where the Evaluator's baseline (for change thresholds) comes from:
 #   excluding_candidate  the latest blessed model other than this run's candidate (BaselineModelStrategy);
 #                        LocalDagRunner runs it, KubeflowV2DagRunner cannot compile a custom strategy
@@ -44,11 +45,12 @@ BASELINES = ("excluding_candidate", "latest_blessed", "stable", "none")
 # Transform and Trainer. The Evaluator gets its slices and thresholds through eval_config.
 # name, data and schema are what parsing a spec needs; task, label and the columns shape
 # the preprocessing_fn, the data gate's checks and the model's inputs.
-_DATA_KEYS = ("name", "data", "schema", "task", "label", "label_columns", "features")
+_DATA_KEYS = ("name", "data", "schema", "task", "label", "label_columns", "features", "crosses")
 SPEC_KEYS = {
     "data_gate": _DATA_KEYS,  # + monitoring with spans: its drift bounds gate span-to-span drift
     "Transform": _DATA_KEYS,
     "Trainer": _DATA_KEYS + ("training",),
+    "Tuner": _DATA_KEYS + ("training", "tuning"),  # the Trainer gets the Tuner's choice as an artifact
 }
 
 
@@ -164,9 +166,11 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
                           # The analyzer cache pays off for incremental spans; one CSV has one span.
                           disable_analyzer_cache=window is None)
     transform.add_upstream_node(data_gate)
+    tuner = _tuner(spec, transform, schema_gen)
     trainer = Trainer(run_fn=RUN_FN, examples=transform.outputs["transformed_examples"],
                       transform_graph=transform.outputs["transform_graph"],
-                      schema=schema_gen.outputs["schema"], custom_config=component_config(spec, "Trainer"))
+                      schema=schema_gen.outputs["schema"], custom_config=component_config(spec, "Trainer"),
+                      hyperparameters=tuner.outputs["best_hyperparameters"] if tuner else None)
     trainer.add_upstream_node(data_gate)
     model_resolver = _baseline_resolver(env.baseline, trainer, env.model_repository, spec.name)
     evaluator = Evaluator(examples=example_gen.outputs["examples"], model=trainer.outputs["model"],
@@ -186,10 +190,22 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
         pipeline_name=pipeline_name or spec.name,
         pipeline_root=env.pipeline_root,
         components=[example_gen, *([window] if window else []), statistics_gen, schema_gen, example_validator,
-                    *([previous] if previous else []), data_gate, transform, trainer, *([model_resolver] if model_resolver else []), evaluator, sandbox, pusher],
+                    *([previous] if previous else []), data_gate, transform, *([tuner] if tuner else []), trainer, *([model_resolver] if model_resolver else []), evaluator, sandbox, pusher],
         enable_cache=env.enable_cache,
         metadata_connection_config=env.metadata_connection_config,
         beam_pipeline_args=env.beam_pipeline_args)
+
+
+def _tuner(spec: FeatureSpec, transform: Transform, schema_gen) -> Optional[Tuner]:
+    """With a tuning block: TFX's Tuner over the spec's search space, on the Trainer's inputs.
+    Its best_hyperparameters artifact is the Trainer's `hyperparameters` input; a rerun on the same
+    transformed data and search space takes it from the cache without searching again."""
+    if spec.tuning is None:
+        return None
+    return Tuner(tuner_fn=TUNER_FN, examples=transform.outputs["transformed_examples"],
+                 transform_graph=transform.outputs["transform_graph"], schema=schema_gen.outputs["schema"],
+                 train_args=trainer_pb2.TrainArgs(splits=["train"]), eval_args=trainer_pb2.EvalArgs(splits=["eval"]),
+                 custom_config=component_config(spec, "Tuner"))
 
 
 def _baseline_resolver(baseline: str, trainer: Trainer, model_repository: str = "",

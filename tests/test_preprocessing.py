@@ -24,6 +24,8 @@ SPEC = {
         "h": {"type": "string", "transform": "hash", "hash_buckets": 8, "missing": {"fill": ""}},
         "p": {"type": "float", "transform": "passthrough", "missing": {"fill": -1.0}},
     },
+    # x crosses through its bucket id: its first view (zscore) is a float
+    "crosses": {"c_x_n": {"features": ["c", "n"], "hash_buckets": 16}, "x_x_c": {"features": ["x", "c"]}},
 }
 #        x      y     n   c     h      p     t
 ROWS = [(1.0, 10.0, 1, "a", "u", 0.5, 3.0),
@@ -121,6 +123,18 @@ def test_hash_is_stable_and_in_range(transformed):
     expected = tf.strings.to_hash_bucket_fast(strings, 8).numpy().tolist()
     assert hashed == expected and all(0 <= h < 8 for h in hashed)
     assert new["h_xf"] == hashed[0]  # "u" again
+
+
+def test_a_cross_hashes_the_ids_its_features_are_given(transformed):
+    import tensorflow as tf
+
+    out, new = transformed
+    for rows in (out, [new]):
+        pairs = [f"{r['c_xf']}|{r['n_xf']}" for r in rows]
+        assert [r["c_x_n_xf"] for r in rows] == tf.strings.to_hash_bucket_fast(pairs, 16).numpy().tolist()
+        pairs = [f"{r['x_bucketize_xf']}|{r['c_xf']}" for r in rows]
+        assert [r["x_x_c_xf"] for r in rows] == tf.strings.to_hash_bucket_fast(pairs, 1000).numpy().tolist()
+    assert len({r["c_x_n_xf"] for r in out}) > 4  # pairs are told apart, not folded into few buckets
 
 
 def test_passthrough_and_label(transformed):

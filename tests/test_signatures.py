@@ -135,3 +135,26 @@ def test_the_serving_spec_carries_each_vocabulary_features_training_values(small
     trained_on = taxi_rows[:1500]  # conftest's small_transform analyses these
     assert set(vocabularies["payment_type"]) - {""} == {r["payment_type"] for r in trained_on} - {""}
     assert set(vocabularies["trip_start_hour"]) == {r["trip_start_hour"] for r in trained_on}  # ints as digits
+
+
+def test_crosses_are_computed_by_the_serving_graph_as_the_transform_computed_them(
+        loaded, taxi_spec, eval_rows, small_transform):
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    from components.preprocessing import categorical_output, transformed_name
+
+    graph_dir, _, eval_files = small_transform
+    assert taxi_spec.crosses, "configs/taxi.yaml declares crosses"
+    keys = sorted({transformed_name(c) for c in taxi_spec.crosses}
+                  | {categorical_output(taxi_spec.features[f]) for c in taxi_spec.crosses.values() for f in c.features})
+    # The Transform component's Beam output for the eval rows, and the model's own graph on the same rows.
+    feature_spec = tft.TFTransformOutput(graph_dir).transformed_feature_spec()
+    records = tf.data.TFRecordDataset(tf.io.gfile.glob(eval_files), compression_type="GZIP")
+    parsed = tf.io.parse_example(tf.stack(list(records)), {k: feature_spec[k] for k in keys})
+    served = loaded.signatures["transform_features"](examples=_examples(eval_rows, taxi_spec, taxi_spec.columns))
+    beam_rows = sorted(zip(*(parsed[k].numpy().reshape(-1).tolist() for k in keys)))
+    served_rows = sorted(zip(*(served[k].numpy().reshape(-1).tolist() for k in keys)))
+    assert len(beam_rows) == len(eval_rows) and beam_rows == served_rows
+    first_cross = keys.index(transformed_name(next(iter(taxi_spec.crosses))))
+    assert len({row[first_cross] for row in served_rows}) > 10  # the cross tells rows apart
