@@ -116,7 +116,7 @@ def test_the_console_summary_names_each_threshold_and_the_failing_one(capsys):
     assert page.count("<td>no baseline</td>") == 2 and page.count("verdict unknown") == 2
 
 
-def test_intervals_match_published_examples_and_narrow_with_more_data():
+def test_intervals_match_a_derivation_a_simulation_and_a_published_wilson_example():
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
