@@ -82,13 +82,21 @@ def metric_name(key) -> str:
     return name
 
 
+def _metric_class(class_name: str):
+    """The class TFMA instantiates for a MetricConfig's class_name: its own metrics first, then
+    Keras' (SparseCategoricalAccuracy, MeanAbsoluteError), as TFMA resolves them."""
+    import tensorflow as tf
+
+    return getattr(tfma.metrics, class_name, None) or getattr(tf.keras.metrics, class_name)
+
+
 def threshold_metric_names(spec: FeatureSpec) -> Dict[str, str]:
     """{threshold's metric class (spec key): the metric_name() its value is reported under}."""
     from tensorflow_model_analysis.proto import metrics_for_slice_pb2
 
     names = {}
     for t in spec.thresholds:
-        key = metrics_for_slice_pb2.MetricKey(name=getattr(tfma.metrics, t.metric)().name)
+        key = metrics_for_slice_pb2.MetricKey(name=_metric_class(t.metric)().name)
         if spec.task == "multiclass" and t.metric in MACRO_AVERAGED:
             key.aggregation_type.macro_average = True
         names[t.metric] = metric_name(key)
@@ -109,12 +117,13 @@ def eval_config(spec: FeatureSpec) -> tfma.EvalConfig:
     specs: List[tfma.MetricsSpec] = [tfma.MetricsSpec(
         metrics=[_metric(m, thresholds) for m in METRICS[spec.task]] + (_plots() if spec.task == "binary" else []))]
     if spec.task == "multiclass":
-        # One-vs-rest AUC, precision and recall, macro-averaged over the classes; plots per class.
+        # One-vs-rest AUC, precision and recall, macro-averaged over the classes.
+        classes = tfma.BinarizationOptions(class_ids={"values": list(range(spec.num_classes))})
         specs.append(tfma.MetricsSpec(
-            metrics=[_metric(m, thresholds) for m in MACRO_AVERAGED] + _plots(),
-            binarize=tfma.BinarizationOptions(class_ids={"values": list(range(spec.num_classes))}),
+            metrics=[_metric(m, thresholds) for m in MACRO_AVERAGED], binarize=classes,
             aggregate=tfma.AggregationOptions(
                 macro_average=True, class_weights={i: 1.0 for i in range(spec.num_classes)})))
+        specs.append(tfma.MetricsSpec(metrics=_plots(), binarize=classes))  # per class: plots cannot be averaged
     return tfma.EvalConfig(
         model_specs=[tfma.ModelSpec(
             signature_name=EVAL_SIGNATURE,

@@ -477,7 +477,7 @@ def statistics_section(a, b, a_name: str, b_name: str, heading: str, anchor: str
         shown = distribution(feature, other)
         if shown and shown[0]:
             labels, share_a, share_b = shown
-            plots.append(pages.bars(name, labels, {a_name: share_a, b_name: share_b}))
+            plots.append(pages.bars(name, labels, {a_name: share_a, b_name: share_b}, y_label="share of values"))
     missing_head = ["feature", "type", f"missing in {a_name}", f"missing in {b_name}"]
     return pages.section(
         heading,

@@ -78,6 +78,8 @@ def _chromium(args: List[str], profile: str, timeout: float) -> subprocess.Compl
 def render(page: str, name: str, width: int = 1280, height: int = 2000, timeout: float = 90.0) -> Rendered:
     """Loads page (a file path) from file:// in one Chromium run: its DOM, and a width x height
     screenshot saved as build/screenshots/<name>.png."""
+    if not os.path.isfile(page):
+        raise FileNotFoundError(f"no page at {page} to open in Chromium")
     url = "file://" + os.path.abspath(page)
     os.makedirs(SCREENSHOTS, exist_ok=True)
     screenshot = os.path.join(SCREENSHOTS, f"{name}.png")

@@ -116,7 +116,7 @@ def test_the_console_summary_names_each_threshold_and_the_failing_one(capsys):
     assert page.count("<td>no baseline</td>") == 2 and page.count("verdict unknown") == 2
 
 
-def test_intervals_match_published_examples_and_narrow_with_more_data():
+def test_intervals_match_a_derivation_a_simulation_and_a_published_wilson_example():
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
@@ -135,3 +135,12 @@ def test_intervals_match_published_examples_and_narrow_with_more_data():
     narrow = report.proportion_interval(81 / 263, 2630)
     assert low < narrow[0] < 81 / 263 < narrow[1] < high
     assert report.auc_interval(0.9, 0, 10) is None and report.proportion_interval(0.5, 0) is None
+
+
+@pytest.mark.parametrize("config, names", [
+    ("synthetic_multiclass.yaml", {"SparseCategoricalAccuracy": "sparse_categorical_accuracy"}),
+    ("synthetic_regression.yaml", {"MeanAbsoluteError": "mean_absolute_error",
+                                   "RootMeanSquaredError": "root_mean_squared_error"})])
+def test_threshold_names_of_keras_metrics(config, names):
+    # The names the evaluation outputs of these specs carried in earlier runs (run_summary.json).
+    assert threshold_metric_names(load(TAXI_SPEC.replace("taxi.yaml", config))) == names
