@@ -44,7 +44,8 @@ BASELINES = ("excluding_candidate", "latest_blessed", "stable", "none")
 # Transform and Trainer. The Evaluator gets its slices and thresholds through eval_config.
 # name, data and schema are what parsing a spec needs; task, label and the columns shape
 # the preprocessing_fn, the data gate's checks and the model's inputs.
-_DATA_KEYS = ("name", "data", "schema", "task", "label", "label_columns", "features")
+# served: the policy and propensity columns Transform turns into training weights.
+_DATA_KEYS = ("name", "data", "schema", "task", "label", "label_columns", "features", "served")
 SPEC_KEYS = {
     "data_gate": _DATA_KEYS,  # + monitoring with spans: its drift bounds gate span-to-span drift
     "Transform": _DATA_KEYS,
