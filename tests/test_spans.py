@@ -88,6 +88,8 @@ def test_training_reads_the_window_and_validation_the_newest_span(tmp_path):
     assert nodes["StatisticsGen"].inputs["examples"].producer_component_id == "CsvExampleGen"
     assert nodes["Evaluator"].inputs["examples"].producer_component_id == "CsvExampleGen"
     assert nodes["data_gate"].inputs["previous_statistics"].producer_component_id == "previous_span_statistics"
+    # Transform reads the latest analyzer cache (without it the cache is written and never read).
+    assert nodes["Transform"].inputs["analyzer_cache"].producer_component_id == "previous_analyzer_cache"
     # The window's strategy, with the config the pipeline gives it, keeps the newest two spans.
     from tfx.dsl.components.common import resolver
 
@@ -107,7 +109,7 @@ def test_training_reads_the_window_and_validation_the_newest_span(tmp_path):
     assert isinstance(config["range_config"], range_config_pb2.RangeConfig)
     single = pipeline_lib.create_pipeline(spanned(tmp_path, 1), pipeline_lib.Environment(
         pipeline_root=str(tmp_path / "root"), model_repository=str(tmp_path / "repo")))
-    assert "rolling_spans" not in {c.id for c in single.components}
+    assert not {"rolling_spans", "previous_analyzer_cache"} & {c.id for c in single.components}
 
 
 def test_the_gate_stops_a_span_that_drifted_from_the_previous_one():
