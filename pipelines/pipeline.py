@@ -12,7 +12,6 @@ from tfx.components import (CsvExampleGen, Evaluator, ExampleValidator, Pusher, 
                             StatisticsGen, Trainer, Transform)
 from tfx.components.schema_gen.import_schema_gen.component import ImportSchemaGen
 from tfx.dsl.components.common import resolver
-from tfx.dsl.input_resolution.strategies.latest_artifact_strategy import LatestArtifactStrategy
 from tfx.dsl.input_resolution.strategies.latest_blessed_model_strategy import LatestBlessedModelStrategy
 from tfx.dsl.input_resolution.strategies.span_range_strategy import SpanRangeStrategy
 from tfx.orchestration import pipeline as tfx_pipeline
@@ -25,7 +24,7 @@ from components.data_gate import DataGate
 from components.evaluation import eval_config
 from components.feature_spec import SPAN_TOKEN, FeatureSpec
 from components.sandbox import SandboxConfig, SandboxValidator
-from components.spans import PreviousSpanStatisticsStrategy
+from components.spans import LatestAnalyzerCacheStrategy, PreviousSpanStatisticsStrategy
 
 PREPROCESSING_FN = "components.preprocessing.preprocessing_fn"
 RUN_FN = "components.trainer.run_fn"
@@ -137,7 +136,7 @@ def _previous_analyzer_cache(window: Optional[resolver.Resolver]) -> Optional[re
     cache it never reads."""
     if window is None:
         return None
-    return resolver.Resolver(strategy_class=LatestArtifactStrategy,
+    return resolver.Resolver(strategy_class=LatestAnalyzerCacheStrategy,
                              cache=Channel(type=TransformCache)).with_id("previous_analyzer_cache")
 
 

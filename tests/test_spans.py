@@ -152,6 +152,19 @@ def test_previous_span_statistics_are_the_newest_earlier_span():
     assert first[STATISTICS] == []  # the first span has nothing to drift from
 
 
+def test_the_analyzer_cache_is_the_newest_and_none_before_the_first_transform():
+    from tfx.types import standard_artifacts
+
+    from components.spans import CACHE, LatestAnalyzerCacheStrategy
+
+    caches = []
+    for artifact_id in (4, 9, 2):
+        caches.append(standard_artifacts.TransformCache())
+        caches[-1].id = artifact_id
+    assert [a.id for a in LatestAnalyzerCacheStrategy().resolve_artifacts(None, {CACHE: caches})[CACHE]] == [9]
+    assert LatestAnalyzerCacheStrategy().resolve_artifacts(None, {CACHE: []}) == {CACHE: []}
+
+
 def test_retraining_refuses_data_it_has_seen(tmp_path):
     """make retrain: never the same data again (the newest span must be one ExampleGen never ingested)."""
     from pipelines import local_runner
