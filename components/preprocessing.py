@@ -60,7 +60,8 @@ def preprocessing_fn(inputs: Mapping[str, Any], custom_config: Dict[str, Any]) -
 def sample_weight(spec: FeatureSpec, inputs: Mapping[str, Any], rows: tf.Tensor) -> tf.Tensor:
     """Each row's training weight from its served policy and propensity (spec `served.use`).
 
-    inverse_propensity: 1 / propensity, 1 where the row was never served (no propensity);
+    inverse_propensity: 1 / propensity, 1 where the row was never served (no propensity, or one
+    that is not above 0);
     holdback_only: 1 for held-back rows and rows never served, 0 for rows another policy (a model,
     a client's pinned version) decided: the feeder drops those. A column absent from the schema
     means no span in the data was served.
@@ -72,13 +73,9 @@ def sample_weight(spec: FeatureSpec, inputs: Mapping[str, Any], rows: tf.Tensor)
         propensity, present = _dense_with_presence(
             inputs[served.propensity_column], Feature(served.propensity_column, "float", "passthrough",
                                                       MissingPolicy(1.0)))
-        check = tf.debugging.assert_positive(
-            tf.where(present, propensity, 1.0),
-            message=f"column '{served.propensity_column}' (spec served.propensity_column) holds a propensity "
-                    "<= 0: a served row's propensity is the probability of its answer, above 0; fix the span's "
-                    "data.csv or leave the cell empty for a row that was never served")
-        with tf.control_dependencies([check]):
-            return tf.where(present, 1.0 / propensity, 1.0)
+        # No assertion here: the serving signatures embed this graph and feed an absent column as 0.
+        # The proxy logs no propensity of 0 (a row it served had a chance above 0 of its answer).
+        return tf.where(tf.logical_and(present, propensity > 0), 1.0 / tf.maximum(propensity, 1e-12), 1.0)
     if served.policy_column not in inputs:
         return tf.ones([rows], tf.float32)
     policy, present = _dense_with_presence(

@@ -58,11 +58,10 @@ def test_weights_from_policy_and_propensity():
     assert _weights(_spec("holdback_only"), columns=()) == [1.0] * len(ROWS)
 
 
-def test_a_propensity_of_zero_is_refused_naming_the_column():
-    import tensorflow as tf
-
-    with pytest.raises(tf.errors.InvalidArgumentError, match="column 'propensity'.*propensity <= 0"):
-        _weights(_spec("inverse_propensity"), rows=[("model", 0.0, 1)])
+def test_an_absent_or_zero_propensity_weighs_one():
+    # The serving signatures feed an absent propensity column as 0: it must not fail nor divide by 0.
+    assert _weights(_spec("inverse_propensity"), rows=[("model", 0.0, 1), (None, None, 0), ("model", 0.5, 1)]) == [
+        1.0, 1.0, 2.0]
 
 
 def _transformed_files(tmp_path, weights):
