@@ -408,7 +408,7 @@ def _run_figures(summary: Dict[str, Any]) -> Dict[str, Any]:
     return {"wall_seconds": summary["wall_seconds"], "total_seconds": summary.get("total_seconds"),
             "seconds_per_component": summary.get("seconds_per_component", {}),
             "pushed_version": summary.get("model_version"), "blessed": summary.get("blessed"),
-            "auc": (summary.get("metrics", {}).get("overall") or {}).get("AUC")}
+            "auc": (summary.get("metrics", {}).get("overall") or {}).get("auc")}
 
 
 def main(argv=None) -> int:
