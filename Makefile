@@ -14,7 +14,7 @@ KF_ENV ?= configs/kubeflow.yaml
 EXPERIMENT ?= skewless
 KF_ARGS = --spec $(SPEC) --env $(KF_ENV) $(if $(IMAGE),--image $(IMAGE)) $(if $(BEAM_PROFILE),--beam_profile $(BEAM_PROFILE))
 
-.PHONY: help setup lock test test-fast run retrain image-train compile submit schedule schema schema-json data promote rollback parity serve monitor ab-report export-span demo-feedback retention batch-predict bench-pipeline bench-serving bench-proxy bench-scale clean
+.PHONY: help setup lock test test-fast run retrain image-train compile submit schedule schema schema-json data promote rollback parity serve monitor ab-report export-span demo-feedback demo-drift retention batch-predict bench-pipeline bench-serving bench-proxy bench-scale clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -108,6 +108,9 @@ export-span: ## served traffic + late labels -> a new span in the spec's CSV for
 
 demo-feedback: ## the feedback loop simulated: naive retraining on logged offers vs the proxy's holdback (figures)
 	$(PY) -m ops.feedback_loop --json build/feedback_loop.json
+
+demo-drift: ## the continuous-training loop on drifting taxi spans: train, promote, serve, monitor, export, retrain (figures in build/demo_drift.json) [SPANS=2 ROWS=2500]
+	$(PY) -m ops.demo_drift --json build/demo_drift.json $(if $(SPANS),--spans $(SPANS)) $(if $(ROWS),--rows_per_span $(ROWS))
 
 ab-report: ## A/B go/no-go from the prediction log: make ab-report LABELS=file [A=stable B=canary HOURS=24 LOG=path|postgresql://...]; exit 0 GO, 1 NO-GO, 3 not enough data
 	$(PY) -m ops.ab_report --log $(or $(LOG),build/prediction_log.sqlite) $(if $(LABELS),--labels $(LABELS)) --model $(or $(MODEL),taxi) --a $(or $(A),stable) --b $(or $(B),canary) $(if $(HOURS),--window_hours $(HOURS)) --json build/ab_report.json

@@ -107,6 +107,12 @@ def _plots() -> List[tfma.MetricConfig]:
     return [tfma.MetricConfig(class_name=name, config=json.dumps(config)) for name, config in PLOTS]
 
 
+def _policy_slice(spec: FeatureSpec) -> List[tfma.SlicingSpec]:
+    """With spec `served`: a slice per served policy. Its holdback:<policy> slice is the unbiased
+    estimate (answers no model under training decided); rows never served have no policy value."""
+    return [tfma.SlicingSpec(feature_keys=[spec.served.policy_column])] if spec.served else []
+
+
 def eval_config(spec: FeatureSpec) -> tfma.EvalConfig:
     thresholds = {t.metric: t for t in spec.thresholds}
     known = METRICS[spec.task] + (MACRO_AVERAGED if spec.task == "multiclass" else [])
@@ -130,7 +136,8 @@ def eval_config(spec: FeatureSpec) -> tfma.EvalConfig:
             preprocessing_function_names=["transform_features"],
             label_key=label_key(spec),
             prediction_key=PREDICTION_KEYS[spec.task])],
-        slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=list(s)) for s in spec.slices],
+        slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=list(s)) for s in spec.slices]
+        + _policy_slice(spec),
         metrics_specs=specs,
         # TFMA would also compute the model's compiled Keras metrics and loss (accuracy, auc,
         # mae, rmse, loss): the same numbers as the metrics above under other names, each an

@@ -39,6 +39,9 @@ STRATEGY_OPTIONS = {
 LABEL_OPS = (">", ">=", "<", "<=")
 # Transforms whose output is an integer id fed to an embedding; the rest are floats.
 CATEGORICAL_TRANSFORMS = ("vocabulary", "bucketize", "hash")
+# How training uses rows of served traffic (spans written by make export-span), by their policy
+# and propensity columns: weighted by 1 / propensity, or only the rows no model decided.
+SERVED_USES = ("inverse_propensity", "holdback_only")
 SPAN_TOKEN = "{SPAN}"  # TFX ExampleGen's span placeholder in data.path (digits on disk)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,6 +134,14 @@ class Threshold:
 
 
 @dataclasses.dataclass(frozen=True)
+class Served:
+    """The policy and propensity columns of served spans: read for training weights, never model inputs."""
+    use: str  # one of SERVED_USES
+    policy_column: str = "policy"
+    propensity_column: str = "propensity"
+
+
+@dataclasses.dataclass(frozen=True)
 class FeatureSpec:
     name: str
     source: str  # the YAML file, for error messages
@@ -150,6 +161,7 @@ class FeatureSpec:
     rolling_spans: Optional[int] = None
     crosses: Mapping[str, Cross] = dataclasses.field(default_factory=dict)
     tuning: Optional[Tuning] = None  # None: no Tuner node, the training block is used as written
+    served: Optional[Served] = None
 
     @property
     def columns(self) -> Dict[str, Feature]:
@@ -277,6 +289,7 @@ def parse(raw: Any, source: str = "<spec>", lines: Optional[Mapping[tuple, int]]
         crosses={n: Cross(n, tuple(c.features), c.hash_buckets) for n, c in config.crosses.items()},
         tuning=(Tuning({k: tuple(v) for k, v in config.tuning.search_space.items()}, config.tuning.trials,
                        config.tuning.epochs) if config.tuning else None),
+        served=Served(**config.served.model_dump()) if config.served else None,
     )
 
 
@@ -562,6 +575,23 @@ def parse_monitoring(block: Any, source: str, spec: FeatureSpec, prefix: tuple =
     return config
 
 
+class ServedConfig(_Block):
+    """Rows of served traffic (make export-span adds these two columns to a span's data.csv; a span
+    that was never served lacks them or leaves them empty: weight 1, policy none)."""
+    use: Literal[SERVED_USES] = pydantic.Field(description=(
+        "inverse_propensity: each row weighted by 1 / its propensity; holdback_only: train on held-back "
+        "rows and rows never served, drop the rows a model decided"))
+    policy_column: str = "policy"
+    propensity_column: str = "propensity"
+
+    @pydantic.model_validator(mode="after")
+    def _two_columns(self) -> "ServedConfig":
+        if self.policy_column == self.propensity_column:
+            raise typed_config.at("propensity_column", f"'{self.propensity_column}' is also the policy_column: "
+                                                       "they are two columns")
+        return self
+
+
 class SpecConfig(_Block):
     """A dataset's feature spec (configs/<dataset>.yaml)."""
     name: str
@@ -580,6 +610,7 @@ class SpecConfig(_Block):
     crosses: Dict[str, CrossConfig] = pydantic.Field(
         default={}, description="name -> features crossed into one hashed categorical input (<name>_xf)")
     tuning: Optional[TuningConfig] = None
+    served: Optional[ServedConfig] = None
 
     @pydantic.field_validator("slices", mode="before")
     @classmethod
@@ -605,6 +636,13 @@ class SpecConfig(_Block):
         if stranger:
             raise typed_config.at(f"monitoring.features.{stranger}",
                                   f"not a feature of this spec (features: {', '.join(self.features)})")
+        if self.served:
+            for key in ("policy_column", "propensity_column"):
+                column = getattr(self.served, key)
+                if column in columns or column == self.label.name:
+                    raise typed_config.at(f"served.{key}", f"'{column}' is a declared column or the label: the "
+                                                           "served columns must never become model inputs; name "
+                                                           "another column")
         return self
 
     @pydantic.model_validator(mode="after")

@@ -11,10 +11,13 @@ from typing import Any, Dict, List, Mapping, Tuple
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from components.feature_spec import CATEGORICAL_TRANSFORMS, Cross, Feature, FeatureSpec
+from components.feature_spec import CATEGORICAL_TRANSFORMS, Cross, Feature, FeatureSpec, MissingPolicy
+from serving.logstore import HOLDBACK_POLICY_PREFIX
 
 XF_SUFFIX = "_xf"
 MISSING_SUFFIX = "_missing"
+# The training weight of each row (spec `served`): not a model input, the feeder hands it to fit.
+SAMPLE_WEIGHT_KEY = "__sample_weight" + XF_SUFFIX
 
 
 def transformed_name(name: str) -> str:
@@ -56,6 +59,8 @@ def preprocessing_fn(inputs: Mapping[str, Any], custom_config: Dict[str, Any]) -
     for cross in spec.crosses.values():
         outputs[transformed_name(cross.name)] = _cross(cross, spec, outputs)
     outputs[label_key(spec)] = _label(spec, inputs)
+    if spec.served:
+        outputs[SAMPLE_WEIGHT_KEY] = sample_weight(spec, inputs, tf.shape(outputs[label_key(spec)])[0])
     return outputs
 
 
@@ -64,6 +69,34 @@ def _cross(cross: Cross, spec: FeatureSpec, outputs: Mapping[str, tf.Tensor]) ->
     and a combination never seen in training still gets a bucket."""
     ids = [tf.strings.as_string(outputs[categorical_output(spec.features[f])]) for f in cross.features]
     return tft.hash_strings(tf.strings.join(ids, separator="|"), cross.hash_buckets)
+
+
+def sample_weight(spec: FeatureSpec, inputs: Mapping[str, Any], rows: tf.Tensor) -> tf.Tensor:
+    """Each row's training weight from its served policy and propensity (spec `served.use`).
+
+    inverse_propensity: 1 / propensity, 1 where the row was never served (no propensity, or one
+    that is not above 0);
+    holdback_only: 1 for held-back rows and rows never served, 0 for rows another policy (a model,
+    a client's pinned version) decided: the feeder drops those. A column absent from the schema
+    means no span in the data was served.
+    """
+    served = spec.served
+    if served.use == "inverse_propensity":
+        if served.propensity_column not in inputs:
+            return tf.ones([rows], tf.float32)
+        propensity, present = _dense_with_presence(
+            inputs[served.propensity_column], Feature(served.propensity_column, "float", "passthrough",
+                                                      MissingPolicy(1.0)))
+        # No assertion here: the serving signatures embed this graph and feed an absent column as 0.
+        # The proxy logs no propensity of 0 (a row it served had a chance above 0 of its answer).
+        return tf.where(tf.logical_and(present, propensity > 0), 1.0 / tf.maximum(propensity, 1e-12), 1.0)
+    if served.policy_column not in inputs:
+        return tf.ones([rows], tf.float32)
+    policy, present = _dense_with_presence(
+        inputs[served.policy_column], Feature(served.policy_column, "string", "vocabulary", MissingPolicy("")))
+    held_back = tf.equal(tf.strings.substr(policy, 0, len(HOLDBACK_POLICY_PREFIX)), HOLDBACK_POLICY_PREFIX)
+    unbiased = tf.logical_or(tf.logical_or(tf.logical_not(present), tf.equal(policy, "")), held_back)
+    return tf.cast(unbiased, tf.float32)
 
 
 def _dense_with_presence(x: Any, feature: Feature):

@@ -99,7 +99,7 @@ class SandboxConfig(typed_config.StrictConfig):
 
 # --- the served candidate ---------------------------------------------------------------------
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -146,8 +146,8 @@ class SandboxServer:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")])))
         log = open(self.log_path, "w")
         if self.server_url is None:
-            rest_port = _free_port()
-            self.processes.append(subprocess.Popen(self._server_command(rest_port, _free_port()), stdout=log,
+            rest_port = free_port()
+            self.processes.append(subprocess.Popen(self._server_command(rest_port, free_port()), stdout=log,
                                                    stderr=subprocess.STDOUT, env=env, cwd=_REPO_ROOT))
             self.server_url = f"http://127.0.0.1:{rest_port}"
         if self.config.through_proxy:
@@ -239,15 +239,20 @@ class SandboxServer:
                 conn.close()
 
     def __exit__(self, *exc) -> None:
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        stop(self.processes)
         self.processes = []
+
+
+def stop(processes: List[subprocess.Popen], timeout: float = 30) -> None:
+    """Terminates the processes, last started first (the proxy before its server); kills a stuck one."""
+    for process in reversed(processes):
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 class SandboxError(RuntimeError):

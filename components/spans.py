@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Mapping
 from tfx import types
 from tfx.dsl.components.common import resolver
 
-STATISTICS, CURRENT = "statistics", "current"
+STATISTICS, CURRENT, CACHE = "statistics", "current", "cache"
 
 
 class PreviousSpanStatisticsStrategy(resolver.ResolverStrategy):
@@ -23,6 +23,14 @@ class PreviousSpanStatisticsStrategy(resolver.ResolverStrategy):
         earlier = [a for a in input_dict.get(STATISTICS, []) if newest is not None and a.span < newest]
         best = max(earlier, key=lambda a: (a.span, a.id), default=None)
         return {STATISTICS: [best] if best is not None else [], CURRENT: current}
+
+
+class LatestAnalyzerCacheStrategy(resolver.ResolverStrategy):
+    """Input: cache (every TransformCache). Resolves the newest, or none before Transform's first
+    run (TFX's LatestArtifactStrategy fails the run when there is none)."""
+
+    def resolve_artifacts(self, store, input_dict: Dict[str, List[types.Artifact]]):
+        return {CACHE: sorted(input_dict.get(CACHE, []), key=lambda a: a.id)[-1:]}
 
 
 def drift_measurements(statistics, previous, schema, thresholds: Mapping[str, float]) -> List[Dict[str, Any]]:

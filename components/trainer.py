@@ -19,7 +19,7 @@ from components import export, feeder, model as model_lib
 from components import strategy as strategy_lib
 from components import tuning
 from components.feature_spec import FeatureSpec, load as load_spec, parse as parse_spec
-from components.preprocessing import label_key
+from components.preprocessing import SAMPLE_WEIGHT_KEY, label_key
 
 METRICS_FILE = "training_metrics.json"
 
@@ -103,6 +103,9 @@ class _Feed:
     def __init__(self, spec: FeatureSpec, strategy: tf.distribute.Strategy, feature_spec, train_files, eval_files):
         self._train, self._feature_spec, self._label = spec.training, feature_spec, label_key(spec)
         self._train_files, self._eval_files = train_files, eval_files
+        # Served rows (spec `served`): Transform wrote each row's weight; fit gets it as sample weights.
+        self._weight = SAMPLE_WEIGHT_KEY if spec.served else None
+        self._holdback_only = bool(spec.served) and spec.served.use == "holdback_only"
         self.asynchronous = strategy_lib.is_parameter_server(strategy)
         # Synchronous workers shard each global batch by DATA (feeder): every worker must read
         # the examples in the same order, or their shares overlap. Parameter-server workers each
@@ -111,20 +114,21 @@ class _Feed:
         self._seed = None if self.asynchronous else self._train.seed
         self._examples_per_epoch = None
 
-    def _dataset(self, files, batch_size, shuffle, repeat=False):
+    def _dataset(self, files, batch_size, shuffle, repeat=False, training=False):
         return feeder.make_dataset(files, self._feature_spec, self._label, batch_size, shuffle=shuffle,
                                    seed=self._seed, deterministic=self._ordered,
-                                   shuffle_buffer=self._train.shuffle_buffer, repeat=repeat)
+                                   shuffle_buffer=self._train.shuffle_buffer, repeat=repeat,
+                                   weight_key=self._weight, drop_unweighted=training and self._holdback_only)
 
     def training(self, batch_size: int):
         """(data, extra fit arguments) for one stage."""
         if not self.asynchronous:
-            return self._dataset(self._train_files, batch_size, shuffle=True), {}
+            return self._dataset(self._train_files, batch_size, shuffle=True, training=True), {}
         # The coordinator hands out steps to whichever worker is free, from endless streams.
         if self._examples_per_epoch is None:
             self._examples_per_epoch = (self._train.strategy.get("examples_per_epoch")
                                         or _count_examples(self._train_files))
-        return (self._dataset(self._train_files, batch_size, shuffle=True, repeat=True),
+        return (self._dataset(self._train_files, batch_size, shuffle=True, repeat=True, training=True),
                 {"steps_per_epoch": math.ceil(self._examples_per_epoch / batch_size)})
 
     def evaluation(self):

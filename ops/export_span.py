@@ -16,7 +16,8 @@ columns come from the request as it was served. A missing value is an empty cell
 CSVs: NaN and "" (the one wire form of a missing value) both become empty.
 
 The span folder (`<spans>/span-<n>/`, n one more than the newest there unless --span):
-    data.csv          the training CSV's header (same columns, same order), one row per served row
+    data.csv          the training CSV's header (same columns, same order), one row per served row;
+                      with the spec's `served` block also its policy and propensity columns
     served.csv        per row, aligned with data.csv: request_id, row, model_version, variant,
                       policy, propensity (1 / propensity is the row's inverse-propensity weight)
     provenance.json   window, log, labels, counts (rows, left out by reason), versions, variants, policies
@@ -88,6 +89,10 @@ def export(log: str, labels_path: str, spans: str, spec: feature_spec.FeatureSpe
            metadata: Optional[str] = None) -> Dict[str, Any]:
     model = model or spec.name
     header, target = raw_header(spec), label_column(spec)
+    # With spec `served`, training reads each row's policy and propensity from data.csv itself.
+    served_columns = [c for c in ((spec.served.policy_column, spec.served.propensity_column) if spec.served else ())
+                      if c not in header]
+    header = header + served_columns
     try:
         records = [r for r in logstore.read_records(log, start, end, model, include_shadow=True)]
     except logstore.StoreError as e:
@@ -119,6 +124,9 @@ def export(log: str, labels_path: str, spans: str, spec: feature_spec.FeatureSpe
                 left_out["no_label"] += 1
                 continue
             row = {**features, target: label[0]}
+            if spec.served:
+                row.update({spec.served.policy_column: r.get("policy"),
+                            spec.served.propensity_column: r.get("propensity")})
             rows.append([_cell(row.get(c)) for c in header])
             provenance_rows.append([r["request_id"], index, r["model_version"], r["variant"], r.get("policy"),
                                     r.get("propensity")])

@@ -17,14 +17,14 @@ from tfx.dsl.input_resolution.strategies.span_range_strategy import SpanRangeStr
 from tfx.orchestration import pipeline as tfx_pipeline
 from tfx.proto import example_gen_pb2, pusher_pb2, range_config_pb2, trainer_pb2
 from tfx.types import Channel
-from tfx.types.standard_artifacts import Examples, ExampleStatistics, Model, ModelBlessing
+from tfx.types.standard_artifacts import Examples, ExampleStatistics, Model, ModelBlessing, TransformCache
 
 from components.baseline import BaselineModelStrategy, StableModelStrategy
 from components.data_gate import DataGate
 from components.evaluation import eval_config
 from components.feature_spec import SPAN_TOKEN, FeatureSpec
 from components.sandbox import SandboxConfig, SandboxValidator
-from components.spans import PreviousSpanStatisticsStrategy
+from components.spans import LatestAnalyzerCacheStrategy, PreviousSpanStatisticsStrategy
 
 PREPROCESSING_FN = "components.preprocessing.preprocessing_fn"
 RUN_FN = "components.trainer.run_fn"
@@ -45,7 +45,8 @@ BASELINES = ("excluding_candidate", "latest_blessed", "stable", "none")
 # Transform and Trainer. The Evaluator gets its slices and thresholds through eval_config.
 # name, data and schema are what parsing a spec needs; task, label and the columns shape
 # the preprocessing_fn, the data gate's checks and the model's inputs.
-_DATA_KEYS = ("name", "data", "schema", "task", "label", "label_columns", "features", "crosses")
+# served: the policy and propensity columns Transform turns into training weights.
+_DATA_KEYS = ("name", "data", "schema", "task", "label", "label_columns", "features", "crosses", "served")
 SPEC_KEYS = {
     "data_gate": _DATA_KEYS,  # + monitoring with spans: its drift bounds gate span-to-span drift
     "Transform": _DATA_KEYS,
@@ -130,6 +131,17 @@ def _previous_span_statistics(spec: FeatureSpec, statistics_gen: StatisticsGen) 
         current=statistics_gen.outputs["statistics"]).with_id("previous_span_statistics")
 
 
+def _previous_analyzer_cache(window: Optional[resolver.Resolver]) -> Optional[resolver.Resolver]:
+    """With a window of spans: the latest TransformCache, so Transform re-analyzes only the spans it has
+    not seen (tf.Transform keys each span's cached analyzer results by the span's data and the
+    analyzer: a stale entry is a miss, never a wrong value). Without the input, Transform writes a
+    cache it never reads."""
+    if window is None:
+        return None
+    return resolver.Resolver(strategy_class=LatestAnalyzerCacheStrategy,
+                             cache=Channel(type=TransformCache)).with_id("previous_analyzer_cache")
+
+
 def component_config(spec: FeatureSpec, component: str) -> Dict[str, Any]:
     """spec.to_custom_config() cut down to the keys SPEC_KEYS lists for this component."""
     config = spec.to_custom_config()
@@ -157,7 +169,9 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
                          previous_statistics=previous.outputs["statistics"] if previous else None,
                          schema=schema_gen.outputs["schema"] if previous else None,
                          feature_spec=json.dumps(component_config(spec, "data_gate"))).with_id("data_gate")
+    cache = _previous_analyzer_cache(window)
     transform = Transform(examples=training_examples, schema=schema_gen.outputs["schema"],
+                          analyzer_cache=cache.outputs["cache"] if cache else None,
                           preprocessing_fn=PREPROCESSING_FN,
                           custom_config=component_config(spec, "Transform"),
                           # StatisticsGen already describes the raw data; Transform's own pre-
@@ -190,7 +204,7 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
         pipeline_name=pipeline_name or spec.name,
         pipeline_root=env.pipeline_root,
         components=[example_gen, *([window] if window else []), statistics_gen, schema_gen, example_validator,
-                    *([previous] if previous else []), data_gate, transform, *([tuner] if tuner else []), trainer, *([model_resolver] if model_resolver else []), evaluator, sandbox, pusher],
+                    *([previous] if previous else []), data_gate, *([cache] if cache else []), transform, *([tuner] if tuner else []), trainer, *([model_resolver] if model_resolver else []), evaluator, sandbox, pusher],
         enable_cache=env.enable_cache,
         metadata_connection_config=env.metadata_connection_config,
         beam_pipeline_args=env.beam_pipeline_args)

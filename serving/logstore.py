@@ -41,6 +41,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 COLUMNS = ("request_id", "client_request_id", "ts", "model", "variant", "model_version", "shadow", "api",
            "status", "latency_ms", "routing_key", "request", "response", "policy", "propensity")
 TABLE = "predictions"
+# A record's policy when the proxy's holdback answered: this prefix and the baseline policy's name.
+HOLDBACK_POLICY_PREFIX = "holdback:"
 NULLABLE = ("client_request_id", "model_version", "routing_key", "policy", "propensity")  # every other column is NOT NULL in both DDLs
 ACCEPTED_FORMS = ("sqlite:///absolute/path.sqlite, sqlite:relative/path.sqlite, a bare file path (SQLite), "
                   "or postgresql://user:password@host:port/database (postgres:// also)")

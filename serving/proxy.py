@@ -113,6 +113,7 @@ import prometheus_client as prom
 import pydantic
 
 from serving import typed_config, wire
+from serving.logstore import HOLDBACK_POLICY_PREFIX
 from serving.http import HttpServer, Request, Response
 from serving.predlog import PredictionLog
 
@@ -290,7 +291,7 @@ class Holdback:
 
     @property
     def name(self) -> str:
-        return f"holdback:{self.policy}"
+        return HOLDBACK_POLICY_PREFIX + self.policy
 
     def propensity(self) -> float:
         """P(this answer for a row | the request): the share held back, times 1/K for a uniform draw."""

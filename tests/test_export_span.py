@@ -87,3 +87,21 @@ def test_nothing_labelled_is_an_error_that_says_what_was_left_out(spec, tmp_path
         export_span.export(log, str(labels), str(tmp_path / "spans"), spec)
     assert not (tmp_path / "spans").exists()
     assert logstore.open_store(log, readonly=True).count() == 1
+
+
+def test_a_spec_with_served_gets_policy_and_propensity_in_data_csv(spec, tmp_path):
+    import dataclasses
+
+    from components import feature_spec
+
+    served = dataclasses.replace(spec, served=feature_spec.Served("inverse_propensity"))
+    row = {"fare": 12.5, "payment_type": "Cash"}
+    log = write_log(tmp_path / "log.sqlite", [
+        record("a", [row]), record("b", [row], variant="holdback", policy="holdback:fallback", propensity=0.1)])
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text('{"request_id": "a", "label": 1.0}\n{"request_id": "b", "label": 2.0}\n')
+    export_span.export(log, str(labels), str(tmp_path / "spans"), served, start=T0 - 1, end=T0 + 1)
+    with open(tmp_path / "spans" / "span-1" / "data.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [(r["tips"], r["policy"], r["propensity"]) for r in written] == [
+        ("1.0", "model", "0.9"), ("2.0", "holdback:fallback", "0.1")]

@@ -88,6 +88,8 @@ def test_training_reads_the_window_and_validation_the_newest_span(tmp_path):
     assert nodes["StatisticsGen"].inputs["examples"].producer_component_id == "CsvExampleGen"
     assert nodes["Evaluator"].inputs["examples"].producer_component_id == "CsvExampleGen"
     assert nodes["data_gate"].inputs["previous_statistics"].producer_component_id == "previous_span_statistics"
+    # Transform reads the latest analyzer cache (without it the cache is written and never read).
+    assert nodes["Transform"].inputs["analyzer_cache"].producer_component_id == "previous_analyzer_cache"
     # The window's strategy, with the config the pipeline gives it, keeps the newest two spans.
     from tfx.dsl.components.common import resolver
 
@@ -107,7 +109,7 @@ def test_training_reads_the_window_and_validation_the_newest_span(tmp_path):
     assert isinstance(config["range_config"], range_config_pb2.RangeConfig)
     single = pipeline_lib.create_pipeline(spanned(tmp_path, 1), pipeline_lib.Environment(
         pipeline_root=str(tmp_path / "root"), model_repository=str(tmp_path / "repo")))
-    assert "rolling_spans" not in {c.id for c in single.components}
+    assert not {"rolling_spans", "previous_analyzer_cache"} & {c.id for c in single.components}
 
 
 def test_the_gate_stops_a_span_that_drifted_from_the_previous_one():
@@ -148,6 +150,19 @@ def test_previous_span_statistics_are_the_newest_earlier_span():
     assert [(a.span, a.id) for a in resolved[STATISTICS]] == [(4, 3)] and resolved[CURRENT] == [current]
     first = PreviousSpanStatisticsStrategy().resolve_artifacts(None, {STATISTICS: [current], CURRENT: [current]})
     assert first[STATISTICS] == []  # the first span has nothing to drift from
+
+
+def test_the_analyzer_cache_is_the_newest_and_none_before_the_first_transform():
+    from tfx.types import standard_artifacts
+
+    from components.spans import CACHE, LatestAnalyzerCacheStrategy
+
+    caches = []
+    for artifact_id in (4, 9, 2):
+        caches.append(standard_artifacts.TransformCache())
+        caches[-1].id = artifact_id
+    assert [a.id for a in LatestAnalyzerCacheStrategy().resolve_artifacts(None, {CACHE: caches})[CACHE]] == [9]
+    assert LatestAnalyzerCacheStrategy().resolve_artifacts(None, {CACHE: []}) == {CACHE: []}
 
 
 def test_retraining_refuses_data_it_has_seen(tmp_path):
