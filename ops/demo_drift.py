@@ -103,7 +103,6 @@ def write_span(spans_dir: str, number: int, header: Sequence[str], rows: Sequenc
 
 def write_spec(path: str, spans_dir: str, window: int, epochs: int = 6) -> str:
     raw = copy.deepcopy(feature_spec.read_yaml(TAXI_SPEC)[0])
-    # data.csv by name: export-span writes served.csv beside it, which a span-{SPAN}/ folder would read too.
     raw["data"] = {"path": os.path.abspath(spans_dir) + "/span-{SPAN}/data.csv", "rolling_spans": window,
                    "split": raw["data"].get("split", {"train": 2, "eval": 1})}
     raw["served"] = {"use": "inverse_propensity"}

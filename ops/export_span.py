@@ -18,8 +18,9 @@ CSVs: NaN and "" (the one wire form of a missing value) both become empty.
 The span folder (`<spans>/span-<n>/`, n one more than the newest there unless --span):
     data.csv          the training CSV's header (same columns, same order), one row per served row;
                       with the spec's `served` block also its policy and propensity columns
-    served.csv        per row, aligned with data.csv: request_id, row, model_version, variant,
-                      policy, propensity (1 / propensity is the row's inverse-propensity weight)
+    served.jsonl      per row, aligned with data.csv: request_id, row, model_version, variant,
+                      policy, propensity (1 / propensity is the row's inverse-propensity weight);
+                      JSON lines, not CSV, so a spec reading every *.csv of span-{SPAN}/ reads data.csv only
     provenance.json   window, log, labels, counts (rows, left out by reason), versions, variants, policies
 With --metadata, the span is also recorded in ML Metadata (an artifact of type ServedSpan with the
 provenance as custom properties), next to the runs that will train on it.
@@ -43,6 +44,7 @@ from pipelines import mlmd
 from serving import logstore
 
 SPAN = re.compile(r"^span-(\d+)$")
+SERVED_ROWS = "served.jsonl"  # beside data.csv; not *.csv, which a span-{SPAN}/ data.path reads
 
 
 class ExportError(ValueError):
@@ -142,10 +144,10 @@ def export(log: str, labels_path: str, spans: str, spec: feature_spec.FeatureSpe
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
-    with open(os.path.join(folder + ".tmp", "served.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["request_id", "row", "model_version", "variant", "policy", "propensity"])
-        writer.writerows([[_cell(v) for v in p] for p in provenance_rows])
+    with open(os.path.join(folder + ".tmp", SERVED_ROWS), "w") as f:
+        for p in provenance_rows:
+            f.write(json.dumps(dict(zip(("request_id", "row", "model_version", "variant", "policy", "propensity"), p)))
+                    + "\n")
     provenance = {
         "span": number, "model": model, "log": logstore.masked_url(log), "labels": os.path.abspath(labels_path),
         "window": {"start": start, "end": end}, "rows": len(rows), "left_out": dict(sorted(left_out.items())),

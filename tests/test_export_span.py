@@ -1,6 +1,7 @@
 """ops/export_span.py: served traffic and late labels become a span in the spec's raw CSV format."""
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -63,10 +64,13 @@ def test_served_rows_with_labels_become_a_span_and_the_rest_is_counted(spec, tmp
     assert [(r["fare"], r["payment_type"], r["tips"], r["company"], r["trip_seconds"], r["pickup_latitude"])
             for r in written] == [("12.5", "Cash", "4.0", "", "", ""), ("3.0", "Cash", "0.0", "", "", ""),
                                   ("12.5", "Credit Card", "1.5", "", "", "")]
-    with open(tmp_path / "spans" / "span-1" / "served.csv", newline="") as f:
-        served = list(csv.DictReader(f))
+    with open(tmp_path / "spans" / "span-1" / "served.jsonl") as f:
+        served = [json.loads(line) for line in f]
     assert [(s["request_id"], s["row"], s["model_version"], s["policy"], s["propensity"]) for s in served] == [
-        ("a", "0", "3", "model", "0.9"), ("a", "1", "3", "model", "0.9"), ("b", "0", "2", "holdback:stable", "0.1")]
+        ("a", 0, 3, "model", 0.9), ("a", 1, 3, "model", 0.9), ("b", 0, 2, "holdback:stable", 0.1)]
+    # A spec reading the span folder (data.path: .../span-{SPAN}/) reads data.csv and nothing else.
+    folder_spec = dataclasses.replace(spec, data_path=str(tmp_path / "spans") + "/span-{SPAN}/")
+    assert folder_spec.csv_files() == [str(tmp_path / "spans" / "span-1" / "data.csv")]
     provenance = json.loads((tmp_path / "spans" / "span-1" / "provenance.json").read_text())
     assert provenance["policies"] == {"holdback:stable": 1, "model": 2} and provenance["model_versions"] == {
         "2": 1, "3": 2} and provenance["label_column"] == "tips"
@@ -90,8 +94,6 @@ def test_nothing_labelled_is_an_error_that_says_what_was_left_out(spec, tmp_path
 
 
 def test_a_spec_with_served_gets_policy_and_propensity_in_data_csv(spec, tmp_path):
-    import dataclasses
-
     from components import feature_spec
 
     served = dataclasses.replace(spec, served=feature_spec.Served("inverse_propensity"))
