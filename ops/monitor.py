@@ -625,6 +625,11 @@ def _html(report: Dict[str, Any], served_stats, training_stats) -> str:
     skipped = [[check, name, why] for check, notes in report["not_compared"].items() for name, why in notes.items()]
     if skipped:
         parts.append(pages.section("Not compared", pages.table(["check", "feature", "why"], skipped, row_headers=False)))
+    unseen = {name: u for name, u in report.get("unseen_categories", {}).items() if u["count"]}
+    parts.append(pages.section("Categories never seen in training", pages.table(
+        ["feature", "served values", "examples"],
+        [[name, u["count"], ", ".join(u["examples"])] for name, u in sorted(unseen.items())])
+        if unseen else "Every served category of a vocabulary feature was seen in training.", anchor="unseen"))
     if report.get("retrain"):
         parts.append(pages.section("Retraining", pages.Markup("<pre>{}</pre>").format(
             json.dumps(report["retrain"], indent=2))))

@@ -491,3 +491,6 @@ def test_a_new_category_in_served_traffic_is_counted_and_printed(taxi_spec, rows
     printed = io.StringIO()
     monitor.print_summary(report, stream=printed)
     assert f"payment_type {bitcoin} (e.g. 'Bitcoin')" in printed.getvalue()
+    page = (tmp_path / "out" / "taxi_monitor.html").read_text()
+    unseen = page.split("<section id='unseen'>", 1)[1].split("</section>", 1)[0]
+    assert f"<tr><th>payment_type</th><td class='num'>{bitcoin}</td><td>Bitcoin</td></tr>" in unseen
