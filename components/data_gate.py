@@ -66,7 +66,27 @@ def spec_problems(stats: statistics_pb2.DatasetFeatureStatisticsList, spec: Feat
             missing = common.num_missing
             if missing:
                 problems.append(f"feature '{name}': required, but missing in {missing} rows")
+    if spec.served is not None:
+        problems += _propensity_problems(seen.get(spec.served.propensity_column), spec)
     return problems
+
+
+def _propensity_problems(stats_of: Optional[statistics_pb2.FeatureNameStatistics], spec: FeatureSpec) -> List[str]:
+    """A served row's propensity is the probability its answer had (the proxy logs it): in (0, 1].
+    Transform weighs a row 1 / propensity and treats a value outside as "never served" (weight 1),
+    because the serving graph feeds that column as 0; the gate refuses such data instead."""
+    name = spec.served.propensity_column
+    if stats_of is None or stats_of.WhichOneof("stats") is None:
+        return []  # no span in the window was served: every row weighs 1
+    if stats_of.WhichOneof("stats") != "num_stats" or stats_of.type == statistics_pb2.FeatureNameStatistics.STRING:
+        return [f"served.propensity_column '{name}': the data holds text values; a propensity is a number in (0, 1] "
+                "(make export-span writes it)"]
+    numbers = stats_of.num_stats
+    if numbers.common_stats.num_non_missing and (numbers.min <= 0 or numbers.max > 1):
+        return [f"served.propensity_column '{name}': values from {numbers.min:g} to {numbers.max:g}; a propensity is "
+                "the probability of the answer given, in (0, 1]: re-export the span from the prediction log "
+                "(make export-span), or leave the cell empty for a row that was never served"]
+    return []
 
 
 def first_bad_value(spec: FeatureSpec, column: str) -> Optional[str]:

@@ -52,3 +52,46 @@ def test_a_mistyped_column_the_files_cannot_explain_keeps_the_statistics_message
     assert data_gate.find_problems(anomalies, stats, ["train", "eval"], _small_spec(tmp_path)) == [
         "[train, eval] feature 'count': declared int but the data holds STRING values (a non-int value somewhere "
         "in the column)"]
+
+
+def _served_spec(tmp_path):
+    import dataclasses
+
+    from components import feature_spec
+
+    return dataclasses.replace(_small_spec(tmp_path), served=feature_spec.Served("inverse_propensity"))
+
+
+def _with_propensity(stats_uri, low, high, kind=FLOAT):
+    for split in ("train", "eval"):
+        path = os.path.join(stats_uri, f"Split-{split}", "FeatureStats.pb")
+        stats = statistics_pb2.DatasetFeatureStatisticsList.FromString(open(path, "rb").read())
+        feature = stats.datasets[0].features.add()
+        feature.path.step.append("propensity")
+        feature.type = kind
+        if kind == STRING:
+            feature.string_stats.common_stats.num_non_missing = 10
+        else:
+            feature.num_stats.common_stats.num_non_missing = 10
+            feature.num_stats.min, feature.num_stats.max = low, high
+        open(path, "wb").write(stats.SerializeToString())
+
+
+def test_a_propensity_outside_zero_to_one_stops_the_run_naming_the_column(tmp_path):
+    _write_csv(tmp_path / "a.csv", "count,price,city,big\n1,2.5,paris,0\n")
+    anomalies, stats = _artifacts(tmp_path, {"count": INT, "price": FLOAT, "city": STRING, "big": INT})
+    spec = _served_spec(tmp_path)
+    _with_propensity(stats, 0.1, 1.0)
+    assert data_gate.find_problems(anomalies, stats, ["train", "eval"], spec) == []  # (0, 1]: fine
+    for low, high in ((0.0, 0.9), (0.2, 1.5), (-1.0, 0.5)):
+        _artifacts(tmp_path, {"count": INT, "price": FLOAT, "city": STRING, "big": INT})
+        _with_propensity(stats, low, high)
+        assert data_gate.find_problems(anomalies, stats, ["train", "eval"], spec) == [
+            f"[train, eval] served.propensity_column 'propensity': values from {low:g} to {high:g}; a propensity is "
+            "the probability of the answer given, in (0, 1]: re-export the span from the prediction log (make "
+            "export-span), or leave the cell empty for a row that was never served"]
+    _artifacts(tmp_path, {"count": INT, "price": FLOAT, "city": STRING, "big": INT})
+    _with_propensity(stats, 0, 0, kind=STRING)
+    assert "the data holds text values" in data_gate.find_problems(anomalies, stats, ["train", "eval"], spec)[0]
+    # Without a `served` block the column is nobody's business here.
+    assert data_gate.find_problems(anomalies, stats, ["train", "eval"], _small_spec(tmp_path)) == []
