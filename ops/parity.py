@@ -77,7 +77,7 @@ def _match_training_path(loaded, examples, materialized, label_key, feature_tole
     import tensorflow as tf
 
     fn = loaded.signatures["transform_features"]
-    keys = sorted(k for k in fn.structured_outputs if k != label_key)
+    keys = sorted(_model_input_keys(loaded))
     served = {k: v.numpy() for k, v in fn(examples=tf.constant(examples)).items()}
     spec = {k: tf.io.FixedLenFeature([], v.dtype) for k, v in fn.structured_outputs.items()}
     written = {k: v.numpy() for k, v in tf.io.parse_example(tf.constant(materialized), spec).items()}
@@ -101,6 +101,25 @@ def _match_training_path(loaded, examples, materialized, label_key, feature_tole
             largest = max(largest, float(distance[j]))
         out[i], labels[i] = scores_written[j], written[label_key][j]
     return out, labels, largest
+
+
+def _model_input_keys(loaded) -> set:
+    """The transformed features the Keras model takes, from its own call signature."""
+    return set(loaded.__call__.concrete_functions[0].structured_input_signature[0][0])
+
+
+def _label_key(loaded) -> str:
+    """The transformed label: the one Transform output that is neither an input of the Keras model
+    (its own call signature says which) nor the training weight. A name rule (e.g. "not a raw
+    feature plus a suffix") breaks on crosses, whose names no raw feature starts."""
+    from components.preprocessing import SAMPLE_WEIGHT_KEY
+
+    others = sorted(set(loaded.signatures["transform_features"].structured_outputs) - _model_input_keys(loaded)
+                    - {SAMPLE_WEIGHT_KEY})
+    if len(others) != 1:
+        raise SystemExit(f"transform_features has {len(others)} outputs the model does not take ({others}); "
+                         "expected exactly one, the label")
+    return others[0]
 
 
 def _model_outputs(loaded, transformed):
@@ -155,9 +174,7 @@ def run(model: str = "taxi", version: int = None, limit: int = 0, model_reposito
     materialized = _records(os.path.join(materialized_dir, "Split-eval", "*"), 0)
     loaded = tf.saved_model.load(os.path.join(base, str(version)))
     _, inputs = loaded.signatures["serving_default"].structured_input_signature
-    label_key = next(k for k in loaded.signatures["transform_features"].structured_outputs
-                     if k not in {n for n in inputs} and k.endswith("_xf") and not any(
-                         k.startswith(n + "_") for n in inputs))
+    label_key = _label_key(loaded)
     from components.export import raw_inputs
     from serving.json_tensor import instances
 

@@ -41,7 +41,7 @@ def test_the_console_sends_every_library_line_to_the_log_and_shows_our_warnings_
     with local_runner.Console(log, quiet=False) as console:
         os.write(2, b"E cuda_dnn.cc: Unable to register cuDNN factory\n")  # C++ writes to the descriptor
         print("INFO:tensorflow:Assets written to: /tmp/model", flush=True)
-        logging.getLogger("absl").info("TFMA deprecation notice")
+        logging.getLogger("some_library").info("TFMA deprecation notice")  # a library INFO record (absl's own logger level depends on what ran before)
         for _ in range(2):
             logging.getLogger().handle(logging.makeLogRecord(
                 {"msg": ours, "levelno": logging.WARNING, "levelname": "WARNING", "pathname": own}))

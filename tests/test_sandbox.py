@@ -82,6 +82,7 @@ def test_a_prediction_off_by_more_than_the_tolerance_is_caught(small_model, taxi
     with SandboxServer(small_model[0], "taxi", str(tmp_path), 180) as server:
         result = compare_predictions(server, expected, instances({k: v.numpy() for k, v in columns.items()}),
                                      tolerance=1e-6)
+    assert "error" not in result, result  # the server answered every batch
     assert result["rows"] == 50 and result["rows_differing"] == 2
     assert 1e-6 < result["max_abs_diff"]["probabilities"] < 3e-6
 

@@ -158,3 +158,14 @@ def test_crosses_are_computed_by_the_serving_graph_as_the_transform_computed_the
     assert len(beam_rows) == len(eval_rows) and beam_rows == served_rows
     first_cross = keys.index(transformed_name(next(iter(taxi_spec.crosses))))
     assert len({row[first_cross] for row in served_rows}) > 10  # the cross tells rows apart
+
+
+def test_parity_tells_the_label_from_the_crosses_by_the_models_own_inputs(loaded, taxi_spec):
+    # ops/parity.py once took "an _xf output that no raw feature name starts" as the label: a cross
+    # (payment_x_miles_xf) matches that too, and parity then fed the model without it.
+    from components.preprocessing import label_key, transformed_name
+    from ops import parity
+
+    assert taxi_spec.crosses
+    assert parity._label_key(loaded) == label_key(taxi_spec)
+    assert {transformed_name(c) for c in taxi_spec.crosses} <= parity._model_input_keys(loaded)
