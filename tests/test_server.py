@@ -303,6 +303,22 @@ def test_batched_predict_waits_on_the_event_loop_not_in_a_worker(tiny, tmp_path)
         server.stop()
 
 
+def test_tensorflow_thread_flags_reach_tensorflow():
+    """--tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism set TensorFlow's
+    pools (they were accepted and ignored before); in a fresh process, as TF fixes them at start."""
+    import subprocess
+    import sys
+
+    code = ("from serving.server import apply_thread_flags, parser; import tensorflow as tf; "
+            "apply_thread_flags(parser().parse_args(['--tensorflow_intra_op_parallelism=3', "
+            "'--tensorflow_inter_op_parallelism=2'])); "
+            "print(tf.config.threading.get_intra_op_parallelism_threads(), "
+            "tf.config.threading.get_inter_op_parallelism_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.join(os.path.dirname(__file__), ".."), check=True).stdout
+    assert out.split() == ["3", "2"]
+
+
 def test_batching_parameters_file_is_tf_servings_text_proto(tmp_path):
     from serving.batching import read_parameters
 
