@@ -61,7 +61,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: str, base_path: str, batching: bool, extra=()):
+    def __init__(self, model: str, base_path: str, batching: bool, extra=(), batching_file: str = ""):
         self.work = tempfile.mkdtemp(prefix="bench_serving_")
         port_file = os.path.join(self.work, "ports")
         args = [sys.executable, "-m", "serving.server", "--model_name", model, "--model_base_path", base_path,
@@ -70,7 +70,7 @@ class ServerProcess:
         args += list(extra)
         if batching:
             args += ["--enable_batching", "--batching_parameters_file",
-                     os.path.join(REPO, "serving", "config", "batching.config")]
+                     batching_file or os.path.join(REPO, "serving", "config", "batching.config")]
         self.log = open(os.path.join(self.work, "server.log"), "w")
         self.process = subprocess.Popen(args, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
@@ -130,6 +130,10 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="taxi")
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--batching_parameters_file", default="",
+                        help="BatchingParameters for the batched server (default: serving/config/batching.config)")
+    parser.add_argument("--server_flag", action="append", default=[],
+                        help="a flag for both servers, e.g. --server_flag=--tensorflow_inter_op_parallelism=1")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     import tensorflow as tf
@@ -146,7 +150,7 @@ def main(argv=None) -> int:
     path = f"/v1/models/{args.model}:predict"
     results = {"model": args.model, "version": versions[-1]}
 
-    plain = ServerProcess(args.model, base, batching=False)
+    plain = ServerProcess(args.model, base, batching=False, extra=args.server_flag)
     try:
         for label, rows in (("single_row", [row]), ("batch_100", [row] * 100)):
             tensors = {k: tf.constant([r[k] for r in rows], s.dtype) for k, s in specs.items()}
@@ -161,9 +165,9 @@ def main(argv=None) -> int:
         results["unbatched"] = [under_load(plain, path, body, c, args.seconds) for c in (1, 8, 50)]
     finally:
         plain.stop()
-    # Each REST worker blocks while its request waits in the batch queue (as TF Serving's do), so
-    # with batching the pool is sized for the clients, not the cores.
-    batched = ServerProcess(args.model, base, batching=True, extra=["--rest_api_num_threads=64"])
+    # A batched predict call waits for its batch on the server's event loop, not in a worker.
+    batched = ServerProcess(args.model, base, batching=True, extra=args.server_flag,
+                            batching_file=args.batching_parameters_file)
     try:
         results["batched"] = [under_load(batched, path, body, c, args.seconds) for c in (1, 8, 50)]
     finally:

@@ -19,6 +19,7 @@ Each row's answer is the one an unbatched call gives (tested): the model is row-
 outputs are split back by the row counts that went in.
 """
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -73,13 +74,29 @@ def read_parameters(path: str) -> Parameters:
 
 
 class _Task:
-    __slots__ = ("inputs", "size", "key", "done", "outputs", "error")
+    """One call waiting in a batch: a blocked thread waits on `done`, a coroutine on `future`
+    (resolved on its event loop `loop`)."""
+    __slots__ = ("inputs", "size", "key", "done", "outputs", "error", "loop", "future")
 
-    def __init__(self, inputs: Dict[str, np.ndarray], size: int, key):
+    def __init__(self, inputs: Dict[str, np.ndarray], size: int, key, loop=None):
         self.inputs, self.size, self.key = inputs, size, key
-        self.done = threading.Event()
+        self.loop = loop
+        self.future = loop.create_future() if loop is not None else None
+        self.done = threading.Event() if loop is None else None
         self.outputs: Optional[Dict[str, np.ndarray]] = None
         self.error: Optional[BaseException] = None
+
+
+def _resolve(tasks: List[_Task]) -> None:
+    """On the tasks' event loop: hands each awaiting coroutine its outputs or error (a request
+    that timed out meanwhile has a cancelled future: nothing to hand)."""
+    for task in tasks:
+        if task.future.done():
+            continue
+        if task.error is not None:
+            task.future.set_exception(task.error)
+        else:
+            task.future.set_result(task.outputs)
 
 
 class _Queue:
@@ -103,14 +120,35 @@ class Batcher:
             t.start()
 
     def run(self, loaded, signature: str, inputs: Dict[str, np.ndarray], call: Callable) -> Dict[str, np.ndarray]:
+        """The outputs of `call(loaded, signature, inputs)`, run within a batch; blocks the thread."""
+        task = self._enqueue(loaded, signature, inputs, call, None)
+        if task is None:
+            return call(loaded, signature, inputs)  # not batchable: run alone, the model says what is wrong
+        task.done.wait()
+        if task.error is not None:
+            raise task.error
+        return task.outputs
+
+    async def run_async(self, loaded, signature: str, inputs: Dict[str, np.ndarray],
+                        call: Callable) -> Dict[str, np.ndarray]:
+        """As run(), awaited on an event loop: no thread waits while the task is in its batch. The
+        batch thread hands the outputs back with one loop.call_soon_threadsafe per batch."""
+        loop = asyncio.get_running_loop()
+        task = self._enqueue(loaded, signature, inputs, call, loop)
+        if task is None:  # not batchable: run alone, off the event loop
+            return await loop.run_in_executor(None, call, loaded, signature, inputs)
+        return await task.future
+
+    def _enqueue(self, loaded, signature: str, inputs: Dict[str, np.ndarray], call: Callable, loop) -> Optional[_Task]:
+        """The task queued in its batch, or None when the inputs cannot be batched."""
         sizes = {v.shape[0] if v.ndim else -1 for v in inputs.values()}
         if not inputs or -1 in sizes or len(sizes) != 1:
-            return call(loaded, signature, inputs)  # not batchable: run alone, the model says what is wrong
+            return None
         size = sizes.pop()
         if size > self.p.max_batch_size:
             raise invalid(f"Task size {size} is larger than maximum input batch size {self.p.max_batch_size}")
         shape_key = tuple(sorted((k, v.dtype.str, v.shape[1:]) for k, v in inputs.items()))
-        task = _Task(inputs, size, (id(loaded), signature, shape_key))
+        task = _Task(inputs, size, (id(loaded), signature, shape_key), loop)
         with self._cv:
             queue = self._queues.get(task.key)
             if queue is None:  # the key holds id(loaded): one queue per loaded version and signature
@@ -127,10 +165,7 @@ class Batcher:
                 queue.opened.append(time.monotonic())
                 queue.rows.append(size)
             self._cv.notify()
-        task.done.wait()
-        if task.error is not None:
-            raise task.error
-        return task.outputs
+        return task
 
     def _ready(self) -> Tuple[Optional[_Queue], float]:
         """A queue whose first batch may run now, or how long until one may."""
@@ -190,5 +225,14 @@ class Batcher:
                 for task in batch:
                     task.error = e
         finally:
+            loops: Dict[asyncio.AbstractEventLoop, List[_Task]] = {}
             for task in batch:
-                task.done.set()
+                if task.loop is None:
+                    task.done.set()
+                else:
+                    loops.setdefault(task.loop, []).append(task)
+            for loop, tasks in loops.items():
+                try:
+                    loop.call_soon_threadsafe(_resolve, tasks)
+                except RuntimeError:  # the loop was closed (server stopped): nobody awaits these
+                    pass

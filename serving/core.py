@@ -101,10 +101,25 @@ class Servables:
         metrics.RUNTIME_LATENCY.labels(loaded.model, "Predict", "TF2").observe((time.perf_counter() - started) * 1e6)
         return result
 
+    async def run_async(self, loaded: LoadedVersion, signature: str,
+                        inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """run(), awaited on an event loop; batching must be on (the call waits in its batch, no
+        thread blocks for it)."""
+        return await self.batcher.run_async(loaded, signature, inputs, self._call)
+
     def predict(self, spec: ModelSpec, inputs: Dict[str, np.ndarray], output_filter: Sequence[str] = (),
                 loaded: Optional[LoadedVersion] = None) -> Tuple[LoadedVersion, str, Dict[str, np.ndarray]]:
         """predict_util.cc:82-160 RunPredict / PreProcessPrediction. `loaded`: the version the
         request already resolved (REST resolves it first to read the signature's inputs)."""
+        loaded, name, seen = self.check_predict(spec, inputs, output_filter, loaded)
+        outputs = self.run(loaded, name, inputs)
+        if seen:
+            outputs = {k: outputs[k] for k in seen}
+        return loaded, name, outputs
+
+    def check_predict(self, spec: ModelSpec, inputs: Dict[str, np.ndarray], output_filter: Sequence[str] = (),
+                      loaded: Optional[LoadedVersion] = None) -> Tuple[LoadedVersion, str, List[str]]:
+        """predict()'s checks before the model call: (version, signature name, output aliases kept)."""
         loaded = loaded or self.resolve(spec)
         name = spec.signature_name or DEFAULT_SIGNATURE
         signature = loaded.signature_defs.get(name)
@@ -127,10 +142,7 @@ class Servables:
             if alias in seen:
                 raise invalid(f"duplicate output tensor alias: {alias}")
             seen.append(alias)
-        outputs = self.run(loaded, name, inputs)
-        if seen:
-            outputs = {k: outputs[k] for k in seen}
-        return loaded, name, outputs
+        return loaded, name, seen
 
     def _examples_signature(self, loaded: LoadedVersion, spec: ModelSpec, method: str, kind: str):
         """classifier.cc:151-221 / regressor.cc:146-205: find and check the signature."""

@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import zlib
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Awaitable, Callable, Dict, NamedTuple, Optional, Tuple
 
 from tornado import httputil
 from tornado.httpserver import HTTPServer
@@ -94,14 +94,18 @@ class HttpServer:
     dropped). A request whose client has gone before a worker takes it is never handled: a caller
     that gave up (the proxy at its deadline closes the connection) costs no model call. With
     `inline_when_idle`, a request with a small body that finds no other request on the server is
-    answered on the event loop instead (no thread hop; its timeout is not enforced)."""
+    answered on the event loop instead (no thread hop; its timeout is not enforced). `on_loop(Request)`
+    may take a request with a small body onto the event loop: it returns a coroutine that answers
+    it there (one that awaits work done elsewhere, so the loop is not held), or None to leave the
+    request to the worker pool."""
 
     def __init__(self, handler: Callable[[Request], Response], host: str = "127.0.0.1", port: int = 0,
                  num_threads: int = 0, timeout_ms: int = 0, max_connections: int = 1024, idle_timeout: float = 60.0,
                  body_timeout: float = 30.0, max_body_bytes: int = MAX_BODY_BYTES,
                  on_timeout: Optional[Callable[[Request], Response]] = None, name: str = "http",
-                 inline_when_idle: bool = False):
-        self.handler, self.on_timeout = handler, on_timeout
+                 inline_when_idle: bool = False,
+                 on_loop: Optional[Callable[[Request], Optional[Awaitable[Response]]]] = None):
+        self.handler, self.on_timeout, self.on_loop = handler, on_timeout, on_loop
         self.is_async = asyncio.iscoroutinefunction(handler)
         self.inline_when_idle = inline_when_idle and not self.is_async
         self.received = 0  # requests read whole and not answered yet
@@ -172,9 +176,12 @@ class HttpServer:
                 return self.handler(request), head_only
             except Exception:
                 return self._internal_error(request), head_only
+        future = None
         if self.is_async:
             future = self.handler(request)
-        else:
+        elif self.on_loop is not None and len(body) <= INLINE_BODY_BYTES:
+            future = self.on_loop(request)
+        if future is None:
             future = asyncio.wrap_future(self.workers.submit(self._work, exchange, request))
         try:
             response = await asyncio.wait_for(future, self.timeout)

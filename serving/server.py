@@ -12,6 +12,7 @@ bounded worker pool (serving/http.py, on tornado); every error body is JSON.
 """
 
 import argparse
+import asyncio
 import logging
 import os
 import re
@@ -30,12 +31,40 @@ _ORIGIN = re.compile(r"https?://")
 
 
 class RestApi:
-    """One REST request -> (HTTP status, body, content type). Runs on a worker thread."""
+    """One REST request -> (HTTP status, body, content type): handle() on a worker thread, or,
+    for a predict call with batching on, handle_async() on the event loop. Both run the one
+    coroutine (_answer), which awaits `run(version, signature, inputs)` where it needs the model:
+    on the event loop that waits for the batch; on a worker it is the blocking call itself, so
+    the coroutine never suspends there and is run to its end in one step."""
 
     def __init__(self, servables: Servables):
         self.servables = servables
 
     def handle(self, method: str, target: str, body: bytes) -> Tuple[int, bytes, str]:
+        coroutine = self._answer(method, target, body, self._run_here)
+        try:
+            coroutine.send(None)
+        except StopIteration as done:
+            return done.value
+        coroutine.close()
+        raise RuntimeError("a REST call on a worker thread waited on an event loop")
+
+    async def _run_here(self, loaded, signature: str, inputs):
+        return self.servables.run(loaded, signature, inputs)
+
+    def batched_predict(self, method: str, target: str) -> bool:
+        """Whether handle_async() answers this request: a predict call, with batching on."""
+        if self.servables.batcher is None or method != "POST":
+            return False
+        try:
+            return wire.parse(method, target).api == "predict"
+        except ServingError:
+            return False
+
+    async def handle_async(self, method: str, target: str, body: bytes) -> Tuple[int, bytes, str]:
+        return await self._answer(method, target, body, self.servables.run_async)
+
+    async def _answer(self, method: str, target: str, body: bytes, run) -> Tuple[int, bytes, str]:
         started = time.perf_counter()
         model, api, status = "", "", "OK"
         try:
@@ -55,11 +84,14 @@ class RestApi:
             else:
                 doc = json_tensor.loads(body)
                 spec.signature_name = json_tensor.signature_name(doc)
-                out = self._call(api, spec, doc)
+                out = await self._call(api, spec, doc, run)
             return 200, out, "application/json"
         except ServingError as e:
             status = e.code
             return e.http_status, wire.error_body(e.message), "application/json"
+        except asyncio.CancelledError:  # past --rest_api_timeout_in_ms while in its batch: answered 504
+            status = "DEADLINE_EXCEEDED"
+            raise
         except Exception as e:  # a bug here must not take the server down: answer 500, log it
             logging.exception("internal error on %s %s", method, target[:200])
             status = "INTERNAL"
@@ -68,12 +100,13 @@ class RestApi:
             if model:
                 metrics.record_request(model, self.servables.repository.knows(model), api, "REST", status, started)
 
-    def _call(self, api: str, spec: ModelSpec, doc) -> bytes:
+    async def _call(self, api: str, spec: ModelSpec, doc, run) -> bytes:
         if api == "predict":
             loaded = self.servables.resolve(spec)
             infos = self.servables.input_infos(loaded, spec.signature_name)
             form, inputs = json_tensor.predict_request(doc, infos)
-            _, _, outputs = self.servables.predict(spec, inputs, loaded=loaded)  # the version resolved above
+            loaded, name, _ = self.servables.check_predict(spec, inputs, loaded=loaded)  # the version resolved above
+            outputs = await run(loaded, name, inputs)
             return json_tensor.predict_response(outputs, form)
         examples = json_tensor.examples_request(doc)
         if api == "classify":
@@ -108,10 +141,12 @@ class LocalServer:
         self.servables, self.host = servables, host
         self.api = RestApi(servables)
         threads = num_threads or 4 * (os.cpu_count() or 1)  # TF Serving's --rest_api_num_threads default
-        # With batching a request must wait for others in a worker, never on the event loop.
+        # With batching, a predict call waits for its batch on the event loop (awaited, no thread
+        # held); any other request, and every request without batching, runs on the worker pool.
         self.http = HttpServer(self._handle, host, rest_port, threads, timeout_ms, max_connections, idle_timeout,
                                body_timeout, max_body_bytes, on_timeout=self._timed_out, name="rest",
-                               inline_when_idle=servables.batcher is None)
+                               inline_when_idle=servables.batcher is None,
+                               on_loop=self._on_loop if servables.batcher is not None else None)
         self.timeout_ms = timeout_ms
         self.grpc = None
         if grpc_port is not None:
@@ -124,6 +159,15 @@ class LocalServer:
             return Response(200 if _ORIGIN.search(request.headers.get("Origin", "")) else 400, b"", None)
         code, body, content_type = self.api.handle(request.method, request.target, request.body)
         return Response(code, body, content_type)
+
+    def _on_loop(self, request: Request):
+        """The coroutine answering a batched predict call on the event loop; None for the others."""
+        if not self.api.batched_predict(request.method, request.target):
+            return None
+        return self._handle_async(request)
+
+    async def _handle_async(self, request: Request) -> Response:
+        return Response(*await self.api.handle_async(request.method, request.target, request.body))
 
     def _timed_out(self, request: Request) -> Response:
         return Response(504, wire.error_body(f"Request timed out after {self.timeout_ms} ms (--rest_api_timeout_in_ms)"))
@@ -210,10 +254,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def apply_thread_flags(args) -> None:
+    """--tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism, as TF Serving's
+    SessionOptions get them (0: TensorFlow's choice); set before the first model loads."""
+    import tensorflow as tf
+
+    if args.tensorflow_intra_op_parallelism > 0:
+        tf.config.threading.set_intra_op_parallelism_threads(args.tensorflow_intra_op_parallelism)
+    if args.tensorflow_inter_op_parallelism > 0:
+        tf.config.threading.set_inter_op_parallelism_threads(args.tensorflow_inter_op_parallelism)
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    apply_thread_flags(args)
     try:
         servables = make_servables(args)
     except model_config.ConfigError as e:

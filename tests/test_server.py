@@ -222,7 +222,6 @@ def test_hot_swap_under_20_concurrent_clients_fails_no_request(tiny, tmp_path):
 # --- server-side batching (batching_session.cc) -------------------------------------------------
 
 def test_batched_answers_equal_unbatched_answers(small_model, taxi_spec, taxi_rows, tmp_path):
-    from serving import metrics
     from serving.batching import Batcher, Parameters
     from serving.json_tensor import instances
 
@@ -235,10 +234,6 @@ def test_batched_answers_equal_unbatched_answers(small_model, taxi_spec, taxi_ro
     batched = serve(tmp_path, batcher=Batcher(Parameters(max_batch_size=32, batch_timeout_micros=5000,
                                                          num_batch_threads=2, allowed_batch_sizes=(8, 16, 32))),
                     num_threads=32)
-    def batch_stats():
-        samples = {s.name: s.value for s in metrics.BATCH_SIZE.collect()[0].samples
-                   if s.labels.get("signature") == "serving_default" and not s.name.endswith("_bucket")}
-        return samples.get(metrics.BATCH_SIZE._name + "_count", 0), samples.get(metrics.BATCH_SIZE._name + "_sum", 0)
 
     try:
         def ask(url, row):
@@ -269,6 +264,59 @@ def test_batched_answers_equal_unbatched_answers(small_model, taxi_spec, taxi_ro
     finally:
         plain.stop()
         batched.stop()
+
+
+def batch_stats():
+    """(model calls, rows) the batcher has run for serving_default so far."""
+    from serving import metrics
+
+    samples = {s.name: s.value for s in metrics.BATCH_SIZE.collect()[0].samples
+               if s.labels.get("signature") == "serving_default" and not s.name.endswith("_bucket")}
+    return samples.get(metrics.BATCH_SIZE._name + "_count", 0), samples.get(metrics.BATCH_SIZE._name + "_sum", 0)
+
+
+def test_batched_predict_waits_on_the_event_loop_not_in_a_worker(tiny, tmp_path):
+    """With one REST worker thread, 8 concurrent predict calls still meet in one batch: each
+    waits for its batch on the event loop (a worker blocked per request would let one in at a
+    time, 8 batches of 1). A call still waiting when --rest_api_timeout_in_ms passes is answered
+    504 and its late batch answers nobody; the server goes on answering."""
+    from serving.batching import Batcher, Parameters
+
+    shutil.copytree(tiny[2], tmp_path / "m" / "1")
+    server = serve(tmp_path, batcher=Batcher(Parameters(max_batch_size=8, batch_timeout_micros=5_000_000,
+                                                        num_batch_threads=1)), num_threads=1, timeout_ms=1000)
+    try:
+        calls_before, rows_before = batch_stats()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda k: predict(server.url, x=float(k)), range(8)))
+        assert answers == [(200, {"predictions": [2.0 * k]}) for k in range(8)]
+        calls, rows = (after - before for after, before in zip(batch_stats(), (calls_before, rows_before)))
+        assert (calls, rows) == (1, 8)
+        # Alone, a row waits 5 s for others to join its batch: past the 1 s timeout.
+        code, body = predict(server.url, x=1.0)
+        assert code == 504 and "--rest_api_timeout_in_ms" in body["error"], body
+        request = urllib.request.Request(server.url + "/v1/models/m:predict", method="POST",
+                                         data=json.dumps({"instances": [float(k) for k in range(8)]}).encode())
+        with urllib.request.urlopen(request, timeout=30) as r:  # a full batch: runs at once
+            assert json.loads(r.read()) == {"predictions": [2.0 * k for k in range(8)]}
+    finally:
+        server.stop()
+
+
+def test_tensorflow_thread_flags_reach_tensorflow():
+    """--tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism set TensorFlow's
+    pools (they were accepted and ignored before); in a fresh process, as TF fixes them at start."""
+    import subprocess
+    import sys
+
+    code = ("from serving.server import apply_thread_flags, parser; import tensorflow as tf; "
+            "apply_thread_flags(parser().parse_args(['--tensorflow_intra_op_parallelism=3', "
+            "'--tensorflow_inter_op_parallelism=2'])); "
+            "print(tf.config.threading.get_intra_op_parallelism_threads(), "
+            "tf.config.threading.get_inter_op_parallelism_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.join(os.path.dirname(__file__), ".."), check=True).stdout
+    assert out.split() == ["3", "2"]
 
 
 def test_batching_parameters_file_is_tf_servings_text_proto(tmp_path):
