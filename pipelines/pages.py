@@ -27,6 +27,7 @@ th{background:#f3f3f3;text-align:left}td.num{text-align:right;font-variant-numer
 td.undefined,span.undefined{color:#888;font-style:italic}span.ci{color:#666;font-size:12px;white-space:nowrap}
 span.verdict{font-weight:600;padding:0 6px;border-radius:3px}span.pass{background:#d8f0dd;color:#14532d}
 span.fail{background:#fbdcdc;color:#7f1d1d}span.unknown{background:#eee;color:#444}
+tr.flagged>td,tr.flagged>th{background:#fbdcdc}tr.flagged>th{color:#7f1d1d}
 dl{display:grid;grid-template-columns:max-content auto;gap:2px 14px}dt{font-weight:600}dd{margin:0}
 div.plots{display:flex;flex-wrap:wrap;gap:12px}svg.plot{background:#fff;border:1px solid #e2e2e2}
 svg.plot text{font:11px system-ui,sans-serif;fill:#333}svg.plot .axis{stroke:#999;stroke-width:1}
@@ -75,17 +76,23 @@ def _cell(value: Any) -> Markup:
 
 
 def table(head: Sequence[Any], rows: Iterable[Sequence[Any]], caption: Optional[str] = None,
-          row_headers: bool = True) -> Markup:
+          row_headers: bool = True, flagged: Iterable[bool] = ()) -> Markup:
     """A table; numbers are right-aligned, None/NaN cells read "not defined". With row_headers the
-    first cell of each row is a <th> (slice or feature names)."""
+    first cell of each row is a <th> (slice or feature names). flagged, one flag per row, marks
+    the rows that need the reader's attention (an anomaly, a failed threshold): class 'flagged',
+    a red background."""
+    rows, flags = list(rows), list(flagged)
+    if flags and len(flags) != len(rows):
+        raise ValueError(f"table: flagged has {len(flags)} flags for {len(rows)} rows; give one per row (or none)")
     parts = [Markup("<table>")]
     if caption:
         parts.append(Markup("<caption>{}</caption>").format(caption))
     parts.append(Markup("<tr>") + Markup("").join(Markup("<th>{}</th>").format(h) for h in head) + Markup("</tr>"))
-    for row in rows:
+    for i, row in enumerate(rows):
         cells = list(row)
         first = Markup("<th>{}</th>").format(cells[0]) if row_headers and cells else _cell(cells[0]) if cells else ""
-        parts.append(Markup("<tr>") + first + Markup("").join(_cell(c) for c in cells[1:]) + Markup("</tr>"))
+        opening = Markup("<tr class='flagged'>") if flags and flags[i] else Markup("<tr>")
+        parts.append(opening + first + Markup("").join(_cell(c) for c in cells[1:]) + Markup("</tr>"))
     parts.append(Markup("</table>"))
     return Markup("\n").join(parts)
 
