@@ -17,6 +17,8 @@ from markupsafe import Markup, escape  # noqa: F401 (Markup is part of the API)
 NOT_DEFINED = "not defined"
 # Colours readable by the colour-blind (Okabe and Ito), one per series in order.
 PALETTE = ("#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00")
+# The background of a flagged table row: a lighter red than the FAIL badge, which stays visible on it.
+FLAGGED_BACKGROUND = "#fdecec"
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1b1b1b;margin:24px;max-width:1200px}
@@ -27,12 +29,11 @@ th{background:#f3f3f3;text-align:left}td.num{text-align:right;font-variant-numer
 td.undefined,span.undefined{color:#888;font-style:italic}span.ci{color:#666;font-size:12px;white-space:nowrap}
 span.verdict{font-weight:600;padding:0 6px;border-radius:3px}span.pass{background:#d8f0dd;color:#14532d}
 span.fail{background:#fbdcdc;color:#7f1d1d}span.unknown{background:#eee;color:#444}
-tr.flagged>td,tr.flagged>th{background:#fbdcdc}tr.flagged>th{color:#7f1d1d}
 dl{display:grid;grid-template-columns:max-content auto;gap:2px 14px}dt{font-weight:600}dd{margin:0}
 div.plots{display:flex;flex-wrap:wrap;gap:12px}svg.plot{background:#fff;border:1px solid #e2e2e2}
 svg.plot text{font:11px system-ui,sans-serif;fill:#333}svg.plot .axis{stroke:#999;stroke-width:1}
 svg.plot .grid{stroke:#eee;stroke-width:1}svg.plot .diagonal{stroke:#bbb;stroke-dasharray:4 3}
-"""
+""" + f"tr.flagged>td,tr.flagged>th{{background:{FLAGGED_BACKGROUND}}}tr.flagged>th{{color:#7f1d1d}}\n"
 
 
 def number(value: Any, digits: int = 4) -> str:

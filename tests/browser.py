@@ -157,6 +157,11 @@ def table_rows(dom: str, anchor: str) -> List[Dict[str, str]]:
     return rows
 
 
+def css_rgb(colour: str) -> str:
+    """"#fdecec" as a browser reports a computed colour: "rgb(253, 236, 236)"."""
+    return "rgb({}, {}, {})".format(*(int(colour[i:i + 2], 16) for i in (1, 3, 5)))
+
+
 def ink_pixels(png: str, background=(255, 255, 255), tolerance: int = 16) -> int:
     """How many pixels of the screenshot differ from the background: 0 means a blank page."""
     from PIL import Image, ImageChops

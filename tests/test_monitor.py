@@ -155,7 +155,7 @@ def test_the_report_renders_offline_with_served_beside_training_distributions(sh
                                ("4 anomalies", "Measurements", "Distributions: served vs training"), height=4800,
                                computed={"td": ["background-color"]})
     # Anomalies are red (pages.table's flagged rows), and so is each measured feature past a bound.
-    red = "rgb(251, 220, 220)"
+    red = browser.css_rgb(pages.FLAGGED_BACKGROUND)
     anomalies = browser.table_rows(page.dom, "anomalies")
     assert len(anomalies) == 4 and all((r["class"], r["background"]) == ("flagged", red) for r in anomalies)
     measured = {r["cells"][0]: r for r in browser.table_rows(page.dom, "measurements")}

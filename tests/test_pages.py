@@ -81,9 +81,9 @@ def test_a_page_renders_offline_in_chromium_with_its_table_and_plots(tmp_path):
     page = browser.render_page(path, "pages_toolkit", ["Metrics by slice"], height=900, min_ink=20000,
                                computed={"td": ["background-color"]})
     assert "payment_type=Cash" in page.dom
-    # The flagged row's cells are red (span.fail's #fbdcdc), the other row's are not.
+    # The flagged row's cells are red, the other row's are not.
     flagged, plain = browser.table_rows(page.dom, "metrics")
-    assert (flagged["class"], flagged["background"]) == ("flagged", "rgb(251, 220, 220)")
+    assert (flagged["class"], flagged["background"]) == ("flagged", browser.css_rgb(pages.FLAGGED_BACKGROUND))
     assert plain["class"] == "" and plain["background"] == "rgba(0, 0, 0, 0)"
     assert re.search(r"<td class=\"undefined\"[^>]*>not defined</td>", page.dom)
     assert len(re.findall(r"<rect class=\"bar\"", page.dom)) == 6

@@ -188,6 +188,7 @@ def test_the_multiclass_evaluation_page_renders_per_class_and_macro_metrics_and_
     import numpy as np
     from sklearn.metrics import accuracy_score, roc_auc_score
 
+    from pipelines import pages
     from tests import browser
 
     browser.require_chromium()
@@ -231,7 +232,7 @@ def test_the_multiclass_evaluation_page_renders_per_class_and_macro_metrics_and_
         assert f'aria-label="ROC ({name} vs rest)"' in page.dom
 
     # The failed bound is red; the change bound, unchecked without a baseline, is not.
-    red = "rgb(251, 220, 220)"
+    red = browser.css_rgb(pages.FLAGGED_BACKGROUND)
     thresholds = {tuple(r["cells"][:2]): r for r in browser.table_rows(page.dom, "thresholds")}
     failed = thresholds[("sparse_categorical_accuracy", "value ≥")]
     assert failed["cells"][4] == "FAIL" and (failed["class"], failed["background"]) == ("flagged", red)
