@@ -611,17 +611,20 @@ def _html(report: Dict[str, Any], served_stats, training_stats) -> str:
         f"{len(anomalies)} anomal{'y' if len(anomalies) == 1 else 'ies'}",
         pages.table(["feature", "kind", "comparator", "value", "threshold", "description"],
                     [[a["feature"] or "(dataset)", a["kind"], a["comparator"], a["value"], a["threshold"],
-                      a["description"]] for a in anomalies])
+                      a["description"]] for a in anomalies], flagged=[True] * len(anomalies))
         if anomalies else "Served traffic is within every threshold of training and the previous window.",
         anchor="anomalies")]
     measured = report["measurements"]
+    past_a_bound = {a["feature"] for a in anomalies if a["kind"] in ("skew", "drift")}
+    names = sorted(set(measured["skew"]) | set(measured["drift"]))
     rows = []
-    for name in sorted(set(measured["skew"]) | set(measured["drift"])):
+    for name in names:
         skew, drift = measured["skew"].get(name, {}), measured["drift"].get(name, {})
         rows.append([name, skew.get("comparator") or drift.get("comparator"), skew.get("value"),
                      skew.get("threshold"), drift.get("value"), drift.get("threshold")])
     parts.append(pages.section("Measurements", pages.table(
-        ["feature", "comparator", "skew", "skew threshold", "drift", "drift threshold"], rows), anchor="measurements"))
+        ["feature", "comparator", "skew", "skew threshold", "drift", "drift threshold"], rows,
+        flagged=[name in past_a_bound for name in names]), anchor="measurements"))
     skipped = [[check, name, why] for check, notes in report["not_compared"].items() for name, why in notes.items()]
     if skipped:
         parts.append(pages.section("Not compared", pages.table(["check", "feature", "why"], skipped, row_headers=False)))

@@ -17,6 +17,8 @@ from markupsafe import Markup, escape  # noqa: F401 (Markup is part of the API)
 NOT_DEFINED = "not defined"
 # Colours readable by the colour-blind (Okabe and Ito), one per series in order.
 PALETTE = ("#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00")
+# The background of a flagged table row: a lighter red than the FAIL badge, which stays visible on it.
+FLAGGED_BACKGROUND = "#fdecec"
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1b1b1b;margin:24px;max-width:1200px}
@@ -31,7 +33,7 @@ dl{display:grid;grid-template-columns:max-content auto;gap:2px 14px}dt{font-weig
 div.plots{display:flex;flex-wrap:wrap;gap:12px}svg.plot{background:#fff;border:1px solid #e2e2e2}
 svg.plot text{font:11px system-ui,sans-serif;fill:#333}svg.plot .axis{stroke:#999;stroke-width:1}
 svg.plot .grid{stroke:#eee;stroke-width:1}svg.plot .diagonal{stroke:#bbb;stroke-dasharray:4 3}
-"""
+""" + f"tr.flagged>td,tr.flagged>th{{background:{FLAGGED_BACKGROUND}}}tr.flagged>th{{color:#7f1d1d}}\n"
 
 
 def number(value: Any, digits: int = 4) -> str:
@@ -75,17 +77,23 @@ def _cell(value: Any) -> Markup:
 
 
 def table(head: Sequence[Any], rows: Iterable[Sequence[Any]], caption: Optional[str] = None,
-          row_headers: bool = True) -> Markup:
+          row_headers: bool = True, flagged: Iterable[bool] = ()) -> Markup:
     """A table; numbers are right-aligned, None/NaN cells read "not defined". With row_headers the
-    first cell of each row is a <th> (slice or feature names)."""
+    first cell of each row is a <th> (slice or feature names). flagged, one flag per row, marks
+    the rows that need the reader's attention (an anomaly, a failed threshold): class 'flagged',
+    a red background."""
+    rows, flags = list(rows), list(flagged)
+    if flags and len(flags) != len(rows):
+        raise ValueError(f"table: flagged has {len(flags)} flags for {len(rows)} rows; give one per row (or none)")
     parts = [Markup("<table>")]
     if caption:
         parts.append(Markup("<caption>{}</caption>").format(caption))
     parts.append(Markup("<tr>") + Markup("").join(Markup("<th>{}</th>").format(h) for h in head) + Markup("</tr>"))
-    for row in rows:
+    for i, row in enumerate(rows):
         cells = list(row)
         first = Markup("<th>{}</th>").format(cells[0]) if row_headers and cells else _cell(cells[0]) if cells else ""
-        parts.append(Markup("<tr>") + first + Markup("").join(_cell(c) for c in cells[1:]) + Markup("</tr>"))
+        opening = Markup("<tr class='flagged'>") if flags and flags[i] else Markup("<tr>")
+        parts.append(opening + first + Markup("").join(_cell(c) for c in cells[1:]) + Markup("</tr>"))
     parts.append(Markup("</table>"))
     return Markup("\n").join(parts)
 

@@ -544,7 +544,8 @@ def thresholds_section(summary: Dict[str, Any]):
              v["bound"], "no baseline" if v["kind"] == "change" and v["value"] is None else v["value"],
              pages.verdict(v["passed"]), v["note"]] for v in verdicts]
     return pages.section("Thresholds", headline,
-                         pages.table(["metric", "bound", "limit", "value", "verdict", "note"], rows, row_headers=False)
+                         pages.table(["metric", "bound", "limit", "value", "verdict", "note"], rows, row_headers=False,
+                                     flagged=[v["passed"] is False for v in verdicts])
                          if rows else "The spec sets no thresholds.", anchor="thresholds")
 
 

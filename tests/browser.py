@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import pytest
 
@@ -75,17 +75,45 @@ def _chromium(args: List[str], profile: str, timeout: float) -> subprocess.Compl
     return done
 
 
-def render(page: str, name: str, width: int = 1280, height: int = 2000, timeout: float = 90.0) -> Rendered:
+# Run in the rendered copy only: writes each property's computed value onto the elements the
+# selector matches (data-computed-<property>), for --dump-dom to show. The page itself has no script.
+_COMPUTED_STYLE_SCRIPT = """<script>
+for (const [selector, properties] of Object.entries(%s)) {
+  for (const element of document.querySelectorAll(selector)) {
+    const style = getComputedStyle(element);
+    for (const property of properties) element.setAttribute("data-computed-" + property, style.getPropertyValue(property));
+  }
+}
+</script>"""
+
+
+def _with_computed_styles(page: str, computed: Mapping[str, Sequence[str]], folder: str) -> str:
+    """A copy of page in folder that records the computed styles asked for (see _COMPUTED_STYLE_SCRIPT)."""
+    with open(page, encoding="utf-8") as f:
+        text = f.read()
+    if "</body>" not in text:
+        raise ValueError(f"{page}: no </body> to put the computed-style script before")
+    copy = os.path.join(folder, os.path.basename(page))
+    with open(copy, "w", encoding="utf-8") as f:
+        f.write(text.replace("</body>", _COMPUTED_STYLE_SCRIPT % json.dumps(dict(computed)) + "</body>", 1))
+    return copy
+
+
+def render(page: str, name: str, width: int = 1280, height: int = 2000, timeout: float = 90.0,
+           computed: Optional[Mapping[str, Sequence[str]]] = None) -> Rendered:
     """Loads page (a file path) from file:// in one Chromium run: its DOM, and a width x height
-    screenshot saved as build/screenshots/<name>.png."""
+    screenshot saved as build/screenshots/<name>.png. computed ({CSS selector: [property, ...]})
+    adds each matching element's computed value as attribute data-computed-<property> in the DOM
+    (the browser runs a copy of the page with a script that writes them; the page is unchanged)."""
     if not os.path.isfile(page):
         raise FileNotFoundError(f"no page at {page} to open in Chromium")
-    url = "file://" + os.path.abspath(page)
     os.makedirs(SCREENSHOTS, exist_ok=True)
     screenshot = os.path.join(SCREENSHOTS, f"{name}.png")
     if os.path.exists(screenshot):
         os.remove(screenshot)
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+        shown = _with_computed_styles(page, computed, tempfile.mkdtemp(dir=profile)) if computed else page
+        url = "file://" + os.path.abspath(shown)
         net_log = os.path.join(profile, "net-log.json")
         dom = _chromium([f"--log-net-log={net_log}", "--dump-dom", f"--screenshot={screenshot}",
                          f"--window-size={width},{height}", "--hide-scrollbars", url], profile, timeout).stdout
@@ -95,18 +123,43 @@ def render(page: str, name: str, width: int = 1280, height: int = 2000, timeout:
     return Rendered(dom=dom, screenshot=screenshot, requests=requests)
 
 
-def render_page(page: str, name: str, headings=(), height: int = 2000, min_ink: int = 50000) -> Rendered:
+def render_page(page: str, name: str, headings=(), height: int = 2000, min_ink: int = 50000,
+                computed: Optional[Mapping[str, Sequence[str]]] = None) -> Rendered:
     """render() and the checks every report must pass: it asked the network for nothing, shows
     each heading as an <h2>, and its screenshot is not blank."""
     from html import escape
 
-    rendered = render(page, name, height=height)
+    rendered = render(page, name, height=height, computed=computed)
     assert rendered.requests == [], f"{page} asked the network for {rendered.requests}"
     missing = [h for h in headings if f"<h2>{escape(h, quote=False)}</h2>" not in rendered.dom]
     assert not missing, f"{page}: no <h2> heading {missing} in the rendered page"
     ink = ink_pixels(rendered.screenshot)
     assert ink > min_ink, f"{rendered.screenshot}: only {ink} non-background pixels (blank page?)"
     return rendered
+
+
+def table_rows(dom: str, anchor: str) -> List[Dict[str, str]]:
+    """The body rows of the first table in the rendered <section id=anchor>: each row's class, its
+    cells' text, and the computed background of its first <td> (render(computed={"td": ["background-color"]}))."""
+    import re
+
+    found = re.search(rf'<section id="{re.escape(anchor)}">(.*?)</section>', dom, re.S)
+    if not found:
+        raise AssertionError(f"no <section id=\"{anchor}\"> in the rendered page")
+    table = re.search(r"<table>(.*?)</table>", found.group(1), re.S)
+    rows = []
+    for attributes, body in re.findall(r"<tr([^>]*)>(.*?)</tr>", table.group(1) if table else "", re.S)[1:]:
+        css_class = re.search(r'class="([^"]*)"', attributes)
+        background = re.search(r'<td[^>]*data-computed-background-color="([^"]*)"', body)
+        rows.append({"class": css_class.group(1) if css_class else "",
+                     "cells": [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", body, re.S)],
+                     "background": background.group(1) if background else ""})
+    return rows
+
+
+def css_rgb(colour: str) -> str:
+    """"#fdecec" as a browser reports a computed colour: "rgb(253, 236, 236)"."""
+    return "rgb({}, {}, {})".format(*(int(colour[i:i + 2], 16) for i in (1, 3, 5)))
 
 
 def ink_pixels(png: str, background=(255, 255, 255), tolerance: int = 16) -> int:

@@ -135,8 +135,9 @@ def test_report_files(shifted):
     _, report, _, out_dir = shifted
     page = (out_dir / "taxi_monitor.html").read_text()
     anomalies = page.split("<section id='anomalies'>", 1)[1].split("</section>", 1)[0]
-    anomaly_rows = anomalies.split("<tr>")[2:]  # after the head row
+    anomaly_rows = anomalies.split("<tr")[2:]  # after the head row
     assert len(anomaly_rows) == len(report["anomalies"]) == 4
+    assert all(r.startswith(" class='flagged'>") for r in anomaly_rows)
     assert all(("fare" in r) != ("payment_type" in r) for r in anomaly_rows)
     import tensorflow_data_validation as tfdv
 
@@ -151,7 +152,17 @@ def test_the_report_renders_offline_with_served_beside_training_distributions(sh
     browser.require_chromium()
     _, report, _, out_dir = shifted
     page = browser.render_page(str(out_dir / "taxi_monitor.html"), "taxi_monitor",
-                               ("4 anomalies", "Measurements", "Distributions: served vs training"), height=4800)
+                               ("4 anomalies", "Measurements", "Distributions: served vs training"), height=4800,
+                               computed={"td": ["background-color"]})
+    # Anomalies are red (pages.table's flagged rows), and so is each measured feature past a bound.
+    red = browser.css_rgb(pages.FLAGGED_BACKGROUND)
+    anomalies = browser.table_rows(page.dom, "anomalies")
+    assert len(anomalies) == 4 and all((r["class"], r["background"]) == ("flagged", red) for r in anomalies)
+    measured = {r["cells"][0]: r for r in browser.table_rows(page.dom, "measurements")}
+    past = {a["feature"] for a in report["anomalies"] if a["kind"] in ("skew", "drift")}
+    assert past == {"fare", "payment_type"}
+    assert {name for name, r in measured.items() if r["background"] == red} == past
+    assert all(r["class"] == "" and r["background"] != red for name, r in measured.items() if name not in past)
     # The shifted replay moved payment types: the served bars differ from training's.
     svg = re.search(r'aria-label="payment_type">(.*?)</svg>', page.dom).group(1)
     bars = {(s, v): float(h) for s, h, v in re.findall(

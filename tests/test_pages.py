@@ -28,6 +28,16 @@ def test_undefined_metrics_read_not_defined_never_zero():
     assert pages.interval(0.5, None, 0.2) == "0.5000"
 
 
+def test_flagged_rows_carry_the_class_and_a_flag_per_row_is_required():
+    html = pages.table(["feature", "value"], [["fare", 0.3], ["trip_miles", 0.01], ["payment_type", 0.25]],
+                       flagged=[True, False, True])
+    rows = re.findall(r"<tr(?: class='(\w+)')?><th>(\w+)</th>", html)[1:]  # after the head row
+    assert rows == [("flagged", "fare"), ("", "trip_miles"), ("flagged", "payment_type")]
+    assert "flagged" not in pages.table(["a"], [["x"], ["y"]])
+    with pytest.raises(ValueError, match="flagged has 1 flags for 2 rows"):
+        pages.table(["a"], [["x"], ["y"]], flagged=[True])
+
+
 def test_bars_draw_one_rect_per_category_and_series_scaled_to_the_largest():
     svg = pages.bars("fare", ["0-5", "5-10", "10+"], {"train": [0.2, 0.6, 0.2], "eval": [0.3, 0.3, 0.4]})
     rects = re.findall(r"<rect class='bar' data-series='(\w+)' x='[\d.]+' y='[\d.]+' width='[\d.]+' "
@@ -63,13 +73,19 @@ def test_a_page_renders_offline_in_chromium_with_its_table_and_plots(tmp_path):
     browser.require_chromium()
     path = pages.write(str(tmp_path / "page.html"), "Toolkit check", pages.section(
         "Metrics by slice", pages.table(["slice", "examples", "auc"], [["payment_type=Cash", 812, None],
-                                                                       ["Overall", 1500, 0.9412]])),
+                                                                       ["Overall", 1500, 0.9412]],
+                                        flagged=[True, False]), anchor="metrics"),
         pages.plots(pages.bars("trip_miles", ["0-1", "1-2", "2-5"], {"train": [0.2, 0.5, 0.3],
                                                                    "eval": [0.25, 0.45, 0.3]}),
                     pages.lines("ROC", {"model": [(0, 0), (0.1, 0.6), (0.3, 0.9), (1, 1)]}, "fpr", "tpr")))
-    page = browser.render_page(path, "pages_toolkit", ["Metrics by slice"], height=900, min_ink=20000)
+    page = browser.render_page(path, "pages_toolkit", ["Metrics by slice"], height=900, min_ink=20000,
+                               computed={"td": ["background-color"]})
     assert "payment_type=Cash" in page.dom
-    assert re.search(r"<td class=\"undefined\">not defined</td>", page.dom)
+    # The flagged row's cells are red, the other row's are not.
+    flagged, plain = browser.table_rows(page.dom, "metrics")
+    assert (flagged["class"], flagged["background"]) == ("flagged", browser.css_rgb(pages.FLAGGED_BACKGROUND))
+    assert plain["class"] == "" and plain["background"] == "rgba(0, 0, 0, 0)"
+    assert re.search(r"<td class=\"undefined\"[^>]*>not defined</td>", page.dom)
     assert len(re.findall(r"<rect class=\"bar\"", page.dom)) == 6
     assert re.search(r"data-series=\"model\" data-points=\"4\"", page.dom)
     assert browser.colour_pixels(page.screenshot, pages.PALETTE[0]) > 300  # the bars and the ROC line

@@ -1,8 +1,10 @@
 """pipelines/report.py and components/evaluation.py's names, on small synthetic inputs: metric
 names, threshold verdicts, intervals, distributions of two datasets (the reports of a real run are
-checked in headless Chromium in tests/test_pipeline_e2e.py)."""
+checked in headless Chromium in tests/test_pipeline_e2e.py; the multiclass evaluation page here, from
+a TFMA result computed without a model)."""
 
 import math
+import re
 
 import pytest
 
@@ -113,6 +115,8 @@ def test_the_console_summary_names_each_threshold_and_the_failing_one(capsys):
     page = report.thresholds_section(summary)
     assert "Not blessed: auc 0.8700, lower bound 0.9: FAIL (below 0.9)." in page
     assert page.count("verdict fail") == 1 and page.count("verdict pass") == 1
+    flagged = re.findall(r"<tr class='flagged'><td>(\w+)</td><td>([^<]+)</td>", page)
+    assert flagged == [("auc", "value ≥")]  # the failed bound's row only
     assert page.count("<td>no baseline</td>") == 2 and page.count("verdict unknown") == 2
 
 
@@ -144,3 +148,94 @@ def test_intervals_match_a_derivation_a_simulation_and_a_published_wilson_exampl
 def test_threshold_names_of_keras_metrics(config, names):
     # The names the evaluation outputs of these specs carried in earlier runs (run_summary.json).
     assert threshold_metric_names(load(TAXI_SPEC.replace("taxi.yaml", config))) == names
+
+
+def _tfma_result_of_the_multiclass_spec(path):
+    """What the Evaluator writes for configs/synthetic_multiclass.yaml (its EvalConfig from
+    components/evaluation.py: accuracy, one-vs-rest AUC/precision/recall per class and macro-averaged,
+    per-class plots), computed by TFMA itself on 60 predictions without a model (model-agnostic, as
+    tfma.analyze_raw_data does from a DataFrame). Region "south" has no row of class 2 (high), so
+    metrics of class 2 against the rest that need a positive are undefined there. 11 of every 20 rows
+    are predicted right: accuracy 0.55, under the spec's lower bound 0.65."""
+    import numpy as np
+    import pandas as pd
+    import tensorflow_model_analysis as tfma
+
+    from components.evaluation import eval_config
+
+    spec = load(TAXI_SPEC.replace("taxi.yaml", "synthetic_multiclass.yaml"))
+    config = eval_config(spec)
+    del config.model_specs[:]
+    config.model_specs.add(label_key="label", prediction_key="probabilities")  # columns of the frame
+    for metrics_spec in config.metrics_specs:  # TFMA refuses a change bound without a baseline outside a pipeline
+        for metric in metrics_spec.metrics:
+            for threshold in metric.per_slice_thresholds:
+                threshold.threshold.ClearField("change_threshold")
+    rows = []
+    for i in range(60):
+        region = "north" if i < 36 else "south"
+        label = i % 3 if region == "north" else i % 2
+        predicted = label if i % 20 < 11 else (label + 1) % 3
+        probabilities = np.full(3, 0.15)
+        probabilities[predicted] = 0.7
+        rows.append({"label": label, "probabilities": probabilities.tolist(), "region": region, "channel": "web"})
+    frame = pd.DataFrame(rows)
+    tfma.analyze_raw_data(frame, config, output_path=str(path))
+    return spec, frame
+
+
+def test_the_multiclass_evaluation_page_renders_per_class_and_macro_metrics_and_says_not_defined(tmp_path):
+    import numpy as np
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    from pipelines import pages
+    from tests import browser
+
+    browser.require_chromium()
+    spec, frame = _tfma_result_of_the_multiclass_spec(tmp_path / "evaluation")
+    evaluated = report.read_evaluation(str(tmp_path / "evaluation"))
+    summary = {"pipeline_name": spec.name, "blessed": False, "pushed": False, "model_version": None,
+               "baseline_model": None, "thresholds": report.threshold_verdicts(spec, evaluated),
+               "metrics": {"overall": evaluated["slices"]["Overall"]["metrics"]},
+               "artifacts": {"statistics": None, "anomalies": None, "evaluation": str(tmp_path / "evaluation")}}
+    page = browser.render_page(report.write_html(summary, spec, str(tmp_path / "reports"))["evaluation"],
+                               "synthetic_multiclass_evaluation", ("Thresholds", "Metrics by slice", "Plots (Overall)"),
+                               height=1600, computed={"td": ["background-color"]})
+
+    head = re.findall(r"<th>([^<]*)</th>", re.search(r'<section id="metrics">.*?<tr>(.*?)</tr>', page.dom, re.S).group(1))
+    rows = {r["cells"][0]: dict(zip(head, r["cells"])) for r in browser.table_rows(page.dom, "metrics")}
+    assert list(rows) == ["Overall", "channel=web", "region=north", "region=south"]  # Overall, then by size
+
+    def shown(slice_name, metric):
+        text = rows[slice_name][metric]
+        return text if text == "not defined" else float(text.split()[0])  # the value before its interval
+
+    # Per class and macro-averaged, against scikit-learn on the same predictions.
+    labels, scores = frame["label"].to_numpy(), np.array(frame["probabilities"].tolist())
+    assert shown("Overall", "sparse_categorical_accuracy") == pytest.approx(
+        accuracy_score(labels, scores.argmax(axis=1)), abs=1e-4)
+    per_class = [roc_auc_score(labels == k, scores[:, k]) for k in range(3)]
+    for k in range(3):
+        assert shown("Overall", f"auc_class_{k}") == pytest.approx(per_class[k], abs=2e-3)
+    assert shown("Overall", "macro_auc") == pytest.approx(sum(per_class) / 3, abs=2e-3)
+    south = frame["region"] == "south"
+    assert shown("region=south", "auc_class_0") == pytest.approx(
+        roc_auc_score(labels[south] == 0, scores[south, 0]), abs=2e-3)
+    # No "high" row in the south: AUC and recall of high vs rest, and their macro averages, are
+    # undefined; precision is defined (rows were predicted high) and 0.
+    for metric in ("auc_class_2", "recall_class_2", "macro_auc", "macro_recall"):
+        assert shown("region=south", metric) == "not defined", metric
+        assert shown("region=north", metric) != "not defined", metric
+    assert shown("region=south", "precision_class_2") == 0.0
+    assert re.search(r'<td[^>]*><span class="undefined">not defined</span></td>', page.dom)
+    for name in spec.label.classes:
+        assert f'aria-label="ROC ({name} vs rest)"' in page.dom
+
+    # The failed bound is red; the change bound, unchecked without a baseline, is not.
+    red = browser.css_rgb(pages.FLAGGED_BACKGROUND)
+    thresholds = {tuple(r["cells"][:2]): r for r in browser.table_rows(page.dom, "thresholds")}
+    failed = thresholds[("sparse_categorical_accuracy", "value ≥")]
+    assert failed["cells"][4] == "FAIL" and (failed["class"], failed["background"]) == ("flagged", red)
+    unchecked = thresholds[("sparse_categorical_accuracy", "change vs baseline ≥")]
+    assert unchecked["cells"][4] == "not checked" and unchecked["class"] == "" and unchecked["background"] != red
+    assert "Not blessed: sparse_categorical_accuracy 0.5500, lower bound 0.65: FAIL" in page.dom
