@@ -238,7 +238,10 @@ class HttpServer:
         response, head_only = answer
         headers = {"Content-Type": response.content_type} if response.content_type else {}
         headers.update(response.headers or {})
-        return web.Response(status=response.code, body=b"" if head_only else response.body, headers=headers)
+        answer = web.Response(status=response.code, body=b"" if head_only else response.body, headers=headers)
+        if headers.get("Connection", "").lower() == "close":  # aiohttp would keep the connection open after it
+            answer.force_close()
+        return answer
 
     async def _answer(self, connection: web.BaseRequest, body: bytes) -> Optional[Tuple[Response, bool]]:
         """(response, head_only) for one request read whole."""

@@ -21,7 +21,8 @@ def server():
 
     def handler(request):
         calls.append((request.method, request.target, request.body))
-        return Response(200, json.dumps({"bytes": len(request.body)}).encode())
+        headers = {"Connection": "close"} if request.target == "/close" else None  # as the proxy when draining
+        return Response(200, json.dumps({"bytes": len(request.body)}).encode(), headers=headers)
 
     http = HttpServer(handler, idle_timeout=0.6, body_timeout=0.4, max_body_bytes=LIMIT, inline_when_idle=True).start()
     http.calls = calls
@@ -109,6 +110,12 @@ def test_a_keep_alive_connection_is_reused_then_closed_when_idle(server):
         started = time.monotonic()
         assert sock.recv(1) == b""  # then the server closes it
         assert 0.3 < time.monotonic() - started < 3
+
+
+def test_a_handler_that_answers_connection_close_gets_the_connection_closed(server):
+    # keep-alive asked, close answered: closed at once, not at the 0.6 s idle timeout
+    answer = exchange(server.port, b"GET /close HTTP/1.1\r\nHost: x\r\n\r\n", timeout=0.3)
+    assert answer.startswith(b"HTTP/1.1 200") and not answer.endswith(b"<open>")
 
 
 def test_a_body_that_stalls_is_answered_408_and_never_handled(server):
