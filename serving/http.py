@@ -7,7 +7,9 @@ Why aiohttp's low-level server: per request it costs about half of tornado's. An
 trip, one keep-alive client, interleaved in one run (benchmarks/bench_http.py, 1-min load 8.8-9.5
 on 2 shared cores): this server p50 0.28 ms, the tornado HttpServer it replaced 0.48-0.52 ms
 (1.7-1.8x), a bare `web.Server` 0.26 ms; a one-route `web.Application` measured 0.30 ms, so the
-router and middleware chain are left out. Its parser (llhttp, in C) is strict for requests: it
+router and middleware chain are left out (a second run, load 9.3-9.7: 0.36 ms vs tornado's
+0.70-0.74 ms). Through the whole local server or the proxy the saving (0.2-0.4 ms) is inside
+the noise of bench-serving and bench-proxy on this loaded machine. Its parser (llhttp, in C) is strict for requests: it
 refuses a request with both Transfer-Encoding and Content-Length, a transfer coding that does not
 end in chunked, a negative, non-numeric, list or repeated Content-Length, a repeated
 Transfer-Encoding, bytes outside ASCII in the target, bare LF line ends and folded headers; each is
