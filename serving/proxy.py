@@ -84,7 +84,7 @@ storage that fails never fails a request (what cannot be kept is counted, exactl
 Backend down: 503 with a message naming the variant and the backend; no answer in time: 504.
 Client mistakes are 4xx and never counted as backend failures.
 
-The HTTP server is serving/http.py's (tornado); requests are handled on its event loop, and
+The HTTP server is serving/http.py's (aiohttp's low-level server); requests are handled on its event loop, and
 backend calls use aiohttp's client (keep-alive pools, per-call timeouts, cancellation), so a
 slow client or a slow backend holds no thread. The proxy image needs no TensorFlow.
 """

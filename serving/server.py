@@ -1,4 +1,4 @@
-"""Local TensorFlow Serving twin: the REST API on tornado's HTTP server, gRPC on grpcio.
+"""Local TensorFlow Serving twin: the REST API on aiohttp's HTTP server, gRPC on grpcio.
 
     python -m serving.server --model_config_file build/model_repository/models.config \\
         --rest_api_port 8501 --port 8500 [--enable_batching --batching_parameters_file F]
@@ -8,7 +8,7 @@ Flags are tensorflow_model_server's (model_servers/main.cc), with its defaults; 
 (serving/wire.py, serving/json_tensor.py) and gRPC (serving/grpc_server.py) answer through one
 core (serving/core.py), so both give the same answers. Stricter than TF Serving on purpose: a
 body limit (`--rest_api_max_body_bytes`), header/body/idle timeouts, a connection cap and a
-bounded worker pool (serving/http.py, on tornado); every error body is JSON.
+bounded worker pool (serving/http.py, on aiohttp); every error body is JSON.
 """
 
 import argparse

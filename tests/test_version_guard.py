@@ -404,7 +404,7 @@ def test_proxy_image_holds_the_proxy_only_with_locked_pins_for_all_it_imports():
     python = {"python_version": "3.11", "python_full_version": "3.11.0", "sys_platform": "linux", "extra": "",
               "platform_system": "Linux", "platform_python_implementation": "CPython", "implementation_name": "cpython",
               "platform_machine": "x86_64", "os_name": "posix"}
-    wanted, seen = ["aiohttp", "prometheus-client", "psycopg", "psycopg-binary", "pydantic", "tornado"], set()
+    wanted, seen = ["aiohttp", "prometheus-client", "psycopg", "psycopg-binary", "pydantic"], set()
     while wanted:
         name = wanted.pop().lower().replace("_", "-")
         if name in seen:
