@@ -33,6 +33,7 @@ class FakeServing:
 
     def __init__(self, port=0, delay=0.0):
         self.paths, self.delay = [], delay
+        self.cookie, self.cookies = None, []  # a Set-Cookie to send; the Cookie header of each POST
         self.labels, self.loaded = dict(VERSIONS), {1, 2}
         fake = self
 
@@ -48,6 +49,8 @@ class FakeServing:
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                if fake.cookie:
+                    self.send_header("Set-Cookie", fake.cookie)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -73,6 +76,7 @@ class FakeServing:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.paths.append(self.path)
+                fake.cookies.append(self.headers.get("Cookie"))
                 if fake.delay:
                     time.sleep(fake.delay)
                 version = fake.version_of(self.path.rsplit(":", 1)[0])
@@ -247,6 +251,18 @@ def test_switch_threshold_and_timeout_change_on_sighup_without_a_restart(backend
         assert code == 504 and "did not answer within 0.1 s" in body["error"] and "variant 'default'" in body["error"]
     finally:
         stop()
+
+
+def test_a_backends_cookie_never_rides_on_later_calls(backend):
+    """The backend client keeps no cookies: aiohttp's default jar keeps a named host's Set-Cookie and
+    sends it with every later call, so one client's answer would shape what the next one's call carries."""
+    backend.cookie = "session=first-client"
+    proxy, url, stop = start_proxy({"PROXY_BACKEND": f"http://localhost:{backend.port}"})
+    try:
+        assert [post(url, {"instances": [{"fare": fare}]})[0] for fare in (10, 20, 30)] == [200, 200, 200]
+    finally:
+        stop()
+    assert backend.cookies == [None, None, None]
 
 
 def test_bad_settings_name_the_key():
