@@ -896,6 +896,41 @@ def _loads(data: bytes) -> Dict[str, Any]:
         return {"error": f"backend answered non-JSON: {data[:200].decode(errors='replace')}"}
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _double(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: valid JSON, but _dumps would write null for it
+        raise ValueError(f"{text} is beyond a double")
+    return value
+
+
+_STRICT_JSON = json.JSONDecoder(parse_constant=_no_constant, parse_float=_double)
+
+
+def _parse_answer(data: bytes) -> Tuple[Dict[str, Any], Optional[str]]:
+    """The backend's answer as _loads reads it, and its text when that text can be sent on as it is
+    (parsing is needed anyway, for the metrics; writing it again is not): strict JSON in UTF-8
+    (no NaN or Infinity, which TF Serving writes as bare tokens, and no number beyond a double),
+    an object, no "skewless" key. Otherwise None, and _dumps writes the answer."""
+    try:
+        text = data.decode("utf-8")
+        answer = _STRICT_JSON.decode(text)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return _loads(data), None
+    if not isinstance(answer, dict):
+        return _loads(data), None
+    return answer, (text if "skewless" not in answer else None)
+
+
+def _with_key(text: str, key: str, value: Any) -> str:
+    """An object's JSON text with one more key last, the rest of the text as it was."""
+    inner = text.rstrip()[:-1].rstrip()  # strict JSON of an object ends with its closing brace
+    return f"{inner}{'' if inner.endswith('{') else ', '}{json.dumps(key)}: {_dumps(value)}}}"
+
+
 def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -1029,6 +1064,8 @@ class ProxyApi:
         client_id = request.headers.get("X-Request-Id")
         model, verb, raw = route.model, route.api, request.body
         variant_name, version, code, answer = "none", None, 500, {"error": "internal error"}
+        kept: Optional[str] = None  # the backend's own text of kept_for, sent as it is (plus "skewless")
+        kept_for: Optional[Dict[str, Any]] = None
         routing_key = request.headers.get(settings.routing_header) if settings.routing_header else None
         extra_headers: Dict[str, str] = {}
         backend_seconds = None
@@ -1104,12 +1141,15 @@ class ProxyApi:
             finally:
                 backend_seconds = time.perf_counter() - call_started
             proxy._saw_model(model, code)
-            answer = _loads(data)
+            answer, kept = _parse_answer(data)
+            kept_for = answer
             if code >= 500:
                 proxy.m_backend_errors.labels(proxy.model_label(model), variant.name, f"http_{code}").inc()
             if code != 200:
-                version = None  # nothing was computed
+                version, kept = None, None  # nothing was computed
             else:
+                if settings.threshold is not None:
+                    kept = None  # the threshold rewrites class_ids and classes
                 proxy.apply_threshold(answer)
                 proxy.observe_scores(proxy.model_label(model), variant.name, answer)
                 answer["skewless"] = {"variant": variant.name, "model_version": version, "policy": policy,
@@ -1122,7 +1162,9 @@ class ProxyApi:
             code, answer = 500, {"error": f"internal error: {type(e).__name__}"}
         finally:
             latency = time.perf_counter() - started
-            text = _dumps(answer)
+            # `answer` is a new object on every path that replaced the backend's (errors, a proxy bug).
+            text = (_with_key(kept, "skewless", answer["skewless"]) if kept is not None and answer is kept_for
+                    else _dumps(answer))
             if proxy.log:
                 # Logged before the answer leaves: whatever a client saw is in the log.
                 proxy.log.log({"request_id": record_id, "client_request_id": client_id, "ts": ts, "model": model,

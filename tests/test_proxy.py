@@ -34,6 +34,7 @@ class FakeServing:
     def __init__(self, port=0, delay=0.0):
         self.paths, self.delay = [], delay
         self.cookie, self.cookies = None, []  # a Set-Cookie to send; the Cookie header of each POST
+        self.raw_answer = None  # bytes every :predict is answered with, when set
         self.labels, self.loaded = dict(VERSIONS), {1, 2}
         fake = self
 
@@ -45,7 +46,7 @@ class FakeServing:
                 pass
 
             def _reply(self, code, body):
-                data = json.dumps(body).encode()
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -84,6 +85,8 @@ class FakeServing:
                     return self._reply(404, {"error": "Servable not found for request"})
                 if "instances" not in body:
                     return self._reply(400, {"error": "Missing 'instances' key"})
+                if fake.raw_answer is not None:
+                    return self._reply(200, fake.raw_answer)
                 predictions = []
                 for row in body["instances"]:
                     score = min(1.0, row.get("fare", 0) / 100 + OFFSET.get(version, 0))
@@ -263,6 +266,36 @@ def test_a_backends_cookie_never_rides_on_later_calls(backend):
     finally:
         stop()
     assert backend.cookies == [None, None, None]
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+@pytest.mark.parametrize("raw, kept, scores", [
+    # The backend's own text goes on as it is (formatting included), with "skewless" added last.
+    (b'{\n    "predictions": [{"score": 0.25}]\n}\n', '{\n    "predictions": [{"score": 0.25}], "skewless": ', [0.25]),
+    # Bare NaN (TF Serving's writer) and a number beyond a double are not JSON a client can read: null.
+    (b'{"predictions": [{"score": NaN}, {"score": 1e400}]}', None, [None, None]),
+    # A backend's own "skewless" key is replaced, not repeated.
+    (b'{"predictions": [{"score": 0.5}], "skewless": "the backend\'s"}', None, [0.5]),
+])
+def test_the_answer_is_strict_json_with_one_skewless_object(backend, raw, kept, scores):
+    backend.raw_answer = raw
+    proxy, url, stop = start_proxy({"PROXY_BACKEND": backend.url})
+    try:
+        request = urllib.request.Request(url + "/v1/models/taxi:predict", method="POST",
+                                         data=json.dumps({"instances": [{"fare": 1.0}]}).encode())
+        with urllib.request.urlopen(request, timeout=30) as r:
+            text = r.read().decode()
+    finally:
+        stop()
+    answer = json.loads(text, parse_constant=_refuse_constant)
+    assert [p["score"] for p in answer["predictions"]] == scores
+    assert answer["skewless"] == {"variant": "default", "model_version": 2, "policy": "model"}
+    assert text.count('"skewless"') == 1
+    if kept is not None:
+        assert text.startswith(kept)
 
 
 def test_bad_settings_name_the_key():
