@@ -3,8 +3,11 @@
 The local server (on the latest pushed model) and the proxy (prediction log on) each run in their
 own process, as in production. Measured, both directly against the server and through the proxy:
 
-  1. one client, sequential single-row requests, alternating the two paths: p50/p99 and the
-     p50 the proxy adds (target: <= 0.5 ms);
+  1. one client, sequential single-row requests, alternating the paths: p50/p99 and the
+     p50 the proxy adds (target: <= 0.5 ms). A third path is the floor under that target: a bare
+     relay on the proxy's own HTTP server and backend client (serving/http.py, Backends), which
+     forwards each request and does nothing else, so the p50 it adds is what the stack costs
+     before any of the proxy's work (parsing, routing, metrics, the prediction log);
   2. 50 concurrent keep-alive clients for --seconds (default 60) each, in ROUNDS turns that
      alternate the two paths (so a burst of other work on a shared machine does not fall on one
      path alone): requests/s, p50/p99, errors (targets: 0 errors, through/direct requests/s >= 0.95);
@@ -47,6 +50,30 @@ def _start(args, work, name, env=None):
         return process, int(f.read().split()[0])  # the server writes "rest_port grpc_port"
 
 
+def relay(backend: str, port: int, port_file: str) -> None:
+    """The floor: serving/http.py's server in front of the proxy's backend client, forwarding as is."""
+    from serving.http import HttpServer, Response
+    from serving.proxy import Backends
+
+    backends = Backends()
+
+    async def forward(request):
+        status, data = await backends.call(backend, request.method, request.target, request.body or None, 30.0, 0,
+                                           "the backend")
+        return Response(status, data)
+
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # before the server's thread starts: it inherits the mask
+    server = HttpServer(forward, "127.0.0.1", port, name="relay")
+    server.start()
+    with open(port_file + ".tmp", "w") as f:
+        f.write(str(server.port))
+    os.replace(port_file + ".tmp", port_file)
+    signal.sigwait(stops)
+    server.run(backends.close())
+    server.stop()
+
+
 def full_row(port, model):
     """ROW in the one wire form (every named input; NaN / "" for the rest), from the metadata."""
     import math
@@ -64,18 +91,23 @@ def run(model="taxi", model_base_path="build/model_repository", seconds=60.0, cl
     server, server_port = _start(["serving.server", "--model_name", model, "--model_base_path",
                                   os.path.join(model_base_path, model), "--rest_api_port", "0",
                                   "--file_system_poll_wait_seconds", "3600"], work, "server")
-    proxy = None
+    proxy = bare = None
     try:
         proxy, proxy_port = _start(["serving.proxy", "--log", log_path], work, "proxy",
                                    {"PROXY_BACKEND": f"http://127.0.0.1:{server_port}"})
+        bare, relay_port = _start(["benchmarks.bench_proxy", "--relay_for", f"http://127.0.0.1:{server_port}"],
+                                  work, "relay")
         path, data = f"/v1/models/{model}:predict", json.dumps({"instances": [full_row(server_port, model)]}).encode()
         ports = {"direct": server_port, "proxy": proxy_port}
-        single = loadgen.sequential(ports, path, [data], sequential_n, warmup=WARMUP)
+        single = loadgen.sequential({**ports, "relay": relay_port}, path, [data], sequential_n, warmup=WARMUP)
         failed = {name: r["errors"] for name, r in single.items() if r["errors"]}
         if failed:  # the prediction log check below counts every sequential request as answered
             raise RuntimeError(f"sequential requests failed: {failed}; see the logs in {work}")
         loaded = loadgen.alternating(ports, path, [data], clients, seconds, ROUNDS)
     finally:
+        if bare is not None:
+            bare.send_signal(signal.SIGTERM)
+            bare.wait(timeout=60)
         if proxy is not None:
             proxy.send_signal(signal.SIGTERM)  # graceful: the log is written before it exits
             proxy.wait(timeout=120)
@@ -88,6 +120,7 @@ def run(model="taxi", model_base_path="build/model_repository", seconds=60.0, cl
     answered = loaded["proxy"]["requests"] - loaded["proxy"]["errors"] + WARMUP + sequential_n
     report = {
         "sequential": {**single, "p50_added_ms": single["proxy"]["p50_ms"] - single["direct"]["p50_ms"],
+                       "relay_p50_added_ms": single["relay"]["p50_ms"] - single["direct"]["p50_ms"],
                        "p99_added_ms": single["proxy"]["p99_ms"] - single["direct"]["p99_ms"],
                        "p50_ratio": single["proxy"]["p50_ms"] / single["direct"]["p50_ms"]},
         "concurrent": {**loaded, "p50_ratio": loaded["proxy"]["p50_ms"] / loaded["direct"]["p50_ms"],
@@ -114,7 +147,13 @@ def main(argv=None):
     parser.add_argument("--model_base_path", default="build/model_repository")
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--relay_for", help=argparse.SUPPRESS)  # runs the bare relay to this backend instead
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--port_file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.relay_for:
+        relay(args.relay_for, args.port, args.port_file)
+        return 0
     r = run(args.model, args.model_base_path, args.seconds, args.clients)
     s, c = r["sequential"], r["concurrent"]
     print("| path | one client p50 | p99 | "
@@ -123,6 +162,9 @@ def main(argv=None):
         print(f"| {name} | {s[name]['p50_ms']:.2f} ms | {s[name]['p99_ms']:.2f} ms | "
               f"{c[name]['requests_per_second']:.0f} | {c[name]['p50_ms']:.1f} ms | {c[name]['p99_ms']:.1f} ms | "
               f"{c[name]['errors']} |")
+    print(f"| bare relay (the floor) | {s['relay']['p50_ms']:.2f} ms | {s['relay']['p99_ms']:.2f} ms | | | | |")
+    print(f"a bare relay on the same HTTP server and client adds {s['relay_p50_added_ms']:.2f} ms at p50 with one "
+          "client: the floor under the proxy's own work")
     print(f"proxy adds {s['p50_added_ms']:.2f} ms at p50 and {s['p99_added_ms']:.2f} ms at p99 with one client "
           f"(p50 ratio {s['p50_ratio']:.2f}); under {args.clients} clients p50 ratio {c['p50_ratio']:.2f}, "
           f"p99 ratio {c['p99_ratio']:.2f}, throughput ratio {c['throughput_ratio']:.2f}")

@@ -91,6 +91,7 @@ slow client or a slow backend holds no thread. The proxy image needs no TensorFl
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -111,6 +112,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import prometheus_client as prom
 import pydantic
+import yarl
 
 from serving import typed_config, wire
 from serving.logstore import HOLDBACK_POLICY_PREFIX
@@ -389,6 +391,22 @@ class BackendError(Exception):
         self.code, self.reason = code, reason
 
 
+_JSON_BODY = {"Content-Type": "application/json"}
+_NO_HEADERS: Dict[str, str] = {}
+
+
+@functools.lru_cache(maxsize=1024)
+def _backend_url(backend: str, path: str) -> yarl.URL:
+    """The URL aiohttp would parse from backend + path on every call, parsed once (paths repeat: a
+    model, a version, a verb); bounded, as model names come from clients."""
+    return yarl.URL(backend + path)
+
+
+@functools.lru_cache(maxsize=64)
+def _client_timeout(seconds: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=seconds)
+
+
 class Backends:
     """aiohttp keep-alive pools per backend, on the proxy's event loop; retries on connection errors and 503.
     A call past its timeout is cancelled: aiohttp closes its connection, so the backend (TF Serving, or
@@ -399,19 +417,21 @@ class Backends:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            # No cookie jar: a backend's Set-Cookie must not ride along on other clients' calls (and
+            # the jar's per-call lookups cost time on every request).
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True),
-                skip_auto_headers=("User-Agent",), auto_decompress=False)
+                skip_auto_headers=("User-Agent",), auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
         return self._session
 
     async def call(self, backend: str, method: str, path: str, body: Optional[bytes], timeout: float, retries: int,
                    who: str) -> Tuple[int, bytes]:
         last = None
-        headers = {"Content-Type": "application/json"} if body else {}
+        headers = _JSON_BODY if body else _NO_HEADERS
         for attempt in range(retries + 1):
             try:
-                async with self._client().request(method, backend + path, data=body, headers=headers,
-                                                  timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                async with self._client().request(method, _backend_url(backend, path), data=body, headers=headers,
+                                                  timeout=_client_timeout(timeout)) as response:
                     status, data = response.status, await response.read()
             except asyncio.TimeoutError:
                 raise BackendError(504, "timeout", f"{who} ({backend}) did not answer within {timeout:g} s") from None
@@ -448,6 +468,8 @@ class Proxy:
         self._metadata: Dict[Tuple[str, str], Tuple[float, Optional[Dict[str, Any]]]] = {}
         self._metadata_asks: Dict[Tuple[str, str], "asyncio.Future"] = {}
         self._known_models: set = set()
+        self._series: Dict[Tuple[int, Tuple[str, ...]], Any] = {}
+        self._fills: Dict[Tuple[str, str], Tuple[Optional[Dict[str, Any]], Dict[str, Tuple[int, tuple]]]] = {}
         self._stop = threading.Event()
         self._in_flight = 0
         self._backend_slots: Optional[asyncio.Semaphore] = None
@@ -503,6 +525,16 @@ class Proxy:
         if settings.vocabularies:
             for feature, n in unseen_categories(body, settings.vocabularies).items():
                 self.m_unseen.labels(self.model_label(model), feature).inc(n)
+
+    def series(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(*labels), made once per label set (prometheus_client validates and locks on every
+        labels() call: 6 us each, four times a request). As bounded as the series themselves: model names
+        pass through model_label, variants come from the settings, codes are HTTP codes."""
+        key = (id(metric), labels)
+        child = self._series.get(key)
+        if child is None:
+            child = self._series[key] = metric.labels(*labels)
+        return child
 
     def model_label(self, model: str) -> str:
         """The metrics label for a model name: names the backend knows, up to MAX_MODEL_LABELS; else "other"."""
@@ -602,14 +634,16 @@ class Proxy:
         except (TypeError, KeyError, ValueError):
             return None
 
-    async def input_types(self, backend: str, model_path: str, signature: str) -> Dict[str, str]:
-        """{input name: DT_ type} of a signature, from the backend's metadata (a version's never changes)."""
+    async def missing_value_fills(self, backend: str, model_path: str, signature: str) -> Tuple[int, tuple]:
+        """(how many inputs the signature has, ((name, the wire form of its missing value), ...) for its
+        string and float inputs), from the backend's metadata (a version's never changes); worked out
+        once per metadata answer, not per request."""
         meta = await self.metadata(backend, model_path, max_age=3600.0 if "/versions/" in model_path else 5.0)
-        try:
-            defs = meta["metadata"]["signature_def"]["signature_def"]
-            return {k: v.get("dtype", "") for k, v in defs.get(signature, {}).get("inputs", {}).items()}
-        except (TypeError, KeyError, AttributeError):
-            return {}
+        key = (backend, model_path)  # one entry per metadata entry: as bounded as self._metadata
+        known = self._fills.get(key)
+        if known is None or known[0] is not meta:
+            known = self._fills[key] = (meta, _missing_value_fills(meta))
+        return known[1].get(signature, (0, ()))
 
     async def complete(self, backend: str, model_path: str, body: Dict[str, Any]) -> bool:
         """Adds absent named inputs to every :predict row as NaN / "" (True if a row changed)."""
@@ -619,17 +653,16 @@ class Proxy:
         signature = body.get("signature_name") or "serving_default"
         if not isinstance(signature, str):
             return False
-        types = await self.input_types(backend, model_path, signature)
-        if len(types) < 2:  # a single input is sent bare; nothing to complete
+        inputs, fills = await self.missing_value_fills(backend, model_path, signature)
+        if inputs < 2:  # a single input is sent bare; nothing to complete
             return False
-        gaps = {"DT_STRING": "", "DT_FLOAT": math.nan, "DT_DOUBLE": math.nan, "DT_HALF": math.nan}
         changed = False
         for row in rows:
             if "b64" in row and len(row) == 1:
                 continue
-            for name, dtype in types.items():
-                if name not in row and dtype in gaps:
-                    row[name] = gaps[dtype]
+            for name, gap in fills:
+                if name not in row:
+                    row[name] = gap
                     changed = True
         return changed
 
@@ -702,9 +735,9 @@ class Proxy:
                 value = prediction.get("score", prediction.get("value"))
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     if not math.isfinite(value):
-                        self.m_nonfinite.labels(model, variant).inc()
+                        self.series(self.m_nonfinite, model, variant).inc()
                         continue
-                    histogram = histogram or self.m_score.labels(model, variant)
+                    histogram = histogram or self.series(self.m_score, model, variant)
                     histogram.observe(value)
 
     def log_text(self, text: str, settings: "Settings") -> str:
@@ -789,6 +822,26 @@ class Proxy:
         return self.log.close(timeout) if self.log else {}
 
 
+_MISSING = {"DT_STRING": "", "DT_FLOAT": math.nan, "DT_DOUBLE": math.nan, "DT_HALF": math.nan}
+
+
+def _missing_value_fills(meta: Optional[Dict[str, Any]]) -> Dict[str, Tuple[int, tuple]]:
+    """{signature: (its input count, ((input, missing value), ...))} of TF Serving's metadata JSON."""
+    try:
+        defs = meta["metadata"]["signature_def"]["signature_def"]
+        signatures = list(defs.items())
+    except (TypeError, KeyError, AttributeError):
+        return {}
+    fills = {}
+    for name, definition in signatures:
+        try:
+            types = {k: v.get("dtype", "") for k, v in definition.get("inputs", {}).items()}
+        except (TypeError, KeyError, AttributeError):
+            types = {}
+        fills[name] = (len(types), tuple((k, _MISSING[t]) for k, t in types.items() if t in _MISSING))
+    return fills
+
+
 def _log_options(env: Dict[str, str]) -> Dict[str, Any]:
     """The prediction log's bounds, from PREDLOG_QUEUE_SIZE, PREDLOG_SEGMENT_RECORDS, PREDLOG_RETRY_SECONDS."""
     options = {}
@@ -841,6 +894,41 @@ def _loads(data: bytes) -> Dict[str, Any]:
         return value if isinstance(value, dict) else {"error": "backend answered a non-object"}
     except (ValueError, RecursionError):
         return {"error": f"backend answered non-JSON: {data[:200].decode(errors='replace')}"}
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _double(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: valid JSON, but _dumps would write null for it
+        raise ValueError(f"{text} is beyond a double")
+    return value
+
+
+_STRICT_JSON = json.JSONDecoder(parse_constant=_no_constant, parse_float=_double)
+
+
+def _parse_answer(data: bytes) -> Tuple[Dict[str, Any], Optional[str]]:
+    """The backend's answer as _loads reads it, and its text when that text can be sent on as it is
+    (parsing is needed anyway, for the metrics; writing it again is not): strict JSON in UTF-8
+    (no NaN or Infinity, which TF Serving writes as bare tokens, and no number beyond a double),
+    an object, no "skewless" key. Otherwise None, and _dumps writes the answer."""
+    try:
+        text = data.decode("utf-8")
+        answer = _STRICT_JSON.decode(text)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return _loads(data), None
+    if not isinstance(answer, dict):
+        return _loads(data), None
+    return answer, (text if "skewless" not in answer else None)
+
+
+def _with_key(text: str, key: str, value: Any) -> str:
+    """An object's JSON text with one more key last, the rest of the text as it was."""
+    inner = text.rstrip()[:-1].rstrip()  # strict JSON of an object ends with its closing brace
+    return f"{inner}{'' if inner.endswith('{') else ', '}{json.dumps(key)}: {_dumps(value)}}}"
 
 
 def _finite(value: Any) -> Any:
@@ -976,6 +1064,8 @@ class ProxyApi:
         client_id = request.headers.get("X-Request-Id")
         model, verb, raw = route.model, route.api, request.body
         variant_name, version, code, answer = "none", None, 500, {"error": "internal error"}
+        kept: Optional[str] = None  # the backend's own text of kept_for, sent as it is (plus "skewless")
+        kept_for: Optional[Dict[str, Any]] = None
         routing_key = request.headers.get(settings.routing_header) if settings.routing_header else None
         extra_headers: Dict[str, str] = {}
         backend_seconds = None
@@ -1051,12 +1141,15 @@ class ProxyApi:
             finally:
                 backend_seconds = time.perf_counter() - call_started
             proxy._saw_model(model, code)
-            answer = _loads(data)
+            answer, kept = _parse_answer(data)
+            kept_for = answer
             if code >= 500:
                 proxy.m_backend_errors.labels(proxy.model_label(model), variant.name, f"http_{code}").inc()
             if code != 200:
-                version = None  # nothing was computed
+                version, kept = None, None  # nothing was computed
             else:
+                if settings.threshold is not None:
+                    kept = None  # the threshold rewrites class_ids and classes
                 proxy.apply_threshold(answer)
                 proxy.observe_scores(proxy.model_label(model), variant.name, answer)
                 answer["skewless"] = {"variant": variant.name, "model_version": version, "policy": policy,
@@ -1069,7 +1162,9 @@ class ProxyApi:
             code, answer = 500, {"error": f"internal error: {type(e).__name__}"}
         finally:
             latency = time.perf_counter() - started
-            text = _dumps(answer)
+            # `answer` is a new object on every path that replaced the backend's (errors, a proxy bug).
+            text = (_with_key(kept, "skewless", answer["skewless"]) if kept is not None and answer is kept_for
+                    else _dumps(answer))
             if proxy.log:
                 # Logged before the answer leaves: whatever a client saw is in the log.
                 proxy.log.log({"request_id": record_id, "client_request_id": client_id, "ts": ts, "model": model,
@@ -1080,10 +1175,10 @@ class ProxyApi:
                                "response": proxy.log_text(text, settings), "policy": policy,
                                "propensity": propensity})
             label = proxy.model_label(model)
-            proxy.m_requests.labels(label, variant_name, str(code)).inc()
-            proxy.m_latency.labels(label, variant_name).observe(latency)
+            proxy.series(proxy.m_requests, label, variant_name, str(code)).inc()
+            proxy.series(proxy.m_latency, label, variant_name).observe(latency)
             if backend_seconds is not None:
-                proxy.m_backend_latency.labels(label, variant_name).observe(backend_seconds)
+                proxy.series(proxy.m_backend_latency, label, variant_name).observe(backend_seconds)
             headers = {"X-Request-Id": record_id, "X-Skewless-Variant": variant_name,
                        **({"X-Client-Request-Id": client_id} if client_id else {}),
                        **({"X-Skewless-Policy": policy} if policy else {}),

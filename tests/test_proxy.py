@@ -33,6 +33,8 @@ class FakeServing:
 
     def __init__(self, port=0, delay=0.0):
         self.paths, self.delay = [], delay
+        self.cookie, self.cookies = None, []  # a Set-Cookie to send; the Cookie header of each POST
+        self.raw_answer = None  # bytes every :predict is answered with, when set
         self.labels, self.loaded = dict(VERSIONS), {1, 2}
         fake = self
 
@@ -44,10 +46,12 @@ class FakeServing:
                 pass
 
             def _reply(self, code, body):
-                data = json.dumps(body).encode()
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                if fake.cookie:
+                    self.send_header("Set-Cookie", fake.cookie)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -73,6 +77,7 @@ class FakeServing:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.paths.append(self.path)
+                fake.cookies.append(self.headers.get("Cookie"))
                 if fake.delay:
                     time.sleep(fake.delay)
                 version = fake.version_of(self.path.rsplit(":", 1)[0])
@@ -80,6 +85,8 @@ class FakeServing:
                     return self._reply(404, {"error": "Servable not found for request"})
                 if "instances" not in body:
                     return self._reply(400, {"error": "Missing 'instances' key"})
+                if fake.raw_answer is not None:
+                    return self._reply(200, fake.raw_answer)
                 predictions = []
                 for row in body["instances"]:
                     score = min(1.0, row.get("fare", 0) / 100 + OFFSET.get(version, 0))
@@ -247,6 +254,48 @@ def test_switch_threshold_and_timeout_change_on_sighup_without_a_restart(backend
         assert code == 504 and "did not answer within 0.1 s" in body["error"] and "variant 'default'" in body["error"]
     finally:
         stop()
+
+
+def test_a_backends_cookie_never_rides_on_later_calls(backend):
+    """The backend client keeps no cookies: aiohttp's default jar keeps a named host's Set-Cookie and
+    sends it with every later call, so one client's answer would shape what the next one's call carries."""
+    backend.cookie = "session=first-client"
+    proxy, url, stop = start_proxy({"PROXY_BACKEND": f"http://localhost:{backend.port}"})
+    try:
+        assert [post(url, {"instances": [{"fare": fare}]})[0] for fare in (10, 20, 30)] == [200, 200, 200]
+    finally:
+        stop()
+    assert backend.cookies == [None, None, None]
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+@pytest.mark.parametrize("raw, kept, scores", [
+    # The backend's own text goes on as it is (formatting included), with "skewless" added last.
+    (b'{\n    "predictions": [{"score": 0.25}]\n}\n', '{\n    "predictions": [{"score": 0.25}], "skewless": ', [0.25]),
+    # Bare NaN (TF Serving's writer) and a number beyond a double are not JSON a client can read: null.
+    (b'{"predictions": [{"score": NaN}, {"score": 1e400}]}', None, [None, None]),
+    # A backend's own "skewless" key is replaced, not repeated.
+    (b'{"predictions": [{"score": 0.5}], "skewless": "the backend\'s"}', None, [0.5]),
+])
+def test_the_answer_is_strict_json_with_one_skewless_object(backend, raw, kept, scores):
+    backend.raw_answer = raw
+    proxy, url, stop = start_proxy({"PROXY_BACKEND": backend.url})
+    try:
+        request = urllib.request.Request(url + "/v1/models/taxi:predict", method="POST",
+                                         data=json.dumps({"instances": [{"fare": 1.0}]}).encode())
+        with urllib.request.urlopen(request, timeout=30) as r:
+            text = r.read().decode()
+    finally:
+        stop()
+    answer = json.loads(text, parse_constant=_refuse_constant)
+    assert [p["score"] for p in answer["predictions"]] == scores
+    assert answer["skewless"] == {"variant": "default", "model_version": 2, "policy": "model"}
+    assert text.count('"skewless"') == 1
+    if kept is not None:
+        assert text.startswith(kept)
 
 
 def test_bad_settings_name_the_key():
