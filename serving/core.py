@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import context as _eager_context
+from tensorflow.python.eager.polymorphic_function.concrete_function import ConcreteFunction
 from tensorflow.python.framework.ops import EagerTensor
 
 from serving import metrics
@@ -86,11 +87,13 @@ class Servables:
                 raise invalid(f"input '{name}': shape {list(value.shape)} does not match the signature's "
                               f"{['?' if d is None else d for d in shape]}")
             tensors[name] = _tensor(value, dtype)
-        order = loaded.flat_order(signature)
+        flat = loaded.flat_call(signature)
         started = time.perf_counter()
         try:
-            if order is not None and set(tensors) == set(order):
-                outputs = fn._call_flat([tensors[k] for k in order], fn.captured_inputs)
+            if flat is not None and len(tensors) == len(flat[0]) and set(tensors) == set(flat[0]):
+                # ConcreteFunction's own flat call, past the restored function's capture walk
+                # (serving/repository.py flat_call says why that is the same call).
+                outputs = ConcreteFunction._call_flat(fn, [tensors[k] for k in flat[0]], flat[1])
             else:
                 outputs = fn(**tensors)
         except tf.errors.OpError as e:
