@@ -60,9 +60,10 @@ class Servables:
     def input_infos(self, loaded: LoadedVersion, signature_name: str) -> Dict[str, int]:
         """http_rest_api_handler.cc:228-242 GetInfoMap: the signature's inputs and their dtypes."""
         name = signature_name or DEFAULT_SIGNATURE
-        if name not in loaded.signature_defs:
+        infos = loaded.input_infos(name)
+        if infos is None:
             raise invalid(f'Serving signature name: "{name}" not found in signature def')
-        return {k: v.dtype for k, v in loaded.signature_defs[name].inputs.items()}
+        return infos
 
     # --- calls -------------------------------------------------------------------------------
     def run(self, loaded: LoadedVersion, signature: str, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -131,7 +132,7 @@ class Servables:
         if self.method_name_check and signature.method_name not in (PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD):
             raise ServingError("INTERNAL", f"Expected prediction signature method_name to be one of {{{PREDICT_METHOD}, "
                                            f"{CLASSIFY_METHOD}, {REGRESS_METHOD}}}. Was: {signature.method_name}")
-        wanted, given = set(signature.inputs), set(inputs)
+        wanted, given = set(loaded.input_infos(name)), set(inputs)
         if len(given) > len(wanted) or len(given) < len(wanted) or given != wanted:
             extra, missing = sorted(given - wanted), sorted(wanted - given)
             raise invalid(f"input size does not match signature: {len(given)}!={len(wanted)} "

@@ -243,6 +243,11 @@ def _fill(value: Any, level: int, shape: List[int], dtype: int, out: List[Any]) 
         _fill(item, level + 1, shape, dtype, out)
 
 
+# DataType -> the Python types of a JSON scalar that _scalar passes through unchanged for it (a
+# str is encoded): a column of only these needs no per-value call.
+_PLAIN = {**{d: {float, int} for d in _FLOATS}, **{d: {int} for d in _INT_RANGES}, DT_BOOL: {bool}, DT_STRING: {str}}
+
+
 def _array(flat: List[Any], shape: Sequence[int], dtype: int) -> np.ndarray:
     np_dtype = DTYPES[dtype][1]
     if dtype == DT_STRING:
@@ -293,7 +298,16 @@ def _stack(name: str, values: List[Any], dtype: int, keyed: bool) -> np.ndarray:
         return invalid(f"Failed to process element: {i}{key} of 'instances' list. Error: "
                        f"INVALID_ARGUMENT: {error.message}")
 
-    if not any(isinstance(v, (list, dict)) for v in values):  # one scalar per row: the common case
+    kinds = set(map(type, values))
+    if kinds <= _PLAIN.get(dtype, set()):  # one plain scalar per row, each of a type _scalar takes as is
+        if dtype == DT_STRING:
+            array = np.empty(len(values), dtype=object)
+            array[:] = [v.encode("utf-8") for v in values]
+            return array
+        low_high = _INT_RANGES.get(dtype)
+        if low_high is None or (low_high[0] <= min(values) and max(values) <= low_high[1]):
+            return np.array(values, dtype=DTYPES[dtype][1])
+    if not kinds & {list, dict}:  # one scalar per row, some of them refused or converted
         flat = []
         for i, v in enumerate(values):
             try:

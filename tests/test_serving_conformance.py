@@ -238,6 +238,40 @@ def test_a_missing_required_feature_is_refused_by_the_model(server, inputs):
     assert code == 400 and "payment_type is required" in answer["error"]
 
 
+def test_instance_columns_of_every_dtype_follow_tf_servings_value_rules():
+    """J:286-346 AddValueToTensor, column by column over several instances: a number of either
+    kind fills a float column, an int column takes only integers in its range, a bool column
+    only true/false, a string column only strings; the element and key at fault are named
+    (J:588-597). The rows are stacked in request order, as J:537-613 fills them."""
+    from serving import json_tensor
+
+    infos = {"f": 1, "d": 2, "i32": 3, "i64": 9, "b": 10, "s": 7}
+    rows = [{"f": 1, "d": 0.5, "i32": -2 ** 31, "i64": 2 ** 63 - 1, "b": True, "s": "Cash"},
+            {"f": 2.5, "d": float("nan"), "i32": 2 ** 31 - 1, "i64": -3, "b": False, "s": "Crédit"}]
+    form, arrays = json_tensor.predict_request({"instances": rows}, infos)
+    assert form == "row"
+    expected = {"f": np.array([1.0, 2.5], np.float32), "d": np.array([0.5, np.nan]),
+                "i32": np.array([-2 ** 31, 2 ** 31 - 1], np.int32), "i64": np.array([2 ** 63 - 1, -3], np.int64),
+                "b": np.array([True, False])}
+    for name, want in expected.items():
+        assert arrays[name].dtype == want.dtype and arrays[name].shape == (2,), name
+        np.testing.assert_array_equal(arrays[name], want)
+    assert arrays["s"].dtype == object and arrays["s"].tolist() == [b"Cash", "Crédit".encode()]
+    refused = [("i32", 2 ** 31, "Value: 2147483648 Type: Number is not of expected type: int32"),
+               ("i64", 1.0, "Value: 1.0 Type: Number is not of expected type: int64"),
+               ("i32", True, "Type: True is not of expected type: int32"),
+               ("b", 1, "Type: Number is not of expected type: bool"),
+               ("f", False, "Type: False is not of expected type: float"),
+               ("s", 7, "Type: Number is not of expected type: string")]
+    for name, value, needle in refused:
+        bad = [rows[0], dict(rows[1], **{name: value})]
+        with pytest.raises(json_tensor.ServingError) as error:
+            json_tensor.predict_request({"instances": bad}, infos)
+        assert error.value.code == "INVALID_ARGUMENT"
+        assert f"Failed to process element: 1 key: {name} of 'instances' list" in error.value.message, name
+        assert needle in error.value.message, (name, error.value.message)
+
+
 def test_float_outputs_are_written_as_tf_serving_writes_them():
     """J:124-165 WriteDecimal: 6 significant digits if they round-trip, else 9; '.0' on whole numbers."""
     from serving.json_tensor import decimal
