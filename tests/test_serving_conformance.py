@@ -282,6 +282,24 @@ def test_float_outputs_are_written_as_tf_serving_writes_them():
     assert np.float32(decimal(float(np.float32(2 / 3)))) == np.float32(2 / 3)
 
 
+def test_outputs_of_every_rank_are_written_as_rows_and_columns():
+    """J:980-1066 MakeJsonFromTensors: row form, one object per instance holding each output's
+    slice for it; columnar form, each output whole; bytes that are not UTF-8 as {"b64": ...}."""
+    from serving.json_tensor import predict_response
+
+    outputs = {"score": np.array([0.5, 0.25], np.float32), "probs": np.array([[0.1, 0.9], [1.0, 0.0]], np.float32),
+               "ids": np.array([[[1, 2]], [[3, 4]]], np.int64), "ok": np.array([True, False]),
+               "label": np.array([b"yes", b"\xff"], dtype=object), "none": np.zeros((2, 0), np.float32)}
+    rows = json.loads(predict_response(outputs, "row"))
+    assert rows == {"predictions": [
+        {"score": 0.5, "probs": [0.1, 0.9], "ids": [[1, 2]], "ok": True, "label": "yes", "none": []},
+        {"score": 0.25, "probs": [1.0, 0.0], "ids": [[3, 4]], "ok": False, "label": {"b64": "/w=="}, "none": []}]}
+    columns = json.loads(predict_response(outputs, "columnar"))
+    assert columns == {"outputs": {"score": [0.5, 0.25], "probs": [[0.1, 0.9], [1.0, 0.0]], "ids": [[[1, 2]], [[3, 4]]],
+                                   "ok": [True, False], "label": ["yes", {"b64": "/w=="}], "none": [[], []]}}
+    assert json.loads(predict_response({"probs": outputs["probs"]}, "row")) == {"predictions": [[0.1, 0.9], [1.0, 0.0]]}
+
+
 # --- classify / regress (J:796-872, C:151-221, regressor.cc:146-205) -------------------------
 
 def test_classify_needs_a_classification_signature_and_matches_predict(server, inputs):
