@@ -323,7 +323,7 @@ def test_batching_parameters_file_is_tf_servings_text_proto(tmp_path):
     from serving.batching import read_parameters
 
     p = read_parameters(os.path.join(os.path.dirname(__file__), "..", "serving", "config", "batching.config"))
-    assert (p.max_batch_size, p.batch_timeout, p.num_batch_threads, p.max_enqueued_batches) == (1024, 0.0, 4, 4)
+    assert (p.max_batch_size, p.batch_timeout, p.num_batch_threads, p.max_enqueued_batches) == (1024, 0.001, 4, 4)
     bad = tmp_path / "b.config"
     bad.write_text("max_batch_size { value: 64 } allowed_batch_sizes: 8 allowed_batch_sizes: 32")
     with pytest.raises(SystemExit, match="Last entry in allowed_batch_sizes must match max_batch_size; last entry "
