@@ -272,6 +272,28 @@ def test_instance_columns_of_every_dtype_follow_tf_servings_value_rules():
         assert needle in error.value.message, (name, error.value.message)
 
 
+def test_the_servers_flat_call_answers_as_the_keyword_call(server):
+    """serving/core.py calls the signature flat, with the captures read at load
+    (LoadedVersion.flat_call); the outputs equal the model's own keyword call's, bit for bit."""
+    import tensorflow as tf
+
+    from serving.core import Servables
+
+    loaded = server.servables.repository.resolve("taxi")
+    fn = loaded.signatures["serving_default"]
+    assert loaded.flat_call("serving_default") is not None  # the taxi model takes the flat path
+    specs = fn.structured_input_signature[1]
+    numbers = np.array([12.5, np.nan, 0.0])
+    strings = np.array([b"Cash", b"Credit Card", b"Cash"], dtype=object)  # payment_type is required
+    inputs = {name: strings if spec.dtype == tf.string else numbers.astype(spec.dtype.as_numpy_dtype)
+              for name, spec in specs.items()}
+    want = {k: v.numpy() for k, v in fn(**{k: tf.constant(v, specs[k].dtype) for k, v in inputs.items()}).items()}
+    got = Servables._call(loaded, "serving_default", inputs)
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+
+
 def test_float_outputs_are_written_as_tf_serving_writes_them():
     """J:124-165 WriteDecimal: 6 significant digits if they round-trip, else 9; '.0' on whole numbers."""
     from serving.json_tensor import decimal
