@@ -51,6 +51,16 @@ def timed(calls, n):
     return {name: {**loadgen.percentiles(t), "n": len(t)} for name, t in times.items()}
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: the other work on a shared machine, said beside the
+    ratios measured under it."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def free_port() -> int:
     """A port for gRPC (TF Serving's --port 0 turns gRPC off rather than picking one)."""
     import socket
@@ -148,7 +158,7 @@ def main(argv=None) -> int:
     specs = signature.structured_input_signature[1]
     row = full_row(specs)
     path = f"/v1/models/{args.model}:predict"
-    results = {"model": args.model, "version": versions[-1]}
+    results = {"model": args.model, "version": versions[-1], "load_average_at_start": load_average()}
 
     plain = ServerProcess(args.model, base, batching=False, extra=args.server_flag)
     try:
@@ -173,6 +183,9 @@ def main(argv=None) -> int:
     finally:
         batched.stop()
 
+    results["load_average_at_end"] = load_average()
+    print(f"load average (1, 5, 15 min): {results['load_average_at_start']} at the start, "
+          f"{results['load_average_at_end']} at the end, on {os.cpu_count()} cores")
     for label in ("single_row", "batch_100"):
         r = results[label]
         print(f"{label:>10}: in-process p50 {r['in_process']['p50_ms']:.2f} ms | REST p50 {r['rest']['p50_ms']:.2f} ms "

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import context as _eager_context
+from tensorflow.python.eager.polymorphic_function.concrete_function import ConcreteFunction
 from tensorflow.python.framework.ops import EagerTensor
 
 from serving import metrics
@@ -59,9 +60,10 @@ class Servables:
     def input_infos(self, loaded: LoadedVersion, signature_name: str) -> Dict[str, int]:
         """http_rest_api_handler.cc:228-242 GetInfoMap: the signature's inputs and their dtypes."""
         name = signature_name or DEFAULT_SIGNATURE
-        if name not in loaded.signature_defs:
+        infos = loaded.input_infos(name)
+        if infos is None:
             raise invalid(f'Serving signature name: "{name}" not found in signature def')
-        return {k: v.dtype for k, v in loaded.signature_defs[name].inputs.items()}
+        return infos
 
     # --- calls -------------------------------------------------------------------------------
     def run(self, loaded: LoadedVersion, signature: str, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -86,11 +88,13 @@ class Servables:
                 raise invalid(f"input '{name}': shape {list(value.shape)} does not match the signature's "
                               f"{['?' if d is None else d for d in shape]}")
             tensors[name] = _tensor(value, dtype)
-        order = loaded.flat_order(signature)
+        flat = loaded.flat_call(signature)
         started = time.perf_counter()
         try:
-            if order is not None and set(tensors) == set(order):
-                outputs = fn._call_flat([tensors[k] for k in order], fn.captured_inputs)
+            if flat is not None and len(tensors) == len(flat[0]) and set(tensors) == set(flat[0]):
+                # ConcreteFunction's own flat call, past the restored function's capture walk
+                # (serving/repository.py flat_call says why that is the same call).
+                outputs = ConcreteFunction._call_flat(fn, [tensors[k] for k in flat[0]], flat[1])
             else:
                 outputs = fn(**tensors)
         except tf.errors.OpError as e:
@@ -128,7 +132,7 @@ class Servables:
         if self.method_name_check and signature.method_name not in (PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD):
             raise ServingError("INTERNAL", f"Expected prediction signature method_name to be one of {{{PREDICT_METHOD}, "
                                            f"{CLASSIFY_METHOD}, {REGRESS_METHOD}}}. Was: {signature.method_name}")
-        wanted, given = set(signature.inputs), set(inputs)
+        wanted, given = set(loaded.input_infos(name)), set(inputs)
         if len(given) > len(wanted) or len(given) < len(wanted) or given != wanted:
             extra, missing = sorted(given - wanted), sorted(wanted - given)
             raise invalid(f"input size does not match signature: {len(given)}!={len(wanted)} "

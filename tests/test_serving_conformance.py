@@ -238,6 +238,62 @@ def test_a_missing_required_feature_is_refused_by_the_model(server, inputs):
     assert code == 400 and "payment_type is required" in answer["error"]
 
 
+def test_instance_columns_of_every_dtype_follow_tf_servings_value_rules():
+    """J:286-346 AddValueToTensor, column by column over several instances: a number of either
+    kind fills a float column, an int column takes only integers in its range, a bool column
+    only true/false, a string column only strings; the element and key at fault are named
+    (J:588-597). The rows are stacked in request order, as J:537-613 fills them."""
+    from serving import json_tensor
+
+    infos = {"f": 1, "d": 2, "i32": 3, "i64": 9, "b": 10, "s": 7}
+    rows = [{"f": 1, "d": 0.5, "i32": -2 ** 31, "i64": 2 ** 63 - 1, "b": True, "s": "Cash"},
+            {"f": 2.5, "d": float("nan"), "i32": 2 ** 31 - 1, "i64": -3, "b": False, "s": "Crédit"}]
+    form, arrays = json_tensor.predict_request({"instances": rows}, infos)
+    assert form == "row"
+    expected = {"f": np.array([1.0, 2.5], np.float32), "d": np.array([0.5, np.nan]),
+                "i32": np.array([-2 ** 31, 2 ** 31 - 1], np.int32), "i64": np.array([2 ** 63 - 1, -3], np.int64),
+                "b": np.array([True, False])}
+    for name, want in expected.items():
+        assert arrays[name].dtype == want.dtype and arrays[name].shape == (2,), name
+        np.testing.assert_array_equal(arrays[name], want)
+    assert arrays["s"].dtype == object and arrays["s"].tolist() == [b"Cash", "Crédit".encode()]
+    refused = [("i32", 2 ** 31, "Value: 2147483648 Type: Number is not of expected type: int32"),
+               ("i64", 1.0, "Value: 1.0 Type: Number is not of expected type: int64"),
+               ("i32", True, "Type: True is not of expected type: int32"),
+               ("b", 1, "Type: Number is not of expected type: bool"),
+               ("f", False, "Type: False is not of expected type: float"),
+               ("s", 7, "Type: Number is not of expected type: string")]
+    for name, value, needle in refused:
+        bad = [rows[0], dict(rows[1], **{name: value})]
+        with pytest.raises(json_tensor.ServingError) as error:
+            json_tensor.predict_request({"instances": bad}, infos)
+        assert error.value.code == "INVALID_ARGUMENT"
+        assert f"Failed to process element: 1 key: {name} of 'instances' list" in error.value.message, name
+        assert needle in error.value.message, (name, error.value.message)
+
+
+def test_the_servers_flat_call_answers_as_the_keyword_call(server):
+    """serving/core.py calls the signature flat, with the captures read at load
+    (LoadedVersion.flat_call); the outputs equal the model's own keyword call's, bit for bit."""
+    import tensorflow as tf
+
+    from serving.core import Servables
+
+    loaded = server.servables.repository.resolve("taxi")
+    fn = loaded.signatures["serving_default"]
+    assert loaded.flat_call("serving_default") is not None  # the taxi model takes the flat path
+    specs = fn.structured_input_signature[1]
+    numbers = np.array([12.5, np.nan, 0.0])
+    strings = np.array([b"Cash", b"Credit Card", b"Cash"], dtype=object)  # payment_type is required
+    inputs = {name: strings if spec.dtype == tf.string else numbers.astype(spec.dtype.as_numpy_dtype)
+              for name, spec in specs.items()}
+    want = {k: v.numpy() for k, v in fn(**{k: tf.constant(v, specs[k].dtype) for k, v in inputs.items()}).items()}
+    got = Servables._call(loaded, "serving_default", inputs)
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+
+
 def test_float_outputs_are_written_as_tf_serving_writes_them():
     """J:124-165 WriteDecimal: 6 significant digits if they round-trip, else 9; '.0' on whole numbers."""
     from serving.json_tensor import decimal
@@ -246,6 +302,24 @@ def test_float_outputs_are_written_as_tf_serving_writes_them():
     assert decimal(float(np.float32(0.1))) == "0.1"
     assert decimal(float(np.float32(0.123456789))) == "0.123456791"
     assert np.float32(decimal(float(np.float32(2 / 3)))) == np.float32(2 / 3)
+
+
+def test_outputs_of_every_rank_are_written_as_rows_and_columns():
+    """J:980-1066 MakeJsonFromTensors: row form, one object per instance holding each output's
+    slice for it; columnar form, each output whole; bytes that are not UTF-8 as {"b64": ...}."""
+    from serving.json_tensor import predict_response
+
+    outputs = {"score": np.array([0.5, 0.25], np.float32), "probs": np.array([[0.1, 0.9], [1.0, 0.0]], np.float32),
+               "ids": np.array([[[1, 2]], [[3, 4]]], np.int64), "ok": np.array([True, False]),
+               "label": np.array([b"yes", b"\xff"], dtype=object), "none": np.zeros((2, 0), np.float32)}
+    rows = json.loads(predict_response(outputs, "row"))
+    assert rows == {"predictions": [
+        {"score": 0.5, "probs": [0.1, 0.9], "ids": [[1, 2]], "ok": True, "label": "yes", "none": []},
+        {"score": 0.25, "probs": [1.0, 0.0], "ids": [[3, 4]], "ok": False, "label": {"b64": "/w=="}, "none": []}]}
+    columns = json.loads(predict_response(outputs, "columnar"))
+    assert columns == {"outputs": {"score": [0.5, 0.25], "probs": [[0.1, 0.9], [1.0, 0.0]], "ids": [[[1, 2]], [[3, 4]]],
+                                   "ok": [True, False], "label": ["yes", {"b64": "/w=="}], "none": [[], []]}}
+    assert json.loads(predict_response({"probs": outputs["probs"]}, "row")) == {"predictions": [[0.1, 0.9], [1.0, 0.0]]}
 
 
 # --- classify / regress (J:796-872, C:151-221, regressor.cc:146-205) -------------------------
