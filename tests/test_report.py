@@ -144,3 +144,19 @@ def test_intervals_match_a_derivation_a_simulation_and_a_published_wilson_exampl
 def test_threshold_names_of_keras_metrics(config, names):
     # The names the evaluation outputs of these specs carried in earlier runs (run_summary.json).
     assert threshold_metric_names(load(TAXI_SPEC.replace("taxi.yaml", config))) == names
+
+
+def test_tfma_takes_the_model_type_from_the_eval_config_without_loading_the_model(monkeypatch):
+    # TFMA 0.47 utils/model_util.py get_model_type (lines 166-177): a ModelSpec without model_type
+    # makes it load the whole SavedModel with tf.keras.models.load_model just to see its class.
+    import tensorflow as tf
+    import tensorflow_model_analysis as tfma
+
+    from components.evaluation import eval_config
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("TFMA loaded the model to find its type")
+
+    monkeypatch.setattr(tf.keras.models, "load_model", refuse)
+    (model_spec,) = eval_config(load(TAXI_SPEC)).model_specs
+    assert tfma.utils.get_model_type(model_spec, "/no/model/here") == tfma.constants.TF_KERAS
