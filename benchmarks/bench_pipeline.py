@@ -6,7 +6,10 @@ the same CSV, timed as a user waits for them: whole processes, imports included.
 One invocation, in this order, each run a fresh Python process started from here:
   1. TFX's example (tfx/examples/chicago_taxi_pipeline/taxi_pipeline_native_keras.py) with
      LocalDagRunner, given the same in-memory DirectRunner arguments as ours (the Beam profile
-     configs/local.yaml names; the example's own multi-processing arguments are slower on 2 cores);
+     configs/local.yaml names; the example's own multi-processing arguments are slower on 2 cores).
+     Our runner hands TFX those arguments as none at all, Beam's defaults for the same runner, mode
+     and worker count (pipelines/beam_profiles.py for_tfx), which spares TFX building a package of
+     itself in every Beam component; the example is run as TFX ships it and gets them as flags;
   2. ours, first run: `python -m pipelines.local_runner` with a fresh pipeline root, metadata
      store and model repository;
   3. ours, rerun on unchanged data and spec;
@@ -201,7 +204,8 @@ def print_table(results: Dict, checks: Dict) -> None:
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
     print(f"\nthresholds-only change: {results['threshold_change']}")
-    print(f"Beam arguments of every run: {' '.join(results['beam_args'])}")
+    print(f"Beam arguments of every run: {' '.join(results['beam_args'])} (ours hands them to TFX as none, "
+          f"Beam's defaults: pipelines/beam_profiles.py for_tfx)")
     load = results["load_average_1m"]
     print(f"load average (1 min) {load['start']:.2f} at start, {load['end']:.2f} at end, on {os.cpu_count()} cores")
     print(f"\n{'component':<28}{'first s':>8}  {'rerun':>9}  {'thresholds-only':>16}")

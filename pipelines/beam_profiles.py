@@ -108,6 +108,26 @@ def beam_args(environment: Mapping, env_source: str, profile: Optional[str] = No
     return fill(load_profile(name), {**variables, **known}, env_source) + list(extra)
 
 
+def for_tfx(args: List[str]) -> List[str]:
+    """The arguments to give TFX: none when they only say what Beam does without any (the
+    DirectRunner, in memory, one worker: configs/beam/direct_in_memory.yaml), else `args`.
+
+    TFX's Beam components build a source package of TFX for remote workers whenever they are
+    given arguments that name no dependency (tfx/dsl/components/base/base_beam_executor.py lines
+    82-84 call dependency_utils.make_beam_dependency_flags only for non-empty arguments): 5-6 s
+    a Beam component here, four per run, for a package the in-memory runner never installs.
+    Passing no arguments gives TFX the same runner, mode and worker count without that build.
+    """
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    def options(flags: List[str]) -> Dict[str, Any]:
+        values = PipelineOptions(flags).get_all_options(drop_default=False)
+        values["runner"] = values.get("runner") or StandardOptions.DEFAULT_RUNNER  # what Beam runs for None
+        return values
+
+    return [] if options(args) == options([]) else list(args)
+
+
 def unknown_flags(args: List[str]) -> List[str]:
     """Flags Beam's PipelineOptions does not know (it would only log and drop them)."""
     from apache_beam.options.pipeline_options import PipelineOptions

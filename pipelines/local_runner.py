@@ -45,6 +45,7 @@ class ProgressWatcher(threading.Thread):
         self.failed: Optional[str] = None  # the first component that failed
         self.reported_still: Dict[int, int] = {}  # execution id -> progress lines printed (not on a TTY)
         self.spinning = False
+        self.store = None  # one connection for every poll: opening one costs more than the queries
 
     def run(self):
         while not self.stop_event.wait(self.interval):
@@ -63,7 +64,9 @@ class ProgressWatcher(threading.Thread):
 
     def poll(self, final: bool = False):
         try:
-            store = mlmd.store_for(self.connection_config)
+            if self.store is None:
+                self.store = mlmd.store_for(self.connection_config)
+            store = self.store
             run = mlmd.latest_run(store, since_ms=self.started_ms)
             if run is None:
                 return
@@ -84,6 +87,7 @@ class ProgressWatcher(threading.Thread):
             if running and not final:
                 self._progress(*running[-1])
         except Exception as e:  # progress is a convenience: never let it break a run
+            self.store = None  # the next poll connects again
             logging.debug("progress poll failed: %s", e)
 
     def _progress(self, execution, node: str) -> None:
@@ -251,7 +255,7 @@ def run(spec_path: str, env_path: str = "configs/local.yaml", data_path: Optiona
         environment = pipeline_lib.Environment(
             pipeline_root=env["pipeline_root"], model_repository=env["model_repository"],
             metadata_connection_config=metadata.sqlite_metadata_connection_config(env["metadata_path"]),
-            beam_pipeline_args=beam_args, enable_cache=env.get("enable_cache", True),
+            beam_pipeline_args=beam_profiles.for_tfx(beam_args), enable_cache=env.get("enable_cache", True),
             sandbox=dict(env.get("sandbox") or {}))
         tfx_pipeline = pipeline_lib.create_pipeline(spec, environment)
         progress = ProgressWatcher(environment.metadata_connection_config, stream=console.out)

@@ -192,3 +192,33 @@ def test_local_pipeline_runs_under_the_multi_processing_profile(tmp_path):
     assert re.search(r"local_job_service: Worker: .*direct_running_mode\\?': \\?'multi_processing", log)
     assert "=in_memory" not in log and "'in_memory'" not in log
     assert summary["metrics"]["overall"]["example_count"] > 200  # the eval split, about a third
+
+
+def test_tfx_gets_no_arguments_where_they_only_say_what_beam_does_by_default(monkeypatch):
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+    from tfx.components.statistics_gen.executor import Executor  # one of TFX's Beam executors
+    from tfx.dsl.components.base import base_beam_executor
+    from tfx.utils import dependency_utils
+
+    from pipelines import beam_profiles
+
+    in_memory = beam_profiles.beam_args({"beam_profile": "direct_in_memory"}, "env.yaml", **KNOWN)
+    assert beam_profiles.for_tfx(in_memory) == []
+    # Beam with no arguments runs what the profile names (apache_beam/pipeline.py line 196 takes
+    # StandardOptions.DEFAULT_RUNNER for no --runner; DirectOptions' defaults are in_memory and 1 worker).
+    assert StandardOptions.DEFAULT_RUNNER == "DirectRunner" and _options([]).view_as(StandardOptions).runner is None
+    direct = _options([]).view_as(DirectOptions)
+    assert (direct.direct_running_mode, direct.direct_num_workers) == ("in_memory", 1)
+    # Anything else is passed as it is: another mode, another worker count, any further flag.
+    for args in (beam_profiles.beam_args({"beam_profile": "direct_multi_processing"}, "env.yaml", **KNOWN),
+                 in_memory[:-1] + ["--direct_num_workers=2"], in_memory + ["--experiments=beam_fn_api"]):
+        assert beam_profiles.for_tfx(args) == args
+    # Why: TFX builds a source package of itself for remote workers whenever it gets arguments
+    # (tfx/dsl/components/base/base_beam_executor.py lines 82-84), and only then.
+    built = []
+    monkeypatch.setattr(dependency_utils, "make_beam_dependency_flags", lambda args: built.append(args) or args)
+    context = base_beam_executor.BaseBeamExecutor.Context
+    Executor(context(beam_pipeline_args=beam_profiles.for_tfx(in_memory)))
+    assert built == []
+    Executor(context(beam_pipeline_args=in_memory))
+    assert built == [in_memory]

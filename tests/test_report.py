@@ -239,3 +239,19 @@ def test_the_multiclass_evaluation_page_renders_per_class_and_macro_metrics_and_
     unchecked = thresholds[("sparse_categorical_accuracy", "change vs baseline ≥")]
     assert unchecked["cells"][4] == "not checked" and unchecked["class"] == "" and unchecked["background"] != red
     assert "Not blessed: sparse_categorical_accuracy 0.5500, lower bound 0.65: FAIL" in page.dom
+
+
+def test_tfma_takes_the_model_type_from_the_eval_config_without_loading_the_model(monkeypatch):
+    # TFMA 0.47 utils/model_util.py get_model_type (lines 166-177): a ModelSpec without model_type
+    # makes it load the whole SavedModel with tf.keras.models.load_model just to see its class.
+    import tensorflow as tf
+    import tensorflow_model_analysis as tfma
+
+    from components.evaluation import eval_config
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("TFMA loaded the model to find its type")
+
+    monkeypatch.setattr(tf.keras.models, "load_model", refuse)
+    (model_spec,) = eval_config(load(TAXI_SPEC)).model_specs
+    assert tfma.utils.get_model_type(model_spec, "/no/model/here") == tfma.constants.TF_KERAS
