@@ -91,7 +91,7 @@ class LoadedVersion:
         """
         cache = self.__dict__.setdefault("_flat_call", {})
         if signature not in cache:
-            cache[signature] = _flat_call(self.signatures[signature])
+            cache[signature] = flat_call_parts(self.signatures[signature])
         return cache[signature]
 
     def input_infos(self, signature: str) -> Optional[Dict[str, int]]:
@@ -123,7 +123,8 @@ class LoadedVersion:
         return count
 
 
-def _flat_call(fn) -> Optional[Tuple[List[str], list]]:
+def flat_call_parts(fn) -> Optional[Tuple[List[str], list]]:
+    """Loaded.flat_call's answer for one ConcreteFunction (benchmarks/bench_serving.py times the same call as a floor)."""
     from tensorflow.python.distribute.distribute_utils import is_distributed_variable
     from tensorflow.python.eager.polymorphic_function.concrete_function import ConcreteFunction
 
