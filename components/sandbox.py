@@ -38,10 +38,9 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import pydantic
-from tfx.components.util import model_utils
 from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
 from tfx.dsl.component.experimental.decorators import component
-from tfx.types.standard_artifacts import Examples, InfraBlessing, Model, ModelBlessing
+from tfx.types.standard_artifacts import Examples, InfraBlessing, Model
 
 from serving import loadgen, typed_config
 from serving.repository import MAX_WARMUP_RECORDS  # TF Serving reads no more warmup records
@@ -447,31 +446,30 @@ def _record(blessing, report: Dict[str, Any]) -> None:
 
 @component
 def SandboxValidator(model: InputArtifact[Model], examples: InputArtifact[Examples],
-                     model_blessing: InputArtifact[ModelBlessing], blessing: OutputArtifact[InfraBlessing],
+                     blessing: OutputArtifact[InfraBlessing],
                      model_name: Parameter[str], config: Parameter[str] = "{}",
                      split: Parameter[str] = "eval") -> None:
-    """Blesses (InfraBlessing) a candidate that serves what it computes, fast enough; see module doc."""
+    """Blesses (InfraBlessing) a candidate that serves what it computes, fast enough; see module doc.
+
+    Like TFX's InfraValidator, it takes the model and examples only, not the Evaluator's blessing:
+    so it does not follow the Evaluator, and a change that reruns the Evaluator alone (thresholds,
+    slices) finds it in the cache (about 10 s of a thresholds-only rerun here); Pusher needs both."""
     import absl.logging
     from tfx.utils import path_utils
 
     settings = SandboxConfig.from_dict(json.loads(config))
-    if not model_utils.is_model_blessed(model_blessing):
-        # Pusher would refuse it anyway: do not spend a server start on it.
-        report = {"model_name": model_name, "blessed": False,
-                  "reasons": ["the Evaluator did not bless this model; the sandbox was not started"]}
-    else:
-        model_dir = path_utils.serving_model_path(model.uri, path_utils.is_old_model_artifact(model))
-        with tempfile.TemporaryDirectory(prefix="sandbox-") as work_dir:
-            try:
-                rows = read_examples(examples.uri, split, settings.rows)
-                report, warmup = validate(local_model_dir(model_dir, work_dir), model_name, rows, settings, work_dir)
-            except SandboxError as e:  # the candidate could not even be served: not blessed, and why
-                report, warmup = {"model_name": model_name, "blessed": False, "reasons": [str(e)]}, []
-        if report["blessed"]:
-            # The pushed model is this warmed copy (Pusher takes it from the InfraBlessing).
-            write_warmed_model(model_dir, path_utils.stamped_model_path(blessing.uri), warmup)
-            blessing.set_int_custom_property("has_model", 1)
-            report["warmup_records"] = len(warmup)
+    model_dir = path_utils.serving_model_path(model.uri, path_utils.is_old_model_artifact(model))
+    with tempfile.TemporaryDirectory(prefix="sandbox-") as work_dir:
+        try:
+            rows = read_examples(examples.uri, split, settings.rows)
+            report, warmup = validate(local_model_dir(model_dir, work_dir), model_name, rows, settings, work_dir)
+        except SandboxError as e:  # the candidate could not even be served: not blessed, and why
+            report, warmup = {"model_name": model_name, "blessed": False, "reasons": [str(e)]}, []
+    if report["blessed"]:
+        # The pushed model is this warmed copy (Pusher takes it from the InfraBlessing).
+        write_warmed_model(model_dir, path_utils.stamped_model_path(blessing.uri), warmup)
+        blessing.set_int_custom_property("has_model", 1)
+        report["warmup_records"] = len(warmup)
     _record(blessing, report)
     if report["blessed"]:
         absl.logging.info("sandbox: blessed: %s", json.dumps({k: report[k] for k in ("latency", "throughput")}))

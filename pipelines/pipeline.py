@@ -192,7 +192,7 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
                           eval_config=eval_config(spec))
     SandboxConfig.from_dict(env.sandbox)  # a bad key fails here, before any component runs
     sandbox = SandboxValidator(model=trainer.outputs["model"], examples=example_gen.outputs["examples"],
-                               model_blessing=evaluator.outputs["blessing"], model_name=spec.name,
+                               model_name=spec.name,
                                config=json.dumps(env.sandbox)).with_id("sandbox_validator")
     # Both blessings are required. The model comes from the InfraBlessing: the sandbox's
     # copy with warmup requests (TFX's InfraValidator make_warmup convention).

@@ -250,6 +250,8 @@ def test_a_model_failing_sandbox_validation_is_not_pushed(pipeline_run, sandbox_
 
 @pytest.mark.xdist_group("e2e")
 def test_a_thresholds_only_change_reruns_only_the_evaluator_onward(sandbox_refused_run):
+    # The sandbox reruns here because this run also changes its own settings (max_p50_ms); with
+    # thresholds alone it stays cached (test_only_pusher_follows_the_evaluator_... below).
     summary, states = sandbox_refused_run
     assert summary["artifacts"]["model"] is not None
     for node in ("CsvExampleGen", "StatisticsGen", "ExampleValidator", "data_gate", "Transform", "Trainer"):
@@ -258,8 +260,8 @@ def test_a_thresholds_only_change_reruns_only_the_evaluator_onward(sandbox_refus
         assert states[node] == "COMPLETE", (node, states)
 
 
-def _node_parameters(spec_path, tmp):
-    """{node id: its serialized parameters} of the compiled pipeline: what TFX hashes into the cache key."""
+def _compiled_nodes(spec_path, tmp):
+    """{node id: its PipelineNode} of the compiled pipeline."""
     from tfx.dsl.compiler import compiler
 
     from components.feature_spec import load
@@ -267,8 +269,24 @@ def _node_parameters(spec_path, tmp):
 
     env = Environment(pipeline_root=os.path.join(tmp, "root"), model_repository=os.path.join(tmp, "models"))
     ir = compiler.Compiler().compile(create_pipeline(load(spec_path), env))
-    return {n.pipeline_node.node_info.id: n.pipeline_node.parameters.SerializeToString(deterministic=True)
-            for n in ir.nodes}
+    return {n.pipeline_node.node_info.id: n.pipeline_node for n in ir.nodes}
+
+
+def _node_parameters(spec_path, tmp):
+    """{node id: its serialized parameters} of the compiled pipeline: what TFX hashes into the cache key."""
+    return {node: n.parameters.SerializeToString(deterministic=True)
+            for node, n in _compiled_nodes(spec_path, tmp).items()}
+
+
+def test_only_pusher_follows_the_evaluator_so_a_thresholds_change_leaves_the_sandbox_cached(tmp_path):
+    # TFX's InfraValidator takes the model and examples, not the Evaluator's blessing
+    # (tfx/components/infra_validator/component.py lines 89-95: model, serving_spec, examples), and Pusher takes both
+    # blessings: a change that reruns the Evaluator alone reruns Pusher, and nothing else.
+    nodes = _compiled_nodes(_sample_spec(str(tmp_path)), str(tmp_path))
+    assert set(nodes["Evaluator"].downstream_nodes) == {"Pusher"}
+    assert "Evaluator" not in nodes["sandbox_validator"].upstream_nodes
+    assert {"Trainer", "CsvExampleGen"} <= set(nodes["sandbox_validator"].upstream_nodes)
+    assert {"Evaluator", "sandbox_validator"} <= set(nodes["Pusher"].upstream_nodes)
 
 
 @pytest.mark.parametrize("edit, changed", [
