@@ -158,3 +158,15 @@ def test_crosses_are_computed_by_the_serving_graph_as_the_transform_computed_the
     assert len(beam_rows) == len(eval_rows) and beam_rows == served_rows
     first_cross = keys.index(transformed_name(next(iter(taxi_spec.crosses))))
     assert len({row[first_cross] for row in served_rows}) > 10  # the cross tells rows apart
+
+
+def test_a_missing_latitude_is_served_as_the_bucket_of_the_training_mean(loaded, taxi_spec, taxi_rows, eval_rows):
+    """Bucket boundaries come from present values only; a missing value gets the mean's bucket."""
+    train_latitudes = [float(r["pickup_latitude"]) for r in taxi_rows[:1500] if r["pickup_latitude"] != ""]
+    assert len(train_latitudes) < 1500  # the training rows had gaps to fill
+    row = next(r for r in eval_rows if r["pickup_latitude"] != "")
+    missing, at_mean = dict(row, pickup_latitude=""), dict(row, pickup_latitude=repr(float(np.mean(train_latitudes))))
+    out = loaded.signatures["transform_features"](examples=_examples([missing, at_mean], taxi_spec, taxi_spec.columns))
+    assert out["pickup_latitude_missing_xf"].numpy().tolist() == [1.0, 0.0]
+    buckets = out["pickup_latitude_xf"].numpy().tolist()
+    assert buckets[0] == buckets[1] and 0 < buckets[0] < 19  # the mean sits inside, not at an edge
