@@ -53,7 +53,7 @@ def preprocessing_fn(inputs: Mapping[str, Any], custom_config: Dict[str, Any]) -
         value, present = _dense_with_presence(inputs[name], feature)
         filled = _fill(feature, value, present)
         for output_name, transform in feature_outputs(feature):
-            outputs[output_name] = _transform(feature, transform, filled)
+            outputs[output_name] = _transform(feature, transform, filled, value, present)
         if feature.missing.indicator:
             outputs[transformed_name(name + MISSING_SUFFIX)] = 1.0 - tf.cast(present, tf.float32)
     for cross in spec.crosses.values():
@@ -128,7 +128,13 @@ def _fill(feature: Feature, value: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
     return tf.where(present, value, tf.cast(fill_value, value.dtype))
 
 
-def _transform(feature: Feature, t: str, filled: tf.Tensor) -> tf.Tensor:
+def _transform(feature: Feature, t: str, filled: tf.Tensor, value: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
+    """One output of a feature from its filled values.
+
+    A column filled with its mean is analysed from its present values only (`value` where
+    `present`): an analyzer over `filled` would wait for tft.mean's result, and tf.Transform would
+    make a second full pass over the data for it. One pass computes every statistic below.
+    """
     if t == "vocabulary":
         return tft.compute_and_apply_vocabulary(
             filled, top_k=feature.top_k, num_oov_buckets=feature.oov_buckets,
@@ -137,15 +143,49 @@ def _transform(feature: Feature, t: str, filled: tf.Tensor) -> tf.Tensor:
         as_string = filled if feature.type == "string" else tf.strings.as_string(filled)
         return tft.hash_strings(as_string, feature.hash_buckets)
     numeric = tf.cast(filled, tf.float32)
-    if t == "zscore":
-        return tft.scale_to_z_score(numeric)
-    if t == "log":
-        return tft.scale_to_z_score(tf.math.log1p(tf.maximum(numeric, 0.0)))
+    mean_filled = feature.missing.fill == "mean"
+    observed = tf.boolean_mask(tf.cast(value, tf.float32), present) if mean_filled else None
+    if t in ("zscore", "log"):
+        scale = (lambda x: x) if t == "zscore" else (lambda x: tf.math.log1p(tf.maximum(x, 0.0)))
+        if not mean_filled:
+            return tft.scale_to_z_score(scale(numeric))
+        return _z_score_of_mean_filled(scale(numeric), scale(observed), scale(tft.mean(observed)), present)
     if t == "bucketize":
-        return tft.bucketize(numeric, feature.buckets)
+        if not mean_filled:
+            return tft.bucketize(numeric, feature.buckets)
+        # Boundaries from the present values only, so they no longer count the fill values (a
+        # spike of identical values at the mean) as data: they move slightly against quantiles of
+        # the filled column. A missing value still goes to the bucket its fill (the mean) falls in.
+        boundaries = tft.quantiles(observed, feature.buckets,
+                                   epsilon=min(1.0 / feature.buckets, 0.01))  # tft.bucketize's default
+        return tft.apply_buckets(numeric, boundaries)
     if t == "passthrough":
         return numeric
     raise ValueError(f"features.{feature.name}.transform: unknown transform '{t}'")
+
+
+def _z_score_of_mean_filled(scaled: tf.Tensor, observed: tf.Tensor, fill: tf.Tensor,
+                            present: tf.Tensor) -> tf.Tensor:
+    """tft.scale_to_z_score(scaled) where `scaled` holds `observed` at present rows and `fill` at the
+    others, from statistics of `observed` alone (one analysis pass instead of two).
+
+    The filled column is a mixture of the present values (count n_p, mean m_p, variance v_p) and
+    n - n_p copies of the fill f: its mean is (n_p m_p + (n - n_p) f) / n and its variance
+    (n_p (v_p + (m_p - m)^2) + (n - n_p)(f - m)^2) / n. For a plain mean fill f = m_p, so the mean
+    stays m_p and the variance is v_p n_p / n.
+    """
+    n_present = tf.cast(tft.size(observed), tf.float64)
+    n_missing = tf.cast(tft.size(present), tf.float64) - n_present
+    n = n_present + n_missing
+    m_p = tft.mean(observed, output_dtype=tf.float64)
+    v_p = tft.var(observed, output_dtype=tf.float64)
+    f = tf.cast(fill, tf.float64)
+    mean = (n_present * m_p + n_missing * f) / n
+    var = (n_present * (v_p + tf.square(m_p - mean)) + n_missing * tf.square(f - mean)) / n
+    # As tft.scale_to_z_score: a constant column is only centred.
+    mean, std = tf.cast(mean, tf.float32), tf.cast(tf.sqrt(var), tf.float32)
+    centred = scaled - mean
+    return tf.where(tf.not_equal(std, 0.0), centred / std, centred)
 
 
 def _label(spec: FeatureSpec, inputs: Mapping[str, Any]) -> tf.Tensor:

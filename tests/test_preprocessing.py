@@ -144,3 +144,98 @@ def test_passthrough_and_label(transformed):
     assert [r["big_xf"] for r in out] == expected_label
     # A row missing everything is filled by the same policy at transform time.
     assert new["x_missing_xf"] == 1.0 and new["p_xf"] == -1.0
+
+
+# A mean-filled column analysed from its present values (one tf.Transform phase, not two).
+MEAN_SPEC = {
+    "name": "mean", "data": {"path": "unused"}, "task": "binary",
+    "label": {"name": "big", "derive": {"column": "t", "op": ">", "other": "z", "scale": 1.0}},
+    "label_columns": {"t": {"type": "float", "missing": {"fill": 0.0}}},
+    "features": {
+        "z": {"type": "float", "transform": ["zscore", "log"], "missing": {"fill": "mean"}},
+        "b": {"type": "float", "transform": "bucketize", "buckets": 2, "missing": {"fill": "mean"}},
+    },
+}
+_RNG = np.random.default_rng(3)
+_Z = [None if m else float(v) for v, m in zip(_RNG.lognormal(2.0, 1.0, 60), _RNG.random(60) < 0.3)]
+# b: 1..20 and one 1000 present, 19 missing: the mean (57.6) is far above the present median (11).
+_B = [float(v) for v in range(1, 21)] + [1000.0] + [None] * 19
+_B += [None] * (60 - len(_B))
+_T = [float(v) for v in _RNG.normal(5.0, 2.0, 60)]
+
+
+def _mean_instances(rows):
+    return [{k: ([] if v is None else [v]) for k, v in zip(("z", "b", "t"), row)} for row in rows]
+
+
+def _raw_metadata(spec):
+    import tensorflow as tf
+    from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
+
+    dtypes = {"int": tf.int64, "float": tf.float32, "string": tf.string}
+    raw = {n: tf.io.VarLenFeature(dtypes[f.type]) for n, f in spec.columns.items()}
+    return dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(raw))
+
+
+@pytest.fixture(scope="module")
+def mean_filled():
+    import tensorflow_transform.beam as tft_beam
+
+    from components.preprocessing import preprocessing_fn
+
+    spec = feature_spec.parse(MEAN_SPEC, source="mean.yaml")
+    config = spec.to_custom_config()
+    with tft_beam.Context(temp_dir=tempfile.mkdtemp()):
+        (out, _), _ = (_mean_instances(zip(_Z, _B, _T)), _raw_metadata(spec)) | tft_beam.AnalyzeAndTransformDataset(
+            lambda inputs: preprocessing_fn(inputs, config))
+    return out
+
+
+def test_zscore_and_log_after_a_mean_fill_equal_the_scores_of_the_filled_column(mean_filled):
+    present = np.array([v for v in _Z if v is not None], dtype=np.float32)
+    filled = np.array([v if v is not None else present.mean() for v in _Z], dtype=np.float32)
+    assert 10 < sum(v is None for v in _Z) < 30
+    np.testing.assert_allclose([r["z_xf"] for r in mean_filled], _zscore(filled), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose([r["z_log_xf"] for r in mean_filled], _zscore(np.log1p(filled)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bucketize_after_a_mean_fill_splits_the_present_values_and_gives_missing_the_means_bucket(mean_filled):
+    buckets = {}
+    for v, r in zip(_B, mean_filled):
+        buckets.setdefault(v, set()).add(r["b_xf"])
+    # The present median (about 11) splits, not the filled column's (the mean, 57.6, 19 times).
+    assert all(buckets[float(v)] == {0} for v in range(1, 11))
+    assert all(buckets[float(v)] == {1} for v in range(12, 21)) and buckets[1000.0] == {1}
+    assert buckets[None] == {1}  # the mean's bucket
+
+
+def _analysis_phases(spec):
+    """The number of full passes tf.Transform's analysis makes for the spec's preprocessing_fn,
+    read from the phases it lays out in the Beam pipeline (built, not run)."""
+    import apache_beam as beam
+    import tensorflow_transform.beam as tft_beam
+
+    from components.preprocessing import preprocessing_fn
+
+    config = spec.to_custom_config()
+    pipeline = beam.Pipeline()
+    with tft_beam.Context(temp_dir=tempfile.mkdtemp()):
+        _ = (pipeline | beam.Create([]), _raw_metadata(spec)) | tft_beam.AnalyzeDataset(
+            lambda inputs: preprocessing_fn(inputs, config))
+    labels = set()
+
+    class Labels(beam.pipeline.PipelineVisitor):
+        def enter_composite_transform(self, node):
+            labels.add(node.full_label.rsplit("/", 1)[-1])
+
+        def visit_transform(self, node):
+            labels.add(node.full_label.rsplit("/", 1)[-1])
+
+    pipeline.visit(Labels())
+    return len({label for label in labels if label.startswith("ApplySavedModel[Phase")})
+
+
+def test_taxi_and_mean_fills_are_analysed_in_one_pass(taxi_spec):
+    assert _analysis_phases(feature_spec.parse(MEAN_SPEC, source="mean.yaml")) == 1
+    assert _analysis_phases(taxi_spec) == 1

@@ -169,3 +169,15 @@ def test_parity_tells_the_label_from_the_crosses_by_the_models_own_inputs(loaded
     assert taxi_spec.crosses
     assert parity._label_key(loaded) == label_key(taxi_spec)
     assert {transformed_name(c) for c in taxi_spec.crosses} <= parity._model_input_keys(loaded)
+
+
+def test_a_missing_latitude_is_served_as_the_bucket_of_the_training_mean(loaded, taxi_spec, taxi_rows, eval_rows):
+    """Bucket boundaries come from present values only; a missing value gets the mean's bucket."""
+    train_latitudes = [float(r["pickup_latitude"]) for r in taxi_rows[:1500] if r["pickup_latitude"] != ""]
+    assert len(train_latitudes) < 1500  # the training rows had gaps to fill
+    row = next(r for r in eval_rows if r["pickup_latitude"] != "")
+    missing, at_mean = dict(row, pickup_latitude=""), dict(row, pickup_latitude=repr(float(np.mean(train_latitudes))))
+    out = loaded.signatures["transform_features"](examples=_examples([missing, at_mean], taxi_spec, taxi_spec.columns))
+    assert out["pickup_latitude_missing_xf"].numpy().tolist() == [1.0, 0.0]
+    buckets = out["pickup_latitude_xf"].numpy().tolist()
+    assert buckets[0] == buckets[1] and 0 < buckets[0] < 19  # the mean sits inside, not at an edge
