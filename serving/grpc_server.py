@@ -50,26 +50,25 @@ def _ndarray(proto) -> np.ndarray:
     return tf.make_ndarray(proto)
 
 
-# numpy dtype of an output -> (DataType, the field tf.make_tensor_proto lists its values in when it
-# does not pack them into tensor_content).
+# numpy dtype of an output -> (DataType, the TensorProto field its values are listed in).
 _OUTPUT_FIELDS = {np.dtype(np.float32): (tf.float32.as_datatype_enum, "float_val"),
                   np.dtype(np.float64): (tf.float64.as_datatype_enum, "double_val"),
                   np.dtype(np.int32): (tf.int32.as_datatype_enum, "int_val"),
                   np.dtype(np.int64): (tf.int64.as_datatype_enum, "int64_val"),
                   np.dtype(np.bool_): (tf.bool.as_datatype_enum, "bool_val"),
                   np.dtype(object): (tf.string.as_datatype_enum, "string_val")}
-_PACKED = {np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int32), np.dtype(np.int64)}
 
 
 def _write_tensor(array: np.ndarray, proto) -> None:
-    """Writes `array` into the empty TensorProto `proto` exactly as tf.make_tensor_proto(array)
-    would (tensor_util.py: more than one element of a packable dtype goes to tensor_content, else
-    the values are listed; tested byte for byte), without its dtype inference and a copy into the
-    response: 40 us an output here. Other dtypes, and strings that are not bytes, are its own.
-    (TF Serving itself lists every dtype, Tensor::AsProtoField, predict_util.cc:177-190; clients
-    read both with tf.make_ndarray.)"""
+    """Writes `array` into the empty TensorProto `proto` as TF Serving writes a Predict output:
+    Tensor::AsProtoField, every value listed in the dtype's typed field and never packed into
+    tensor_content (predict_util.cc PostProcessPredictionResult, kAsProtoField, the option
+    RunPredict passes). tf.make_tensor_proto would pack more than one number into tensor_content:
+    tf.make_ndarray reads both alike, but a client reading `float_val` (as many do) would find it
+    empty here and full on TF Serving. Other dtypes, and strings that are not bytes, are left to
+    tf.make_tensor_proto (the taxi and synthetic models return none of them)."""
     known = _OUTPUT_FIELDS.get(array.dtype)
-    values = array.ravel().tolist() if known is not None and (array.size <= 1 or array.dtype not in _PACKED) else None
+    values = array.ravel().tolist() if known is not None else None
     if known is None or (array.dtype == object and not all(type(v) is bytes for v in values)):
         proto.CopyFrom(tf.make_tensor_proto(array))
         return
@@ -77,10 +76,7 @@ def _write_tensor(array: np.ndarray, proto) -> None:
     proto.tensor_shape.SetInParent()
     for size in array.shape:
         proto.tensor_shape.dim.add(size=size)
-    if values is None:
-        proto.tensor_content = array.tobytes()
-    else:
-        getattr(proto, known[1]).extend(values)
+    getattr(proto, known[1]).extend(values)
 
 
 def _spec(model_spec) -> ModelSpec:

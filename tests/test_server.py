@@ -530,24 +530,36 @@ def test_grpc_inputs_read_as_tf_make_ndarray_reads_them():
             np.testing.assert_array_equal(got, want)
 
 
-def test_grpc_outputs_are_written_as_tf_make_tensor_proto_writes_them():
-    """serving/grpc_server.py writes each output TensorProto itself; byte for byte it is what
-    tf.make_tensor_proto gives (tensor_util.py: tensor_content for more than one element of a
-    packable dtype, the listed field otherwise), for the shapes and dtypes a signature returns,
-    a batch's slices among them, and the dtypes and str values left to make_tensor_proto."""
+def test_grpc_outputs_list_their_values_in_the_typed_field_as_tf_serving_writes_them():
+    """TF Serving answers Predict with Tensor::AsProtoField (tensorflow_serving/servables/tensorflow/
+    predict_util.cc, PostProcessPredictionResult's kAsProtoField case and RunPredict, which passes
+    it): the values listed in float_val / double_val / int_val / int64_val / bool_val / string_val,
+    never tensor_content, for every shape, a batch's slices among them. tf.make_ndarray reads the
+    same array back; dtypes outside those six are left to tf.make_tensor_proto."""
     import tensorflow as tf
     from tensorflow.core.framework import tensor_pb2
 
     from serving.grpc_server import _write_tensor
 
+    fields = {np.float32: "float_val", np.float64: "double_val", np.int32: "int_val", np.int64: "int64_val",
+              np.bool_: "bool_val", np.object_: "string_val"}
     batch = np.arange(12, dtype=np.float32).reshape(6, 2)
     arrays = [np.float32(1.5).reshape(()), np.array([0.1], np.float32), np.array([np.nan], np.float32),
               np.array([[0.1, 0.9]], np.float32), np.array([1e300, np.nan, -0.0]), np.array([7], np.int32),
               np.array([[1, 2]], np.int32), np.array([-1, 2 ** 63 - 1]), np.array([True, False]), np.array([[True]]),
               np.array([b"1", b"\xff"], dtype=object), np.array([[b"Cash"]], dtype=object),
-              np.zeros((0, 3), np.float32), np.array([], dtype=object), batch[2:3], batch[2:5], batch[:, 1],
-              np.array([1.0, 2.0], np.float16), np.array(["str"], dtype=object), np.array([1, 2], np.uint8)]
+              np.zeros((0, 3), np.float32), np.array([], dtype=object), batch[2:3], batch[2:5], batch[:, 1]]
     for array in arrays:
+        got = tensor_pb2.TensorProto()
+        _write_tensor(array, got)
+        reference = tf.make_tensor_proto(array)
+        assert got.dtype == reference.dtype and got.tensor_shape == reference.tensor_shape, array
+        assert got.tensor_content == b"", array
+        listed = list(getattr(got, fields[array.dtype.type]))
+        assert len(listed) == array.size, array
+        np.testing.assert_array_equal(np.array(listed, dtype=array.dtype), array.ravel())
+        np.testing.assert_array_equal(tf.make_ndarray(got), array)
+    for array in (np.array([1.0, 2.0], np.float16), np.array(["str"], dtype=object), np.array([1, 2], np.uint8)):
         got = tensor_pb2.TensorProto()
         _write_tensor(array, got)
         assert got.SerializeToString() == tf.make_tensor_proto(array).SerializeToString(), array
