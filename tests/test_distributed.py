@@ -40,7 +40,12 @@ TRAINING = {
     "strategy": {"type": "default"},
 }
 SYNC_TOLERANCE = {"loss": 0.005, "auc": 0.005, "accuracy": 0.01}
-ASYNC_TOLERANCE = {"loss": 0.05, "auc": 0.03, "accuracy": 0.03}
+# Asynchronous parameter-server updates apply stale gradients in an order no seed fixes, so the
+# model differs from the single-device one. The accuracy bound is three binomial standard errors
+# of an accuracy near 0.9 on the 300 eval rows, 3 * sqrt(0.9 * 0.1 / 300) = 0.052: 0.03 (9 rows)
+# failed once on a correct run (260 vs 270 rows right). A broken run still fails it: the majority
+# class alone scores about 0.78 on taxi rows.
+ASYNC_TOLERANCE = {"loss": 0.05, "auc": 0.03, "accuracy": 0.052}
 EXPORT_ENTRIES = {"saved_model.pb", "variables", "assets", "assets.extra", "fingerprint.pb", "keras_metadata.pb"}
 SIGNATURES = {"serving_default", "serving_tf_example", "transform_features", "classification"}
 CLUSTER_TIMEOUT_S = 300
