@@ -124,6 +124,7 @@ MAX_SHADOW_IN_FLIGHT = 64
 # constant, not a setting, so the agreement metric means the same on every deployment.
 SHADOW_VALUE_TOLERANCE = 1e-3
 METADATA_MAX_AGE = 1.0  # seconds a label's resolution is trusted before the backend is asked again
+MAX_METADATA_ENTRIES = 1024  # metadata answers kept (backend, model path); clients choose the paths
 MAX_MODEL_LABELS = 64  # distinct model names in metrics; others are counted as "other"
 MAX_CLIENT_ID = 200
 LARGE_BODY = 256 * 1024  # bodies above this are parsed off the event loop
@@ -621,7 +622,12 @@ class Proxy:
                 answer = None  # the label or model is gone: do not keep routing to it
         except (BackendError, ValueError):
             pass
+        self._metadata.pop(key, None)  # re-inserted last: the dict's order is the order of the asks
         self._metadata[key] = (time.monotonic(), answer)
+        while len(self._metadata) > MAX_METADATA_ENTRIES:  # random model names in URLs must not grow it
+            oldest = next(iter(self._metadata))
+            del self._metadata[oldest]
+            self._fills.pop(oldest, None)
         return answer
 
     async def resolve(self, variant: "Variant", model: str, fresh: bool = False) -> Optional[int]:

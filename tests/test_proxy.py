@@ -620,6 +620,40 @@ def test_metrics_stay_bounded_and_a_non_finite_score_stays_out_of_the_histogram(
     assert models == {"taxi", "other"}
 
 
+def test_metadata_kept_for_client_chosen_model_paths_is_bounded(monkeypatch):
+    """Every model name a client puts in a URL makes the proxy ask the backend's metadata once and
+    keep the answer (a 404: None); 3,000 names keep at most MAX_METADATA_ENTRIES, the newest kept,
+    and the completion table follows them out."""
+    import asyncio
+
+    from serving import proxy as proxy_module
+    from serving.proxy import MAX_METADATA_ENTRIES, Proxy
+
+    proxy = Proxy(env={"PROXY_BACKEND": "http://127.0.0.1:9"}, watch_seconds=0)
+    asked = []
+
+    async def call(backend, method, path, body, timeout, retries, api):
+        asked.append(path)
+        if path == "/v1/models/taxi/metadata":
+            return 200, json.dumps({"model_spec": {"name": "taxi", "version": "3"}}).encode()
+        return 404, b'{"error": "Servable not found"}'
+
+    monkeypatch.setattr(proxy.backends, "call", call)
+    monkeypatch.setattr(proxy_module, "MAX_METADATA_ENTRIES", 100)
+
+    async def run():
+        assert (await proxy.metadata("b", "/v1/models/taxi"))["model_spec"]["version"] == "3"
+        for i in range(3000):
+            assert await proxy.metadata("b", f"/v1/models/m{i}") is None
+            await proxy.missing_value_fills("b", f"/v1/models/m{i}", "serving_default")
+
+    asyncio.run(run())
+    assert len(proxy._metadata) == 100 and len(proxy._fills) <= 100
+    assert ("b", "/v1/models/m2999") in proxy._metadata and ("b", "/v1/models/taxi") not in proxy._metadata
+    assert set(proxy._fills) <= set(proxy._metadata)
+    assert MAX_METADATA_ENTRIES == 1024  # the bound the proxy runs with
+
+
 @pytest.mark.parametrize("policy", ["fallback", "stable", "random"])
 def test_holdback_users_are_answered_without_the_model_and_carry_policy_and_propensity(backend, tmp_path, policy):
     """The feedback-loop guard: a sticky 20 % of users never get the model under training."""
