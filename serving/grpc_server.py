@@ -50,13 +50,8 @@ def _ndarray(proto) -> np.ndarray:
     return tf.make_ndarray(proto)
 
 
-# numpy dtype of an output -> (DataType, the TensorProto field its values are listed in).
-_OUTPUT_FIELDS = {np.dtype(np.float32): (tf.float32.as_datatype_enum, "float_val"),
-                  np.dtype(np.float64): (tf.float64.as_datatype_enum, "double_val"),
-                  np.dtype(np.int32): (tf.int32.as_datatype_enum, "int_val"),
-                  np.dtype(np.int64): (tf.int64.as_datatype_enum, "int64_val"),
-                  np.dtype(np.bool_): (tf.bool.as_datatype_enum, "bool_val"),
-                  np.dtype(object): (tf.string.as_datatype_enum, "string_val")}
+# numpy dtype of an output -> (DataType, the TensorProto field its values are listed in): _LISTED turned round.
+_OUTPUT_FIELDS = {np.dtype(np_type): (enum, field) for enum, (field, np_type) in _LISTED.items()}
 
 
 def _write_tensor(array: np.ndarray, proto) -> None:
