@@ -155,7 +155,10 @@ def _tfma_result_of_the_multiclass_spec(path):
     components/evaluation.py: accuracy, one-vs-rest AUC/precision/recall per class and macro-averaged,
     per-class plots), computed by TFMA itself on 60 predictions without a model (model-agnostic, as
     tfma.analyze_raw_data does from a DataFrame). Region "south" has no row of class 2 (high), so
-    metrics of class 2 against the rest that need a positive are undefined there. 11 of every 20 rows
+    metrics of class 2 against the rest that need a positive are undefined there. Channel "app" (the
+    last 12 south rows) is never predicted high: precision of class 2 (TFMA: tp / (tp + fp), NaN
+    when nothing is predicted positive, metrics/confusion_matrix_metrics.py
+    _divide_only_positive_denominator and Precision.result) is undefined there. 11 of every 20 rows
     are predicted right: accuracy 0.55, under the spec's lower bound 0.65."""
     import numpy as np
     import pandas as pd
@@ -176,9 +179,12 @@ def _tfma_result_of_the_multiclass_spec(path):
         region = "north" if i < 36 else "south"
         label = i % 3 if region == "north" else i % 2
         predicted = label if i % 20 < 11 else (label + 1) % 3
+        channel = "app" if i >= 48 else "web"
+        if channel == "app" and predicted == 2:
+            predicted = 0  # still wrong: accuracy unchanged, and "high" never predicted on app
         probabilities = np.full(3, 0.15)
         probabilities[predicted] = 0.7
-        rows.append({"label": label, "probabilities": probabilities.tolist(), "region": region, "channel": "web"})
+        rows.append({"label": label, "probabilities": probabilities.tolist(), "region": region, "channel": channel})
     frame = pd.DataFrame(rows)
     tfma.analyze_raw_data(frame, config, output_path=str(path))
     return spec, frame
@@ -204,7 +210,7 @@ def test_the_multiclass_evaluation_page_renders_per_class_and_macro_metrics_and_
 
     head = re.findall(r"<th>([^<]*)</th>", re.search(r'<section id="metrics">.*?<tr>(.*?)</tr>', page.dom, re.S).group(1))
     rows = {r["cells"][0]: dict(zip(head, r["cells"])) for r in browser.table_rows(page.dom, "metrics")}
-    assert list(rows) == ["Overall", "channel=web", "region=north", "region=south"]  # Overall, then by size
+    assert list(rows) == ["Overall", "channel=web", "region=north", "region=south", "channel=app"]  # then by size
 
     def shown(slice_name, metric):
         text = rows[slice_name][metric]
@@ -227,6 +233,13 @@ def test_the_multiclass_evaluation_page_renders_per_class_and_macro_metrics_and_
         assert shown("region=south", metric) == "not defined", metric
         assert shown("region=north", metric) != "not defined", metric
     assert shown("region=south", "precision_class_2") == 0.0
+    # Nothing predicted high on app: its precision has no denominator, so it is not defined (not 0),
+    # and so is the macro average over the classes that include it.
+    app = (frame["channel"] == "app").to_numpy()
+    assert not (scores[app].argmax(axis=1) == 2).any()
+    for metric in ("precision_class_2", "macro_precision"):
+        assert shown("channel=app", metric) == "not defined", metric
+    assert shown("channel=web", "precision_class_2") != "not defined"
     assert re.search(r'<td[^>]*><span class="undefined">not defined</span></td>', page.dom)
     for name in spec.label.classes:
         assert f'aria-label="ROC ({name} vs rest)"' in page.dom
