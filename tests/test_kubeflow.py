@@ -333,7 +333,11 @@ def test_a_spans_spec_keeps_its_pattern_under_the_data_root_and_says_what_is_loc
     transform_examples = tasks["Transform"]["inputs"]["artifacts"]["examples"]["taskOutputArtifact"]
     assert transform_examples["producerTask"] == "CsvExampleGen"
     assert set(tasks) == {node.id for node in local.components} - {"previous_span_statistics"}
-    assert set(tasks["data_gate"]["inputs"]["artifacts"]) == {"anomalies", "statistics"}
+    assert set(tasks["data_gate"]["inputs"]["artifacts"]) == {"anomalies", "statistics"}  # no drift check
+    # No window, so no analyzer cache: Transform neither reads one nor writes one.
+    assert "analyzer_cache" not in tasks["Transform"]["inputs"]["artifacts"]
+    assert set(spec["components"]["Transform"]["outputDefinitions"]["artifacts"]) == {"transform_graph",
+                                                                                      "transformed_examples"}
     assert "local only, not in the compiled pipeline: the data gate's span-to-span drift check" in printed
     assert any(line.startswith("# local only: the rolling window and Transform's analyzer cache") for line in header)
 
