@@ -19,8 +19,9 @@ For a file-based ExampleGen it first runs TFX's ExampleGen driver. The compiled 
 driver as the container's `lifecycle.preCacheCheck` hook, which Vertex AI runs and open-source
 KFP 2 does not: its driver builds the pod from the container's command and args only and decides
 caching with no hook (kubeflow/pipelines backend/src/v2/driver/driver.go:309-317,
-container.go:149-242; `Lifecycle` appears only in api/v2alpha1/pipeline_spec.proto:753-768 and the
-code generated from it). Without it the CSV executor globs the literal `span-{SPAN}` pattern and
+container.go:149-242, at 7b70c7b; `Lifecycle` appears only in api/v2alpha1/pipeline_spec.proto:753-768
+and code generated from it, and `git log -S PreCacheCheck -- backend/src` finds no caller in any
+version). Without it the CSV executor globs the literal `span-{SPAN}` pattern and
 finds nothing.
 """
 
