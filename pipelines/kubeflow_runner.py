@@ -54,11 +54,11 @@ ENTRYPOINT = ("python", "-m", "pipelines.kubeflow_entrypoint")
 DATA_ROOT_PARAMETER = "data_root"
 # What a spans spec does locally and the compiled pipeline does not (custom resolvers, which open-source
 # KFP would not run): said in the compile output and in the compiled file's header.
-LOCAL_ONLY_WITH_SPANS = [
+LOCAL_ONLY_WITH_SPANS = (
     "the data gate's span-to-span drift check (previous_span_statistics, a custom resolver): each run's "
     "span is checked against the schema only",
     "the rolling window and Transform's analyzer cache across spans (rolling_spans, "
-    "previous_analyzer_cache): each run trains on the newest span, analyzed in full"]
+    "previous_analyzer_cache): each run trains on the newest span, analyzed in full")
 
 
 class KubeflowError(feature_spec.SpecError):
@@ -202,7 +202,7 @@ def compile_pipeline(spec_path: str = "configs/taxi.yaml", env_path: str = DEFAU
     header = [f"# KFP v2 pipeline spec compiled by pipelines/kubeflow_runner.py from {os.path.relpath(spec.source)} "
               f"and {os.path.relpath(env['source'])}",
               f"# image: {image}", f"# beam: {' '.join(beam_args)}", f"# baseline: {baseline}"]
-    local_only = LOCAL_ONLY_WITH_SPANS if spec.has_spans else []
+    local_only = list(LOCAL_ONLY_WITH_SPANS) if spec.has_spans else []
     header += [f"# local only: {what}" for what in local_only]
     with open(output, "w") as f:
         f.write("\n".join(header) + "\n")
@@ -212,7 +212,7 @@ def compile_pipeline(spec_path: str = "configs/taxi.yaml", env_path: str = DEFAU
             "tasks": sorted(tasks), "parameters": sorted(pipeline_spec["root"].get("inputDefinitions", {})
                                                          .get("parameters", {})),
             "pipeline_root": env["pipeline_root"], "beam_args": beam_args, "bytes": os.path.getsize(output),
-            "data_path": pod_spec.data_path, "local_only": local_only}
+            "local_only": local_only}
 
 
 def _standalone(pipeline_spec: Dict, pipeline_root: str, data_root: str, example_gen: str) -> Dict:
