@@ -232,7 +232,10 @@ def resolve_path(path: str, base: str = REPO_ROOT) -> str:
         tfx_dir = os.path.dirname(importlib.util.find_spec("tfx").origin)
         path = path.replace("{tfx}", tfx_dir)
     path = os.path.expanduser(os.path.expandvars(path))
-    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+    if os.path.isabs(path):
+        return path
+    # normpath drops a trailing slash, which marks a folder (data.path: build/spans/span-{SPAN}/).
+    return os.path.normpath(os.path.join(base, path)) + ("/" if path.endswith("/") else "")
 
 
 def read_yaml(path: str, what: str = "feature spec", error: type = None) -> Tuple[Any, Dict[tuple, int], str]:

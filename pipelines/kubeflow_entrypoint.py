@@ -14,9 +14,20 @@ before the executor starts (open issue tfx#7768, "kubeflow_v2_entrypoint_utils f
 classpath": TFX 1.16.0 on Kubeflow 1.8 with KFP 2.5). Pipeline spec 2.1 passes each component's
 input definitions, which carry the TFX types, so this entrypoint copies the declared type onto
 every input artifact that lacks a usable one and then runs TFX's entrypoint unchanged.
+
+For a file-based ExampleGen it first runs TFX's ExampleGen driver. The compiled spec names that
+driver as the container's `lifecycle.preCacheCheck` hook, which Vertex AI runs and open-source
+KFP 2 does not: its driver builds the pod from the container's command and args only and decides
+caching with no hook (kubeflow/pipelines backend/src/v2/driver/driver.go:309-317,
+container.go:149-242, at 7b70c7b; `Lifecycle` appears only in api/v2alpha1/pipeline_spec.proto:753-768
+and code generated from it, and `git log -S PreCacheCheck -- backend/src` finds no caller in any
+version). Without it the CSV executor globs the literal `span-{SPAN}` pattern and
+finds nothing.
 """
 
-from typing import List
+import os
+import tempfile
+from typing import List, Optional
 
 import yaml
 
@@ -51,8 +62,46 @@ def repair_input_types(executor_input, inputs_spec) -> List[str]:
     return repaired
 
 
+def is_file_based_example_gen(executor_class_path: str, executor_input) -> bool:
+    """An ExampleGen executor that reads files under input_base (the ones TFX compiles with the driver hook)."""
+    from tfx.components.example_gen.base_example_gen_executor import BaseExampleGenExecutor
+    from tfx.types import standard_component_specs
+    from tfx.utils import import_utils
+
+    executor_class = import_utils.import_class_by_path(executor_class_path)
+    return (issubclass(executor_class, BaseExampleGenExecutor)
+            and standard_component_specs.INPUT_BASE_KEY in executor_input.inputs.parameter_values)
+
+
+def resolve_span(executor_input, inputs_spec) -> Optional[int]:
+    """Does what Vertex AI does with the preCacheCheck hook: runs TFX's file-based ExampleGen driver as
+    made (it resolves {SPAN} to the newest span, the input fingerprint and the version) and applies what it
+    writes to executor_input (changed in place): the exec properties (span, version, input_fingerprint,
+    input_config with the resolved pattern) and the Examples artifact's properties (span). Returns the span."""
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+    from tfx.components.example_gen import utils
+    from tfx.orchestration.kubeflow.v2.file_based_example_gen import driver
+
+    with tempfile.TemporaryDirectory() as folder:
+        probe = pipeline_spec_pb2.ExecutorInput()
+        probe.CopyFrom(executor_input)
+        probe.outputs.output_file = os.path.join(folder, "driver_output.json")
+        driver._run_driver(probe, inputs_spec)
+        resolved = pipeline_spec_pb2.ExecutorOutput()
+        with open(probe.outputs.output_file) as f:
+            json_format.Parse(f.read(), resolved, ignore_unknown_fields=True)
+    for key, value in resolved.parameter_values.items():
+        executor_input.inputs.parameter_values[key].CopyFrom(value)
+    for key, artifact_list in resolved.artifacts.items():
+        for target, artifact in zip(executor_input.outputs.artifacts[key].artifacts, artifact_list.artifacts):
+            target.metadata.update(artifact.metadata)
+    return int(resolved.parameter_values[utils.SPAN_PROPERTY_NAME].number_value)
+
+
 def run(args, beam_args: List[str]) -> None:
-    """TFX's _run_executor on the parsed arguments, after the input types are repaired."""
+    """TFX's _run_executor on the parsed arguments, after the input types are repaired and, for a
+    file-based ExampleGen, the span resolved."""
     from absl import logging
     from google.protobuf import json_format
     from kfp.pipeline_spec import pipeline_spec_pb2
@@ -66,6 +115,11 @@ def run(args, beam_args: List[str]) -> None:
         repaired = repair_input_types(executor_input, inputs_spec)
         if repaired:
             logging.info("skewless: input artifact types taken from the component spec for %s", sorted(set(repaired)))
+        span = None
+        if is_file_based_example_gen(args.executor_class_path, executor_input):
+            span = resolve_span(executor_input, inputs_spec)
+            logging.info("skewless: TFX's ExampleGen driver resolved span %s", span)
+        if repaired or span is not None:
             args.json_serialized_invocation_args = json_format.MessageToJson(executor_input)
     kubeflow_v2_run_executor._run_executor(args, beam_args)
 

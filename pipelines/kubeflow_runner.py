@@ -22,10 +22,14 @@ What the compiled spec does differently from the local run, and why:
   * Every component starts through pipelines.kubeflow_entrypoint (see there, tfx#7768) and the
     spec uses schema 2.1, whose parameter types the KFP 2 backend reads.
   * CsvExampleGen is never cached: KFP's cache key holds the parameters, not the files, and TFX's
-    ExampleGen driver that fingerprints the files runs on Vertex AI only, so a scheduled run over
-    a folder that received new CSVs would otherwise reuse the old examples.
+    ExampleGen driver that fingerprints the files is a pre-cache hook only Vertex AI runs, so a
+    scheduled run over a folder that received new CSVs would otherwise reuse the old examples.
+    The entrypoint runs that driver in the pod instead, so {SPAN} resolves to the newest span.
   * The data folder is a runtime parameter (`data_root`), so a run can read another drop of
-    data without recompiling.
+    data without recompiling. With {SPAN} in the spec's data.path, the span folders sit under it.
+  * With spans, the local DAG's custom resolvers are not compiled: data.rolling_spans > 1 is
+    refused (the window), and the data gate's span-to-span drift check is left out and said to be
+    (LOCAL_ONLY_WITH_SPANS): each Kubeflow run trains on and checks the newest span.
 """
 
 import argparse
@@ -48,6 +52,13 @@ BUILD_DIR = os.path.join(feature_spec.REPO_ROOT, "build", "kubeflow")
 IMAGE_ROOT = "/pipeline"
 ENTRYPOINT = ("python", "-m", "pipelines.kubeflow_entrypoint")
 DATA_ROOT_PARAMETER = "data_root"
+# What a spans spec does locally and the compiled pipeline does not (custom resolvers, which open-source
+# KFP would not run): said in the compile output and in the compiled file's header.
+LOCAL_ONLY_WITH_SPANS = (
+    "the data gate's span-to-span drift check (previous_span_statistics, a custom resolver): each run's "
+    "span is checked against the schema only",
+    "the rolling window and Transform's analyzer cache across spans (rolling_spans, "
+    "previous_analyzer_cache): each run trains on the newest span, analyzed in full")
 
 
 class KubeflowError(feature_spec.SpecError):
@@ -80,11 +91,57 @@ def image_path(path: str, source: str, key: str) -> str:
     return f"{IMAGE_ROOT}/{relative}"
 
 
-def spec_for_image(spec, data_path: str):
-    """The spec as the pods see it: data from object storage, the schema and source inside the image."""
+def spec_for_image(spec, data_path: str, env_source: str = DEFAULT_ENV):
+    """The spec as the pods see it: data from object storage, the schema and source inside the image.
+
+    With {SPAN} in the spec's data.path, the environment's data_path is the folder holding the span
+    folders, and the spec's span pattern (pipelines.pipeline.data_folder's) is kept under it: the
+    environment moves the data, it does not turn a spans spec into a one-folder spec."""
+    if spec.has_spans:
+        from pipelines import pipeline as pipeline_lib
+
+        if not data_path.endswith("/"):
+            raise KubeflowError(f"{env_source}: data_path: '{data_path}' is one file, but {spec.source} reads spans "
+                                f"(data.path '{spec.raw.get('data', {}).get('path', spec.data_path)}'): give the "
+                                f"folder that holds the span folders, with a trailing slash (e.g. "
+                                f"gs://bucket/data/{{name}}/)")
+        data_path = data_path + pipeline_lib.data_folder(spec)[1]
     return dataclasses.replace(
         spec, data_path=data_path, source=image_path(spec.source, spec.source, "source"),
         schema_path=image_path(spec.schema_path, spec.source, "schema") if spec.schema_path else None)
+
+
+def refuse_rolling_window(spec) -> None:
+    """A window of spans (data.rolling_spans > 1) is a resolver node, TFX's SpanRangeStrategy, which
+    KubeflowV2DagRunner cannot compile: compiled, the window would be gone and Kubeflow would train
+    on another window than the local run. Refused before anything is compiled."""
+    if not spec.has_spans or (spec.rolling_spans or 1) == 1:
+        return
+    line = feature_spec.read_yaml(spec.source)[1].get(("data", "rolling_spans"))
+    raise KubeflowError(
+        f"{spec.source}: data.rolling_spans: {spec.rolling_spans}: the window of spans is a resolver (TFX's "
+        f"SpanRangeStrategy) that KubeflowV2DagRunner cannot compile and open-source Kubeflow Pipelines "
+        f"runs no resolver task, so a Kubeflow run would train on the newest span alone; for Kubeflow use a "
+        f"spec without data.rolling_spans (each run trains on the newest span), or run the window locally "
+        f"(make retrain)" + (f" ({spec.source}:{line})" if line else ""))
+
+
+def check_compilable(tfx_pipeline, source: str) -> None:
+    """Every resolver node of the DAG is one KubeflowV2DagRunner compiles (its step builder knows
+    LatestBlessedModelStrategy and LatestArtifactStrategy only, step_builder.py:847-869)."""
+    from tfx.dsl.components.common import resolver
+    from tfx.dsl.input_resolution.strategies import latest_artifact_strategy, latest_blessed_model_strategy
+
+    compiled = (latest_blessed_model_strategy.LatestBlessedModelStrategy,
+                latest_artifact_strategy.LatestArtifactStrategy)
+    for node in tfx_pipeline.components:
+        strategy = node.exec_properties.get(resolver.RESOLVER_STRATEGY_CLASS) if isinstance(
+            node, resolver.Resolver) else None
+        if strategy is not None and strategy not in compiled:
+            raise KubeflowError(f"{source}: resolver '{node.id}' ({strategy.__name__}) cannot be compiled for "
+                                f"Kubeflow: KubeflowV2DagRunner compiles only "
+                                f"{' and '.join(c.__name__ for c in compiled)}; leave the node out for Kubeflow "
+                                f"(as baseline: none and Environment.span_to_span_drift do) or run it locally")
 
 
 # --- compile --------------------------------------------------------------------------------
@@ -97,6 +154,7 @@ def compile_pipeline(spec_path: str = "configs/taxi.yaml", env_path: str = DEFAU
                      beam_profile: Optional[str] = None, output: Optional[str] = None) -> Dict:
     """Compiles create_pipeline(spec, env) to a PipelineSpec YAML; returns a summary of what it wrote."""
     spec = feature_spec.load(spec_path)
+    refuse_rolling_window(spec)
     env = load_environment(env_path, spec)
     image = image or env.get("image")
     if not image:
@@ -109,7 +167,7 @@ def compile_pipeline(spec_path: str = "configs/taxi.yaml", env_path: str = DEFAU
                             f"(open-source Kubeflow Pipelines) or latest_blessed (Vertex AI)")
     beam_args = beam_profiles.beam_args(env, env["source"], beam_profile, pipeline_root=env["pipeline_root"],
                                         name=spec.name, image=image)
-    pod_spec = spec_for_image(spec, env["data_path"])
+    pod_spec = spec_for_image(spec, env["data_path"], env["source"])
 
     from google.protobuf import json_format
     from kfp.pipeline_spec import pipeline_spec_pb2
@@ -120,7 +178,8 @@ def compile_pipeline(spec_path: str = "configs/taxi.yaml", env_path: str = DEFAU
     beam_profiles.check_flags(beam_args, env["source"])
     environment = pipeline_lib.Environment(
         pipeline_root=env["pipeline_root"], model_repository=env["model_repository"], beam_pipeline_args=beam_args,
-        enable_cache=env.get("enable_cache", True), sandbox=dict(env.get("sandbox") or {}), baseline=baseline)
+        enable_cache=env.get("enable_cache", True), sandbox=dict(env.get("sandbox") or {}), baseline=baseline,
+        span_to_span_drift=False)
     from tfx.orchestration import data_types
 
     data_root, _ = pipeline_lib.data_folder(pod_spec)
@@ -130,6 +189,7 @@ def compile_pipeline(spec_path: str = "configs/taxi.yaml", env_path: str = DEFAU
             data_root=data_types.RuntimeParameter(name=DATA_ROOT_PARAMETER, ptype=str, default=data_root))
     except ValueError as e:  # a bad baseline or sandbox key: name the file
         raise KubeflowError(f"{env['source']}: {e}") from e
+    check_compilable(tfx_pipeline, env["source"])
     example_gen = next(c.id for c in tfx_pipeline.components if c.id.endswith("ExampleGen"))
     config = kubeflow_v2_dag_runner.KubeflowV2DagRunnerConfig(
         default_image=image, default_commands=list(ENTRYPOINT), use_pipeline_spec_2_1=True)
@@ -142,6 +202,8 @@ def compile_pipeline(spec_path: str = "configs/taxi.yaml", env_path: str = DEFAU
     header = [f"# KFP v2 pipeline spec compiled by pipelines/kubeflow_runner.py from {os.path.relpath(spec.source)} "
               f"and {os.path.relpath(env['source'])}",
               f"# image: {image}", f"# beam: {' '.join(beam_args)}", f"# baseline: {baseline}"]
+    local_only = list(LOCAL_ONLY_WITH_SPANS) if spec.has_spans else []
+    header += [f"# local only: {what}" for what in local_only]
     with open(output, "w") as f:
         f.write("\n".join(header) + "\n")
         yaml.safe_dump(pipeline_spec, f, sort_keys=True)
@@ -149,7 +211,8 @@ def compile_pipeline(spec_path: str = "configs/taxi.yaml", env_path: str = DEFAU
     return {"output": output, "pipeline_name": pipeline_spec["pipelineInfo"]["name"], "image": image,
             "tasks": sorted(tasks), "parameters": sorted(pipeline_spec["root"].get("inputDefinitions", {})
                                                          .get("parameters", {})),
-            "pipeline_root": env["pipeline_root"], "beam_args": beam_args, "bytes": os.path.getsize(output)}
+            "pipeline_root": env["pipeline_root"], "beam_args": beam_args, "bytes": os.path.getsize(output),
+            "local_only": local_only}
 
 
 def _standalone(pipeline_spec: Dict, pipeline_root: str, data_root: str, example_gen: str) -> Dict:
@@ -307,6 +370,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"wrote {os.path.relpath(summary['output'])} ({summary['bytes']:,} bytes): pipeline "
                   f"'{summary['pipeline_name']}', {len(summary['tasks'])} tasks, image {summary['image']}, "
                   f"runtime parameters {', '.join(summary['parameters']) or 'none'}, root {summary['pipeline_root']}")
+            for what in summary["local_only"]:
+                print(f"local only, not in the compiled pipeline: {what}")
             return 0
         if not args.host:
             raise KubeflowError("--host: the KFP API endpoint is required (or set KF_PIPELINES_ENDPOINT)")

@@ -67,6 +67,9 @@ class Environment:
     # machine the model will serve on, so they belong to the environment, not the dataset.
     sandbox: Dict[str, Any] = dataclasses.field(default_factory=dict)
     baseline: str = "excluding_candidate"  # one of BASELINES
+    # With spans: the data gate compares the new span with the previous one. The previous span's
+    # statistics come through a custom resolver, which KubeflowV2DagRunner cannot compile.
+    span_to_span_drift: bool = True
 
 
 def model_push_dir(spec: FeatureSpec, env: Environment) -> str:
@@ -121,9 +124,10 @@ def _training_examples(spec: FeatureSpec, example_gen: CsvExampleGen):
     return window, window.outputs["examples"]
 
 
-def _previous_span_statistics(spec: FeatureSpec, statistics_gen: StatisticsGen) -> Optional[resolver.Resolver]:
+def _previous_span_statistics(spec: FeatureSpec, statistics_gen: StatisticsGen,
+                              env: Environment) -> Optional[resolver.Resolver]:
     """With spans: the previous span's statistics, for the data gate's span-to-span drift check."""
-    if not spec.has_spans:
+    if not spec.has_spans or not env.span_to_span_drift:
         return None
     return resolver.Resolver(
         strategy_class=PreviousSpanStatisticsStrategy,
@@ -163,7 +167,7 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
         schema_gen = SchemaGen(statistics=statistics_gen.outputs["statistics"], infer_feature_shape=False)
     example_validator = ExampleValidator(statistics=statistics_gen.outputs["statistics"],
                                          schema=schema_gen.outputs["schema"])
-    previous = _previous_span_statistics(spec, statistics_gen)
+    previous = _previous_span_statistics(spec, statistics_gen, env)
     data_gate = DataGate(anomalies=example_validator.outputs["anomalies"],
                          statistics=statistics_gen.outputs["statistics"],
                          previous_statistics=previous.outputs["statistics"] if previous else None,

@@ -285,6 +285,174 @@ def test_entrypoint_repairs_only_inputs_without_a_tfx_type(compiled):
         assert executor_input.inputs.artifacts[key].artifacts[0].type == declared.artifacts[key].artifact_type
 
 
+# --- spans: {SPAN} resolved in the pod, the window refused ---------------------------------
+
+SPANS_DATA = "build/spans/span-{SPAN}/"  # what make export-span writes; the spans of a spans spec
+
+
+@pytest.fixture(scope="module")
+def compiled_spans(taxi_spec, tmp_path_factory):
+    """(printed, PipelineSpec as a dict, header lines, the local DAG with the same baseline) of taxi with
+    data.path holding {SPAN}, compiled by the compile command."""
+    import contextlib
+    import dataclasses
+    import io
+
+    from components import feature_spec
+    from pipelines import kubeflow_runner
+    from pipelines import pipeline as pipeline_lib
+
+    spans = dataclasses.replace(taxi_spec, data_path=feature_spec.resolve_path(SPANS_DATA))
+    output = tmp_path_factory.mktemp("kubeflow_spans") / "spans.yaml"
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.setattr(kubeflow_runner.feature_spec, "load", lambda path: spans)
+        assert kubeflow_runner.main(["compile", "--image", IMAGE, "--output", str(output)]) == 0
+    text = output.read_text()
+    root = str(tmp_path_factory.mktemp("local_spans"))
+    local = pipeline_lib.create_pipeline(spans, pipeline_lib.Environment(pipeline_root=root, model_repository=root,
+                                                                         baseline=_kubeflow_env()["baseline"]))
+    return (printed.getvalue(), yaml.safe_load(text), [line for line in text.splitlines() if line.startswith("#")],
+            local)
+
+
+def test_a_spans_spec_keeps_its_pattern_under_the_data_root_and_says_what_is_local_only(compiled_spans):
+    printed, spec, header, local = compiled_spans
+    tasks = spec["root"]["dag"]["tasks"]
+    example_gen = tasks["CsvExampleGen"]["inputs"]["parameters"]
+    folder = _kubeflow_env()["data_path"].format(name="taxi").rstrip("/")
+    assert spec["root"]["inputDefinitions"]["parameters"]["data_root"]["defaultValue"] == folder
+    assert example_gen["input_base"] == {"componentInputParameter": "data_root"}
+    splits = json.loads(example_gen["input_config"]["runtimeValue"]["constant"])["splits"]
+    assert splits == [{"name": "single_split", "pattern": "span-{SPAN}/*.csv"}]
+    # The newest span, as pipelines/pipeline.py asks locally: RollingRange(num_spans=1).
+    assert json.loads(example_gen["range_config"]["runtimeValue"]["constant"]) == {
+        "rolling_range": {"num_spans": 1}}
+    # Training reads the newest span, as the local DAG does without data.rolling_spans; the one custom
+    # resolver of that DAG (the previous span's statistics) is left out and said to be.
+    transform_examples = tasks["Transform"]["inputs"]["artifacts"]["examples"]["taskOutputArtifact"]
+    assert transform_examples["producerTask"] == "CsvExampleGen"
+    assert set(tasks) == {node.id for node in local.components} - {"previous_span_statistics"}
+    assert set(tasks["data_gate"]["inputs"]["artifacts"]) == {"anomalies", "statistics"}  # no drift check
+    # No window, so no analyzer cache: Transform neither reads one nor writes one.
+    assert "analyzer_cache" not in tasks["Transform"]["inputs"]["artifacts"]
+    assert set(spec["components"]["Transform"]["outputDefinitions"]["artifacts"]) == {"transform_graph",
+                                                                                      "transformed_examples"}
+    assert "local only, not in the compiled pipeline: the data gate's span-to-span drift check" in printed
+    assert any(line.startswith("# local only: the rolling window and Transform's analyzer cache") for line in header)
+
+
+def test_the_rolling_window_is_refused_naming_the_key_the_file_and_the_line(taxi_spec, tmp_path, monkeypatch):
+    import dataclasses
+
+    from components import feature_spec
+    from pipelines import kubeflow_runner
+
+    source = tmp_path / "spans.yaml"
+    source.write_text("name: taxi\ndata:\n  path: build/spans/span-{SPAN}/\n  rolling_spans: 3\n")
+    window = dataclasses.replace(taxi_spec, source=str(source), data_path=feature_spec.resolve_path(SPANS_DATA),
+                                 rolling_spans=3)
+    monkeypatch.setattr(kubeflow_runner.feature_spec, "load", lambda path: window)
+    with pytest.raises(kubeflow_runner.KubeflowError,
+                       match=rf"^{re.escape(str(source))}: data.rolling_spans: 3: .*SpanRangeStrategy.*"
+                             rf"spec without data.rolling_spans.*\({re.escape(str(source))}:4\)$"):
+        kubeflow_runner.compile_pipeline(str(source), KUBEFLOW_ENV, image=IMAGE, output=str(tmp_path / "p.yaml"))
+    one_file = _env_file(tmp_path, data_path="gs://b/data/taxi.csv")
+    monkeypatch.setattr(kubeflow_runner.feature_spec, "load", lambda path: dataclasses.replace(window, rolling_spans=1))
+    with pytest.raises(kubeflow_runner.KubeflowError, match=r"kubeflow.yaml: data_path: 'gs://b/data/taxi.csv' is "
+                                                            r"one file, but .* reads spans"):
+        kubeflow_runner.compile_pipeline(str(source), one_file, image=IMAGE, output=str(tmp_path / "p.yaml"))
+
+
+def test_a_resolver_kubeflow_cannot_compile_is_refused_by_name(local_dag):
+    from pipelines import kubeflow_runner
+
+    # The local DAG's baseline resolver (BaselineModelStrategy) is custom: named, not left to TFX's TypeError.
+    with pytest.raises(kubeflow_runner.KubeflowError, match=r"env.yaml: resolver 'latest_blessed_model_resolver' "
+                                                            r"\(BaselineModelStrategy\) cannot be compiled"):
+        kubeflow_runner.check_compilable(local_dag, "env.yaml")
+
+
+def _example_gen_invocation(compiled_spans, data_root, output_root):
+    """CsvExampleGen's container args with {{$}} filled as the open-source KFP driver fills it: the
+    data_root parameter, the output artifact typed by the component's output definition
+    (kubeflow/pipelines backend/src/v2/driver/driver.go:770-782, provisionOutputs)."""
+    _, spec, _, _ = compiled_spans
+    task = spec["root"]["dag"]["tasks"]["CsvExampleGen"]
+    component = spec["components"][task["componentRef"]["name"]]
+    values = {key: parameter["runtimeValue"]["constant"] for key, parameter in task["inputs"]["parameters"].items()
+              if "runtimeValue" in parameter}
+    executor_input = {
+        "inputs": {"parameterValues": {**values, "input_base": str(data_root)}},
+        "outputs": {"artifacts": {key: {"artifacts": [{"name": key, "uri": str(output_root / key),
+                                                       "type": output["artifactType"]}]}
+                                  for key, output in component["outputDefinitions"]["artifacts"].items()},
+                    "outputFile": str(output_root / "executor_output.json")},
+    }
+    container = spec["deploymentSpec"]["executors"][component["executorLabel"]]["container"]
+    args = list(container["args"])
+    args[args.index("{{$}}")] = json.dumps(executor_input)
+    return args, output_root / "executor_output.json"
+
+
+def test_the_pod_ingests_the_newest_span_as_tfxs_driver_resolves_it(compiled_spans, taxi_spec, tmp_path):
+    """Open-source KFP 2 never runs the compiled lifecycle.preCacheCheck (TFX's file-based ExampleGen
+    driver): kubeflow/pipelines@7b70c7b backend/src/v2/driver/driver.go:309-317 starts the pod from the
+    container's command and args only, container.go:149-242 decides caching with no hook, and `Lifecycle`
+    is read nowhere in backend/ (only api/v2alpha1/pipeline_spec.proto:753-768 defines it). So the
+    entrypoint runs the driver itself; without it TFX's CSV executor globs the literal pattern
+    (tfx/components/example_gen/csv_example_gen/executor.py:181-184)."""
+    import glob
+
+    import tensorflow as tf
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+    from tfx.orchestration.kubeflow.v2.container import kubeflow_v2_run_executor
+    from tfx.types.artifact import CUSTOM_PROPERTIES_PREFIX
+
+    from pipelines import kubeflow_entrypoint
+    from tests.conftest import read_rows, taxi_csv_path
+
+    rows = read_rows(taxi_csv_path(taxi_spec), limit=12)
+    header = list(rows[0])
+    spans = {1: rows[:3], 2: rows[3:7], 10: rows[7:]}  # span 10 is the newest: numbers, not text, order them
+    for span, span_rows in spans.items():
+        folder = tmp_path / "data" / f"span-{span}"
+        folder.mkdir(parents=True)
+        with open(folder / "data.csv", "w") as f:
+            f.write(",".join(header) + "\n" + "".join(",".join(r[c] for c in header) + "\n" for r in span_rows))
+    # One Beam process here; a container image named, so that TFX does not build a tfx sdist for workers.
+    in_memory = ["--runner=DirectRunner", "--direct_running_mode=in_memory", f"--sdk_container_image={IMAGE}"]
+
+    args, executor_output = _example_gen_invocation(compiled_spans, tmp_path / "data", tmp_path / "tfx_alone")
+    with pytest.raises(RuntimeError, match=r"span-\{SPAN\}/\*.csv does not match any files"):
+        kubeflow_v2_run_executor._run_executor(kubeflow_v2_run_executor._parse_flags(args)[0], in_memory)
+
+    args, executor_output = _example_gen_invocation(compiled_spans, tmp_path / "data", tmp_path / "out")
+    parsed, _ = kubeflow_v2_run_executor._parse_flags(args)
+    executor_input = pipeline_spec_pb2.ExecutorInput()
+    json_format.Parse(parsed.json_serialized_invocation_args, executor_input)
+    inputs_spec = pipeline_spec_pb2.ComponentInputsSpec()
+    json_format.Parse(parsed.json_serialized_inputs_spec_args, inputs_spec)
+    assert kubeflow_entrypoint.resolve_span(executor_input, inputs_spec) == 10
+    values = executor_input.inputs.parameter_values
+    assert json.loads(values["input_config"].string_value)["splits"][0]["pattern"] == "span-10/*.csv"
+    assert values["input_fingerprint"].string_value.startswith("split:single_split,num_files:1,")
+
+    kubeflow_entrypoint.run(parsed, in_memory)
+    written = json.loads(executor_output.read_text())
+    (examples,) = written["artifacts"]["examples"]["artifacts"]
+    # TFX's driver sets span as a custom property (example_gen/driver.py:39-62, as LocalDagRunner does);
+    # its name is also a property of Examples, so TFX's entrypoint writes it with the custom-property
+    # prefix (kubeflow_v2_entrypoint_utils.py:213-227).
+    assert examples["metadata"][CUSTOM_PROPERTIES_PREFIX + "span"] == 10
+    records = [tf.train.Example.FromString(r.numpy()) for f in glob.glob(str(tmp_path / "out" / "examples" / "Split-*"
+                                                                              / "*.gz"))
+               for r in tf.data.TFRecordDataset(f, compression_type="GZIP")]
+    fares = sorted(e.features.feature["fare"].float_list.value[0] for e in records)
+    assert fares == pytest.approx(sorted(float(r["fare"]) for r in spans[10]))
+
+
 # --- the sandbox on object storage ----------------------------------------------------------
 
 def test_sandbox_takes_its_candidate_and_examples_from_object_storage_and_writes_back(tmp_path):

@@ -46,6 +46,18 @@ def test_rolling_spans_needs_a_span_pattern():
     assert spec.rolling_spans == 3 and spec.has_spans
 
 
+def test_a_relative_span_folder_stays_a_folder_for_example_gen():
+    """build/spans/span-{SPAN}/ (README, make export-span): the trailing slash survives path resolution, so
+    ExampleGen's pattern reads the span folder's CSVs, not the folder as a file."""
+    from pipelines.pipeline import data_folder
+
+    raw = feature_spec.load("configs/taxi.yaml").raw
+    spec = feature_spec.parse({**raw, "data": {"path": "build/spans/span-{SPAN}/"}})
+    spans = os.path.join(feature_spec.REPO_ROOT, "build", "spans")
+    assert spec.data_path == os.path.join(spans, "span-{SPAN}") + "/"
+    assert data_folder(spec) == (spans, "span-{SPAN}/*.csv")
+
+
 def test_example_gen_ingests_the_newest_span_and_the_next_run_the_next(tmp_path):
     """TFX's driver resolves {SPAN}: each run ingests the newest span on disk, stamped with it."""
     import tensorflow as tf
