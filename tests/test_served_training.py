@@ -155,6 +155,10 @@ _KEPT_POLICY = [("holdback:fallback", "0.1")] * 9 + [("", "")] * 6  # held back,
 _DECIDED = [("m", None if i % 7 == 0 else 100.0 + i, 50.0 + i, ("model", "0.9")) for i in range(20)]
 
 
+def _analysed_spec():
+    return feature_spec.parse(ANALYSED_SPEC, source="analysed.yaml")
+
+
 def _analysed_rows():
     rows = list(zip(_KEPT_C, _KEPT_X, _KEPT_B, _KEPT_POLICY)) + _DECIDED
     return [{"c": c, "x": "" if x is None else str(x), "b": str(b), "i": str(i), "y": str(i % 2),
@@ -164,36 +168,37 @@ def _analysed_rows():
 
 @pytest.fixture(scope="module")
 def served_transform(tmp_path_factory):
-    """(spec, the tiny span read back from its CSV, the Transform graph's folder, train files, the
+    """(the span's CSV, its rows as read back, the Transform graph's folder, (train, eval) files, the
     transformed rows in the span's order) of one tf.Transform run over the span."""
     import tensorflow as tf
     import tensorflow_transform as tft
 
     from tests.conftest import analyze_and_transform, read_rows, write_sample
 
-    spec = feature_spec.parse(ANALYSED_SPEC, source="analysed.yaml")
+    spec = _analysed_spec()
     folder = tmp_path_factory.mktemp("served_transform")
-    rows = read_rows(write_sample(_analysed_rows(), str(folder / "span")))
+    path = write_sample(_analysed_rows(), str(folder / "span"))
+    rows = read_rows(path)
     graph_dir, train, evaluation = analyze_and_transform(spec, rows, rows[:4], str(folder))
     parsing = tft.TFTransformOutput(graph_dir).transformed_feature_spec()
     data = tf.data.TFRecordDataset(tf.io.gfile.glob(train), compression_type="GZIP")
     transformed = [{k: v.numpy().item() for k, v in tf.io.parse_single_example(e, parsing).items()} for e in data]
-    return spec, rows, graph_dir, (train, evaluation), sorted(transformed, key=lambda r: r["i_xf"])
+    return path, rows, graph_dir, (train, evaluation), sorted(transformed, key=lambda r: r["i_xf"])
 
 
-def _frame(rows):
-    """The span as pandas reads it, and which rows weigh more than 0 (held back or never served)."""
+def _frame(path):
+    """The span's CSV as pandas reads it, and which rows weigh more than 0 (held back or never served)."""
     import pandas as pd
 
-    frame = pd.DataFrame(rows).replace("", None).astype({"x": float, "b": float})
-    return frame, frame.policy.isna() | frame.policy.str.startswith("holdback:")
+    frame = pd.read_csv(path)
+    return frame, frame.policy.isna() | frame.policy.str.startswith("holdback:", na=False)
 
 
 def test_holdback_only_vocabulary_is_counted_on_the_rows_no_model_decided(served_transform):
     import tensorflow_transform as tft
 
-    _, rows, graph_dir, _, transformed = served_transform
-    frame, kept = _frame(rows)
+    path, _, graph_dir, _, transformed = served_transform
+    frame, kept = _frame(path)
     vocabulary = [v.decode() for v in tft.TFTransformOutput(graph_dir).vocabulary_by_name("vocab_c")]
     assert vocabulary == frame.c[kept].value_counts().index[:2].tolist() == ["a", "b"]
     assert frame.c.value_counts().index[:2].tolist() == ["m", "a"]  # what every row would have made
@@ -203,24 +208,24 @@ def test_holdback_only_vocabulary_is_counted_on_the_rows_no_model_decided(served
 def test_holdback_only_mean_fill_and_z_score_are_those_of_the_rows_no_model_decided(served_transform):
     import numpy as np
 
-    _, rows, _, _, transformed = served_transform
-    frame, kept = _frame(rows)
-    assert [r["i_xf"] for r in transformed] == list(range(len(rows)))
+    path, _, _, _, transformed = served_transform
+    frame, kept = _frame(path)
+    assert [r["i_xf"] for r in transformed] == list(range(len(frame)))
 
     def z_scores(analysed):  # tft.scale_to_z_score of the mean-filled column, as numpy reads it
         filled = frame.x.fillna(frame.x[analysed].mean())
         return ((filled - filled[analysed].mean()) / filled[analysed].std(ddof=0)).to_numpy()
 
     np.testing.assert_allclose([r["x_xf"] for r in transformed], z_scores(kept), rtol=1e-5, atol=1e-5)
-    every_row = z_scores(np.ones(len(rows), bool))
+    every_row = z_scores(np.ones(len(frame), bool))
     assert np.abs(every_row - z_scores(kept)).max() > 1.0  # the model's rows would have moved them
 
 
 def test_holdback_only_bucket_boundaries_are_quantiles_of_the_rows_no_model_decided(served_transform):
     import numpy as np
 
-    _, rows, _, _, transformed = served_transform
-    frame, kept = _frame(rows)
+    path, _, _, _, transformed = served_transform
+    frame, kept = _frame(path)
     median = float(np.median(frame.b[kept]))  # 15 values: the middle one, 5.0
     assert [r["b_xf"] for r in transformed] == [int(b >= median) for b in frame.b]
     every_row = float(np.median(frame.b))  # 52.0, among the model's rows
@@ -235,7 +240,8 @@ def served_model(served_transform, tmp_path_factory):
     from components.trainer import train_and_export
     from tests.conftest import fast_spec
 
-    spec, _, graph_dir, (train, evaluation), _ = served_transform
+    _, _, graph_dir, (train, evaluation), _ = served_transform
+    spec = _analysed_spec()
     model_dir = str(tmp_path_factory.mktemp("served_model") / "model")
     train_and_export(fast_spec(spec, schedule=(feature_spec.Stage(0.05, 8, 2),)), graph_dir, [train], [evaluation],
                      model_dir)
