@@ -6,7 +6,7 @@ embedded in the model's serving signatures, so a value missing at serving time
 goes through exactly the code below, as it did in training.
 """
 
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -47,21 +47,55 @@ def preprocessing_fn(inputs: Mapping[str, Any], custom_config: Dict[str, Any]) -
     """Entry point named in the Transform component (custom_config carries the spec)."""
     spec = FeatureSpec.from_custom_config(custom_config)
     outputs = {}
+    weight = sample_weight(spec, inputs, _rows(spec, inputs)) if spec.served else None
+    analysed = _Analysed(weight if spec.served and spec.served.use == "holdback_only" else None)
     for name, feature in spec.features.items():
         if name not in inputs:
             raise ValueError(f"{spec.source}: features.{name}: column '{name}' is not in the data schema")
         value, present = _dense_with_presence(inputs[name], feature)
-        filled = _fill(feature, value, present)
+        filled = _fill(feature, value, present, analysed)
         for output_name, transform in feature_outputs(feature):
-            outputs[output_name] = _transform(feature, transform, filled, value, present)
+            outputs[output_name] = _transform(feature, transform, filled, value, present, analysed)
         if feature.missing.indicator:
             outputs[transformed_name(name + MISSING_SUFFIX)] = 1.0 - tf.cast(present, tf.float32)
     for cross in spec.crosses.values():
         outputs[transformed_name(cross.name)] = _cross(cross, spec, outputs)
-    outputs[label_key(spec)] = _label(spec, inputs)
-    if spec.served:
-        outputs[SAMPLE_WEIGHT_KEY] = sample_weight(spec, inputs, tf.shape(outputs[label_key(spec)])[0])
+    outputs[label_key(spec)] = _label(spec, inputs, analysed)
+    if weight is not None:
+        outputs[SAMPLE_WEIGHT_KEY] = weight
     return outputs
+
+
+def _rows(spec: FeatureSpec, inputs: Mapping[str, Any]) -> tf.Tensor:
+    """The batch's number of rows, read from the label's first source column (present in every
+    schema: the label is built from it)."""
+    label = spec.label
+    source = inputs[label.derive["column"] if label.derive else label.column]
+    return tf.shape(source, out_type=tf.int32)[0]
+
+
+class _Analysed:
+    """The rows every tf.Transform analyzer of preprocessing_fn sees.
+
+    Spec `served.use: holdback_only`: only the rows that weigh more than 0 in training (held back,
+    or never served). The rows a model decided are dropped from the fit, and their values must not
+    shape the features either (vocabularies, fills, z-scores, bucket boundaries), or the model's
+    own answers would still reach the next model through its preprocessing. Otherwise (no `served`
+    block, or inverse_propensity: see the README's "Training on served spans") every row.
+    The transforms still apply to every row; only what the analyzers compute changes.
+    """
+
+    def __init__(self, weight: Optional[tf.Tensor]):
+        self.rows = None if weight is None else weight > 0
+
+    @property
+    def every_row(self) -> bool:
+        return self.rows is None
+
+    def of(self, x: tf.Tensor, present: Optional[tf.Tensor] = None) -> tf.Tensor:
+        """x's values at the analysed rows ([batch] tensors), where `present` too if given."""
+        keep = present if self.every_row else (self.rows if present is None else tf.logical_and(self.rows, present))
+        return x if keep is None else tf.boolean_mask(x, keep)
 
 
 def _cross(cross: Cross, spec: FeatureSpec, outputs: Mapping[str, tf.Tensor]) -> tf.Tensor:
@@ -117,45 +151,58 @@ def _dense_with_presence(x: Any, feature: Feature):
     return tf.cast(value, dtype), present
 
 
-def _fill(feature: Feature, value: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
+def _fill(feature: Feature, value: tf.Tensor, present: tf.Tensor, analysed: _Analysed) -> tf.Tensor:
     fill = feature.missing.fill
     if fill == "mean":
         value = tf.cast(value, tf.float32)
         # The mean of the values actually present, computed once over the training data.
-        fill_value = tft.mean(tf.boolean_mask(value, present))
+        fill_value = tft.mean(analysed.of(value, present))
     else:
         fill_value = tf.constant(fill if feature.type != "int" else int(fill), dtype=value.dtype)
     return tf.where(present, value, tf.cast(fill_value, value.dtype))
 
 
-def _transform(feature: Feature, t: str, filled: tf.Tensor, value: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
+def _transform(feature: Feature, t: str, filled: tf.Tensor, value: tf.Tensor, present: tf.Tensor,
+               analysed: _Analysed) -> tf.Tensor:
     """One output of a feature from its filled values.
 
     A column filled with its mean is analysed from its present values only (`value` where
     `present`): an analyzer over `filled` would wait for tft.mean's result, and tf.Transform would
     make a second full pass over the data for it. One pass computes every statistic below.
+    The analyzers see the `analysed` rows only; a column analysed whole keeps tft's own
+    analyze-and-apply functions.
     """
     if t == "vocabulary":
-        return tft.compute_and_apply_vocabulary(
-            filled, top_k=feature.top_k, num_oov_buckets=feature.oov_buckets,
-            vocab_filename=vocabulary_name(feature.name))
+        if analysed.every_row:
+            return tft.compute_and_apply_vocabulary(
+                filled, top_k=feature.top_k, num_oov_buckets=feature.oov_buckets,
+                vocab_filename=vocabulary_name(feature.name))
+        # What tft.compute_and_apply_vocabulary does, with the analyzer's rows chosen.
+        vocabulary = tft.vocabulary(analysed.of(filled), top_k=feature.top_k,
+                                    vocab_filename=vocabulary_name(feature.name))
+        return tft.apply_vocabulary(filled, vocabulary, num_oov_buckets=feature.oov_buckets)
     if t == "hash":
         as_string = filled if feature.type == "string" else tf.strings.as_string(filled)
         return tft.hash_strings(as_string, feature.hash_buckets)
     numeric = tf.cast(filled, tf.float32)
     mean_filled = feature.missing.fill == "mean"
-    observed = tf.boolean_mask(tf.cast(value, tf.float32), present) if mean_filled else None
+    whole = analysed.every_row and not mean_filled
+    # The values the analyzers see; with a constant fill, every analysed row holds one.
+    observed = analysed.of(tf.cast(value, tf.float32), present) if mean_filled else analysed.of(numeric)
     if t in ("zscore", "log"):
         scale = (lambda x: x) if t == "zscore" else (lambda x: tf.math.log1p(tf.maximum(x, 0.0)))
-        if not mean_filled:
+        if whole:
             return tft.scale_to_z_score(scale(numeric))
-        return _z_score_of_mean_filled(scale(numeric), scale(observed), scale(tft.mean(observed)), present)
+        if not mean_filled:  # every analysed row holds a value: no row of a fill apart
+            return _z_score_of_mixture(scale(numeric), scale(observed), 0.0, observed)
+        return _z_score_of_mixture(scale(numeric), scale(observed), scale(tft.mean(observed)), analysed.of(present))
     if t == "bucketize":
-        if not mean_filled:
+        if whole:
             return tft.bucketize(numeric, feature.buckets)
-        # Boundaries from the present values only, so they no longer count the fill values (a
-        # spike of identical values at the mean) as data: they move slightly against quantiles of
-        # the filled column. A missing value still goes to the bucket its fill (the mean) falls in.
+        # Boundaries from `observed`. With a mean fill, the present values only, so they no longer
+        # count the fill values (a spike of identical values at the mean) as data: they move
+        # slightly against quantiles of the filled column. A missing value still goes to the
+        # bucket its fill (the mean) falls in.
         boundaries = tft.quantiles(observed, feature.buckets,
                                    epsilon=min(1.0 / feature.buckets, 0.01))  # tft.bucketize's default
         return tft.apply_buckets(numeric, boundaries)
@@ -164,10 +211,10 @@ def _transform(feature: Feature, t: str, filled: tf.Tensor, value: tf.Tensor, pr
     raise ValueError(f"features.{feature.name}.transform: unknown transform '{t}'")
 
 
-def _z_score_of_mean_filled(scaled: tf.Tensor, observed: tf.Tensor, fill: tf.Tensor,
-                            present: tf.Tensor) -> tf.Tensor:
-    """tft.scale_to_z_score(scaled) where `scaled` holds `observed` at present rows and `fill` at the
-    others, from statistics of `observed` alone (one analysis pass instead of two).
+def _z_score_of_mixture(scaled: tf.Tensor, observed: tf.Tensor, fill: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
+    """tft.scale_to_z_score(scaled) as its analyzers would compute it over the analysed rows (one
+    element of `rows` each), of which those with a value hold `observed` and the others `fill`, from
+    statistics of `observed` alone (one analysis pass instead of two).
 
     The filled column is a mixture of the present values (count n_p, mean m_p, variance v_p) and
     n - n_p copies of the fill f: its mean is (n_p m_p + (n - n_p) f) / n and its variance
@@ -175,7 +222,7 @@ def _z_score_of_mean_filled(scaled: tf.Tensor, observed: tf.Tensor, fill: tf.Ten
     stays m_p and the variance is v_p n_p / n.
     """
     n_present = tf.cast(tft.size(observed), tf.float64)
-    n_missing = tf.cast(tft.size(present), tf.float64) - n_present
+    n_missing = tf.cast(tft.size(rows), tf.float64) - n_present
     n = n_present + n_missing
     m_p = tft.mean(observed, output_dtype=tf.float64)
     v_p = tft.var(observed, output_dtype=tf.float64)
@@ -188,13 +235,13 @@ def _z_score_of_mean_filled(scaled: tf.Tensor, observed: tf.Tensor, fill: tf.Ten
     return tf.where(tf.not_equal(std, 0.0), centred / std, centred)
 
 
-def _label(spec: FeatureSpec, inputs: Mapping[str, Any]) -> tf.Tensor:
+def _label(spec: FeatureSpec, inputs: Mapping[str, Any], analysed: _Analysed) -> tf.Tensor:
     label = spec.label
     columns = spec.columns
 
     def filled(name):
         value, present = _dense_with_presence(inputs[name], columns[name])
-        return _fill(columns[name], value, present)
+        return _fill(columns[name], value, present, analysed)
 
     if label.derive:
         left = tf.cast(filled(label.derive["column"]), tf.float32)

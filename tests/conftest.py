@@ -46,9 +46,18 @@ def write_sample(rows, folder, name="data.csv"):
     return path
 
 
+def raw_types(spec):
+    """{column: type} of every raw column Transform reads: the spec's, and with spec `served` the
+    policy and propensity columns a served span carries."""
+    types = {name: f.type for name, f in spec.columns.items()}
+    if spec.served:
+        types.update({spec.served.policy_column: "string", spec.served.propensity_column: "float"})
+    return types
+
+
 def to_instance(row, spec):
     """A CSV row as tf.Transform's instance dict: an empty cell is an empty value list."""
-    return {name: ([] if row[name] == "" else [PARSE[f.type](row[name])]) for name, f in spec.columns.items()}
+    return {name: ([] if row[name] == "" else [PARSE[t](row[name])]) for name, t in raw_types(spec).items()}
 
 
 def fast_spec(spec, **training):
@@ -72,7 +81,7 @@ def analyze_and_transform(spec, train_rows, eval_rows, out_dir):
     from components.preprocessing import preprocessing_fn
 
     dtypes = {"int": tf.int64, "float": tf.float32, "string": tf.string}
-    raw_spec = {n: tf.io.VarLenFeature(dtypes[f.type]) for n, f in spec.columns.items()}
+    raw_spec = {n: tf.io.VarLenFeature(dtypes[t]) for n, t in raw_types(spec).items()}
     metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(raw_spec))
     custom_config = spec.to_custom_config()
     graph_dir = os.path.join(out_dir, "transform_graph")

@@ -168,13 +168,19 @@ def _mean_instances(rows):
     return [{k: ([] if v is None else [v]) for k, v in zip(("z", "b", "t"), row)} for row in rows]
 
 
-def _raw_metadata(spec):
+def _raw_feature_spec(spec):
     import tensorflow as tf
-    from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
+
+    from tests.conftest import raw_types
 
     dtypes = {"int": tf.int64, "float": tf.float32, "string": tf.string}
-    raw = {n: tf.io.VarLenFeature(dtypes[f.type]) for n, f in spec.columns.items()}
-    return dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(raw))
+    return {n: tf.io.VarLenFeature(dtypes[t]) for n, t in raw_types(spec).items()}
+
+
+def _raw_metadata(spec):
+    from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
+
+    return dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(_raw_feature_spec(spec)))
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +245,37 @@ def _analysis_phases(spec):
 def test_taxi_and_mean_fills_are_analysed_in_one_pass(taxi_spec):
     assert _analysis_phases(feature_spec.parse(MEAN_SPEC, source="mean.yaml")) == 1
     assert _analysis_phases(taxi_spec) == 1
+
+
+def _served(use):
+    return feature_spec.parse({**SPEC, "served": {"use": use}}, source="tiny.yaml")
+
+
+def _analyzer_columns(spec):
+    """The raw columns tf.Transform's analyzers read for the spec's preprocessing_fn (traced, not run)."""
+    import tensorflow_transform as tft
+
+    from components.preprocessing import preprocessing_fn
+
+    import tensorflow as tf
+
+    config = spec.to_custom_config()
+    # What Transform hands preprocessing_fn for a VarLenFeature: [batch, values] sparse tensors.
+    specs = {n: tf.SparseTensorSpec([None, None], f.dtype) for n, f in _raw_feature_spec(spec).items()}
+    return set(tft.get_analyze_input_columns(lambda inputs: preprocessing_fn(inputs, config), specs))
+
+
+def test_only_holdback_only_makes_the_analyzers_read_the_served_columns():
+    # x: mean, z-score, quantiles; y: z-score of log1p; n: quantiles; c: vocabulary. h is hashed,
+    # p passed through and t filled with a constant: no analyzer reads them.
+    analysed = {"x", "y", "n", "c"}
+    assert _analyzer_columns(feature_spec.parse(SPEC, source="tiny.yaml")) == analysed
+    # inverse_propensity: the analyzers see every row unweighted, as without `served`: the graph
+    # taxi and every spec without `served` get is the one tf.Transform's own functions build.
+    assert _analyzer_columns(_served("inverse_propensity")) == analysed
+    # holdback_only: each analyzer sees the rows no model decided, told apart by their policy.
+    assert _analyzer_columns(_served("holdback_only")) == analysed | {"policy"}
+
+
+def test_holdback_only_is_analysed_in_one_pass_too():
+    assert _analysis_phases(_served("holdback_only")) == 1

@@ -130,3 +130,160 @@ def test_the_evaluator_slices_by_policy_only_when_the_spec_declares_served(taxi_
     keys = [list(s.feature_keys) for s in eval_config(served).slicing_specs]
     assert ["who"] in keys
     assert keys == [list(s.feature_keys) for s in eval_config(taxi_spec).slicing_specs] + [["who"]]
+
+
+
+# --- what tf.Transform's analyzers see --------------------------------------------------------
+# A tiny span where the rows a model decided look nothing like the others: with holdback_only
+# every analyzer must describe the 15 held-back or never-served rows alone.
+ANALYSED_SPEC = {
+    "name": "analysed", "data": {"path": "unused"}, "task": "binary",
+    "label": {"name": "big", "column": "y"}, "label_columns": {"y": {"type": "int"}},
+    "features": {
+        "c": {"type": "string", "transform": "vocabulary", "top_k": 2, "missing": {"fill": ""}},
+        "x": {"type": "float", "transform": "zscore", "missing": {"fill": "mean"}},
+        "b": {"type": "float", "transform": "bucketize", "buckets": 2, "missing": {"fill": 0.0}},
+        "i": {"type": "int", "transform": "passthrough", "missing": {"fill": -1}},  # the row's number
+    },
+    "served": {"use": "holdback_only"},
+}
+_KEPT_C = ["a"] * 6 + ["b"] * 5 + ["z"] * 4
+_KEPT_X = [0.5, None, 1.0, 1.5, None, 2.0, 0.8, 1.2, 1.1, None, 0.9, 1.4, 0.7, 1.3, 0.6]
+_KEPT_B = [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 10.0, 10.5, 11.0, 11.5, 12.0, 12.5, 13.0]  # median 5
+_KEPT_POLICY = [("holdback:fallback", "0.1")] * 9 + [("", "")] * 6  # held back, never served
+# 20 rows a model decided: their own token, values far above the others'.
+_DECIDED = [("m", None if i % 7 == 0 else 100.0 + i, 50.0 + i, ("model", "0.9")) for i in range(20)]
+
+
+def _analysed_spec():
+    return feature_spec.parse(ANALYSED_SPEC, source="analysed.yaml")
+
+
+def _analysed_rows():
+    rows = list(zip(_KEPT_C, _KEPT_X, _KEPT_B, _KEPT_POLICY)) + _DECIDED
+    return [{"c": c, "x": "" if x is None else str(x), "b": str(b), "i": str(i), "y": str(i % 2),
+             "policy": policy, "propensity": propensity}
+            for i, (c, x, b, (policy, propensity)) in enumerate(rows)]
+
+
+@pytest.fixture(scope="module")
+def served_transform(tmp_path_factory):
+    """(the span's CSV, its rows as read back, the Transform graph's folder, (train, eval) files, the
+    transformed rows in the span's order) of one tf.Transform run over the span."""
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    from tests.conftest import analyze_and_transform, read_rows, write_sample
+
+    spec = _analysed_spec()
+    folder = tmp_path_factory.mktemp("served_transform")
+    path = write_sample(_analysed_rows(), str(folder / "span"))
+    rows = read_rows(path)
+    graph_dir, train, evaluation = analyze_and_transform(spec, rows, rows[:4], str(folder))
+    parsing = tft.TFTransformOutput(graph_dir).transformed_feature_spec()
+    data = tf.data.TFRecordDataset(tf.io.gfile.glob(train), compression_type="GZIP")
+    transformed = [{k: v.numpy().item() for k, v in tf.io.parse_single_example(e, parsing).items()} for e in data]
+    return path, rows, graph_dir, (train, evaluation), sorted(transformed, key=lambda r: r["i_xf"])
+
+
+def _frame(path):
+    """The span's CSV as pandas reads it, and which rows weigh more than 0 (held back or never served)."""
+    import pandas as pd
+
+    frame = pd.read_csv(path)
+    return frame, frame.policy.isna() | frame.policy.str.startswith("holdback:", na=False)
+
+
+def test_holdback_only_vocabulary_is_counted_on_the_rows_no_model_decided(served_transform):
+    import tensorflow_transform as tft
+
+    path, _, graph_dir, _, transformed = served_transform
+    frame, kept = _frame(path)
+    vocabulary = [v.decode() for v in tft.TFTransformOutput(graph_dir).vocabulary_by_name("vocab_c")]
+    assert vocabulary == frame.c[kept].value_counts().index[:2].tolist() == ["a", "b"]
+    assert frame.c.value_counts().index[:2].tolist() == ["m", "a"]  # what every row would have made
+    assert [r["c_xf"] for r in transformed] == [{"a": 0, "b": 1}.get(c, 2) for c in frame.c]  # "m": out of vocabulary
+
+
+def test_holdback_only_mean_fill_and_z_score_are_those_of_the_rows_no_model_decided(served_transform):
+    import numpy as np
+
+    path, _, _, _, transformed = served_transform
+    frame, kept = _frame(path)
+    assert [r["i_xf"] for r in transformed] == list(range(len(frame)))
+
+    def z_scores(analysed):  # tft.scale_to_z_score of the mean-filled column, as numpy reads it
+        filled = frame.x.fillna(frame.x[analysed].mean())
+        return ((filled - filled[analysed].mean()) / filled[analysed].std(ddof=0)).to_numpy()
+
+    np.testing.assert_allclose([r["x_xf"] for r in transformed], z_scores(kept), rtol=1e-5, atol=1e-5)
+    every_row = z_scores(np.ones(len(frame), bool))
+    assert np.abs(every_row - z_scores(kept)).max() > 1.0  # the model's rows would have moved them
+
+
+def test_holdback_only_bucket_boundaries_are_quantiles_of_the_rows_no_model_decided(served_transform):
+    import numpy as np
+
+    path, _, _, _, transformed = served_transform
+    frame, kept = _frame(path)
+    median = float(np.median(frame.b[kept]))  # 15 values: the middle one, 5.0
+    assert [r["b_xf"] for r in transformed] == [int(b >= median) for b in frame.b]
+    every_row = float(np.median(frame.b))  # 52.0, among the model's rows
+    assert sum(int(b >= every_row) != r["b_xf"] for b, r in zip(frame.b, transformed)) >= 8
+
+
+@pytest.fixture(scope="module")
+def served_model(served_transform, tmp_path_factory):
+    """The SavedModel train_and_export writes from the span's Transform run, loaded."""
+    import tensorflow as tf
+
+    from components.trainer import train_and_export
+    from tests.conftest import fast_spec
+
+    _, _, graph_dir, (train, evaluation), _ = served_transform
+    spec = _analysed_spec()
+    model_dir = str(tmp_path_factory.mktemp("served_model") / "model")
+    train_and_export(fast_spec(spec, schedule=(feature_spec.Stage(0.05, 8, 2),)), graph_dir, [train], [evaluation],
+                     model_dir)
+    return tf.saved_model.load(model_dir)
+
+
+def _example(row, served=None):
+    import tensorflow as tf
+
+    feature = {"c": tf.train.Feature(bytes_list=tf.train.BytesList(value=[row["c"].encode()])),
+               "b": tf.train.Feature(float_list=tf.train.FloatList(value=[float(row["b"])])),
+               "i": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(row["i"])]))}
+    if row["x"]:
+        feature["x"] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(row["x"])]))
+    if served is not None:
+        policy, propensity = served
+        feature["policy"] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[policy.encode()]))
+        feature["propensity"] = tf.train.Feature(float_list=tf.train.FloatList(value=[propensity]))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def test_the_serving_signatures_take_no_policy_nor_propensity(served_model):
+    for name in ("serving_default", "classification"):
+        _, inputs = served_model.signatures[name].structured_input_signature
+        assert "policy" not in inputs and "propensity" not in inputs
+    _, inputs = served_model.signatures["serving_default"].structured_input_signature
+    assert sorted(inputs) == sorted(ANALYSED_SPEC["features"])
+
+
+def test_a_rows_answer_does_not_depend_on_the_policy_or_propensity_it_carries(served_model, served_transform):
+    import numpy as np
+    import tensorflow as tf
+
+    _, rows, _, _, _ = served_transform
+    classify = served_model.signatures["classification"]
+    scores = [classify(inputs=tf.constant([_example(r, served) for r in rows]))["scores"].numpy()
+              for served in (None, ("model", 0.9), ("holdback:fallback", 0.1), ("", 0.0))]
+    for other in scores[1:]:
+        np.testing.assert_array_equal(other, scores[0])
+    raw = served_model.signatures["serving_default"](
+        c=tf.constant([r["c"] for r in rows]), b=tf.constant([float(r["b"]) for r in rows]),
+        i=tf.constant([float(r["i"]) for r in rows], tf.float64),
+        x=tf.constant([float(r["x"]) if r["x"] else float("nan") for r in rows]))
+    np.testing.assert_allclose(raw["probabilities"].numpy(), scores[0], rtol=1e-6)
+    assert len({round(float(p), 6) for p in scores[0][:, 1]}) > 3  # the rows' answers differ: the inputs count
