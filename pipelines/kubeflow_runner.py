@@ -114,7 +114,9 @@ def spec_for_image(spec, data_path: str, env_source: str = DEFAULT_ENV):
 def refuse_rolling_window(spec) -> None:
     """A window of spans (data.rolling_spans > 1) is a resolver node, TFX's SpanRangeStrategy, which
     KubeflowV2DagRunner cannot compile: compiled, the window would be gone and Kubeflow would train
-    on another window than the local run. Refused before anything is compiled."""
+    on another window than the local run. Refused before anything is compiled. One ExampleGen task per
+    span with Transform reading their union does not compile either (TFX's step builder takes one
+    Channel per input, and KFP's IR has no union of task outputs; tests/test_kubeflow.py cites both)."""
     if not spec.has_spans or (spec.rolling_spans or 1) == 1:
         return
     line = feature_spec.read_yaml(spec.source)[1].get(("data", "rolling_spans"))

@@ -364,6 +364,31 @@ def test_the_rolling_window_is_refused_naming_the_key_the_file_and_the_line(taxi
         kubeflow_runner.compile_pipeline(str(source), one_file, image=IMAGE, output=str(tmp_path / "p.yaml"))
 
 
+def test_a_window_as_a_union_of_one_example_gen_per_span_does_not_compile_for_kubeflow(tmp_path):
+    """Why data.rolling_spans > 1 stays refused (issue 12, point 5). The route without a resolver: N ExampleGen
+    tasks (N is known at compile time), task k ingesting span newest - k, and Transform reading the union of
+    their outputs. TFX 1.16's KubeflowV2 step builder takes one Channel per input and raises on a union
+    (tfx/orchestration/kubeflow/v2/step_builder.py:360-365, "Only single Channel is supported"); KFP's IR has
+    one producer per task input (kubeflow/pipelines@7b70c7b api/v2alpha1/pipeline_spec.proto:280-298), and a
+    DAG output with several artifact selectors is resolved as dsl.OneOf, the first branch that completed
+    (backend/src/v2/driver/resolve.go:1057-1085); only a ParallelFor's dsl.Collected yields a list
+    (resolve.go:867-995), which TFX's compiler never emits. A fixed task per span would also fail on a gap in
+    the span numbers (a StaticRange on a missing span matches no file), where TFX's window shortens.
+    If a TFX upgrade compiles the union, this test fails: the route is then open."""
+    from tfx.components import CsvExampleGen, StatisticsGen
+    from tfx.orchestration import pipeline
+    from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner
+    from tfx.types import channel
+
+    newest, previous = (CsvExampleGen(input_base=str(tmp_path)).with_id(f"span_{k}") for k in ("newest", "previous"))
+    window = StatisticsGen(examples=channel.union([newest.outputs["examples"], previous.outputs["examples"]]))
+    union = pipeline.Pipeline(pipeline_name="window", pipeline_root="gs://b/root", components=[newest, previous, window])
+    runner = kubeflow_v2_dag_runner.KubeflowV2DagRunner(
+        kubeflow_v2_dag_runner.KubeflowV2DagRunnerConfig(default_image=IMAGE))
+    with pytest.raises(TypeError, match="^Only single Channel is supported.$"):
+        runner.run(union, write_out=False)
+
+
 def test_a_resolver_kubeflow_cannot_compile_is_refused_by_name(local_dag):
     from pipelines import kubeflow_runner
 
