@@ -109,6 +109,32 @@ def test_every_component_runs_the_training_image_with_the_profile_beam_args(comp
         assert all(a in args for a in profile["args"] if "{" not in a)
 
 
+def test_in_pod_beam_workers_hold_the_code_so_tfx_builds_no_source_package(compiled, monkeypatch):
+    """configs/kubeflow.yaml's profile runs the DirectRunner in each pod, whose workers are the pod's own
+    Python (apache_beam fn_runner.py:173-181), i.e. the training image. Without a dependency flag each TFX
+    Beam executor would build a throwaway TFX sdist for them (base_beam_executor.py:82-84,
+    dependency_utils.py:56-72); the compiled arguments name the image, so TFX's own check skips the build."""
+    from tfx.orchestration.kubeflow.v2.container import kubeflow_v2_run_executor
+    from tfx.utils import dependency_utils
+
+    def build_ephemeral_package():
+        raise AssertionError("TFX built its source package for Beam workers")
+
+    monkeypatch.setattr(dependency_utils, "build_ephemeral_package", build_ephemeral_package)
+    summary, _, as_dict = compiled
+    assert summary["beam_args"][-1] == f"--sdk_container_image={IMAGE}"
+    for label, executor in as_dict["deploymentSpec"]["executors"].items():
+        _, beam_args = kubeflow_v2_run_executor._parse_flags(executor["container"]["args"])  # as the pod splits them
+        assert "--runner=DirectRunner" in beam_args, label
+        assert dependency_utils.make_beam_dependency_flags(beam_args) == beam_args, label
+    # Runners whose workers are elsewhere keep what their profile says (dataflow, flink, spark name the image).
+    from pipelines import kubeflow_runner
+
+    flink = ["--runner=FlinkRunner", "--environment_type=EXTERNAL"]
+    assert kubeflow_runner.in_pod_workers_hold_the_code(flink, IMAGE) == flink
+    assert kubeflow_runner.in_pod_workers_hold_the_code([], IMAGE) == []
+
+
 def test_data_folder_is_a_runtime_parameter_and_examples_are_never_cached(compiled):
     summary, spec, _ = compiled
     env = _kubeflow_env()
