@@ -398,7 +398,7 @@ def test_a_window_as_a_union_of_one_example_gen_per_span_does_not_compile_for_ku
     one producer per task input (kubeflow/pipelines@7b70c7b api/v2alpha1/pipeline_spec.proto:280-298), and a
     DAG output with several artifact selectors is resolved as dsl.OneOf, the first branch that completed
     (backend/src/v2/driver/resolve.go:1057-1085); only a ParallelFor's dsl.Collected yields a list
-    (resolve.go:867-995), which TFX's compiler never emits. A fixed task per span would also fail on a gap in
+    (resolve.go:867-995; artifacts since KFP 2.14, kubeflow/pipelines#11725), which TFX's compiler never emits. A fixed task per span would also fail on a gap in
     the span numbers (a StaticRange on a missing span matches no file), where TFX's window shortens.
     If a TFX upgrade compiles the union, this test fails: the route is then open."""
     from tfx.components import CsvExampleGen, StatisticsGen
