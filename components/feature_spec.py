@@ -157,7 +157,7 @@ class FeatureSpec:
     training: Training
     raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
     monitoring: Optional["MonitoringConfig"] = dataclasses.field(default=None, repr=False, compare=False)
-    # With {SPAN} in data.path: how many of the newest spans a run reads (TFX's RollingRange).
+    # With {SPAN} in data.path: the window, spans numbered newest - N + 1 to newest (TFX's RollingRange).
     rolling_spans: Optional[int] = None
     crosses: Mapping[str, Cross] = dataclasses.field(default_factory=dict)
     tuning: Optional[Tuning] = None  # None: no Tuner node, the training block is used as written
@@ -203,10 +203,24 @@ class FeatureSpec:
                                             glob.glob(self.data_path.rstrip("/").replace(SPAN_TOKEN, "*"))) if m}
         return sorted(found)
 
+    def window_spans(self) -> List[int]:
+        """The spans a run trains on, ascending: those on disk numbered newest - rolling_spans + 1 to newest.
+
+        TFX's rule, not "the newest N present": SpanRangeStrategy's RollingRange keeps the spans in
+        [newest - num_spans + 1, newest] (tfx/dsl/input_resolution/strategies/span_range_strategy.py:79-100,
+        TFX 1.16), so a gap in the numbers shortens the window (spans 1, 2, 10 with a window of 2: span 10
+        only). The pipeline's window applies that strategy to what ExampleGen ingested; this is the same
+        rule on the span folders, for what reads the data without TFX (fingerprint, schema tool, demo)."""
+        spans = self.spans()
+        if not spans:
+            return []
+        first = spans[-1] - (self.rolling_spans or 1) + 1
+        return [span for span in spans if span >= first]
+
     def csv_files(self) -> List[str]:
-        """The CSVs a run reads: data.path's file or folder, or the newest rolling_spans spans' files."""
+        """The CSVs a run reads: data.path's file or folder, or the files of the window's spans (window_spans)."""
         if self.has_spans:
-            spans = self.spans()[-(self.rolling_spans or 1):]
+            spans = self.window_spans()
             files = []
             for span in spans:
                 path = self.data_path.replace(SPAN_TOKEN, str(span))
@@ -330,7 +344,7 @@ class DataConfig(_Block):
     path: str
     split: SplitConfig = SplitConfig()
     rolling_spans: Optional[PositiveInt] = pydantic.Field(
-        default=None, description="with {SPAN} in path: how many of the newest spans a run trains on")
+        default=None, description="with {SPAN} in path: a run trains on spans numbered newest - N + 1 to newest")
 
     @pydantic.model_validator(mode="after")
     def _spans(self):

@@ -51,9 +51,26 @@ def _read(path: str, model: type, name: str) -> Dict[str, Any]:
     values = env.model_dump()
     for key in ("pipeline_root", "metadata_path", "model_repository", "data_path"):
         if key in values:
-            values[key] = values[key].format(name=name)
+            values[key] = _fill_name(values[key], name, key, path, lines.get((key,)))
     values["source"] = path
     return values
+
+
+def _fill_name(value: str, name: str, key: str, path: str, line: Optional[int]) -> str:
+    """A location with "{name}" filled in; any other placeholder is refused, naming the file, key and line."""
+    at = f" ({path}:{line})" if line else ""
+    if key == "data_path" and feature_spec.SPAN_TOKEN in value:
+        # The spans come from the spec (kubeflow_runner.spec_for_image keeps its pattern under this folder).
+        raise EnvironmentFileError(
+            f"{path}: {key}: '{value}' holds {feature_spec.SPAN_TOKEN}, but the span pattern is the spec's "
+            f"data.path (e.g. build/spans/span-{feature_spec.SPAN_TOKEN}/), kept under this folder: give the folder "
+            f"that holds the span folders, with a trailing slash (e.g. gs://bucket/data/{{name}}/){at}")
+    try:
+        return value.format(name=name)
+    except (KeyError, IndexError, ValueError) as e:
+        what = f"'{{{e.args[0]}}}'" if isinstance(e, KeyError) else f"braces other than {{name}} ({e})"
+        raise EnvironmentFileError(f"{path}: {key}: '{value}' has {what}: only {{name}}, the spec's name, is filled "
+                                   f"in; remove the other placeholder{at}") from None
 
 
 def load_environment(path: str, spec=None) -> Dict[str, Any]:

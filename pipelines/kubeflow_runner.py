@@ -114,7 +114,9 @@ def spec_for_image(spec, data_path: str, env_source: str = DEFAULT_ENV):
 def refuse_rolling_window(spec) -> None:
     """A window of spans (data.rolling_spans > 1) is a resolver node, TFX's SpanRangeStrategy, which
     KubeflowV2DagRunner cannot compile: compiled, the window would be gone and Kubeflow would train
-    on another window than the local run. Refused before anything is compiled."""
+    on another window than the local run. Refused before anything is compiled. One ExampleGen task per
+    span with Transform reading their union does not compile either (TFX's step builder takes one
+    Channel per input, and KFP's IR has no union of task outputs; tests/test_kubeflow.py cites both)."""
     if not spec.has_spans or (spec.rolling_spans or 1) == 1:
         return
     line = feature_spec.read_yaml(spec.source)[1].get(("data", "rolling_spans"))
@@ -124,6 +126,29 @@ def refuse_rolling_window(spec) -> None:
         f"runs no resolver task, so a Kubeflow run would train on the newest span alone; for Kubeflow use a "
         f"spec without data.rolling_spans (each run trains on the newest span), or run the window locally "
         f"(make retrain)" + (f" ({spec.source}:{line})" if line else ""))
+
+
+def in_pod_workers_hold_the_code(beam_args: List[str], image: str) -> List[str]:
+    """The Beam arguments with the training image named when the DirectRunner runs the workers in the pod.
+
+    Given Beam arguments that name no dependency, every TFX Beam executor builds a source package of
+    TFX for remote workers (tfx/dsl/components/base/base_beam_executor.py:82-84 calls
+    tfx/utils/dependency_utils.py:56-72, which skips the build only when extra_packages, setup_file,
+    requirements_file, worker_harness_container_image or sdk_container_image is set). The DirectRunner's
+    workers are the pod's own Python (apache_beam/runners/portability/fn_api_runner/fn_runner.py:173-181:
+    in process, or `sys.executable -m apache_beam.runners.worker.sdk_worker_main` subprocesses), so they
+    run the training image and never install the package: naming the image (which the DirectRunner does
+    not read) is true and stops the build. Other runners' profiles name it themselves (configs/beam/)."""
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, WorkerOptions
+
+    if not beam_args:  # TFX builds nothing without arguments
+        return []
+    options = PipelineOptions(beam_args)
+    runner = options.view_as(StandardOptions).runner or StandardOptions.DEFAULT_RUNNER
+    if runner.split(".")[-1] not in ("DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner") \
+            or options.view_as(WorkerOptions).sdk_container_image:
+        return list(beam_args)
+    return [*beam_args, f"--sdk_container_image={image}"]
 
 
 def check_compilable(tfx_pipeline, source: str) -> None:
@@ -176,6 +201,7 @@ def compile_pipeline(spec_path: str = "configs/taxi.yaml", env_path: str = DEFAU
     from pipelines import pipeline as pipeline_lib
 
     beam_profiles.check_flags(beam_args, env["source"])
+    beam_args = in_pod_workers_hold_the_code(beam_args, image)
     environment = pipeline_lib.Environment(
         pipeline_root=env["pipeline_root"], model_repository=env["model_repository"], beam_pipeline_args=beam_args,
         enable_cache=env.get("enable_cache", True), sandbox=dict(env.get("sandbox") or {}), baseline=baseline,

@@ -111,7 +111,8 @@ def _example_gen(spec: FeatureSpec, data_root=None) -> CsvExampleGen:
 
 def _training_examples(spec: FeatureSpec, example_gen: CsvExampleGen):
     """(resolver or None, the Examples Transform and Trainer read): with data.rolling_spans > 1, the
-    newest N spans ExampleGen has ingested (TFX's SpanRangeStrategy over RollingRange); else the
+    spans ExampleGen has ingested numbered newest - N + 1 to newest (TFX's SpanRangeStrategy over
+    RollingRange; FeatureSpec.window_spans is the same rule on disk); else the
     newest span or the one CSV. Statistics, validation, evaluation and the sandbox read the newest
     span only: new data is checked, and the model is judged on the data it meets next."""
     if not spec.has_spans or (spec.rolling_spans or 1) == 1:

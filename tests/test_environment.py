@@ -66,3 +66,25 @@ def test_kubeflow_locations_must_be_object_storage(tmp_path):
 def test_an_unreadable_file_is_named(tmp_path):
     with pytest.raises(environment.EnvironmentFileError, match="cannot read environment file .*nope.yaml"):
         environment.load_environment(str(tmp_path / "nope.yaml"), TAXI)
+
+
+def test_a_span_pattern_in_the_kubeflow_data_path_is_refused_with_the_fix(tmp_path):
+    """The span pattern is the spec's data.path, kept under the data_path folder (kubeflow_runner.spec_for_image):
+    {SPAN} here was a KeyError of str.format; now the file, the key, its line and the fix are named."""
+    path, text = _write(tmp_path, "kubeflow.yaml", "configs/kubeflow.yaml", data_path="gs://b/data/{name}/span-{SPAN}/")
+    with pytest.raises(environment.EnvironmentFileError) as info:
+        environment.load_kubeflow_environment(path, TAXI)
+    assert str(info.value).startswith(f"{path}: data_path: 'gs://b/data/{{name}}/span-{{SPAN}}/' holds {{SPAN}}, "
+                                      "but the span pattern is the spec's data.path")
+    assert "give the folder that holds the span folders" in str(info.value)
+    assert str(info.value).endswith(f"({path}:{_line_of(text, 'data_path')})")
+
+
+@pytest.mark.parametrize("location, what", [("gs://b/{user}/root", "'{user}'"),
+                                            ("gs://b/{name/root", "braces other than {name}")])
+def test_a_placeholder_other_than_name_is_named_with_its_key_and_line(tmp_path, location, what):
+    path, text = _write(tmp_path, "local.yaml", "configs/local.yaml", pipeline_root=location)
+    with pytest.raises(environment.EnvironmentFileError,
+                       match=re.escape(f"{path}: pipeline_root: '{location}' has {what}") + r".*only \{name\}.*"
+                             + re.escape(f"({path}:{_line_of(text, 'pipeline_root')})")):
+        environment.load_environment(path, TAXI)

@@ -109,6 +109,32 @@ def test_every_component_runs_the_training_image_with_the_profile_beam_args(comp
         assert all(a in args for a in profile["args"] if "{" not in a)
 
 
+def test_in_pod_beam_workers_hold_the_code_so_tfx_builds_no_source_package(compiled, monkeypatch):
+    """configs/kubeflow.yaml's profile runs the DirectRunner in each pod, whose workers are the pod's own
+    Python (apache_beam fn_runner.py:173-181), i.e. the training image. Without a dependency flag each TFX
+    Beam executor would build a throwaway TFX sdist for them (base_beam_executor.py:82-84,
+    dependency_utils.py:56-72); the compiled arguments name the image, so TFX's own check skips the build."""
+    from tfx.orchestration.kubeflow.v2.container import kubeflow_v2_run_executor
+    from tfx.utils import dependency_utils
+
+    def build_ephemeral_package():
+        raise AssertionError("TFX built its source package for Beam workers")
+
+    monkeypatch.setattr(dependency_utils, "build_ephemeral_package", build_ephemeral_package)
+    summary, _, as_dict = compiled
+    assert summary["beam_args"][-1] == f"--sdk_container_image={IMAGE}"
+    for label, executor in as_dict["deploymentSpec"]["executors"].items():
+        _, beam_args = kubeflow_v2_run_executor._parse_flags(executor["container"]["args"])  # as the pod splits them
+        assert "--runner=DirectRunner" in beam_args, label
+        assert dependency_utils.make_beam_dependency_flags(beam_args) == beam_args, label
+    # Runners whose workers are elsewhere keep what their profile says (dataflow, flink, spark name the image).
+    from pipelines import kubeflow_runner
+
+    flink = ["--runner=FlinkRunner", "--environment_type=EXTERNAL"]
+    assert kubeflow_runner.in_pod_workers_hold_the_code(flink, IMAGE) == flink
+    assert kubeflow_runner.in_pod_workers_hold_the_code([], IMAGE) == []
+
+
 def test_data_folder_is_a_runtime_parameter_and_examples_are_never_cached(compiled):
     summary, spec, _ = compiled
     env = _kubeflow_env()
@@ -362,6 +388,31 @@ def test_the_rolling_window_is_refused_naming_the_key_the_file_and_the_line(taxi
     with pytest.raises(kubeflow_runner.KubeflowError, match=r"kubeflow.yaml: data_path: 'gs://b/data/taxi.csv' is "
                                                             r"one file, but .* reads spans"):
         kubeflow_runner.compile_pipeline(str(source), one_file, image=IMAGE, output=str(tmp_path / "p.yaml"))
+
+
+def test_a_window_as_a_union_of_one_example_gen_per_span_does_not_compile_for_kubeflow(tmp_path):
+    """Why data.rolling_spans > 1 stays refused (issue 12, point 5). The route without a resolver: N ExampleGen
+    tasks (N is known at compile time), task k ingesting span newest - k, and Transform reading the union of
+    their outputs. TFX 1.16's KubeflowV2 step builder takes one Channel per input and raises on a union
+    (tfx/orchestration/kubeflow/v2/step_builder.py:360-365, "Only single Channel is supported"); KFP's IR has
+    one producer per task input (kubeflow/pipelines@7b70c7b api/v2alpha1/pipeline_spec.proto:280-298), and a
+    DAG output with several artifact selectors is resolved as dsl.OneOf, the first branch that completed
+    (backend/src/v2/driver/resolve.go:1057-1085); only a ParallelFor's dsl.Collected yields a list
+    (resolve.go:867-995; artifacts since KFP 2.14, kubeflow/pipelines#11725), which TFX's compiler never emits. A fixed task per span would also fail on a gap in
+    the span numbers (a StaticRange on a missing span matches no file), where TFX's window shortens.
+    If a TFX upgrade compiles the union, this test fails: the route is then open."""
+    from tfx.components import CsvExampleGen, StatisticsGen
+    from tfx.orchestration import pipeline
+    from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner
+    from tfx.types import channel
+
+    newest, previous = (CsvExampleGen(input_base=str(tmp_path)).with_id(f"span_{k}") for k in ("newest", "previous"))
+    window = StatisticsGen(examples=channel.union([newest.outputs["examples"], previous.outputs["examples"]]))
+    union = pipeline.Pipeline(pipeline_name="window", pipeline_root="gs://b/root", components=[newest, previous, window])
+    runner = kubeflow_v2_dag_runner.KubeflowV2DagRunner(
+        kubeflow_v2_dag_runner.KubeflowV2DagRunnerConfig(default_image=IMAGE))
+    with pytest.raises(TypeError, match="^Only single Channel is supported.$"):
+        runner.run(union, write_out=False)
 
 
 def test_a_resolver_kubeflow_cannot_compile_is_refused_by_name(local_dag):

@@ -23,17 +23,57 @@ def spanned(tmp_path, rolling):
     return dataclasses.replace(spec, data_path=str(tmp_path / "spans") + "/span-{SPAN}/", rolling_spans=rolling)
 
 
-def test_the_spec_reads_the_newest_spans(tmp_path):
+def test_the_spec_reads_the_spans_of_the_window(tmp_path):
+    """The window is span numbers newest - N + 1 to newest, TFX's RollingRange rule (below), not the
+    newest N folders present: with spans 1, 2, 10 a window of 2 is span 10 alone, of 9 spans 2 and 10."""
     write_spans(tmp_path / "spans", {1: 3, 2: 4, 10: 5})
     (tmp_path / "spans" / "span-x").mkdir()  # not a span number: ignored, as ExampleGen ignores it
     spec = spanned(tmp_path, 2)
     assert spec.spans() == [1, 2, 10]
-    assert spec.csv_files() == [str(tmp_path / "spans" / "span-2" / "data.csv"),
-                                str(tmp_path / "spans" / "span-10" / "data.csv")]
+    assert spec.csv_files() == [str(tmp_path / "spans" / "span-10" / "data.csv")]
+    assert spanned(tmp_path, 9).csv_files() == [str(tmp_path / "spans" / "span-2" / "data.csv"),
+                                                str(tmp_path / "spans" / "span-10" / "data.csv")]
     assert spanned(tmp_path, None).csv_files() == [str(tmp_path / "spans" / "span-10" / "data.csv")]
     empty = dataclasses.replace(spec, data_path=str(tmp_path / "none") + "/span-{SPAN}/")
     with pytest.raises(feature_spec.SpecError, match=r"no span matches .*span-\{SPAN\}"):
         empty.csv_files()
+
+
+def _window_strategy(spec, tmp_path):
+    """The rolling_spans resolver's strategy exactly as create_pipeline configures it for `spec`."""
+    from tfx.dsl.components.common import resolver
+
+    from pipelines import pipeline as pipeline_lib
+
+    built = pipeline_lib.create_pipeline(spec, pipeline_lib.Environment(pipeline_root=str(tmp_path / "root"),
+                                                                        model_repository=str(tmp_path / "repo")))
+    window = next(c for c in built.components if c.id == "rolling_spans")
+    return window.exec_properties[resolver.RESOLVER_STRATEGY_CLASS](**window.exec_properties[resolver.RESOLVER_CONFIG])
+
+
+def _examples(spans):
+    from tfx.types import standard_artifacts
+
+    artifacts = []
+    for span in spans:
+        artifact = standard_artifacts.Examples()
+        artifact.set_int_custom_property("span", span)
+        artifacts.append(artifact)
+    return artifacts
+
+
+def test_the_spec_and_the_pipelines_window_pick_the_same_spans(tmp_path):
+    """What reads the data without TFX (pipelines/fingerprint.py's skip decision, ops/demo_drift.py's full
+    run, the schema tool) takes spec.csv_files(); the pipeline trains on what TFX's SpanRangeStrategy
+    resolves from ExampleGen's artifacts. With every span on disk ingested, they are the same spans."""
+    write_spans(tmp_path / "spans", {1: 1, 2: 1, 10: 1})
+    for window in (2, 3, 9, 10):
+        spec = spanned(tmp_path, window)
+        resolved = _window_strategy(spec, tmp_path).resolve_artifacts(None, {"examples": _examples(spec.spans())})
+        chosen = sorted(a.get_int_custom_property("span") for a in resolved["examples"])
+        assert chosen == spec.window_spans(), f"rolling_spans {window}"
+        assert spec.csv_files() == [str(tmp_path / "spans" / f"span-{n}" / "data.csv") for n in chosen]
+    assert spanned(tmp_path, 2).window_spans() == [10] and spanned(tmp_path, 9).window_spans() == [2, 10]
 
 
 def test_rolling_spans_needs_a_span_pattern():
@@ -86,7 +126,6 @@ def test_example_gen_ingests_the_newest_span_and_the_next_run_the_next(tmp_path)
 
 def test_training_reads_the_window_and_validation_the_newest_span(tmp_path):
     from tfx.proto import range_config_pb2
-    from tfx.types import standard_artifacts
 
     from pipelines import pipeline as pipeline_lib
 
@@ -107,12 +146,7 @@ def test_training_reads_the_window_and_validation_the_newest_span(tmp_path):
 
     config = window.exec_properties[resolver.RESOLVER_CONFIG]
     strategy = window.exec_properties[resolver.RESOLVER_STRATEGY_CLASS](**config)
-    artifacts = []
-    for span in (1, 2, 3):
-        a = standard_artifacts.Examples()
-        a.set_int_custom_property("span", span)
-        artifacts.append(a)
-    resolved = strategy.resolve_artifacts(None, {"examples": artifacts})
+    resolved = strategy.resolve_artifacts(None, {"examples": _examples((1, 2, 3))})
     assert sorted(a.get_int_custom_property("span") for a in resolved["examples"]) == [2, 3]
     from tfx.dsl.compiler import compiler
 
