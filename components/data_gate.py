@@ -8,9 +8,11 @@ names each feature and why.
 """
 
 import json
+import logging
 import os
 from typing import Callable, Dict, List, Optional
 
+import tensorflow as tf
 from tensorflow_metadata.proto.v0 import anomalies_pb2, statistics_pb2
 from tfx.dsl.io import fileio
 from tfx.dsl.component.experimental.annotations import InputArtifact, Parameter
@@ -89,6 +91,36 @@ def _propensity_problems(stats_of: Optional[statistics_pb2.FeatureNameStatistics
     return []
 
 
+def holdback_problems(stats: statistics_pb2.DatasetFeatureStatisticsList, spec: FeatureSpec) -> List[str]:
+    """served.use holdback_only trains on the rows components/preprocessing.py's sample_weight weighs above
+    0. When the training split's statistics count every value of the policy column and each weighs 0 (no
+    row held back, none never served), Transform would analyse no row and the Trainer fit none: refused
+    here. Only the newest span has statistics: with a window of older spans, which may hold such rows,
+    a warning instead. Values past the statistics' histogram prove nothing: the Trainer counts them."""
+    from components.preprocessing import no_row_held_back, sample_weight
+
+    policy = spec.served.policy_column
+    dataset = stats.datasets[0]
+    stats_of = next((f for f in dataset.features if (f.path.step[0] if f.path.step else f.name) == policy), None)
+    if stats_of is None or stats_of.WhichOneof("stats") != "string_stats":
+        return []  # no span was served (every row weighs 1), or not the text the proxy logs
+    strings = stats_of.string_stats
+    counts = {b.label: int(b.sample_count) for b in strings.rank_histogram.buckets} or {
+        v.value: int(v.frequency) for v in strings.top_values}
+    if strings.common_stats.num_missing or sum(counts.values()) != strings.common_stats.num_non_missing:
+        return []  # rows never served (weight 1), or values the statistics do not list
+    weights = sample_weight(spec, {policy: tf.constant(list(counts))}, tf.constant(len(counts)))
+    if any(float(w) > 0 for w in weights):
+        return []
+    listed = ", ".join(f"'{value}' {n}" for value, n in sorted(counts.items(), key=lambda item: -item[1]))
+    problem = no_row_held_back(spec, dataset.num_examples, f"of the train split (its statistics: {listed})")
+    if spec.has_spans and (spec.rolling_spans or 1) > 1:
+        logging.warning("data gate: the newest span alone would leave nothing to train on; the window's older "
+                        "spans must hold rows held back or never served, or the Trainer stops: %s", problem)
+        return []
+    return [problem]
+
+
 def first_bad_value(spec: FeatureSpec, column: str) -> Optional[str]:
     """The first cell of `column` in the run's CSV files that its declared type refuses, as a problem line
     naming the file, line and value; None when the files cannot be read here or hold none."""
@@ -124,7 +156,9 @@ def find_problems(anomalies_uri: str, statistics_uri: str, split_names: List[str
         with fileio.open(os.path.join(anomalies_uri, f"Split-{split}", "SchemaDiff.pb"), "rb") as f:
             anomalies.ParseFromString(f.read())
         stats = _statistics(statistics_uri, split)
-        for problem in spec_problems(stats, spec, locate) + anomaly_problems(anomalies):
+        served = holdback_problems(stats, spec) if split == "train" and spec.served and \
+            spec.served.use == "holdback_only" else []  # "train": the split the Trainer fits
+        for problem in spec_problems(stats, spec, locate) + anomaly_problems(anomalies) + served:
             splits_of.setdefault(problem, []).append(split)
         if previous_uri and schema_uri:
             from tfx.utils import io_utils

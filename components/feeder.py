@@ -5,7 +5,7 @@ Files are read in parallel (interleave), records parsed in parallel after batchi
 trainer works on the current one.
 """
 
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -18,11 +18,18 @@ def make_dataset(file_patterns: Sequence[str], feature_spec: Mapping[str, tf.io.
                  weight_key: Optional[str] = None, drop_unweighted: bool = False) -> tf.data.Dataset:
     """Batches of (features, label), or (features, label, weight) with weight_key: Keras' fit takes
     the third element as sample weights. drop_unweighted removes rows of weight 0 (the spec's
-    served.use holdback_only) and yields (features, label); the eval data keeps every row."""
-    files = tf.data.Dataset.list_files(list(file_patterns), shuffle=False)  # sorted, reproducible
-    ds = files.interleave(
-        lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
-        cycle_length=4, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    served.use holdback_only) and yields (features, label); the eval data keeps every row.
+
+    With repeat and drop_unweighted, data in which no row weighs more than 0 is refused (ValueError)
+    before any batch: the filter of empty batches would otherwise wait forever on the endless stream.
+    """
+    if repeat and drop_unweighted:
+        rows, weighted = weighted_rows(file_patterns, weight_key)
+        if not weighted:
+            raise ValueError(f"no row of the {rows} in {list(file_patterns)} weighs more than 0 ({weight_key}): "
+                             "drop_unweighted over a repeated dataset would never yield a batch; feed data with "
+                             "rows held back, or keep every row (drop_unweighted=False)")
+    ds = _records(file_patterns, deterministic)
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
@@ -37,6 +44,22 @@ def make_dataset(file_patterns: Sequence[str], feature_spec: Mapping[str, tf.io.
     options.deterministic = deterministic
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+def weighted_rows(file_patterns: Sequence[str], weight_key: str) -> Tuple[int, int]:
+    """(rows, rows that weigh more than 0) of the examples, in one pass that parses the weight alone."""
+    weight_spec = {weight_key: tf.io.FixedLenFeature([], tf.float32)}
+    weights = _records(file_patterns, deterministic=False).batch(4096).map(
+        lambda records: tf.io.parse_example(records, weight_spec)[weight_key], num_parallel_calls=AUTOTUNE)
+    counts = weights.reduce(tf.zeros([2], tf.int64), lambda n, w: n + tf.stack(
+        [tf.size(w, out_type=tf.int64), tf.math.count_nonzero(w > 0, dtype=tf.int64)]))
+    return int(counts[0]), int(counts[1])
+
+
+def _records(file_patterns: Sequence[str], deterministic: bool) -> tf.data.Dataset:
+    files = tf.data.Dataset.list_files(list(file_patterns), shuffle=False)  # sorted, reproducible
+    return files.interleave(lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
+                            cycle_length=4, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
 
 
 def _split_label(features, label_key, weight_key=None, drop_unweighted=False):

@@ -133,6 +133,17 @@ def sample_weight(spec: FeatureSpec, inputs: Mapping[str, Any], rows: tf.Tensor)
     return tf.cast(unbiased, tf.float32)
 
 
+def no_row_held_back(spec: FeatureSpec, rows: int, where: str) -> str:
+    """The error when holdback_only leaves nothing to train on: each of the `rows` rows `where`
+    describes weighs 0 in sample_weight (a model decided it). Shared by the data gate and the Trainer."""
+    served = spec.served
+    return (f"{spec.source}: served.use: holdback_only trains only on rows held back from the model "
+            f"(column '{served.policy_column}' starting '{HOLDBACK_POLICY_PREFIX}') or never served (empty), and "
+            f"none of the {rows} rows {where} is one: 0 held back. Hold back a share of users in the proxy "
+            "(PROXY_HOLDBACK_SHARE, e.g. 0.1) and export the spans again once their labels arrive (make export-span), "
+            "or set served.use: inverse_propensity to train on every served row weighted by 1 / propensity")
+
+
 def _dense_with_presence(x: Any, feature: Feature):
     """Turns a raw column into a dense [batch] tensor and a bool mask of present values."""
     dtype = {"int": tf.int64, "float": tf.float32, "string": tf.string}[feature.type]

@@ -19,7 +19,7 @@ from components import export, feeder, model as model_lib
 from components import strategy as strategy_lib
 from components import tuning
 from components.feature_spec import FeatureSpec, load as load_spec, parse as parse_spec
-from components.preprocessing import SAMPLE_WEIGHT_KEY, label_key
+from components.preprocessing import SAMPLE_WEIGHT_KEY, label_key, no_row_held_back
 
 METRICS_FILE = "training_metrics.json"
 
@@ -106,6 +106,10 @@ class _Feed:
         # Served rows (spec `served`): Transform wrote each row's weight; fit gets it as sample weights.
         self._weight = SAMPLE_WEIGHT_KEY if spec.served else None
         self._holdback_only = bool(spec.served) and spec.served.use == "holdback_only"
+        if self._holdback_only:  # before any step: with no row left, fit fails raw or waits forever
+            rows, weighted = feeder.weighted_rows(train_files, SAMPLE_WEIGHT_KEY)
+            if not weighted:
+                raise ValueError(no_row_held_back(spec, rows, f"of the training split ({list(train_files)})"))
         self.asynchronous = strategy_lib.is_parameter_server(strategy)
         # Synchronous workers shard each global batch by DATA (feeder): every worker must read
         # the examples in the same order, or their shares overlap. Parameter-server workers each

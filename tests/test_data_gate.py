@@ -95,3 +95,53 @@ def test_a_propensity_outside_zero_to_one_stops_the_run_naming_the_column(tmp_pa
     assert "the data holds text values" in data_gate.find_problems(anomalies, stats, ["train", "eval"], spec)[0]
     # Without a `served` block the column is nobody's business here.
     assert data_gate.find_problems(anomalies, stats, ["train", "eval"], _small_spec(tmp_path)) == []
+
+
+# --- holdback_only with nothing held back ----------------------------------------------------
+def _policy_statistics(tmp_path, train_policies):
+    """Both splits' statistics as TFDV computes them, with a policy column (eval: every row a model's, which the
+    gate must not hold against the run: the Trainer fits the train split and evaluates on every row)."""
+    import pandas as pd
+    import tensorflow_data_validation as tfdv
+
+    anomalies_uri, stats_uri = _artifacts(tmp_path, {})
+    for split, policies in (("train", train_policies), ("eval", ["model"] * 3)):
+        frame = pd.DataFrame({"policy": policies, "count": 1, "price": 2.5, "city": "paris", "big": 0})  # the spec's
+        stats = tfdv.generate_statistics_from_dataframe(frame)
+        (tmp_path / "stats" / f"Split-{split}" / "FeatureStats.pb").write_bytes(stats.SerializeToString())
+    return anomalies_uri, stats_uri
+
+
+def _holdback_spec(tmp_path, **changes):
+    import dataclasses
+
+    from components import feature_spec
+
+    return dataclasses.replace(_small_spec(tmp_path), served=feature_spec.Served("holdback_only"), **changes)
+
+
+def test_holdback_only_with_no_row_held_back_stops_before_transform_naming_the_fix(tmp_path, caplog):
+    every_row_a_model = ["model"] * 27 + ["ab:candidate"] * 3
+    anomalies, stats = _policy_statistics(tmp_path, every_row_a_model)
+    spec = _holdback_spec(tmp_path)
+    problems = data_gate.find_problems(anomalies, stats, ["train", "eval"], spec)
+    assert len(problems) == 1, problems  # the train split's alone
+    assert problems[0].startswith(f"[train] {spec.source}: served.use: holdback_only trains only on rows held back "
+                                  "from the model (column 'policy' starting 'holdback:') or never served"), problems
+    for part in ("none of the 30 rows of the train split (its statistics: 'model' 27, 'ab:candidate' 3)",
+                 "0 held back", "PROXY_HOLDBACK_SHARE", "make export-span", "served.use: inverse_propensity"):
+        assert part in problems[0], part
+    # With a window the older spans, which the statistics do not describe, may hold such rows: a warning.
+    window = _holdback_spec(tmp_path, data_path=str(tmp_path / "span-{SPAN}" / ""), rolling_spans=2)
+    assert data_gate.find_problems(anomalies, stats, ["train", "eval"], window) == []
+    assert "the window's older spans must hold rows held back or never served" in caplog.text
+
+
+def test_holdback_only_passes_a_split_with_a_row_held_back_or_never_served(tmp_path):
+    spec = _holdback_spec(tmp_path)
+    for policies in (["model"] * 29 + ["holdback:fallback"], ["model"] * 29 + [None]):
+        anomalies, stats = _policy_statistics(tmp_path, policies)
+        assert data_gate.find_problems(anomalies, stats, ["train", "eval"], spec) == [], policies
+    anomalies, stats = _policy_statistics(tmp_path, ["model"] * 30)
+    inverse = _served_spec(tmp_path)  # inverse_propensity trains on every row
+    assert data_gate.find_problems(anomalies, stats, ["train", "eval"], inverse) == []

@@ -122,6 +122,24 @@ def test_holdback_only_drops_the_rows_a_model_decided(tmp_path):
     assert prediction == pytest.approx(HOLDBACK_ONLY, abs=0.02)
 
 
+def test_a_repeated_holdback_only_feed_is_refused_when_no_row_weighs_more_than_0(tmp_path):
+    # Before, the filter of empty batches waited forever on the endless stream (parameter_server's feed).
+    from components import feeder
+    from components.preprocessing import SAMPLE_WEIGHT_KEY
+
+    def feed(folder, weights, batch_size):
+        folder.mkdir()
+        path, features = _transformed_files(folder, weights)
+        return feeder.make_dataset([path], features, "big_xf", batch_size, shuffle=True, seed=3, deterministic=True,
+                                   repeat=True, weight_key=SAMPLE_WEIGHT_KEY, drop_unweighted=True)
+
+    with pytest.raises(ValueError, match=r"no row of the 12 in \[.*part-0.gz'\] weighs more than 0 \(__sample_weight_xf\)"):
+        feed(tmp_path / "none", [0.0] * len(ROWS), 4)
+    # With rows held back it flows on: a batch of one epoch's 12 rows keeps the 6 that weigh 1 (labels 1 1 1 0 0 0).
+    data = feed(tmp_path / "some", _weights(_spec("holdback_only")), len(ROWS))
+    assert [sorted(label.numpy().tolist()) for _, label in data.take(3)] == [[0, 0, 0, 1, 1, 1]] * 3
+
+
 def test_the_evaluator_slices_by_policy_only_when_the_spec_declares_served(taxi_spec):
 
     from components.evaluation import eval_config
@@ -246,6 +264,35 @@ def served_model(served_transform, tmp_path_factory):
     train_and_export(fast_spec(spec, schedule=(feature_spec.Stage(0.05, 8, 2),)), graph_dir, [train], [evaluation],
                      model_dir)
     return tf.saved_model.load(model_dir)
+
+
+def test_holdback_only_with_no_row_held_back_stops_the_trainer_before_it_builds_a_model(served_transform, tmp_path):
+    """Every row of the span answered by a model: Transform's own output with each row's weight set to 0."""
+    import tensorflow as tf
+
+    from components.feeder import weighted_rows
+    from components.preprocessing import SAMPLE_WEIGHT_KEY
+    from components.trainer import train_and_export
+
+    path, _, graph_dir, (train, evaluation), _ = served_transform
+    frame, kept = _frame(path)
+    assert weighted_rows([train], SAMPLE_WEIGHT_KEY) == (len(frame), int(kept.sum()))  # 35 rows, 15 kept
+    none_kept = str(tmp_path / "none-kept.gz")
+    with tf.io.TFRecordWriter(none_kept, options="GZIP") as writer:
+        for record in tf.data.TFRecordDataset(tf.io.gfile.glob(train), compression_type="GZIP"):
+            example = tf.train.Example.FromString(record.numpy())
+            example.features.feature[SAMPLE_WEIGHT_KEY].float_list.value[:] = [0.0]
+            writer.write(example.SerializeToString())
+    model_dir = tmp_path / "model"
+    with pytest.raises(ValueError) as raised:
+        train_and_export(_analysed_spec(), graph_dir, [none_kept], [evaluation], str(model_dir))
+    message = str(raised.value)
+    assert message.startswith("analysed.yaml: served.use: holdback_only trains only on rows held back from the model "
+                              "(column 'policy' starting 'holdback:') or never served"), message
+    for part in (f"none of the {len(frame)} rows of the training split (['{none_kept}']) is one: 0 held back",
+                 "PROXY_HOLDBACK_SHARE", "make export-span", "served.use: inverse_propensity"):
+        assert part in message, part
+    assert not model_dir.exists()  # nothing trained, nothing exported
 
 
 def _example(row, served=None):
