@@ -97,19 +97,29 @@ def train_and_export(spec: FeatureSpec, transform_output_dir: str, train_files, 
     return {k: float(v) for k, v in results.items()}
 
 
+def served_weights(spec: FeatureSpec, train_files) -> tuple:
+    """(the column fit takes as sample weights or None, whether training drops the rows of weight 0)
+    for the spec's `served` block; the Trainer and the Tuner feed by this one rule. Transform wrote
+    each row's weight (components/preprocessing.py sample_weight). With holdback_only and no row
+    of the training split weighing more than 0 it refuses before any step, naming the fix: fit
+    would fail raw, or wait forever on a repeated feed."""
+    if not spec.served:
+        return None, False
+    holdback_only = spec.served.use == "holdback_only"
+    if holdback_only:
+        rows, weighted = feeder.weighted_rows(train_files, SAMPLE_WEIGHT_KEY)
+        if not weighted:
+            raise ValueError(no_row_held_back(spec, rows, f"of the training split ({list(train_files)})"))
+    return SAMPLE_WEIGHT_KEY, holdback_only
+
+
 class _Feed:
     """The trainer's input under its strategy (the tf.data pipeline itself is components/feeder.py)."""
 
     def __init__(self, spec: FeatureSpec, strategy: tf.distribute.Strategy, feature_spec, train_files, eval_files):
         self._train, self._feature_spec, self._label = spec.training, feature_spec, label_key(spec)
         self._train_files, self._eval_files = train_files, eval_files
-        # Served rows (spec `served`): Transform wrote each row's weight; fit gets it as sample weights.
-        self._weight = SAMPLE_WEIGHT_KEY if spec.served else None
-        self._holdback_only = bool(spec.served) and spec.served.use == "holdback_only"
-        if self._holdback_only:  # before any step: with no row left, fit fails raw or waits forever
-            rows, weighted = feeder.weighted_rows(train_files, SAMPLE_WEIGHT_KEY)
-            if not weighted:
-                raise ValueError(no_row_held_back(spec, rows, f"of the training split ({list(train_files)})"))
+        self._weight, self._holdback_only = served_weights(spec, train_files)
         self.asynchronous = strategy_lib.is_parameter_server(strategy)
         # Synchronous workers shard each global batch by DATA (feeder): every worker must read
         # the examples in the same order, or their shares overlap. Parameter-server workers each

@@ -61,7 +61,7 @@ def tuner_fn(fn_args):
 
     from components import feeder, model as model_lib
     from components.preprocessing import label_key
-    from components.trainer import _skip_autograph_for_tf_keras
+    from components.trainer import _skip_autograph_for_tf_keras, served_weights
 
     spec = FeatureSpec.from_custom_config(fn_args.custom_config)
     tf_transform_output = tft.TFTransformOutput(fn_args.transform_graph_path)
@@ -78,16 +78,21 @@ def tuner_fn(fn_args):
         seed=spec.training.seed)
     tuner = _tf_keras_search()(oracle, hypermodel=build, directory=fn_args.working_dir, project_name=spec.name)
     feature_spec = tf_transform_output.transformed_feature_spec()
+    # Served rows are weighted (or dropped) as the Trainer weighs them: trials scored on other
+    # rows than the model is trained on would pick its hyperparameters for another population.
+    weight, holdback_only = served_weights(spec, fn_args.train_files)
 
-    def data(files, batch_size, shuffle):
+    def data(files, batch_size, shuffle, training):
         return feeder.make_dataset(files, feature_spec, label_key(spec), batch_size, shuffle=shuffle,
                                    seed=spec.training.seed, deterministic=spec.training.deterministic,
-                                   shuffle_buffer=spec.training.shuffle_buffer)
+                                   shuffle_buffer=spec.training.shuffle_buffer, weight_key=weight,
+                                   drop_unweighted=training and holdback_only)
 
     _skip_autograph_for_tf_keras()
     return TunerFnResult(tuner=tuner, fit_kwargs={
-        "x": data(fn_args.train_files, spec.training.schedule[0].batch_size, shuffle=True),
-        "validation_data": data(fn_args.eval_files, 1024, shuffle=False), "epochs": spec.tuning.epochs})
+        "x": data(fn_args.train_files, spec.training.schedule[0].batch_size, shuffle=True, training=True),
+        "validation_data": data(fn_args.eval_files, 1024, shuffle=False, training=False),
+        "epochs": spec.tuning.epochs})
 
 
 def _tf_keras_search():

@@ -334,3 +334,24 @@ def test_a_rows_answer_does_not_depend_on_the_policy_or_propensity_it_carries(se
         x=tf.constant([float(r["x"]) if r["x"] else float("nan") for r in rows]))
     np.testing.assert_allclose(raw["probabilities"].numpy(), scores[0], rtol=1e-6)
     assert len({round(float(p), 6) for p in scores[0][:, 1]}) > 3  # the rows' answers differ: the inputs count
+
+
+def test_the_tuner_feeds_served_rows_as_the_trainer_does(served_transform, tmp_path):
+    """holdback_only: the search trains on the rows that weigh more than 0 only, and scores each
+    trial on weighted validation rows, as the Trainer's feed does (components/trainer.py served_weights)."""
+    from tfx.components.trainer.fn_args_utils import FnArgs
+
+    from components import tuning
+    from components.preprocessing import SAMPLE_WEIGHT_KEY
+
+    path, _, graph_dir, (train, evaluation), _ = served_transform
+    frame, kept = _frame(path)
+    spec = feature_spec.parse({**ANALYSED_SPEC, "tuning": {"search_space": {"embedding_dim": [2, 4]}, "trials": 1,
+                                                           "epochs": 1}}, source="analysed.yaml")
+    result = tuning.tuner_fn(FnArgs(train_files=[train], eval_files=[evaluation], transform_graph_path=graph_dir,
+                                    working_dir=str(tmp_path / "work"), custom_config=spec.to_custom_config()))
+    batches = list(result.fit_kwargs["x"])
+    assert all(len(b) == 2 and SAMPLE_WEIGHT_KEY not in b[0] for b in batches)  # (features, label), weight-0 rows gone
+    assert sum(int(label.shape[0]) for _, label in batches) == int(kept.sum()) == 15
+    validation = list(result.fit_kwargs["validation_data"])
+    assert all(len(b) == 3 for b in validation)  # (features, label, weight): every row, weighted
