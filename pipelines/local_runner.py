@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from components import feature_spec
 from pipelines import beam_profiles, fingerprint, mlmd
@@ -210,6 +210,31 @@ def require_new_span(spec, env) -> int:
     return newest
 
 
+def spans_to_ingest(spec, ingested) -> List[int]:
+    """The window's spans (spec.window_spans(), what the run must train on) older than the newest that
+    ExampleGen has not ingested, oldest first. A run's own ExampleGen ingests the newest span only
+    (TFX 1.16), so spans that arrived together, or a first run over a folder of spans, would leave
+    these out of the window TFX resolves; run() ingests them first (span_ingestion_pipeline)."""
+    if not spec.has_spans:
+        return []
+    seen = set(ingested)
+    return [span for span in spec.window_spans()[:-1] if span not in seen]
+
+
+def ingest_window_spans(spec, environment, metadata_path: str, out=sys.stdout) -> List[int]:
+    """Runs span_ingestion_pipeline for each of spans_to_ingest, one console line each; returns them."""
+    from tfx.orchestration.local.local_dag_runner import LocalDagRunner
+
+    from pipelines import pipeline as pipeline_lib
+
+    spans = spans_to_ingest(spec, mlmd.ingested_spans(metadata_path))
+    for span in spans:
+        out.write(f"  ingesting span {span} of the window (older than the newest, never ingested)\n")
+        out.flush()
+        LocalDagRunner().run(pipeline_lib.span_ingestion_pipeline(spec, environment, span))
+    return spans
+
+
 def run(spec_path: str, env_path: str = "configs/local.yaml", data_path: Optional[str] = None,
         summary_path: str = SUMMARY_PATH, report_dir: Optional[str] = None, quiet: bool = False,
         check_data: bool = True, beam_profile: Optional[str] = None, new_span_only: bool = False,
@@ -258,6 +283,13 @@ def run(spec_path: str, env_path: str = "configs/local.yaml", data_path: Optiona
             beam_pipeline_args=beam_profiles.for_tfx(beam_args), enable_cache=env.get("enable_cache", True),
             sandbox=dict(env.get("sandbox") or {}))
         tfx_pipeline = pipeline_lib.create_pipeline(spec, environment)
+        try:  # before the run's progress watcher, which reports the run's own components
+            ingest_window_spans(spec, environment, env["metadata_path"], console.out)
+        except Exception as e:
+            logging.exception("ingesting the window's spans failed")
+            failed = RunFailed("CsvExampleGen (a span of the window)", e, log_path)
+            console.err.write(f"error: {failed}\nfull log: {log_path}\n")
+            raise failed from e
         progress = ProgressWatcher(environment.metadata_connection_config, stream=console.out)
         try:
             progress.start()

@@ -129,13 +129,38 @@ def record_artifact(metadata_path: str, type_name: str, uri: str, properties: Di
     return artifact_id
 
 
+def span_of(artifact) -> Optional[int]:
+    """An Examples artifact's span where TFX 1.16 keeps it: ExampleGen's driver writes the custom property
+    (tfx/components/example_gen/driver.py:55-57), not the `span` property the Examples type declares, and
+    SpanRangeStrategy reads the custom one, an int or a string (span_range_strategy.py:32-39)."""
+    span = custom_property(artifact, "span")
+    if span not in (None, ""):
+        return int(span)
+    return artifact.properties["span"].int_value if "span" in artifact.properties else None
+
+
 def ingested_spans(metadata_path: str, example_gen: str = "CsvExampleGen") -> List[int]:
     """Spans ExampleGen has written Examples for in this store (empty when there is no store yet)."""
     if not os.path.exists(metadata_path):
         return []
     store = connect(metadata_path)
-    return sorted({a.properties["span"].int_value for a in store.get_artifacts_by_type("Examples")
-                   if "span" in a.properties and f"/{example_gen}/" in a.uri})
+    return sorted({span_of(a) for a in store.get_artifacts_by_type("Examples")
+                   if f"/{example_gen}/" in a.uri and span_of(a) is not None})
+
+
+def spans_read(metadata_path: str, pipeline_name: str, node: str = "Transform", key: str = "examples") -> List[int]:
+    """The spans of the Examples the latest execution of `node` in `pipeline_name` read under input `key`,
+    ascending (empty when it never ran): what a run trained on, as ML Metadata recorded it."""
+    if not os.path.exists(metadata_path):
+        return []
+    store = connect(metadata_path)
+    context = store.get_context_by_type_and_name("node", f"{pipeline_name}.{node}")  # TFX's node context name
+    executions = store.get_executions_by_context(context.id) if context is not None else []
+    if not executions:
+        return []
+    latest = max(executions, key=lambda e: e.id)
+    spans = (span_of(a) for a in artifacts_of(store, latest.id, _pb2().Event.INPUT).get(key, []))
+    return sorted(span for span in spans if span is not None)
 
 
 # --- events -------------------------------------------------------------------------------

@@ -91,14 +91,19 @@ def data_folder(spec: FeatureSpec):
     return os.path.dirname(spec.data_path), os.path.basename(spec.data_path)
 
 
-def _example_gen(spec: FeatureSpec, data_root=None) -> CsvExampleGen:
+def _example_gen(spec: FeatureSpec, data_root=None, span: Optional[int] = None) -> CsvExampleGen:
     input_base, pattern = data_folder(spec)
     if data_root is not None:  # a folder, or a RuntimeParameter a Kubeflow run fills in
         input_base = data_root
-    # ExampleGen ingests the newest span (TFX 1.16 supports num_spans=1 only there); the window of
-    # spans a run trains on is resolved downstream, by _training_examples.
-    rolling = (range_config_pb2.RangeConfig(rolling_range=range_config_pb2.RollingRange(num_spans=1))
-               if spec.has_spans else None)
+    # ExampleGen ingests the newest span (TFX 1.16 supports num_spans=1 only there), or `span` alone
+    # (a static range of one span, the other form its input_processor allows); the window of spans a
+    # run trains on is resolved downstream, by _training_examples.
+    if span is not None:
+        rolling = range_config_pb2.RangeConfig(static_range=range_config_pb2.StaticRange(
+            start_span_number=span, end_span_number=span))
+    else:
+        rolling = (range_config_pb2.RangeConfig(rolling_range=range_config_pb2.RollingRange(num_spans=1))
+                   if spec.has_spans else None)
     return CsvExampleGen(
         input_base=input_base,
         range_config=rolling,
@@ -123,6 +128,21 @@ def _training_examples(spec: FeatureSpec, example_gen: CsvExampleGen):
             rolling_range=range_config_pb2.RollingRange(num_spans=spec.rolling_spans))},
         examples=Channel(type=Examples, producer_component_id=example_gen.id)).with_id("rolling_spans")
     return window, window.outputs["examples"]
+
+
+def span_ingestion_pipeline(spec: FeatureSpec, env: Environment, span: int,
+                            pipeline_name: Optional[str] = None) -> tfx_pipeline.Pipeline:
+    """CsvExampleGen pinned to `span` and its StatisticsGen, under create_pipeline's pipeline name, root and
+    node ids: TFX 1.16's ExampleGen ingests one span per run (tfx/components/example_gen/
+    input_processor.py:40-57), so a window's older spans that arrived together are ingested by runs of
+    this first. Then the window's resolver (rolling_spans) finds them among CsvExampleGen's Examples,
+    and the data gate finds the previous span's statistics (previous_span_statistics)."""
+    example_gen = _example_gen(spec, span=span)
+    statistics_gen = StatisticsGen(examples=example_gen.outputs["examples"])
+    return tfx_pipeline.Pipeline(pipeline_name=pipeline_name or spec.name, pipeline_root=env.pipeline_root,
+                                 components=[example_gen, statistics_gen], enable_cache=env.enable_cache,
+                                 metadata_connection_config=env.metadata_connection_config,
+                                 beam_pipeline_args=env.beam_pipeline_args)
 
 
 def _previous_span_statistics(spec: FeatureSpec, statistics_gen: StatisticsGen,

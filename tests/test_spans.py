@@ -226,7 +226,8 @@ def test_retraining_refuses_data_it_has_seen(tmp_path):
     run.store.put_artifact_type(pb2.ArtifactType(name="Examples", properties={"span": pb2.INT}),
                                 can_add_fields=True)  # TFX declares span as a property of Examples
     ingested = run.artifact("Examples", str(tmp_path / "root" / "CsvExampleGen" / "examples" / "20"))
-    ingested.properties["span"].int_value = 2
+    # ...but its ExampleGen driver writes the span as a custom property (tfx/components/example_gen/driver.py:55-57)
+    ingested.custom_properties["span"].int_value = 2
     run.store.put_artifacts([ingested])
     with pytest.raises(local_runner.NothingNew, match="span 2 .* was trained on already: export a new span"):
         local_runner.require_new_span(spec, env)
@@ -234,3 +235,81 @@ def test_retraining_refuses_data_it_has_seen(tmp_path):
     assert local_runner.require_new_span(spec, env) == 3
     with pytest.raises(local_runner.NothingNew, match="is one dataset, not spans"):
         local_runner.require_new_span(feature_spec.load("configs/taxi.yaml"), env)
+
+
+def test_a_run_first_ingests_the_windows_spans_its_example_gen_would_skip(tmp_path):
+    """TFX 1.16's ExampleGen ingests the newest span per run (tfx/components/example_gen/input_processor.py
+    40-57: a rolling range of one span, or a static range of one); the window's older spans ExampleGen never
+    ingested are ingested first, oldest first: the spans window_spans() counts, and no others."""
+    from pipelines.local_runner import spans_to_ingest
+
+    write_spans(tmp_path / "spans", {1: 1, 2: 1, 3: 1})
+    spec = spanned(tmp_path, 3)
+    assert spans_to_ingest(spec, []) == [1, 2]  # a first run over a folder of three spans
+    assert spans_to_ingest(spec, [3]) == [1, 2]  # two spans arrived before the run that took the newest
+    assert spans_to_ingest(spec, [1]) == [2]
+    assert spans_to_ingest(spec, [1, 2, 3]) == []
+    assert spans_to_ingest(spanned(tmp_path, 2), []) == [2]  # span 1 is outside a window of two
+    assert spans_to_ingest(spanned(tmp_path, 1), []) == []  # the run's own ExampleGen takes the one span
+    assert spans_to_ingest(spanned(tmp_path, None), []) == []
+    write_spans(tmp_path / "spans", {10: 1})  # a gap: the window of 9 is spans 2, 3 and 10 (window_spans)
+    assert spans_to_ingest(spanned(tmp_path, 9), [1]) == [2, 3]
+    assert spans_to_ingest(feature_spec.load("configs/taxi.yaml"), []) == []  # one CSV: nothing extra runs
+
+
+@pytest.fixture(scope="module")
+def window_runs(taxi_spec, tmp_path_factory):
+    """Two runs of the pipeline up to Transform over taxi spans (90 rows each), each after the ingestion
+    local_runner.run() does first: spans 1-3 with rolling_spans 3, then span 4 added. Returns
+    (metadata path, spec, [(console lines, ingested spans, spans Transform read), ...])."""
+    import io
+
+    import yaml
+    from tfx.orchestration import metadata, pipeline
+    from tfx.orchestration.local.local_dag_runner import LocalDagRunner
+
+    from pipelines import local_runner, mlmd, pipeline as pipeline_lib
+    from tests.conftest import REPO, TAXI_SPEC, read_rows, taxi_csv_path, write_sample
+
+    tmp = tmp_path_factory.mktemp("window")
+    rows = read_rows(taxi_csv_path(taxi_spec), limit=360)
+    with open(TAXI_SPEC) as f:
+        raw = yaml.safe_load(f)
+    raw["schema"] = os.path.join(REPO, raw["schema"])
+    raw["data"] = {**raw["data"], "path": str(tmp / "spans") + "/span-{SPAN}/", "rolling_spans": 3}
+    raw["monitoring"].pop("drift")  # 90 rows a span are too few for the span-to-span drift bounds
+    spec = feature_spec.parse(raw, source="window.yaml")
+    db = str(tmp / "mlmd.sqlite")
+    environment = pipeline_lib.Environment(
+        pipeline_root=str(tmp / "root"), model_repository=str(tmp / "models"),
+        metadata_connection_config=metadata.sqlite_metadata_connection_config(db),
+        beam_pipeline_args=["--direct_running_mode=in_memory", "--direct_num_workers=1"])
+    runs = []
+    for spans in ((1, 2, 3), (4,)):
+        for span in spans:
+            write_sample(rows[(span - 1) * 90:span * 90], str(tmp / "spans" / f"span-{span}"))
+        console = io.StringIO()
+        local_runner.ingest_window_spans(spec, environment, db, out=console)
+        LocalDagRunner().run(pipeline_lib.create_pipeline(spec, environment),
+                             run_options=pipeline.RunOptions(to_nodes=["Transform"]))
+        runs.append((console.getvalue().splitlines(), mlmd.ingested_spans(db),
+                     mlmd.spans_read(db, spec.name, "Transform")))
+    return db, spec, runs
+
+
+@pytest.mark.slow
+def test_the_window_trains_on_every_span_that_arrived(window_runs):
+    """Transform's input Examples, as ML Metadata recorded them, cover the whole window: spans 1-3 on the
+    first run over a folder of three spans (without the ingestion, only span 3), 2-4 once span 4 arrives."""
+    from pipelines import local_runner
+
+    db, spec, (first, second) = window_runs
+    lines, ingested, read = first
+    assert [line.split(" of the window")[0].strip() for line in lines] == ["ingesting span 1", "ingesting span 2"]
+    assert ingested == [1, 2, 3] and read == [1, 2, 3]
+    lines, ingested, read = second
+    assert lines == []  # spans 2 and 3 were ingested: nothing extra runs
+    assert ingested == [1, 2, 3, 4] and read == [2, 3, 4]  # one Examples a span: none ingested twice
+    # make retrain's rule on the store TFX wrote: span 4, the newest, was trained on.
+    with pytest.raises(local_runner.NothingNew, match="span 4 .* was trained on already"):
+        local_runner.require_new_span(spec, {"metadata_path": db})
