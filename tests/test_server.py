@@ -319,6 +319,53 @@ def test_tensorflow_thread_flags_reach_tensorflow():
     assert out.split() == ["3", "2"]
 
 
+def test_a_version_change_collects_the_unloaded_version_and_freezes_the_loaded_ones(tiny, tmp_path):
+    """The server process's Repository hook (serving.server.freeze_loaded_objects) runs after each
+    refresh that loads or unloads a version, and only then. A version it froze is still collected
+    once unloaded (frozen objects never are: the hook unfreezes first), and no batch queue keeps
+    it alive after its last batch."""
+    import gc
+    import weakref
+
+    from serving.batching import Batcher, Parameters
+    from serving.core import Servables
+    from serving.repository import Repository
+    from serving.server import freeze_loaded_objects
+
+    changes = []
+
+    def hook():
+        freeze_loaded_objects()
+        changes.append(gc.get_freeze_count())
+
+    shutil.copytree(tiny[1], tmp_path / "m" / "1")
+    (tmp_path / "models.config").write_text(config(tmp_path))  # latest 1: a new version replaces the old
+    try:
+        repo = Repository(config_file=str(tmp_path / "models.config"), on_change=hook)
+        assert len(changes) == 1 and changes[0] > 0 and sorted(repo.snapshot("m").versions) == [1]
+        repo.refresh()
+        assert len(changes) == 1  # nothing loaded or unloaded: no collection
+        servables = Servables(repo, Batcher(Parameters(num_batch_threads=1)))
+        first = repo.resolve("m")
+        assert servables.run(first, "serving_default", {"x": np.array([3.0], np.float32)})["y"].tolist() == [3.0]
+        module = weakref.ref(first.module)
+
+        class Cyclic:  # what a loaded model is full of: objects that only the cycle collector frees
+            pass
+        first.cycle = Cyclic()
+        first.cycle.loop = first.cycle
+        cycle = weakref.ref(first.cycle)
+        freeze_loaded_objects()  # now frozen with the version that holds it
+        del first
+        shutil.copytree(tiny[2], tmp_path / "m" / "2")
+        repo.refresh()
+        assert len(changes) == 2 and sorted(repo.snapshot("m").versions) == [2]
+        assert module() is None, "something still holds the unloaded version"
+        assert cycle() is None, "the unloaded version's frozen cycles outlived the collection"
+    finally:
+        gc.unfreeze()
+
+
 def test_batching_parameters_file_is_tf_servings_text_proto(tmp_path):
     from serving.batching import read_parameters
 
