@@ -547,6 +547,24 @@ def test_work_whose_client_left_before_a_worker_took_it_is_dropped():
         server.stop()
 
 
+def test_request_tensors_are_tf_constants_in_host_memory():
+    """serving/core.py's _tensor (made with no device, past tf.constant's wrappers) gives the
+    tensor tf.constant gives for each input dtype a signature takes: same dtype, shape and values,
+    in host (CPU) memory, as a TF Serving session's feeds are."""
+    import tensorflow as tf
+
+    from serving.core import _tensor
+
+    strings = np.empty(2, dtype=object)
+    strings[:] = [b"Credit Card", "".encode()]
+    for value, dtype in ((np.array([1.5, np.nan], np.float32), tf.float32), (np.array([[3], [-4]], np.int64), tf.int64),
+                         (np.array([0.25], np.float64), tf.float64), (strings, tf.string)):
+        made, want = _tensor(value, dtype), tf.constant(value, dtype)
+        assert (made.dtype, made.shape.as_list()) == (want.dtype, want.shape.as_list())
+        assert made.device.endswith("CPU:0"), made.device
+        np.testing.assert_array_equal(made.numpy(), want.numpy())
+
+
 def test_grpc_inputs_read_as_tf_make_ndarray_reads_them():
     """serving/grpc_server.py's quick TensorProto reader against TensorFlow's own, on what clients
     send: listed values of each common dtype, several shapes, packed tensor_content, one value
