@@ -585,7 +585,9 @@ def test_grpc_inputs_read_as_tf_make_ndarray_reads_them():
               tf.make_tensor_proto(np.zeros((0, 3), np.float32)),
               tf.make_tensor_proto(np.arange(6, dtype=np.float32).reshape(2, 3)),  # tensor_content
               tf.make_tensor_proto(7.0, dtype=tf.float32),  # a scalar
-              tf.make_tensor_proto([1.0, 2.0], dtype=tf.float16), repeated]
+              tf.make_tensor_proto([1.0, 2.0], dtype=tf.float16), repeated,
+              tf.make_tensor_proto([12.5], dtype=tf.float32),  # one row's column, as bench-serving's client sends
+              tf.make_tensor_proto(["Credit Card"], dtype=tf.string), tf.make_tensor_proto(np.zeros(0, np.int64))]
     for proto in protos:
         want, got = tf.make_ndarray(proto), _ndarray(proto)
         assert got.dtype == want.dtype and got.shape == want.shape, proto
