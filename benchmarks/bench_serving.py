@@ -1,7 +1,9 @@
 """`make bench-serving`: the local TF Serving twin against the in-process signature call (the
 floor), REST and gRPC, single row and a batch of 100 (the three calls in turn); then 1, 8 and 50
-concurrent single-row clients with server-side batching off and on. One run, ratios against
-references measured in it.
+concurrent single-row clients with server-side batching off and on, the two servers' loads
+taken in alternating turns; then the batching target's two sides (one sequential client of the
+unbatched server, 50 of the batched one), alternating too. One run, ratios against references
+measured in it, each beside the load it was measured under.
 
     python -m benchmarks.bench_serving [--model_repository build/model_repository] [--model taxi]
 
@@ -97,16 +99,25 @@ class ServerProcess:
         self.log.close()
 
 
-def under_load(server: ServerProcess, path: str, body: bytes, clients: int, seconds: float):
-    """loadgen.concurrent, with the server's CPU per request and the requests/s that the server's
-    and the clients' CPU per request allow on every core of this machine."""
-    before = loadgen.cpu_seconds(server.process.pid)
-    result = loadgen.concurrent(server.rest_port, path, [body], clients, seconds)
-    result["server_cpu_ms_per_request"] = (loadgen.cpu_seconds(server.process.pid) - before) / max(
-        result["requests"], 1) * 1e3
-    per_request = result["server_cpu_ms_per_request"] + result["client_cpu_ms_per_request"]
-    result["cpu_bound_requests_per_s"] = (os.cpu_count() or 1) * 1e3 / per_request if per_request else None
-    return result
+ROUNDS = 4  # turns per load in an interleaved comparison
+
+
+def under_load(runs, path: str, body: bytes, seconds: float):
+    """{name: (server, clients)} -> loadgen.alternating over them (each load `seconds` in all, in
+    ROUNDS turns taken in order, so a load and its reference share the same stretch of a shared
+    machine), with each server's CPU per request and the requests/s that the server's and the
+    clients' CPU per request allow on every core. The servers must differ: a server's CPU is read
+    over the whole comparison (the other's turns leave it idle)."""
+    before = {name: loadgen.cpu_seconds(server.process.pid) for name, (server, _) in runs.items()}
+    results = loadgen.alternating({name: server.rest_port for name, (server, _) in runs.items()}, path, [body],
+                                  {name: clients for name, (_, clients) in runs.items()}, seconds, ROUNDS)
+    for name, result in results.items():
+        server = runs[name][0]
+        result["server_cpu_ms_per_request"] = (loadgen.cpu_seconds(server.process.pid) - before[name]) / max(
+            result["requests"], 1) * 1e3
+        per_request = result["server_cpu_ms_per_request"] + result["client_cpu_ms_per_request"]
+        result["cpu_bound_requests_per_s"] = (os.cpu_count() or 1) * 1e3 / per_request if per_request else None
+    return results
 
 
 def rest_caller(port: int, path: str, body: bytes):
@@ -166,6 +177,9 @@ def main(argv=None) -> int:
     results = {"model": args.model, "version": versions[-1], "load_average_at_start": load_average()}
 
     plain = ServerProcess(args.model, base, batching=False, extra=args.server_flag)
+    # A batched predict call waits for its batch on the server's event loop, not in a worker.
+    batched = ServerProcess(args.model, base, batching=True, extra=args.server_flag,
+                            batching_file=args.batching_parameters_file)
     try:
         for label, rows in (("single_row", [row]), ("batch_100", [row] * 100)):
             tensors = {k: tf.constant([r[k] for r in rows], s.dtype) for k, s in specs.items()}
@@ -186,15 +200,15 @@ def main(argv=None) -> int:
                               "rest_p50_ratio_to_flat_call": rest["p50_ms"] / flat_floor["p50_ms"],
                               "grpc_p50_ratio_to_flat_call": grpc_["p50_ms"] / flat_floor["p50_ms"]}
         body = json.dumps({"instances": [row]}).encode()
-        results["unbatched"] = [under_load(plain, path, body, c, args.seconds) for c in (1, 8, 50)]
+        loads = [under_load({"unbatched": (plain, c), "batched": (batched, c)}, path, body, args.seconds)
+                 for c in (1, 8, 50)]
+        results["unbatched"], results["batched"] = ([load[mode] for load in loads] for mode in ("unbatched", "batched"))
+        # The batching target's two sides, interleaved with each other: one sequential client of
+        # the unbatched server, and 50 clients of the batched one.
+        results["batching_target"] = under_load({"sequential": (plain, 1), "batched_50": (batched, 50)}, path, body,
+                                                args.seconds)
     finally:
         plain.stop()
-    # A batched predict call waits for its batch on the server's event loop, not in a worker.
-    batched = ServerProcess(args.model, base, batching=True, extra=args.server_flag,
-                            batching_file=args.batching_parameters_file)
-    try:
-        results["batched"] = [under_load(batched, path, body, c, args.seconds) for c in (1, 8, 50)]
-    finally:
         batched.stop()
 
     results["load_average_at_end"] = load_average()
@@ -212,8 +226,8 @@ def main(argv=None) -> int:
                   f"p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms, errors {c['errors']} | CPU per request: "
                   f"server {c['server_cpu_ms_per_request']:.2f} ms, clients {c['client_cpu_ms_per_request']:.2f} ms "
                   f"(at most {c['cpu_bound_requests_per_s']:.0f} req/s on {os.cpu_count()} cores)")
-    sequential = results["unbatched"][0]["requests_per_second"]
-    fifty = results["batched"][2]
+    sequential = results["batching_target"]["sequential"]["requests_per_second"]
+    fifty = results["batching_target"]["batched_50"]
     results["targets"] = {
         "rest_single_row_p50_ratio<=1.5": results["single_row"]["rest_p50_ratio"] <= 1.5,
         "grpc_single_row_p50_ratio<=1.3": results["single_row"]["grpc_p50_ratio"] <= 1.3,
@@ -222,8 +236,9 @@ def main(argv=None) -> int:
     }
     results["batched_50_vs_sequential_throughput_ratio"] = fifty["requests_per_second"] / sequential
     results["batched_50_cpu_bound_vs_sequential_ratio"] = fifty["cpu_bound_requests_per_s"] / sequential
-    print(f"50 batched clients vs one sequential client: {results['batched_50_vs_sequential_throughput_ratio']:.2f}x "
-          f"requests/s (their CPU per request allows at most {results['batched_50_cpu_bound_vs_sequential_ratio']:.2f}x)")
+    print(f"50 batched clients vs one sequential client, interleaved: {fifty['requests_per_second']:.0f} vs "
+          f"{sequential:.0f} req/s, {results['batched_50_vs_sequential_throughput_ratio']:.2f}x (their CPU per request "
+          f"allows at most {results['batched_50_cpu_bound_vs_sequential_ratio']:.2f}x); batched p99 {fifty['p99_ms']:.1f} ms")
     for name, ok in results["targets"].items():
         print(f"target {name}: {'PASS' if ok else 'MISS'}")
     os.makedirs("build", exist_ok=True)

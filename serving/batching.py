@@ -141,14 +141,19 @@ class Batcher:
 
     def _enqueue(self, loaded, signature: str, inputs: Dict[str, np.ndarray], call: Callable, loop) -> Optional[_Task]:
         """The task queued in its batch, or None when the inputs cannot be batched."""
-        sizes = {v.shape[0] if v.ndim else -1 for v in inputs.values()}
-        if not inputs or -1 in sizes or len(sizes) != 1:
+        size, shapes = None, []
+        for name, value in inputs.items():  # one pass: the rows every input must share, and the merge key
+            shape = value.shape
+            if not shape or (size is not None and shape[0] != size):
+                return None
+            size = shape[0]
+            shapes.append((name, value.dtype.str, shape[1:]))
+        if size is None:
             return None
-        size = sizes.pop()
         if size > self.p.max_batch_size:
             raise invalid(f"Task size {size} is larger than maximum input batch size {self.p.max_batch_size}")
-        shape_key = tuple(sorted((k, v.dtype.str, v.shape[1:]) for k, v in inputs.items()))
-        task = _Task(inputs, size, (id(loaded), signature, shape_key), loop)
+        shapes.sort()
+        task = _Task(inputs, size, (id(loaded), signature, tuple(shapes)), loop)
         with self._cv:
             queue = self._queues.get(task.key)
             if queue is None:  # the key holds id(loaded): one queue per loaded version and signature
@@ -156,6 +161,10 @@ class Batcher:
             if queue.batches and queue.rows[-1] + size <= self.p.max_batch_size:
                 queue.batches[-1].append(task)
                 queue.rows[-1] += size
+                # The open batch's arrival already woke a batch thread (or all are busy); wake
+                # another only once the batch is full, which makes it ready before its timeout.
+                # A wake-up per joining task made idle threads race for the GIL and the batch.
+                ready = queue.rows[-1] >= self.p.max_batch_size
             else:
                 if len(queue.batches) >= self.p.max_enqueued_batches:
                     raise ServingError("UNAVAILABLE", f"The batch scheduling queue to which this task was submitted is "
@@ -164,7 +173,9 @@ class Batcher:
                 queue.batches.append([task])
                 queue.opened.append(time.monotonic())
                 queue.rows.append(size)
-            self._cv.notify()
+                ready = True
+            if ready:
+                self._cv.notify()
         return task
 
     def _ready(self) -> Tuple[Optional[_Queue], float]:
@@ -181,17 +192,22 @@ class Batcher:
         return None, wait
 
     def _work(self) -> None:
-        while True:
-            with self._cv:
+        while True:  # no local keeps a batch or its version alive while the thread waits
+            self._execute(*self._next())
+
+    def _next(self) -> Tuple[List[_Task], object, str, Callable]:
+        """The next batch to run, with its version, signature and call; waits for one."""
+        with self._cv:
+            queue, wait = self._ready()
+            while queue is None:
+                self._cv.wait(wait)
                 queue, wait = self._ready()
-                while queue is None:
-                    self._cv.wait(wait)
-                    queue, wait = self._ready()
-                batch = queue.batches.popleft()
-                queue.opened.popleft()
-                queue.rows.popleft()
-                loaded, signature, call = queue.loaded, queue.signature, queue.call
-            self._execute(batch, loaded, signature, call)
+            batch = queue.batches.popleft()
+            queue.opened.popleft()
+            queue.rows.popleft()
+            if not queue.batches:  # made again by the next call: no queue keeps an unloaded version alive
+                del self._queues[batch[0].key]
+            return batch, queue.loaded, queue.signature, queue.call
 
     def _execute(self, batch: List[_Task], loaded, signature: str, call: Callable) -> None:
         rows = sum(t.size for t in batch)

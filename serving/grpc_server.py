@@ -38,15 +38,21 @@ def _ndarray(proto) -> np.ndarray:
     make_ndarray's."""
     listed = _LISTED.get(proto.dtype)
     if listed is not None and not proto.tensor_content and not proto.tensor_shape.unknown_rank:
-        shape = [d.size for d in proto.tensor_shape.dim]
+        dims = proto.tensor_shape.dim
         values = getattr(proto, listed[0])
-        if len(values) == math.prod(shape) and min(shape, default=0) >= 0:
-            if listed[1] is object:
-                array = np.empty(len(values), dtype=object)
-                array[:] = list(values)
-            else:
-                array = np.fromiter(values, dtype=listed[1], count=len(values))
-            return array.reshape(shape)
+        count = len(values)
+        if len(dims) == 1 and dims[0].size == count:  # a column, the usual input: no shape to compute
+            shape = None
+        else:
+            shape = [d.size for d in dims]
+            if count != math.prod(shape) or min(shape, default=0) < 0:
+                return tf.make_ndarray(proto)
+        if listed[1] is object:
+            array = np.empty(count, dtype=object)
+            array[:] = list(values)
+        else:
+            array = np.fromiter(values, dtype=listed[1], count=count)
+        return array if shape is None else array.reshape(shape)
     return tf.make_ndarray(proto)
 
 

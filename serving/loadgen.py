@@ -15,7 +15,7 @@ import http.client
 import os
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -104,16 +104,18 @@ def concurrent(port: int, path: str, bodies: Sequence[bytes], clients: int, seco
     return _summary(clients, [_load(port, path, bodies, clients, seconds, host)])
 
 
-def alternating(ports: Dict[str, int], path: str, bodies: Sequence[bytes], clients: int, seconds: float,
-                rounds: int, host: str = HOST) -> Dict[str, Dict[str, float]]:
+def alternating(ports: Dict[str, int], path: str, bodies: Sequence[bytes], clients: Union[int, Dict[str, int]],
+                seconds: float, rounds: int, host: str = HOST) -> Dict[str, Dict[str, float]]:
     """concurrent() against each named server for `seconds` in all, in `rounds` turns taken in
     order (a, b, a, b, ...), so servers compared on a shared machine see the same stretch of time
-    rather than one of them a quiet minute and the other a busy one. Per name, as concurrent()."""
+    rather than one of them a quiet minute and the other a busy one. `clients`: one count for
+    all, or one per name (a load compared with its one-client reference). Per name, as concurrent()."""
+    counts = clients if isinstance(clients, dict) else {name: clients for name in ports}
     runs: Dict[str, list] = {name: [] for name in ports}
     for _ in range(rounds):
         for name, port in ports.items():
-            runs[name].append(_load(port, path, bodies, clients, seconds / rounds, host))
-    return {name: _summary(clients, r) for name, r in runs.items()}
+            runs[name].append(_load(port, path, bodies, counts[name], seconds / rounds, host))
+    return {name: _summary(counts[name], r) for name, r in runs.items()}
 
 
 def _load(port: int, path: str, bodies: Sequence[bytes], clients: int, seconds: float,

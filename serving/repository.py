@@ -180,7 +180,7 @@ class Repository:
     def __init__(self, config: Optional[model_config.ModelServerConfig] = None, config_file: Optional[str] = None,
                  poll_seconds: float = 1.0, config_poll_seconds: float = 0.0, max_num_load_retries: int = 5,
                  load_retry_interval: float = 60.0, warmup: Optional[Callable] = None,
-                 allow_labels_for_unavailable: bool = False):
+                 allow_labels_for_unavailable: bool = False, on_change: Optional[Callable[[], None]] = None):
         if (config is None) == (config_file is None):
             raise ValueError("give exactly one of config or config_file")
         self.config_file = config_file
@@ -189,6 +189,7 @@ class Repository:
         self.max_num_load_retries, self.load_retry_interval = max_num_load_retries, load_retry_interval
         self.warmup = warmup
         self.allow_labels_for_unavailable = allow_labels_for_unavailable
+        self.on_change = on_change  # called after a refresh that loaded or unloaded a version
         self._snapshots: Dict[str, Snapshot] = {}
         self._attempts: Dict[Tuple[str, int], _Attempts] = {}
         self._lock = threading.Lock()
@@ -261,16 +262,21 @@ class Repository:
             self.config = config
 
     def refresh(self) -> None:
+        changed = False
         with self._refresh_lock:
             wanted = {m.name: m for m in self.config.model_config_list.config}
             for name, model in wanted.items():
-                self._refresh_model(model)
+                changed = self._refresh_model(model) or changed
             with self._lock:
                 for name in set(self._snapshots) - set(wanted):  # a model taken out of the config
                     logging.info("unloading model %s (no longer in the config)", name)
                     del self._snapshots[name]
+                    changed = True
+        if changed and self.on_change is not None:
+            self.on_change()
 
-    def _refresh_model(self, model: model_config.ModelConfig) -> None:
+    def _refresh_model(self, model: model_config.ModelConfig) -> bool:
+        """Loads and unloads the model's versions; whether the versions served changed."""
         name = model.name
         on_disk = model_config.versions_on_disk(model.base_path)
         aspired = set(model_config.aspired_versions(model, on_disk))
@@ -293,6 +299,7 @@ class Repository:
         labels = self._labels(model, versions, current.labels, self.allow_labels_for_unavailable)
         with self._lock:
             self._snapshots[name] = Snapshot(versions, labels, states)
+        return versions != current.versions
 
     def _try_load(self, name: str, version: int, path: str, states: Dict[int, VersionStatus]) -> Optional[LoadedVersion]:
         attempts = self._attempts.setdefault((name, version), _Attempts())

@@ -753,6 +753,10 @@ def test_load_generator_counts_requests_errors_and_reconnects(backend):
     for run in both.values():
         assert run["errors"] == 0 and run["requests"] > 3 and run["seconds"] == pytest.approx(0.6, abs=0.3)
         assert run["requests_per_second"] == pytest.approx(run["requests"] / run["seconds"])
+    # a client count per name (bench-serving's 50 batched clients beside their one-client reference)
+    counts = loadgen.alternating({"one": port, "four": port}, "/v1/models/taxi:predict", good, {"one": 1, "four": 4},
+                                 0.4, rounds=2)
+    assert [(run["clients"], run["errors"], run["requests"] > 1) for run in counts.values()] == [(1, 0, True), (4, 0, True)]
     # another process's CPU is read from /proc: this process read that way agrees with process_time()
     assert loadgen.cpu_seconds(os.getpid()) == pytest.approx(loadgen.cpu_seconds(), abs=0.05)
     # nothing listens: every request is an error, and the client reconnects instead of stopping

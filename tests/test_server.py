@@ -319,6 +319,53 @@ def test_tensorflow_thread_flags_reach_tensorflow():
     assert out.split() == ["3", "2"]
 
 
+def test_a_version_change_collects_the_unloaded_version_and_freezes_the_loaded_ones(tiny, tmp_path):
+    """The server process's Repository hook (serving.server.freeze_loaded_objects) runs after each
+    refresh that loads or unloads a version, and only then. A version it froze is still collected
+    once unloaded (frozen objects never are: the hook unfreezes first), and no batch queue keeps
+    it alive after its last batch."""
+    import gc
+    import weakref
+
+    from serving.batching import Batcher, Parameters
+    from serving.core import Servables
+    from serving.repository import Repository
+    from serving.server import freeze_loaded_objects
+
+    changes = []
+
+    def hook():
+        freeze_loaded_objects()
+        changes.append(gc.get_freeze_count())
+
+    shutil.copytree(tiny[1], tmp_path / "m" / "1")
+    (tmp_path / "models.config").write_text(config(tmp_path))  # latest 1: a new version replaces the old
+    try:
+        repo = Repository(config_file=str(tmp_path / "models.config"), on_change=hook)
+        assert len(changes) == 1 and changes[0] > 0 and sorted(repo.snapshot("m").versions) == [1]
+        repo.refresh()
+        assert len(changes) == 1  # nothing loaded or unloaded: no collection
+        servables = Servables(repo, Batcher(Parameters(num_batch_threads=1)))
+        first = repo.resolve("m")
+        assert servables.run(first, "serving_default", {"x": np.array([3.0], np.float32)})["y"].tolist() == [3.0]
+        module = weakref.ref(first.module)
+
+        class Cyclic:  # what a loaded model is full of: objects that only the cycle collector frees
+            pass
+        first.cycle = Cyclic()
+        first.cycle.loop = first.cycle
+        cycle = weakref.ref(first.cycle)
+        freeze_loaded_objects()  # now frozen with the version that holds it
+        del first
+        shutil.copytree(tiny[2], tmp_path / "m" / "2")
+        repo.refresh()
+        assert len(changes) == 2 and sorted(repo.snapshot("m").versions) == [2]
+        assert module() is None, "something still holds the unloaded version"
+        assert cycle() is None, "the unloaded version's frozen cycles outlived the collection"
+    finally:
+        gc.unfreeze()
+
+
 def test_batching_parameters_file_is_tf_servings_text_proto(tmp_path):
     from serving.batching import read_parameters
 
@@ -500,6 +547,24 @@ def test_work_whose_client_left_before_a_worker_took_it_is_dropped():
         server.stop()
 
 
+def test_request_tensors_are_tf_constants_in_host_memory():
+    """serving/core.py's _tensor (made with no device, past tf.constant's wrappers) gives the
+    tensor tf.constant gives for each input dtype a signature takes: same dtype, shape and values,
+    in host (CPU) memory, as a TF Serving session's feeds are."""
+    import tensorflow as tf
+
+    from serving.core import _tensor
+
+    strings = np.empty(2, dtype=object)
+    strings[:] = [b"Credit Card", "".encode()]
+    for value, dtype in ((np.array([1.5, np.nan], np.float32), tf.float32), (np.array([[3], [-4]], np.int64), tf.int64),
+                         (np.array([0.25], np.float64), tf.float64), (strings, tf.string)):
+        made, want = _tensor(value, dtype), tf.constant(value, dtype)
+        assert (made.dtype, made.shape.as_list()) == (want.dtype, want.shape.as_list())
+        assert made.device.endswith("CPU:0"), made.device
+        np.testing.assert_array_equal(made.numpy(), want.numpy())
+
+
 def test_grpc_inputs_read_as_tf_make_ndarray_reads_them():
     """serving/grpc_server.py's quick TensorProto reader against TensorFlow's own, on what clients
     send: listed values of each common dtype, several shapes, packed tensor_content, one value
@@ -520,7 +585,9 @@ def test_grpc_inputs_read_as_tf_make_ndarray_reads_them():
               tf.make_tensor_proto(np.zeros((0, 3), np.float32)),
               tf.make_tensor_proto(np.arange(6, dtype=np.float32).reshape(2, 3)),  # tensor_content
               tf.make_tensor_proto(7.0, dtype=tf.float32),  # a scalar
-              tf.make_tensor_proto([1.0, 2.0], dtype=tf.float16), repeated]
+              tf.make_tensor_proto([1.0, 2.0], dtype=tf.float16), repeated,
+              tf.make_tensor_proto([12.5], dtype=tf.float32),  # one row's column, as bench-serving's client sends
+              tf.make_tensor_proto(["Credit Card"], dtype=tf.string), tf.make_tensor_proto(np.zeros(0, np.int64))]
     for proto in protos:
         want, got = tf.make_ndarray(proto), _ndarray(proto)
         assert got.dtype == want.dtype and got.shape == want.shape, proto
