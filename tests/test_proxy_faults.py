@@ -392,3 +392,34 @@ def test_1000_slow_connections_do_not_stop_legitimate_requests(backend, tmp_path
           f"slow ones closed by the proxy {closed}, books {books}")
     assert codes.count(200) == 400 and closed == 1000
     assert books["received"] == books["written"] == 400 and books["lost"] == 0
+
+
+def test_two_proxy_replicas_on_one_postgresql_log_store_every_answer_once(backend, tmp_path, postgres_url):
+    """Production's shape: two proxy processes, one postgresql:// log (each pod its own spool). Each
+    replica's answers are exactly its rows, and the monitor's reader sees both replicas' traffic."""
+    from components import feature_spec
+    from ops import monitor
+
+    replicas = [ProxyProcess(tmp_path, backend, postgres_url, PREDLOG_SPOOL_DIR=tmp_path / f"spool-{k}")
+                for k in range(2)]
+    n = 60
+    try:
+        with ThreadPoolExecutor(4) as pool:  # both replicas write at once, interleaved
+            answers = list(pool.map(lambda i: post(replicas[i % 2].url, {"instances": [{"fare": i / 10}]}),
+                                    range(2 * n)))
+        assert [a[0] for a in answers] == [200] * 2 * n
+        answered = [{a[2]["X-Request-Id"]: a[1]["predictions"][0]["score"] for a in answers[k::2]} for k in range(2)]
+        books = [proxy.settle() for proxy in replicas]
+    finally:
+        for proxy in replicas:
+            proxy.stop()
+    rows = {r["request_id"]: r for r in logstore.read_records(postgres_url)}
+    print(f"two replicas on PostgreSQL: answered {[len(a) for a in answered]}, rows {len(rows)}, books {books}")
+    assert [(b["received"], b["written"], b["lost"]) for b in books] == [(n, n, 0)] * 2
+    assert len(rows) == 2 * n and set(rows) == set(answered[0]) | set(answered[1])
+    for mine in answered:
+        assert {i: rows[i]["response"]["predictions"][0]["score"] for i in mine} == mine
+    assert [os.listdir(tmp_path / f"spool-{k}") for k in range(2)] == [[], []]
+    spec = feature_spec.load(os.path.join(REPO, "configs", "taxi.yaml"))
+    served = monitor.read_served(postgres_url, "taxi", (0.0, time.time() + 60), spec)
+    assert served.requests == 2 * n and len(served.rows) == 2 * n
