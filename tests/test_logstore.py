@@ -301,3 +301,51 @@ def test_a_writer_that_is_behind_takes_batch_after_batch_without_pausing(tmp_pat
     stats = log.close()
     assert (stats["received"], stats["written"], stats["lost"]) == (200, 200, 0)
     assert len(list(logstore.read_records(url))) == 200
+
+
+LOGGED = {"ts": 1.0, "model": "taxi", "variant": "v", "shadow": 0, "api": "predict", "status": 200,
+          "latency_ms": 1.0, "request": "{}", "response": "{}"}
+
+
+def test_a_spool_directory_that_cannot_be_made_is_logged_with_the_fix_and_requests_still_log(tmp_path, caplog):
+    """The proxy's pod before deploy/k8s set PREDLOG_SPOOL_DIR: a read-only place for the spool. The
+    process keeps serving (README: an unavailable store never fails a request) and says what to set."""
+    from serving.predlog import PredictionLog
+
+    (tmp_path / "file").write_text("")
+    spool = tmp_path / "file" / "spool"  # under a regular file: makedirs fails, for root too
+    url = str(tmp_path / "log.sqlite")
+    registry = prometheus_client.CollectorRegistry()
+    with caplog.at_level("ERROR"):
+        log = PredictionLog(url, registry=registry, flush_seconds=0.01, spool_dir=str(spool))
+    start = log.stats()
+    log.log({**LOGGED, "request_id": "a"})
+    stats = log.close()
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "PREDLOG_SPOOL_DIR" in said and str(spool) in said and "cannot be created" in said
+    assert start["state"] == "degraded" and str(spool) in start["problems"]["spool"]
+    assert registry.get_sample_value("skewless_prediction_log_healthy", {"part": "spool"}) == 0
+    assert (stats["received"], stats["written"], stats["lost"]) == (1, 1, 0)
+    assert ids(logstore.read_records(url)) == ["a"]
+
+
+def test_a_torn_spool_line_is_skipped_and_counted_at_replay(tmp_path):
+    """A crash mid-write leaves a cut last line: the next process replays the whole record before it,
+    skips the cut one, counts it (stats, /healthz, skewless_prediction_log_torn_lines) and runs on."""
+    from serving.predlog import COLUMNS, PredictionLog
+
+    url, spool = str(tmp_path / "log.sqlite"), tmp_path / "log.sqlite.spool"
+    spool.mkdir()
+    good = json.dumps({c: {**LOGGED, "request_id": "whole"}.get(c) for c in COLUMNS}) + "\n"
+    cut = json.dumps({c: {**LOGGED, "request_id": "cut"}.get(c) for c in COLUMNS})[:40]
+    (spool / "segment-000000007.jsonl").write_text(good + cut)
+    registry = prometheus_client.CollectorRegistry()
+    log = PredictionLog(url, registry=registry, flush_seconds=0.01)
+    assert log.flush(timeout=10.0), log.stats()
+    log.log({**LOGGED, "request_id": "after"})  # and the log goes on: the next segment is a new number
+    stats = log.close()
+    assert (stats["recovered"], stats["torn"], stats["written"], stats["lost"]) == (1, 1, 1, 0)
+    assert stats["state"] == "ok"
+    assert registry.get_sample_value("skewless_prediction_log_torn_lines_total") == 1
+    assert sorted(ids(logstore.read_records(url))) == ["after", "whole"]
+    assert list(spool.iterdir()) == []

@@ -337,8 +337,46 @@ def test_bad_requests_get_4xx_and_the_proxy_keeps_serving(backend):
         code, body, _ = post(url, {"signature_name": "x"})  # the backend's own 400 passes through
         assert code == 400 and "instances" in body["error"]
         assert post(url, {"instances": [{"fare": 1.0}]})[0] == 200
+        # A client's mistake is never a backend failure (it would fire SkewlessBackendUnavailable).
+        errors = samples(url, "skewless_proxy_backend_errors")
+        assert not [s for s in errors if s.value > 0], errors
     finally:
         stop()
+
+
+def samples(url, family):
+    """The samples of one metric family on the proxy's metrics page (parsed by prometheus_client)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/monitoring/prometheus/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return [s for f in text_string_to_metric_families(text) if f.name == family for s in f.samples]
+
+
+def test_past_the_in_flight_cap_a_request_waits_for_a_slot_then_gets_503_from_the_proxy_itself():
+    """PROXY_MAX_IN_FLIGHT=1, a backend taking 0.8 s, PROXY_TIMEOUT_SECONDS=1.2, three requests at once:
+    the first is called at once, the second waits 0.8 s for the slot (within its deadline) and is
+    answered, the third would wait 1.6 s and gets 503 at its deadline. 503 is UNAVAILABLE in TF
+    Serving's REST status map (ToHTTPStatusCode, tensorflow_serving/model_servers/http_server.cc:71-72
+    at 021efbd), what its own full batching queue answers, so TF Serving clients retry it elsewhere.
+    It is the proxy's queue: skewless_proxy_backend_errors stays 0, skewless_proxy_overloaded counts it."""
+    slow = FakeServing(delay=0.8)
+    _, url, stop = start_proxy({"PROXY_BACKEND": slow.url, "PROXY_MAX_IN_FLIGHT": "1",
+                                "PROXY_TIMEOUT_SECONDS": "1.2", "PROXY_RETRIES": "0"})
+    try:
+        post(url, {"instances": [{"fare": 0.0}]})  # resolves the version first: the three only wait for the slot
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda i: post(url, {"instances": [{"fare": float(i)}]}), range(3)))
+        codes = sorted(a[0] for a in answers)
+        refused = [a for a in answers if a[0] != 200]
+        assert codes == [200, 200, 503], answers
+        assert "PROXY_MAX_IN_FLIGHT" in refused[0][1]["error"] and "1.2 s" in refused[0][1]["error"]
+        assert not [s for s in samples(url, "skewless_proxy_backend_errors") if s.value > 0]
+        assert [s.value for s in samples(url, "skewless_proxy_overloaded") if s.name.endswith("_total")] == [1.0]
+        assert post(url, {"instances": [{"fare": 1.0}]})[0] == 200  # the slot came back
+    finally:
+        stop()
+        slow.close()
 
 
 def test_every_request_is_logged_under_concurrency(backend, tmp_path):
