@@ -439,12 +439,11 @@ def _retrain_without_cache(work: str, spec_path: str) -> Dict[str, Any]:
     """The retraining run again, on the copy made before it, with every cached analyzer result removed:
     tf.Transform misses the cache and analyzes every span of the window."""
     copy_dir = work + "-nocache"
-    store = mlmd.connect(os.path.join(copy_dir, "metadata.sqlite"))
-    for artifact in store.get_artifacts_by_type("TransformCache"):
+    for uri in mlmd.artifact_uris(os.path.join(copy_dir, "metadata.sqlite"), "TransformCache"):
         # The copy's store names the original's files: empty those; the original run is done.
-        if os.path.isdir(artifact.uri):
-            shutil.rmtree(artifact.uri)
-            os.makedirs(artifact.uri)
+        if os.path.isdir(uri):
+            shutil.rmtree(uri)
+            os.makedirs(uri)
     env_path = write_env(os.path.join(copy_dir, "env.yaml"), copy_dir)
     return _run_figures(run_pipeline(spec_path, env_path, os.path.join(copy_dir, "retrain.json"), retrain=True))
 

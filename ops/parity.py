@@ -135,20 +135,16 @@ def _model_outputs(loaded, transformed):
     return {key: prediction}
 
 
-def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):  # average ranks over ties
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    positives = labels == 1
-    n_pos, n_neg = positives.sum(), (~positives).sum()
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+def online_metrics(labels: np.ndarray, positive_scores: np.ndarray) -> Dict:
+    """The metrics the REST answers reach on rows with a known label, for a binary model. AUC is
+    ops.ab.statistics.auc (scikit-learn's): None where only one class is present, where it is not
+    defined, so the JSON holds null there and never NaN."""
+    from ops.ab.statistics import auc
+
+    labels, positive_scores = np.asarray(labels), np.asarray(positive_scores)
+    return {"auc": auc(labels == 1, positive_scores),
+            "binary_accuracy": float(((positive_scores > 0.5) == (labels == 1)).mean()),
+            "example_count": int(len(labels))}
 
 
 def run(model: str = "taxi", version: int = None, limit: int = 0, model_repository: str = "build/model_repository",
@@ -197,9 +193,7 @@ def run(model: str = "taxi", version: int = None, limit: int = 0, model_reposito
     evaluation = load_metrics(evidence["evaluation"]).get("Overall", {})
     rest = paths["rest"]
     if rest.shape[1] == 2 and matched.any():
-        online = {"auc": _auc(labels[matched], rest[matched, 1]),
-                  "binary_accuracy": float(((rest[matched, 1] > 0.5) == (labels[matched] == 1)).mean()),
-                  "example_count": int(matched.sum())}
+        online = online_metrics(labels[matched], rest[matched, 1])
         report["metrics"] = {"online_from_rest": online,
                              "offline_evaluator": {k: evaluation.get(k) for k in online}}
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -214,6 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--version", type=int)
     parser.add_argument("--limit", type=int, default=0, help="compare only the first N eval rows (0: all)")
     args = parser.parse_args(argv)
+    from pipelines import pages
+
     report = run(args.model, args.version, args.limit)
     print(f"rows compared: {report['rows']} (training path matched: "
           f"{report['rows'] - report['training_path_unmatched_rows']}; transformed features differ by at most "
@@ -222,7 +218,7 @@ def main(argv=None) -> int:
         print(f"  {name:>18} vs training path: max |diff| {r['max_abs_diff']:.2e}, "
               f"rows over {TOLERANCE:g}: {r['rows_over_tolerance']}")
     for name, metrics in report.get("metrics", {}).items():
-        print(f"  {name}: " + ", ".join(f"{k}={v:.6f}" for k, v in metrics.items() if v is not None))
+        print(f"  {name}: " + ", ".join(f"{k}={pages.number(v, 6)}" for k, v in metrics.items()))
     bad = sum(r["rows_over_tolerance"] for r in report["paths"].values()) + report["training_path_unmatched_rows"]
     return 1 if bad else 0
 

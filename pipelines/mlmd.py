@@ -43,6 +43,27 @@ def connect(metadata_path: str, readonly: bool = True, create: bool = False):
     return store_for(config)
 
 
+
+def artifact_uris(metadata_path: str, type_name: str) -> List[str]:
+    """The URIs of every artifact of one type in a local store (e.g. tf.Transform's analyzer
+    caches, "TransformCache"); [] when the store holds none of that type."""
+    return [artifact.uri for artifact in connect(metadata_path).get_artifacts_by_type(type_name)]
+
+
+def latest_node_states(metadata_path: str) -> Dict[str, str]:
+    """{node id: the state of its latest execution} (COMPLETE, CACHED, FAILED, ...) in a local
+    store: which nodes a run executed and which it took from TFX's cache. Node contexts are named
+    "<pipeline>.<node id>"; a node with no execution yet is left out."""
+    pb2 = _pb2()
+    store = connect(metadata_path)
+    states = {}
+    for node in store.get_contexts_by_type("node"):
+        executions = store.get_executions_by_context(node.id)
+        if executions:
+            latest = max(executions, key=lambda e: e.id)
+            states[node.name.split(".", 1)[1]] = pb2.Execution.State.Name(latest.last_known_state)
+    return states
+
 # --- properties ---------------------------------------------------------------------------
 
 def custom_property(artifact, key, default=None):

@@ -38,6 +38,8 @@ import sqlite3
 import urllib.parse
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from serving import wire
+
 COLUMNS = ("request_id", "client_request_id", "ts", "model", "variant", "model_version", "shadow", "api",
            "status", "latency_ms", "routing_key", "request", "response", "policy", "propensity")
 TABLE = "predictions"
@@ -424,9 +426,9 @@ def read_records(url: str, start: Optional[float] = None, end: Optional[float] =
 
 
 def instances(request: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The rows of a logged :predict body (`instances` rows or `inputs` columns) as feature dicts."""
-    if not isinstance(request, dict):
-        return []
+    """The rows of a logged request body as feature dicts (copies), by serving/wire.py's
+    feature_rows: instances, inputs columns, or :classify / :regress examples with their context."""
+    return [dict(r) for r in wire.feature_rows(request)]
     if "instances" in request:
         return [dict(r) for r in request["instances"] if isinstance(r, dict)]
     inputs = request.get("inputs")

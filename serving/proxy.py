@@ -356,20 +356,13 @@ def read_vocabularies(path: str) -> Dict[str, frozenset]:
 
 
 def unseen_categories(body: Dict[str, Any], vocabularies: Dict[str, frozenset]) -> Dict[str, int]:
-    """{feature: how many of the request's string values are outside its training vocabulary}, over
-    `instances` or `examples` rows and `inputs` columns; a missing value ("") is not a category."""
+    """{feature: how many of the request's rows carry a string value outside its training vocabulary},
+    over the rows wire.feature_rows reads (instances, inputs columns, examples with their context);
+    a missing value ("") is not a category."""
     counts: Dict[str, int] = {}
-    rows = body.get("instances", body.get("examples"))
-    columns = body.get("inputs")
+    rows = wire.feature_rows(body)
     for name, known in vocabularies.items():
-        if isinstance(rows, list):
-            values = (wire.one_element(r.get(name)) for r in rows if isinstance(r, dict))
-        elif isinstance(columns, dict):
-            column = columns.get(name)
-            values = (wire.one_element(v) for v in column) if isinstance(column, list) else (wire.one_element(column),)
-        else:
-            return counts
-        unseen = sum(1 for v in map(_category, values) if v and v not in known)
+        unseen = sum(1 for r in rows if (v := _category(wire.one_element(r.get(name)))) and v not in known)
         if unseen:
             counts[name] = unseen
     return counts
@@ -979,31 +972,11 @@ def _dumps(value: Any) -> str:
 
 
 def _redact(body: Dict[str, Any], names: set) -> Dict[str, Any]:
-    def row(r):
-        return {k: ("[redacted]" if k in names else v) for k, v in r.items()} if isinstance(r, dict) else r
-    out = dict(body)
-    if isinstance(out.get("instances"), list):
-        out["instances"] = [row(r) for r in out["instances"]]
-    if isinstance(out.get("inputs"), dict):
-        out["inputs"] = row(out["inputs"])
-    if isinstance(out.get("examples"), list):
-        out["examples"] = [row(r) for r in out["examples"]]
-    if isinstance(out.get("context"), dict):
-        out["context"] = row(out["context"])
-    return out
+    return wire.redact_request(body, names)
 
 
 def _row_count(body: Dict[str, Any]) -> int:
-    if isinstance(body.get("instances"), list):
-        return len(body["instances"])
-    if isinstance(body.get("examples"), list):
-        return len(body["examples"])
-    inputs = body.get("inputs")
-    if isinstance(inputs, dict):
-        return max((len(v) if isinstance(v, list) else 1 for v in inputs.values()), default=0)
-    if isinstance(inputs, list):
-        return len(inputs)
-    return 0
+    return wire.request_row_count(body)
 
 
 _PRINTABLE = re.compile(r"[\x21-\x7e]+")

@@ -1,5 +1,6 @@
-"""TF Serving's REST wire: the URL grammar, status codes and error bodies. Standard library only,
-so the proxy (which has no TensorFlow) and the local server read URLs by one set of rules.
+"""TF Serving's REST wire: the URL grammar, status codes, error bodies, and the rows of request
+bodies and answers. Standard library only, so the proxy (which has no TensorFlow), the prediction
+log's readers and the local server read URLs and rows by one set of rules.
 
 The specification is tensorflow/serving's own source:
 - tensorflow_serving/model_servers/http_rest_api_util.cc:31-34 (the two regexes, case-insensitive,
@@ -13,7 +14,7 @@ The specification is tensorflow/serving's own source:
 
 import json
 import re
-from typing import Any, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 from urllib.parse import unquote_to_bytes
 
 API_PATH = re.compile(r"/v1/.*", re.IGNORECASE | re.DOTALL)
@@ -148,3 +149,96 @@ def answer_rows(answer: Any, api: Optional[str] = None) -> Optional[List[Any]]:
         elif is_number(rows):
             rows = [rows]
     return rows if isinstance(rows, list) else None
+
+
+# --- request rows --------------------------------------------------------------------------
+# What a request body's rows are, for everything that reads requests without the model (the
+# proxy's row limit, fallback answers, unseen-category counts and log redaction; the prediction
+# log's readers). The forms are tensorflow/serving's util/json_tensor.cc:
+# - :predict row format, "instances": one entry per row, an object of named inputs or, for a
+#   signature with one input, the bare value (FillTensorMapFromInstancesList, :537-613);
+# - :predict columnar format, "inputs": an object of named inputs, each a list with one entry per
+#   row or a single value (FillTensorMapFromInputsMap, :615-660), or the bare value/list of a
+#   signature's one input; "instances" wins when a body has both (FillPredictRequestFromJson,
+#   :662-705, refuses such a body; the rows here are what TF Serving would read first);
+# - :classify / :regress, "examples": one object per row, with "context" merged into every one
+#   (FillClassifyRegressRequestFromJson, :817-856). apis/input.proto:66-68 (ExampleListWithContext)
+#   says the context is merged into each example; servables/tensorflow/util.cc:183-200 does it by
+#   prefixing the serialized context to each serialized example, so a key in both takes the
+#   example's value (protobuf's last-wins merge of a map entry).
+# A columnar single value stands for every row (that is how the rows are counted and read back:
+# the value a row was sent with); a list shorter than the longest leaves its later rows without
+# that feature.
+
+FEATURE_PLACES = ("instances", "inputs", "examples", "context")  # where a body names its features
+
+
+def _is_b64(value: Any) -> bool:
+    """{"b64": "..."}: one bytes value (json_tensor.cc:356-389), not an object of named inputs."""
+    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("b64"), str)
+
+
+def _is_named(value: Any) -> bool:
+    return isinstance(value, dict) and not _is_b64(value)
+
+
+def _column_rows(inputs: Dict[str, Any]) -> int:
+    """Rows of a columnar object of named inputs: its longest list (a single value is one row)."""
+    return max((len(v) if isinstance(v, list) else 1 for v in inputs.values()), default=0)
+
+
+def request_row_count(body: Any) -> int:
+    """len(request_rows(body)), without building the rows (the proxy counts every request)."""
+    if isinstance(body, dict) and "instances" not in body and _is_named(body.get("inputs")):
+        return _column_rows(body["inputs"])
+    return len(request_rows(body))
+
+
+def request_rows(body: Any) -> List[Any]:
+    """The rows of a TF Serving request body, in order: each a {feature: value} dict, or the bare
+    value where the signature has one unnamed input. [] for a body with no rows readable. The
+    dicts of `instances` and context-free `examples` are the body's own: do not change them."""
+    if not isinstance(body, dict):
+        return []
+    if "instances" in body:
+        rows = body["instances"]
+        return list(rows) if isinstance(rows, list) else []
+    if "inputs" in body:
+        inputs = body["inputs"]
+        if not _is_named(inputs):
+            return list(inputs) if isinstance(inputs, list) else [inputs]
+        n = _column_rows(inputs)
+        if all(isinstance(v, list) and len(v) == n for v in inputs.values()):  # the usual body
+            return [dict(zip(inputs, values)) for values in zip(*inputs.values())]
+        return [{k: (v[i] if isinstance(v, list) else v) for k, v in inputs.items()
+                 if not isinstance(v, list) or i < len(v)} for i in range(n)]
+    examples = body.get("examples")
+    if not isinstance(examples, list):
+        return []
+    context = body.get("context")
+    if not _is_named(context) or not context:
+        return list(examples)
+    return [{**context, **e} if _is_named(e) else e for e in examples]
+
+
+def feature_rows(body: Any) -> List[Dict[str, Any]]:
+    """The rows of request_rows that name their features ({feature: value}); a bare value of a
+    one-input signature (a number, a list, a {"b64": ...}) is left out."""
+    return [r for r in request_rows(body) if _is_named(r)]
+
+
+def redact_request(body: Dict[str, Any], names: set, mark: str = "[redacted]") -> Dict[str, Any]:
+    """A copy of `body` with the values of the features in `names` replaced by `mark`, wherever
+    the body names features (FEATURE_PLACES: every instance, the inputs object, every example and
+    the context), whichever of them request_rows reads: a redacted log keeps none of them."""
+    def redacted(place):
+        return {k: (mark if k in names else v) for k, v in place.items()} if _is_named(place) else place
+
+    out = dict(body)
+    for key in FEATURE_PLACES:
+        value = out.get(key)
+        if isinstance(value, list) and key in ("instances", "examples"):
+            out[key] = [redacted(r) for r in value]
+        elif key in ("inputs", "context") and value is not None:
+            out[key] = redacted(value)
+    return out

@@ -182,3 +182,29 @@ def test_stable_baseline_is_the_model_behind_the_promoted_version(tmp_path):
     # A cached rerun whose candidate is the stable model itself compares with nothing.
     rerun = strategy.resolve_artifacts(run.store, {**inputs, CANDIDATE: [trained]})
     assert rerun[MODEL] == [] and rerun[BLESSING] == []
+
+
+def test_artifact_uris_lists_one_type_and_names_a_missing_store(tmp_path):
+    path = str(tmp_path / "metadata.sqlite")
+    first = mlmd.record_artifact(path, "TransformCache", "/cache/1", {})
+    mlmd.record_artifact(path, "Examples", "/examples/1", {"span": 1})
+    mlmd.record_artifact(path, "TransformCache", "/cache/2", {})
+    assert first > 0 and sorted(mlmd.artifact_uris(path, "TransformCache")) == ["/cache/1", "/cache/2"]
+    assert mlmd.artifact_uris(path, "Model") == []  # a type the store never saw
+    with pytest.raises(mlmd.MetadataError, match="no ML Metadata store at .*none.sqlite: run the pipeline first"):
+        mlmd.artifact_uris(str(tmp_path / "none.sqlite"), "TransformCache")
+
+
+def test_latest_node_states_takes_each_nodes_newest_execution(tmp_path):
+    path = str(tmp_path / "metadata.sqlite")
+    store, pb2 = _store(path)
+    node_type = store.put_context_type(pb2.ContextType(name="node"))
+    execution_type = store.put_execution_type(pb2.ExecutionType(name="Trainer"))
+    for name, states in (("taxi.Trainer", [pb2.Execution.COMPLETE, pb2.Execution.CACHED]),
+                         ("taxi.Evaluator", [pb2.Execution.CACHED, pb2.Execution.COMPLETE]),
+                         ("taxi.Pusher", [])):
+        [context_id] = store.put_contexts([pb2.Context(type_id=node_type, name=name)])
+        for state in states:
+            store.put_execution(pb2.Execution(type_id=execution_type, last_known_state=state), [],
+                                [pb2.Context(id=context_id, type_id=node_type, name=name)])
+    assert mlmd.latest_node_states(path) == {"Trainer": "CACHED", "Evaluator": "COMPLETE"}

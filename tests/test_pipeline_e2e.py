@@ -69,19 +69,9 @@ def pipeline_run(taxi_spec, tmp_path_factory):
 
 def _last_states(tmp):
     """{node id: MLMD state of its latest execution} in the run's metadata store."""
-    from ml_metadata import metadata_store
-    from ml_metadata.proto import metadata_store_pb2
+    from pipelines import mlmd
 
-    config = metadata_store_pb2.ConnectionConfig()
-    config.sqlite.filename_uri = os.path.join(tmp, "metadata", "taxi.sqlite")
-    store = metadata_store.MetadataStore(config)
-    states = {}
-    for node in store.get_contexts_by_type("node"):
-        executions = store.get_executions_by_context(node.id)
-        if executions:
-            latest = max(executions, key=lambda e: e.id)
-            states[node.name.split(".", 1)[1]] = metadata_store_pb2.Execution.State.Name(latest.last_known_state)
-    return states
+    return mlmd.latest_node_states(os.path.join(tmp, "metadata", "taxi.sqlite"))
 
 
 def _lower_thresholds(raw):
@@ -95,6 +85,29 @@ def sandbox_refused_run(pipeline_run):
     tmp = pipeline_run[0]
     summary = _run(tmp, os.path.join(tmp, "data"), sandbox={"max_p50_ms": 0.001}, edit=_lower_thresholds)
     return summary, _last_states(tmp)
+
+
+@pytest.fixture(scope="module")
+def thresholds_only_run(pipeline_run, tmp_path_factory):
+    """The first run's data and spec with other thresholds (none of the runs here used them), on a
+    copy of its metadata store and model repository, so that the push this run makes reaches no
+    other test. Of the nodes' parameters (their cache keys) only Pusher's name those paths (its
+    destination), and it reruns anyway."""
+    import shutil
+
+    from pipelines import local_runner
+
+    tmp, copy = pipeline_run[0], str(tmp_path_factory.mktemp("thresholds_only"))
+    os.makedirs(os.path.join(copy, "metadata"))
+    shutil.copy2(os.path.join(tmp, "metadata", "taxi.sqlite"), os.path.join(copy, "metadata", "taxi.sqlite"))
+    shutil.copytree(os.path.join(tmp, "models"), os.path.join(copy, "models"), symlinks=True)
+    edit = lambda raw: raw.update(thresholds={"AUC": {"lower": 0.8, "change": -0.02},  # noqa: E731
+                                              "BinaryAccuracy": {"lower": 0.75, "change": -0.02}})
+    # The spec stays at the first run's path: Transform, data_gate and Trainer take that path as a parameter.
+    summary = local_runner.run(_sample_spec(tmp, edit), env_path=_env(copy), data_path=os.path.join(tmp, "data"),
+                               quiet=True, summary_path=os.path.join(copy, "run_summary.json"),
+                               report_dir=os.path.join(copy, "reports"))
+    return summary, _last_states(copy)
 
 
 @pytest.fixture(scope="module")
@@ -249,14 +262,16 @@ def test_a_model_failing_sandbox_validation_is_not_pushed(pipeline_run, sandbox_
 
 
 @pytest.mark.xdist_group("e2e")
-def test_a_thresholds_only_change_reruns_only_the_evaluator_onward(sandbox_refused_run):
-    # The sandbox reruns here because this run also changes its own settings (max_p50_ms); with
-    # thresholds alone it stays cached (test_only_pusher_follows_the_evaluator_... below).
-    summary, states = sandbox_refused_run
-    assert summary["artifacts"]["model"] is not None
-    for node in ("CsvExampleGen", "StatisticsGen", "ExampleValidator", "data_gate", "Transform", "Trainer"):
+def test_a_thresholds_only_change_reruns_only_the_evaluator_onward(thresholds_only_run):
+    # Only `thresholds:` changed: every node before the Evaluator and the sandbox (which takes the
+    # model and examples, not the Evaluator's blessing; see the compiled-graph test below) come
+    # from TFX's cache; the Evaluator reruns and so does Pusher, whose input blessing is new.
+    summary, states = thresholds_only_run
+    assert summary["succeeded"] and summary["blessed"] and summary["artifacts"]["model"] is not None
+    for node in ("CsvExampleGen", "StatisticsGen", "ExampleValidator", "data_gate", "Transform", "Trainer",
+                 "sandbox_validator"):
         assert states[node] == "CACHED", (node, states)
-    for node in ("Evaluator", "sandbox_validator"):
+    for node in ("Evaluator", "Pusher"):
         assert states[node] == "COMPLETE", (node, states)
 
 

@@ -4,6 +4,7 @@ checked in headless Chromium in tests/test_pipeline_e2e.py; the multiclass evalu
 a TFMA result computed without a model)."""
 
 import math
+import os
 import re
 
 import pytest
@@ -268,3 +269,37 @@ def test_tfma_takes_the_model_type_from_the_eval_config_without_loading_the_mode
     monkeypatch.setattr(tf.keras.models, "load_model", refuse)
     (model_spec,) = eval_config(load(TAXI_SPEC)).model_specs
     assert tfma.utils.get_model_type(model_spec, "/no/model/here") == tfma.constants.TF_KERAS
+
+
+def test_the_data_page_renders_a_real_tfdv_anomaly_with_its_feature_and_reason(tmp_path):
+    # TFDV's own anomaly (validate_statistics against a schema inferred on train), written where
+    # ExampleValidator writes it (Split-<split>/SchemaDiff.pb), shown in the page's anomalies table.
+    import pandas as pd
+    import tensorflow_data_validation as tfdv
+
+    from tests import browser
+
+    browser.require_chromium()
+    frames = {"train": pd.DataFrame({"payment_type": ["Cash", "Credit Card"] * 20, "fare": [float(i) for i in range(40)]}),
+              "eval": pd.DataFrame({"payment_type": ["Cash", "Bitcoin"] * 10, "fare": [float(i) for i in range(20)]})}
+    statistics = {split: tfdv.generate_statistics_from_dataframe(frame) for split, frame in frames.items()}
+    schema = tfdv.infer_schema(statistics["train"])
+    found = {}
+    for split, stats in statistics.items():
+        for folder, proto in (("statistics", stats), ("anomalies", tfdv.validate_statistics(stats, schema))):
+            os.makedirs(tmp_path / folder / f"Split-{split}")
+            name = "FeatureStats.pb" if folder == "statistics" else "SchemaDiff.pb"
+            (tmp_path / folder / f"Split-{split}" / name).write_bytes(proto.SerializeToString())
+            if folder == "anomalies":
+                found[split] = proto
+    assert not found["train"].anomaly_info and list(found["eval"].anomaly_info) == ["payment_type"]
+    summary = {"pipeline_name": "tiny", "data_path": "frames", "metrics": {"overall": {}},
+               "artifacts": {"statistics": str(tmp_path / "statistics"), "anomalies": str(tmp_path / "anomalies")}}
+    spec = load(TAXI_SPEC)
+    page = browser.render_page(report.write_html(summary, spec, str(tmp_path / "reports"))["data"], "tiny_data_anomaly",
+                               ("Anomalies (train)", "Anomalies (eval)"), min_ink=5000)
+    [row] = browser.table_rows(page.dom, "anomalies-eval")
+    feature, reason, description = row["cells"]
+    assert (feature, reason) == ("payment_type", "Unexpected string values")  # TFDV's ENUM_TYPE_UNEXPECTED_STRING_VALUES
+    assert "Bitcoin" in description
+    assert re.search(r'<section id="anomalies-train">.*?No anomalies found\..*?</section>', page.dom, re.S)
