@@ -19,6 +19,7 @@ from tfx.proto import example_gen_pb2, pusher_pb2, range_config_pb2, trainer_pb2
 from tfx.types import Channel
 from tfx.types.standard_artifacts import Examples, ExampleStatistics, Model, ModelBlessing, TransformCache
 
+from components import preprocessing
 from components.baseline import BaselineModelStrategy, StableModelStrategy
 from components.data_gate import DataGate
 from components.evaluation import eval_config
@@ -202,6 +203,8 @@ def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional
                           # StatisticsGen already describes the raw data; Transform's own pre-
                           # and post-transform statistics would double the Beam work.
                           disable_statistics=True,
+                          # One TF1 graph instead of a tf.function traced at every step (why there).
+                          force_tf_compat_v1=preprocessing.FORCE_TF_COMPAT_V1,
                           # The analyzer cache pays off for incremental spans; one CSV has one span.
                           disable_analyzer_cache=window is None)
     transform.add_upstream_node(data_gate)

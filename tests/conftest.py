@@ -78,14 +78,15 @@ def analyze_and_transform(spec, train_rows, eval_rows, out_dir):
     import tensorflow_transform as tft
     from tensorflow_transform.tf_metadata import dataset_metadata, metadata_io, schema_utils
 
-    from components.preprocessing import preprocessing_fn
+    from components.preprocessing import FORCE_TF_COMPAT_V1, preprocessing_fn
 
     dtypes = {"int": tf.int64, "float": tf.float32, "string": tf.string}
     raw_spec = {n: tf.io.VarLenFeature(dtypes[t]) for n, t in raw_types(spec).items()}
     metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(raw_spec))
     custom_config = spec.to_custom_config()
     graph_dir = os.path.join(out_dir, "transform_graph")
-    with beam.Pipeline() as p, tft_beam.Context(temp_dir=os.path.join(out_dir, "tmp")):
+    context = tft_beam.Context(temp_dir=os.path.join(out_dir, "tmp"), force_tf_compat_v1=FORCE_TF_COMPAT_V1)
+    with beam.Pipeline() as p, context:
         train = p | "train" >> beam.Create([to_instance(r, spec) for r in train_rows])
         evaluation = p | "eval" >> beam.Create([to_instance(r, spec) for r in eval_rows])
         (transformed, _), transform_fn = (train, metadata) | tft_beam.AnalyzeAndTransformDataset(

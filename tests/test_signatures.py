@@ -160,6 +160,35 @@ def test_crosses_are_computed_by_the_serving_graph_as_the_transform_computed_the
     assert len({row[first_cross] for row in served_rows}) > 10  # the cross tells rows apart
 
 
+def test_every_transformed_feature_is_served_as_the_transform_wrote_it(loaded, taxi_spec, eval_rows, small_transform):
+    """The TF1 transform graph (preprocessing.FORCE_TF_COMPAT_V1), run by tf.Transform's Beam
+    implementation and embedded in the model (TFTransformOutput.transform_features_layer), gives every
+    output alike. Ids, buckets, indicators and the label are equal; z-scores may differ by two float32
+    steps (found alike with tf.function graphs): the graph Beam runs and the one the model serves
+    are optimized apart. Beam writes the rows in no set order, so each column is compared
+    sorted: a z-score is monotone in its input, so sorting keeps each value beside its counterpart."""
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    graph_dir, _, eval_files = small_transform
+    feature_spec = tft.TFTransformOutput(graph_dir).transformed_feature_spec()
+    records = tf.data.TFRecordDataset(tf.io.gfile.glob(eval_files), compression_type="GZIP")
+    written = tf.io.parse_example(tf.stack(list(records)), feature_spec)
+    served = loaded.signatures["transform_features"](examples=_examples(eval_rows, taxi_spec, taxi_spec.columns))
+    assert set(served) == set(feature_spec)
+    floats = 0
+    for name in feature_spec:
+        beam, model = (np.sort(np.asarray(t[name]).reshape(-1)) for t in (written, served))
+        assert beam.shape == (len(eval_rows),) and model.shape == beam.shape, name
+        if beam.dtype == np.float32 and not np.array_equal(beam, np.round(beam)):
+            floats += 1
+            step = np.spacing(np.abs(beam).max())  # a float32 step at the column's largest value
+            np.testing.assert_allclose(model, beam, rtol=0, atol=2 * step, err_msg=name)
+        else:
+            assert np.array_equal(beam, model.astype(beam.dtype)), name
+    assert floats >= 4  # the z-scores of fare, trip_miles, trip_seconds and trip_start_timestamp
+
+
 def test_parity_tells_the_label_from_the_crosses_by_the_models_own_inputs(loaded, taxi_spec):
     # ops/parity.py once took "an _xf output that no raw feature name starts" as the label: a cross
     # (payment_x_miles_xf) matches that too, and parity then fed the model without it.
