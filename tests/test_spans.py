@@ -198,6 +198,37 @@ def test_previous_span_statistics_are_the_newest_earlier_span():
     assert first[STATISTICS] == []  # the first span has nothing to drift from
 
 
+def test_previous_span_statistics_on_a_store_are_found_by_the_span_their_examples_had(tmp_path):
+    """On a store as TFX 1.16 writes it every ExampleStatistics' declared span is 0 (tests/test_mlmd.py
+    _spans_store): the strategy reads the span through lineage, and of span 2 ingested twice the latest."""
+    from tfx.types import standard_artifacts
+
+    from components.spans import CURRENT, STATISTICS, PreviousSpanStatisticsStrategy
+    from pipelines import mlmd
+    from tests.test_mlmd import _spans_store
+
+    run, statistics = _spans_store(str(tmp_path / "mlmd.sqlite"))
+    third = run.artifact("ExampleStatistics", "/root/StatisticsGen/statistics/50")
+    run.execution("StatisticsGen", {"examples": [run.artifact("Examples", "/root/CsvExampleGen/examples/50", span=3)]},
+                  {"statistics": [third]})
+
+    def wrapped(proto):
+        artifact = standard_artifacts.ExampleStatistics()
+        artifact.set_mlmd_artifact(proto)
+        return artifact
+    store = mlmd.connect(str(tmp_path / "mlmd.sqlite"))
+    every = [wrapped(a) for a in store.get_artifacts_by_type("ExampleStatistics")]
+    by_id = {a.id: a for a in every}
+    assert {a.span for a in every} == {0}
+    strategy = PreviousSpanStatisticsStrategy()
+    resolved = strategy.resolve_artifacts(store, {STATISTICS: every, CURRENT: [by_id[third.id]]})
+    assert [a.id for a in resolved[STATISTICS]] == [statistics[2].id]  # span 2's second ingestion
+    again = strategy.resolve_artifacts(store, {STATISTICS: every, CURRENT: [by_id[statistics[2].id]]})
+    assert [a.id for a in again[STATISTICS]] == [statistics[0].id]  # span 2 re-ingested: against span 1
+    first = strategy.resolve_artifacts(store, {STATISTICS: every, CURRENT: [by_id[statistics[0].id]]})
+    assert first[STATISTICS] == []
+
+
 def test_the_analyzer_cache_is_the_newest_and_none_before_the_first_transform():
     from tfx.types import standard_artifacts
 
