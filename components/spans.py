@@ -72,6 +72,11 @@ def drift_measurements(statistics, previous, schema, thresholds: Mapping[str, fl
 
 def drift_problems(statistics, previous, schema, thresholds: Mapping[str, float], split: str = "train") -> List[str]:
     """One line per feature whose distance to the previous span is past its bound (TFDV computes it)."""
+    return drifted(drift_measurements(statistics, previous, schema, thresholds), split)
+
+
+def drifted(measurements: List[Dict[str, Any]], split: str = "train") -> List[str]:
+    """drift_measurements' features past their bound, one problem line each, naming the distance and bound."""
     return sorted(f"[{split}] feature '{m['feature']}': drifted from the previous span: {m['comparator']} "
                   f"{m['value']:.4f} > {m['threshold']:g} (the spec's monitoring.drift)"
-                  for m in drift_measurements(statistics, previous, schema, thresholds) if m["drifted"])
+                  for m in measurements if m["drifted"])
