@@ -22,7 +22,7 @@ from tfx.types.standard_artifacts import ExampleAnomalies, ExampleStatistics, Sc
 
 from components import feature_spec
 from components.feature_spec import FeatureSpec
-from components.spans import drift_problems
+from components.spans import drift_measurements, drifted
 
 _STATS_TYPES = {"int": statistics_pb2.FeatureNameStatistics.INT,
                 "float": statistics_pb2.FeatureNameStatistics.FLOAT,
@@ -144,7 +144,7 @@ def find_problems(anomalies_uri: str, statistics_uri: str, split_names: List[str
     over the whole file, so one bad cell shows in every split. A located bad value comes first."""
     splits_of: Dict[str, List[str]] = {}
     located: Dict[str, Optional[str]] = {}
-    drifted: List[str] = []  # per split by nature: each line carries its own split and figures
+    drift_lines: List[str] = []  # per split by nature: each line carries its own split and figures
 
     def locate(name: str) -> Optional[str]:
         if name not in located:
@@ -166,9 +166,14 @@ def find_problems(anomalies_uri: str, statistics_uri: str, split_names: List[str
             schema = io_utils.SchemaReader().read(io_utils.get_only_uri_in_dir(schema_uri))
             drift = spec.monitoring.drift if spec.monitoring is not None else None  # no bounds: no drift check
             thresholds = drift.model_dump(exclude_none=True) if drift is not None else {}
-            drifted += drift_problems(stats, _statistics(previous_uri, split), schema, thresholds, split)
+            measured = drift_measurements(stats, _statistics(previous_uri, split), schema, thresholds)
+            for m in measured:  # every compared feature, drifted or not: the run's log reports each
+                logging.info("data gate: [%s] feature '%s' against the previous span: %s %.4f (bound %g)%s", split,
+                             m["feature"], m["comparator"], m["value"], m["threshold"],
+                             " DRIFTED" if m["drifted"] else "")
+            drift_lines += drifted(measured, split)
     cause_first = sorted(splits_of, key=lambda p: p not in located.values())  # stable: the rest keep their order
-    return [f"[{', '.join(splits_of[p])}] {p}" for p in cause_first] + drifted
+    return [f"[{', '.join(splits_of[p])}] {p}" for p in cause_first] + drift_lines
 
 
 @component
@@ -182,5 +187,6 @@ def DataGate(anomalies: InputArtifact[ExampleAnomalies], statistics: InputArtifa
                              previous_statistics.uri if previous_statistics is not None else None,
                              schema.uri if schema is not None else None)
     if problems:
-        raise DataGateError("data gate: the data does not match the schema or the feature spec; "
+        raise DataGateError("data gate: the data does not match the schema or the feature spec, or drifted from the "
+                            "previous span; "
                             "nothing downstream runs:\n  " + "\n  ".join(problems))

@@ -15,14 +15,29 @@ STATISTICS, CURRENT, CACHE = "statistics", "current", "cache"
 
 class PreviousSpanStatisticsStrategy(resolver.ResolverStrategy):
     """Inputs: statistics (every StatisticsGen output), current (this run's). Resolves the newest
-    statistics of an earlier span (none on the first span)."""
+    statistics of an earlier span (none on the first span); of a span ingested twice, the latest.
+
+    A statistics artifact's span is the span it describes, as ML Metadata records it (pipelines/mlmd.py
+    described_spans: the span of the Examples its StatisticsGen read): the `span` TFX 1.16 copies onto
+    it is the Examples' declared property, which ExampleGen leaves 0. Without a store (or lineage),
+    the declared span."""
 
     def resolve_artifacts(self, store, input_dict: Dict[str, List[types.Artifact]]):
         current = list(input_dict.get(CURRENT, []))
-        newest = max((a.span for a in current), default=None)
-        earlier = [a for a in input_dict.get(STATISTICS, []) if newest is not None and a.span < newest]
-        best = max(earlier, key=lambda a: (a.span, a.id), default=None)
+        candidates = list(input_dict.get(STATISTICS, []))
+        span = self._spans(store, current + candidates)
+        newest = max((span[a.id] for a in current if span[a.id] is not None), default=None)
+        earlier = [a for a in candidates if newest is not None and span[a.id] is not None and span[a.id] < newest]
+        best = max(earlier, key=lambda a: (span[a.id], a.id), default=None)
         return {STATISTICS: [best] if best is not None else [], CURRENT: current}
+
+    @staticmethod
+    def _spans(store, artifacts: List[types.Artifact]) -> Dict[int, int]:
+        if store is None:
+            return {a.id: a.span for a in artifacts}
+        from pipelines import mlmd
+
+        return mlmd.described_spans(store, [a.mlmd_artifact for a in artifacts])
 
 
 class LatestAnalyzerCacheStrategy(resolver.ResolverStrategy):
@@ -57,6 +72,11 @@ def drift_measurements(statistics, previous, schema, thresholds: Mapping[str, fl
 
 def drift_problems(statistics, previous, schema, thresholds: Mapping[str, float], split: str = "train") -> List[str]:
     """One line per feature whose distance to the previous span is past its bound (TFDV computes it)."""
+    return drifted(drift_measurements(statistics, previous, schema, thresholds), split)
+
+
+def drifted(measurements: List[Dict[str, Any]], split: str = "train") -> List[str]:
+    """drift_measurements' features past their bound, one problem line each, naming the distance and bound."""
     return sorted(f"[{split}] feature '{m['feature']}': drifted from the previous span: {m['comparator']} "
                   f"{m['value']:.4f} > {m['threshold']:g} (the spec's monitoring.drift)"
-                  for m in drift_measurements(statistics, previous, schema, thresholds) if m["drifted"])
+                  for m in measurements if m["drifted"])

@@ -14,12 +14,11 @@
 4. The served span is exported with its labels (ops/export_span.py: policy and propensity per row),
    and `make retrain` (the local runner with --require_new_span) trains on the window including it,
    weighting the served rows by inverse propensity (the spec's `served` block).
-5. Right after it, a full run: the same window's rows (every span of the rolling window, the
-   exported served span included) as one fresh pipeline (its own root, metadata and model
-   repository: nothing cached). TFX 1.16's ExampleGen ingests one span per run (a RollingRange
-   of num_spans=1 or a StaticRange of one span, example_gen/input_processor.py), so the spans
-   spec on an empty root would train on the newest span alone; the full run reads the window's
-   data.csv files joined into one CSV through a single-input copy of the spec.
+5. Right after it, a full run: the same spans spec as one fresh pipeline (its own root, metadata
+   and model repository: nothing cached, nothing ingested). The local runner ingests every span
+   of the window older than the newest first (TFX 1.16's ExampleGen takes one span a run;
+   pipelines/local_runner.py ingest_window_spans), then trains on the window: the code path a
+   user's first run over a folder of spans takes.
 6. The same retraining run is repeated on a copy of the store whose analyzer cache was emptied:
    Transform's time with and without tf.Transform's analyzer cache.
 
@@ -139,39 +138,6 @@ def write_schema(path: str, curated: str, served: feature_spec.Served) -> str:
         feature.not_in_environment.append("SERVING")
     with open(path, "w") as f:
         f.write(text_format.MessageToString(schema))
-    return path
-
-
-def write_full_run_data(files: Sequence[str], path: str) -> int:
-    """The rows of `files` in one CSV at `path`, for a single-input run: ExampleGen refuses CSVs of
-    one split with different headers (csv_example_gen/executor.py), and a served span adds the
-    policy and propensity columns, so the header is every file's columns in first-seen order and a
-    row from a span never served leaves those cells empty (weight 1, as in its own span). Returns
-    the rows written."""
-    header: List[str] = []
-    for name in files:
-        with open(name, newline="") as f:
-            header += [column for column in next(csv.reader(f)) if column not in header]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    written = 0
-    with open(path, "w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=header, restval="")
-        writer.writeheader()
-        for name in files:
-            with open(name, newline="") as f:
-                for row in csv.DictReader(f):
-                    writer.writerow(row)
-                    written += 1
-    return written
-
-
-def write_full_run_spec(spec_path: str, data_csv: str, path: str) -> str:
-    """A copy of the spec at spec_path that reads the one CSV data_csv: no {SPAN}, no rolling window."""
-    raw = copy.deepcopy(feature_spec.read_yaml(spec_path)[0])
-    raw["data"] = {"path": os.path.abspath(data_csv), "split": raw["data"].get("split", {"train": 2, "eval": 1})}
-    with open(path, "w") as f:
-        yaml.safe_dump(raw, f, sort_keys=False)
-    feature_spec.load(path)  # the copy is a valid spec
     return path
 
 
@@ -449,18 +415,17 @@ def _retrain_without_cache(work: str, spec_path: str) -> Dict[str, Any]:
 
 
 def _full_run(work: str, spec_path: str, spec: feature_spec.FeatureSpec) -> Dict[str, Any]:
-    """The window's rows as one fresh pipeline in <work>-full (replaced): the reference the
-    incremental retrain is measured against."""
+    """The spans spec as one fresh pipeline in <work>-full (replaced): the reference the incremental
+    retrain is measured against. Its empty store has ingested no span, so the run ingests every span
+    of the window before it trains."""
     full = work + "-full"
     if os.path.exists(full):
         shutil.rmtree(full)
     os.makedirs(full)
     files = spec.csv_files()  # every span of the rolling window, as the spec resolves it on disk now
-    rows = write_full_run_data(files, os.path.join(full, "data", "data.csv"))
-    full_spec = write_full_run_spec(spec_path, os.path.join(full, "data", "data.csv"), os.path.join(full, "spec.yaml"))
     env_path = write_env(os.path.join(full, "env.yaml"), full)
-    figures = _run_figures(run_pipeline(full_spec, env_path, os.path.join(full, "run.json")))
-    return {**figures, "rows": rows, "spans": [os.path.relpath(f, work) for f in files]}
+    figures = _run_figures(run_pipeline(spec_path, env_path, os.path.join(full, "run.json")))
+    return {**figures, "spans": [os.path.relpath(f, work) for f in files]}
 
 
 def _incremental_vs_full(incremental: Dict[str, Any], full: Dict[str, Any]) -> Dict[str, Any]:

@@ -160,6 +160,31 @@ def span_of(artifact) -> Optional[int]:
     return artifact.properties["span"].int_value if "span" in artifact.properties else None
 
 
+def described_spans(store, artifacts) -> Dict[int, Optional[int]]:
+    """The span each artifact (an ExampleStatistics, say) describes, by artifact id: its own `span` custom
+    property where TFX set one, else the span of the Examples its producing execution read (lineage), else
+    its declared `span` property (None: none of them). StatisticsGen copies the Examples' declared `span`,
+    which TFX 1.16's ExampleGen leaves unset (tfx/components/statistics_gen/executor.py:144), so on a real
+    store every statistics artifact's declared span is 0 and only the lineage tells them apart."""
+    pb2 = _pb2()
+    spans: Dict[int, Optional[int]] = {a.id: custom_property(a, "span") for a in artifacts}
+    spans = {i: int(s) if s not in (None, "") else None for i, s in spans.items()}
+    unknown = [i for i, s in spans.items() if s is None]
+    producers: Dict[int, int] = {e.artifact_id: e.execution_id for e in store.get_events_by_artifact_ids(unknown)
+                                 if e.type == pb2.Event.OUTPUT} if unknown else {}
+    read: Dict[int, List[int]] = {}
+    for e in store.get_events_by_execution_ids(sorted(set(producers.values()))) if producers else ():
+        if e.type == pb2.Event.INPUT and e.path.steps and e.path.steps[0].key == "examples":
+            read.setdefault(e.execution_id, []).append(e.artifact_id)
+    examples = {a.id: span_of(a) for a in store.get_artifacts_by_id(sorted({i for ids in read.values() for i in ids}))}
+    for artifact in artifacts:
+        if spans[artifact.id] is None:
+            found = [examples[i] for i in read.get(producers.get(artifact.id), []) if examples.get(i) is not None]
+            declared = artifact.properties["span"].int_value if "span" in artifact.properties else None
+            spans[artifact.id] = max(found) if found else declared
+    return spans
+
+
 def ingested_spans(metadata_path: str, example_gen: str = "CsvExampleGen") -> List[int]:
     """Spans ExampleGen has written Examples for in this store (empty when there is no store yet)."""
     if not os.path.exists(metadata_path):

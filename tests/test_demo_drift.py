@@ -4,7 +4,7 @@ flagging it, the span exported with labels, policy and propensity, and `make ret
 taking it as new. The pipeline runs themselves (one per span, then the retraining) are left to
 `make demo-drift`: each costs a minute or more here, and test_spans.py / test_pipeline_e2e.py run
 the pipeline over spans already. How the demo's full run (the reference for the incremental
-retrain) is written is checked without running it.
+retrain: the spans spec on a fresh store) is set up is checked without running it.
 """
 
 import csv
@@ -18,38 +18,42 @@ from ops import demo_drift, export_span, monitor
 from tests.conftest import write_models_config
 
 
-def test_the_full_run_reads_every_span_of_the_window_as_one_csv(tmp_path):
-    spans_dir = tmp_path / "spans"
+def test_the_full_run_is_the_spans_spec_on_a_fresh_store_that_ingests_the_window(tmp_path, monkeypatch):
+    """The reference for the incremental retrain: the same spans spec, run through the local runner (the
+    command a user runs) with its own root, store and model repository; nothing of the work dir is reused,
+    so the runner's ingestion (local_runner.spans_to_ingest on the empty store) takes the window's older
+    spans before the run's own ExampleGen takes the newest."""
+    import yaml
+
+    from pipelines import local_runner, mlmd
+
+    work = tmp_path / "work"
+    spans_dir = work / "spans"
     header = ["trip_start_timestamp", "fare", "payment_type", "tips"]
     rows = [{"trip_start_timestamp": str(i), "fare": f"{i}.5", "payment_type": "Cash", "tips": "0"} for i in range(9)]
     for number in (1, 2):
         demo_drift.write_span(str(spans_dir), number, header, rows[3 * (number - 1):3 * number])
     # A served span (ops/export_span.py) brings the policy and propensity columns after the raw ones.
-    served = [dict(r, policy="model", propensity="0.9") for r in rows[6:]]
-    served[0]["policy"], served[0]["propensity"] = "holdback:fallback", "0.1"
-    demo_drift.write_span(str(spans_dir), 3, header + ["policy", "propensity"], served)
-    spec_path = demo_drift.write_spec(str(tmp_path / "spec.yaml"), str(spans_dir), window=2)
-    window = feature_spec.load(spec_path).csv_files()
-    assert [os.path.basename(os.path.dirname(f)) for f in window] == ["span-2", "span-3"]
+    demo_drift.write_span(str(spans_dir), 3, header + ["policy", "propensity"],
+                          [dict(r, policy="model", propensity="0.9") for r in rows[6:]])
+    spec_path = demo_drift.write_spec(str(work / "spec.yaml"), str(spans_dir), window=2)
+    (tmp_path / "work-full" / "pipeline_root").mkdir(parents=True)  # a previous demo's full run: replaced
+    ran = []
 
-    data = tmp_path / "full" / "data.csv"
-    assert demo_drift.write_full_run_data(window, str(data)) == 6
-    with open(data, newline="") as f:
-        reader = csv.DictReader(f)
-        # ExampleGen needs one header for the split (tfx csv_example_gen/executor.py): the union.
-        assert reader.fieldnames == header + ["policy", "propensity"]
-        written = list(reader)
-    assert [r["trip_start_timestamp"] for r in written] == [str(i) for i in range(3, 9)]  # span-1 left the window
-    assert [(r["policy"], r["propensity"]) for r in written] == [("", "")] * 3 + [
-        ("holdback:fallback", "0.1"), ("model", "0.9"), ("model", "0.9")]  # never served: empty, weight 1
+    def run_pipeline(spec, env, summary, retrain=False):
+        ran.append((spec, yaml.safe_load(open(env)), summary, retrain))
+        return {"wall_seconds": 5.0, "total_seconds": 4.0, "model_version": 7}
+    monkeypatch.setattr(demo_drift, "run_pipeline", run_pipeline)
+    full = demo_drift._full_run(str(work), spec_path, feature_spec.load(spec_path))
 
-    full = feature_spec.load(demo_drift.write_full_run_spec(spec_path, str(data), str(tmp_path / "full.yaml")))
-    assert not full.has_spans and full.rolling_spans is None
-    assert full.csv_files() == [str(data)]
-    incremental = feature_spec.load(spec_path)
-    assert (full.features, full.label, full.served, full.split, full.schema_path, full.training) == (
-        incremental.features, incremental.label, incremental.served, incremental.split, incremental.schema_path,
-        incremental.training)  # the same pipeline but for its data
+    [(spec, env, summary, retrain)] = ran
+    assert spec == spec_path and not retrain  # the spans spec itself, not a one-CSV copy
+    fresh = str(tmp_path / "work-full")
+    assert [os.path.dirname(env[k]) for k in ("pipeline_root", "metadata_path", "model_repository")] == [fresh] * 3
+    assert os.path.dirname(summary) == fresh and not os.path.exists(env["pipeline_root"])
+    assert full["spans"] == ["spans/span-2/data.csv", "spans/span-3/data.csv"] and full["pushed_version"] == 7
+    spans = feature_spec.load(spec)
+    assert local_runner.spans_to_ingest(spans, mlmd.ingested_spans(env["metadata_path"])) == [2]
 
 
 def test_the_report_puts_the_incremental_run_over_the_full_one_with_both_loads():

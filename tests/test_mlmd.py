@@ -143,6 +143,39 @@ def test_runs_statistics_and_tags(tmp_path):
     assert mlmd.latest_run(mlmd.connect(path)).custom_properties["code_commit"].string_value == "def456"
 
 
+def _spans_store(path):
+    """ExampleGen's Examples for spans 1, 2 and 2 again (the span as a custom property, driver.py:55-57)
+    and a StatisticsGen execution each whose statistics carry the declared span 0 that
+    tfx/components/statistics_gen/executor.py:144 copies from the Examples' unset declared span."""
+    run = Run(path)
+    for name in ("Examples", "ExampleStatistics"):  # TFX declares span on both types
+        run.types[("a", name)] = run.store.put_artifact_type(
+            run.pb2.ArtifactType(name=name, properties={"span": run.pb2.INT}), can_add_fields=True)
+    statistics = []
+    for n, span in enumerate((1, 2, 2)):
+        examples = run.artifact("Examples", f"/root/CsvExampleGen/examples/{20 + n}", span=span)
+        stats = run.artifact("ExampleStatistics", f"/root/StatisticsGen/statistics/{30 + n}")
+        stats.properties["span"].int_value = 0
+        run.store.put_artifacts([stats])
+        run.execution("StatisticsGen", {"examples": [examples]}, {"statistics": [stats]})
+        statistics.append(stats)
+    return run, statistics
+
+
+def test_a_statistics_artifact_describes_the_span_its_statistics_gen_read(tmp_path):
+    run, (one, two, two_again) = _spans_store(str(tmp_path / "mlmd.sqlite"))
+    stamped = run.artifact("ExampleStatistics", "/root/StatisticsGen/statistics/40", span="7")  # a string, as TFX may
+    alone = run.artifact("ExampleStatistics", "/root/elsewhere/41")  # no producer: its declared span, 5
+    alone.properties["span"].int_value = 5
+    run.store.put_artifacts([alone])
+    store = mlmd.connect(str(tmp_path / "mlmd.sqlite"))
+    artifacts = store.get_artifacts_by_id([one.id, two.id, two_again.id, stamped.id, alone.id])
+    assert [a.properties["span"].int_value for a in artifacts[:3]] == [0, 0, 0]  # what `a.span` would read
+    assert mlmd.described_spans(store, artifacts) == {one.id: 1, two.id: 2, two_again.id: 2, stamped.id: 7,
+                                                      alone.id: 5}
+    assert mlmd.described_spans(store, []) == {}
+
+
 def _config(path):
     from ml_metadata.proto import metadata_store_pb2 as pb2
 

@@ -9,6 +9,7 @@ import pytest
 from components import feature_spec
 
 HEADER = "fare,trip_miles,payment_type,tips\n"
+BOUND = 0.8  # Jensen-Shannon divergence: 60-row taxi spans differ by up to 0.69 unshifted (dropoff_longitude, measured)
 
 
 def write_spans(root, sizes):
@@ -198,6 +199,37 @@ def test_previous_span_statistics_are_the_newest_earlier_span():
     assert first[STATISTICS] == []  # the first span has nothing to drift from
 
 
+def test_previous_span_statistics_on_a_store_are_found_by_the_span_their_examples_had(tmp_path):
+    """On a store as TFX 1.16 writes it every ExampleStatistics' declared span is 0 (tests/test_mlmd.py
+    _spans_store): the strategy reads the span through lineage, and of span 2 ingested twice the latest."""
+    from tfx.types import standard_artifacts
+
+    from components.spans import CURRENT, STATISTICS, PreviousSpanStatisticsStrategy
+    from pipelines import mlmd
+    from tests.test_mlmd import _spans_store
+
+    run, statistics = _spans_store(str(tmp_path / "mlmd.sqlite"))
+    third = run.artifact("ExampleStatistics", "/root/StatisticsGen/statistics/50")
+    run.execution("StatisticsGen", {"examples": [run.artifact("Examples", "/root/CsvExampleGen/examples/50", span=3)]},
+                  {"statistics": [third]})
+
+    def wrapped(proto):
+        artifact = standard_artifacts.ExampleStatistics()
+        artifact.set_mlmd_artifact(proto)
+        return artifact
+    store = mlmd.connect(str(tmp_path / "mlmd.sqlite"))
+    every = [wrapped(a) for a in store.get_artifacts_by_type("ExampleStatistics")]
+    by_id = {a.id: a for a in every}
+    assert {a.span for a in every} == {0}
+    strategy = PreviousSpanStatisticsStrategy()
+    resolved = strategy.resolve_artifacts(store, {STATISTICS: every, CURRENT: [by_id[third.id]]})
+    assert [a.id for a in resolved[STATISTICS]] == [statistics[2].id]  # span 2's second ingestion
+    again = strategy.resolve_artifacts(store, {STATISTICS: every, CURRENT: [by_id[statistics[2].id]]})
+    assert [a.id for a in again[STATISTICS]] == [statistics[0].id]  # span 2 re-ingested: against span 1
+    first = strategy.resolve_artifacts(store, {STATISTICS: every, CURRENT: [by_id[statistics[0].id]]})
+    assert first[STATISTICS] == []
+
+
 def test_the_analyzer_cache_is_the_newest_and_none_before_the_first_transform():
     from tfx.types import standard_artifacts
 
@@ -257,6 +289,31 @@ def test_a_run_first_ingests_the_windows_spans_its_example_gen_would_skip(tmp_pa
     assert spans_to_ingest(feature_spec.load("configs/taxi.yaml"), []) == []  # one CSV: nothing extra runs
 
 
+def _taxi_spans(taxi_spec, tmp, rolling, drift=None):
+    """A taxi spec over tmp/spans/span-{SPAN}/ with `rolling` spans and `drift` as monitoring.drift (None: no
+    span-to-span check), an Environment on tmp with Beam in memory, the store's path and the taxi rows."""
+    import yaml
+    from tfx.orchestration import metadata
+
+    from pipelines import pipeline as pipeline_lib
+    from tests.conftest import REPO, TAXI_SPEC, read_rows, taxi_csv_path
+
+    with open(TAXI_SPEC) as f:
+        raw = yaml.safe_load(f)
+    raw["schema"] = os.path.join(REPO, raw["schema"])
+    raw["data"] = {**raw["data"], "path": str(tmp / "spans") + "/span-{SPAN}/", "rolling_spans": rolling}
+    if drift is None:
+        raw["monitoring"].pop("drift")
+    else:
+        raw["monitoring"]["drift"] = drift
+    db = str(tmp / "mlmd.sqlite")
+    environment = pipeline_lib.Environment(
+        pipeline_root=str(tmp / "root"), model_repository=str(tmp / "models"),
+        metadata_connection_config=metadata.sqlite_metadata_connection_config(db),
+        beam_pipeline_args=["--direct_running_mode=in_memory", "--direct_num_workers=1"])
+    return feature_spec.parse(raw, source="spans.yaml"), environment, db, read_rows(taxi_csv_path(taxi_spec), limit=360)
+
+
 @pytest.fixture(scope="module")
 def window_runs(taxi_spec, tmp_path_factory):
     """Two runs of the pipeline up to Transform over taxi spans (90 rows each), each after the ingestion
@@ -264,26 +321,15 @@ def window_runs(taxi_spec, tmp_path_factory):
     (metadata path, spec, [(console lines, ingested spans, spans Transform read), ...])."""
     import io
 
-    import yaml
-    from tfx.orchestration import metadata, pipeline
+    from tfx.orchestration import pipeline
     from tfx.orchestration.local.local_dag_runner import LocalDagRunner
 
     from pipelines import local_runner, mlmd, pipeline as pipeline_lib
-    from tests.conftest import REPO, TAXI_SPEC, read_rows, taxi_csv_path, write_sample
+    from tests.conftest import write_sample
 
     tmp = tmp_path_factory.mktemp("window")
-    rows = read_rows(taxi_csv_path(taxi_spec), limit=360)
-    with open(TAXI_SPEC) as f:
-        raw = yaml.safe_load(f)
-    raw["schema"] = os.path.join(REPO, raw["schema"])
-    raw["data"] = {**raw["data"], "path": str(tmp / "spans") + "/span-{SPAN}/", "rolling_spans": 3}
-    raw["monitoring"].pop("drift")  # 90 rows a span are too few for the span-to-span drift bounds
-    spec = feature_spec.parse(raw, source="window.yaml")
-    db = str(tmp / "mlmd.sqlite")
-    environment = pipeline_lib.Environment(
-        pipeline_root=str(tmp / "root"), model_repository=str(tmp / "models"),
-        metadata_connection_config=metadata.sqlite_metadata_connection_config(db),
-        beam_pipeline_args=["--direct_running_mode=in_memory", "--direct_num_workers=1"])
+    # 90 rows a span are too few for the span-to-span drift bounds: no drift check
+    spec, environment, db, rows = _taxi_spans(taxi_spec, tmp, 3)
     runs = []
     for spans in ((1, 2, 3), (4,)):
         for span in spans:
@@ -313,3 +359,47 @@ def test_the_window_trains_on_every_span_that_arrived(window_runs):
     # make retrain's rule on the store TFX wrote: span 4, the newest, was trained on.
     with pytest.raises(local_runner.NothingNew, match="span 4 .* was trained on already"):
         local_runner.require_new_span(spec, {"metadata_path": db})
+
+
+@pytest.mark.slow
+def test_a_real_run_gates_a_span_that_drifted_from_the_one_before(taxi_spec, tmp_path, caplog):
+    """LocalDagRunner over taxi spans of 60 rows, rolling_spans 2, numeric features bounded by Jensen-Shannon
+    divergence only (categorical ones unchecked: no infinity_norm). Span 2, other rows of the same file, passes
+    the gate against span 1 with every numeric feature measured; span 3, fares x100, stops the run at the data
+    gate, before Transform, naming fare, its distance and the bound. The previous span's statistics reach the
+    gate only because PreviousSpanStatisticsStrategy reads their span through lineage (TFX leaves it 0)."""
+    import logging
+    import re
+
+    from tfx.orchestration import pipeline as tfx_pipeline
+    from tfx.orchestration.local.local_dag_runner import LocalDagRunner
+
+    from pipelines import local_runner, mlmd, pipeline as pipeline_lib
+    from tests.conftest import write_sample
+
+    spec, environment, db, rows = _taxi_spans(taxi_spec, tmp_path, 2, drift={"jensen_shannon_divergence": BOUND})
+    write_sample(rows[:60], str(tmp_path / "spans" / "span-1"))
+    write_sample(rows[60:120], str(tmp_path / "spans" / "span-2"))
+    assert local_runner.ingest_window_spans(spec, environment, db) == [1]
+    caplog.set_level(logging.INFO)
+    LocalDagRunner().run(pipeline_lib.create_pipeline(spec, environment),
+                         run_options=tfx_pipeline.RunOptions(to_nodes=["data_gate"]))
+    measured = re.findall(r"data gate: \[(\w+)\] feature '(\w+)' against the previous span: JENSEN_SHANNON_DIVERGENCE "
+                          r"([0-9.]+) \(bound ([0-9.]+)\)( DRIFTED)?", caplog.text)
+    assert {(split, feature) for split, feature, *_ in measured} >= {("train", "fare"), ("eval", "fare"),
+                                                                      ("train", "trip_miles")}
+    assert all(float(bound) == BOUND and not flag for *_, bound, flag in measured)
+    caplog.clear()
+
+    shifted = [{**row, "fare": str(float(row["fare"] or 0) * 100)} for row in rows[120:180]]
+    write_sample(shifted, str(tmp_path / "spans" / "span-3"))
+    assert local_runner.ingest_window_spans(spec, environment, db) == []  # span 2 is in the store
+    with pytest.raises(Exception) as failed:
+        LocalDagRunner().run(pipeline_lib.create_pipeline(spec, environment))
+    message = str(failed.value)
+    found = re.findall(r"\[(\w+)\] feature '(\w+)': drifted from the previous span: JENSEN_SHANNON_DIVERGENCE "
+                       r"([0-9.]+) > ([0-9.]+)", message)
+    assert {feature for _, feature, *_ in found} == {"fare"}, message
+    assert all(float(value) > BOUND and float(bound) == BOUND for *_, value, bound in found)
+    assert mlmd.spans_read(db, spec.name, "StatisticsGen") == [3]
+    assert mlmd.spans_read(db, spec.name, "Transform") == []  # the gate stopped the run before Transform
