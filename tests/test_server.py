@@ -650,19 +650,31 @@ def test_a_full_batch_queue_refuses_a_task_with_tf_servings_503(tmp_path):
     from serving.batching import Batcher, Parameters
 
     batch_size_model(tmp_path / "m" / "1")
-    server = serve(tmp_path, batcher=Batcher(Parameters(max_batch_size=2, batch_timeout_micros=3_000_000,
+    server = serve(tmp_path, batcher=Batcher(Parameters(max_batch_size=2, batch_timeout_micros=2_000_000,
                                                         max_enqueued_batches=1, num_batch_threads=1)))
     try:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            first = pool.submit(predict, server.url, x=1.0)  # one row: its batch waits for a second row
-            time.sleep(0.5)
+        def two_rows():
             request = urllib.request.Request(server.url + "/v1/models/m:predict", method="POST",
                                              data=json.dumps({"instances": [1.0, 2.0]}).encode())
-            with pytest.raises(urllib.error.HTTPError) as refused:
-                urllib.request.urlopen(request, timeout=30)
-            assert refused.value.code == 503
-            error = json.loads(refused.value.read())["error"]
-            assert error.startswith("The batch scheduling queue to which this task was submitted is full"), error
-            assert first.result(timeout=30) == (200, {"predictions": [{"y": 1.0, "n": 1}]})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            for _ in range(5):  # again if the one row came while a two-row batch was still queued (refused too)
+                first = pool.submit(predict, server.url, x=1.0)  # one row: its batch waits 2 s for a second row
+                deadline = time.monotonic() + 1.5
+                while True:  # two rows fill a batch of their own: served at once until the one row is queued
+                    code, answer = two_rows()
+                    if code != 200 or first.done() or time.monotonic() > deadline:
+                        break
+                    assert answer == {"predictions": [{"y": 1.0, "n": 2}, {"y": 2.0, "n": 2}]}
+                if first.result(timeout=30)[0] == 200:
+                    break
+            assert code == 503, answer
+            assert answer["error"].startswith("The batch scheduling queue to which this task was submitted is full")
+            assert first.result() == (200, {"predictions": [{"y": 1.0, "n": 1}]})  # its batch timed out alone
     finally:
         server.stop()
