@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from serving.wire import ServingError, invalid
+from serving.wire import ServingError, finite_double, invalid
 
 INT32 = (-2 ** 31, 2 ** 31 - 1)
 INT64 = (-2 ** 63, 2 ** 63 - 1)
@@ -56,17 +56,10 @@ def _parse_int(text: str):
         value = int(text)
         if INT64[0] <= value <= UINT64[1]:
             return value
-    return _parse_float(text)
+    return finite_double(text)
 
 
-def _parse_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise invalid("JSON Parse error: Number too big to be stored in double.")
-    return value
-
-
-_DECODER = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float)
+_DECODER = json.JSONDecoder(parse_int=_parse_int, parse_float=finite_double)
 
 
 def loads(raw: bytes) -> Dict[str, Any]:

@@ -689,6 +689,9 @@ class Proxy:
             if verb == "predict" and settings.complete_missing and await self.complete(
                     variant.backend, path.rsplit(":", 1)[0], body):
                 sent = json.dumps(body).encode()  # what the model sees is what is logged
+                refused = _number_too_big(raw) if b"Infinity" in sent else None
+                if refused is not None:  # one request, one meaning: 400 whether or not a row was completed
+                    return refused.http_status, wire.error_body(refused.message), None, raw
             slots = self.backend_slots()
             try:  # waits for a slot within the request's deadline, not for ever
                 if slots.locked():  # wait_for costs a task (about 40 us here): only when there is a wait
@@ -916,6 +919,20 @@ def _loads(data: bytes) -> Dict[str, Any]:
         return value if isinstance(value, dict) else {"error": "backend answered a non-object"}
     except (ValueError, RecursionError):
         return {"error": f"backend answered non-JSON: {data[:200].decode(errors='replace')}"}
+
+
+def _number_too_big(raw: bytes) -> Optional[wire.ServingError]:
+    """The server's refusal of a number beyond a double (1e400) in the client's body, or None.
+    json.loads reads 1e400 as infinity and json.dumps would send it on as the token Infinity,
+    which the server accepts: a completed row must not turn a refused request into a served one.
+    Asked only when the completed body holds an Infinity (a token, an overflow, or that text)."""
+    try:
+        json.loads(raw, parse_float=wire.finite_double)
+    except wire.ServingError as e:
+        return e
+    except (ValueError, RecursionError):  # the body parsed once already; nothing more to say
+        pass
+    return None
 
 
 def _no_constant(name: str) -> None:

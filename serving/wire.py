@@ -13,6 +13,7 @@ The specification is tensorflow/serving's own source:
 """
 
 import json
+import math
 import re
 from typing import Any, Dict, List, NamedTuple, Optional
 from urllib.parse import unquote_to_bytes
@@ -55,6 +56,16 @@ class ServingError(Exception):
 
 def invalid(message: str) -> ServingError:
     return ServingError("INVALID_ARGUMENT", message)
+
+
+def finite_double(text: str) -> float:
+    """A JSON number's text as a double; one beyond a double (1e400) is refused as TF Serving's
+    parser refuses it (rapidjson reader.h kParseErrorNumberTooBig, reported by json_tensor.cc:486-490).
+    The bare token Infinity is another matter: TF Serving accepts it (kParseNanAndInfFlag)."""
+    value = float(text)
+    if math.isinf(value):
+        raise invalid("JSON Parse error: Number too big to be stored in double.")
+    return value
 
 
 class Route(NamedTuple):

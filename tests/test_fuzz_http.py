@@ -14,6 +14,8 @@ import shutil
 import socket
 import time
 
+import re
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +24,11 @@ from tests.conftest import serve
 
 CASES = 5000
 TIMEOUT = 10.0  # seconds a complete request may take to be answered
+# RFC 9110 5.6.2 token (a header name, a method); 5.5 field value: visible ASCII, space, tab.
+TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+FIELD_VALUE = re.compile(r"[\x20-\x7e\t]*")
+ORIGIN_FORM = re.compile(r"/[\x21-\x7e]*")  # RFC 9112 3.2.1, visible ASCII
+METHODS_WITH_ORIGIN_FORM = {"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE"}  # CONNECT: authority
 
 METHODS = st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE", "CONNECT", "get",
                            "POST ", "P\x00ST", "\u00e9", ""])
@@ -83,6 +90,12 @@ def requests(draw, feature_names):
         "length", "length", "chunked", "gzip", "none", "negative", "both", "bad_length", "two_lengths", "te_other"]))
     headers = [("Host", "x")]
     complete = True
+    # Well-framed: a valid request line, valid headers, a body its framing delimits exactly. Such a
+    # request must be answered; only malformed framing may be met with a close.
+    well_framed = (method in METHODS_WITH_ORIGIN_FORM and bool(ORIGIN_FORM.fullmatch(path))
+                   and version in ("HTTP/1.1", "HTTP/1.0")
+                   and (framing in ("length", "gzip") or (framing == "chunked" and version == "HTTP/1.1")
+                        or (framing == "none" and not body)))
     if framing == "gzip":
         body = gzip.compress(body) if draw(st.booleans()) else body  # sometimes a lie
         headers += [("Content-Encoding", "gzip"), ("Content-Length", str(len(body)))]
@@ -105,11 +118,13 @@ def requests(draw, feature_names):
     else:
         complete = not body
     for _ in range(draw(st.integers(0, 3))):
-        headers.append((draw(st.sampled_from(["X-User-Id", "X-Request-Id", "Content-Type", "Expect", "Connection",
-                                              "Origin", "X\x00", "Bad Name", ""])),
-                        draw(st.text(max_size=20))))
+        name = draw(st.sampled_from(["X-User-Id", "X-Request-Id", "Content-Type", "Expect", "Connection", "Origin",
+                                     "X\x00", "Bad Name", ""]))
+        value = draw(st.text(max_size=20))
+        well_framed = well_framed and bool(TOKEN.fullmatch(name)) and bool(FIELD_VALUE.fullmatch(value))
+        headers.append((name, value))
     head = f"{method} {path} {version}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
-    return head.encode("utf-8", "surrogatepass") + body, complete
+    return head.encode("utf-8", "surrogatepass") + body, complete, well_framed
 
 
 def send(port, data: bytes, complete: bool) -> str:
@@ -176,22 +191,26 @@ def test_raw_http_fuzz_never_gets_a_5xx_a_crash_or_a_hang(targets, target, taxi_
     url = targets[target]
     port = int(url.rsplit(":", 1)[1])
     counts = collections.Counter()
+    framed = {True: collections.Counter(), False: collections.Counter()}
     failures = []
 
     @settings(max_examples=CASES, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(requests(targets["features"]))
     def check(case):
-        data, complete = case
+        data, complete, well_framed = case
         outcome = send(port, data, complete)
         counts[outcome] += 1
-        if outcome in ("5xx", "garbled", "hang"):
+        framed[well_framed][outcome] += 1
+        if outcome in ("5xx", "garbled", "hang") or (outcome == "closed" and well_framed):
             failures.append((outcome, data[:300]))
 
     check()
-    print(f"\n{target}: {sum(counts.values())} raw requests: {dict(sorted(counts.items()))}")
+    print(f"\n{target}: {sum(counts.values())} raw requests: {dict(sorted(counts.items()))}; well-framed: "
+          f"{dict(sorted(framed[True].items()))}, malformed: {dict(sorted(framed[False].items()))}")
     row = {n: ("Cash" if t == "string" else math.nan) for n, t in targets["features"].items()}
     assert alive(url, row), "stopped serving"
     assert sum(counts.values()) == CASES
     assert failures == [], failures[:5]
     assert counts["2xx"] >= CASES // 50, counts  # the generator reaches the model, not only the parser
+    assert sum(framed[True].values()) >= CASES // 10, framed  # the well-framed rule is really exercised

@@ -671,3 +671,77 @@ def test_an_idle_server_answers_small_requests_on_its_event_loop():
     threads = dict(seen)
     assert threads["/small"] == "inl-ioloop" and threads["/plain"].startswith("wrk_")
     assert threads["/big"].startswith("inl_") and threads["/beside"].startswith("inl_")
+
+
+def batch_size_model(path) -> str:
+    """A SavedModel whose serving_default answers, for each row of x, y = x and n = the number of
+    rows the model was called with: the batch size the batcher really ran."""
+    import tensorflow as tf
+
+    class Counts(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": x, "n": tf.fill(tf.shape(x), tf.size(x))}
+
+    module = Counts()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return str(path)
+
+
+def test_allowed_batch_sizes_pad_a_batch_to_the_next_allowed_size(tmp_path):
+    """batching_session.cc:494-504 and :545-565 (RoundToLowestAllowedBatchSize, padding rows) and
+    :605-612 (the padding split off the outputs): a batch of 3 rows runs as
+    4 with allowed_batch_sizes 2, 4, 8, one of 5 as 8; the padding rows are cut from the answer."""
+    from serving.batching import Batcher, Parameters
+
+    batch_size_model(tmp_path / "m" / "1")
+    server = serve(tmp_path, batcher=Batcher(Parameters(max_batch_size=8, batch_timeout_micros=0,
+                                                        num_batch_threads=1, allowed_batch_sizes=(2, 4, 8))))
+    try:
+        for rows, runs_as in ((1, 2), (2, 2), (3, 4), (5, 8), (8, 8)):
+            request = urllib.request.Request(server.url + "/v1/models/m:predict", method="POST",
+                                             data=json.dumps({"instances": [float(k) for k in range(rows)]}).encode())
+            with urllib.request.urlopen(request, timeout=30) as r:
+                answer = json.loads(r.read())["predictions"]
+            assert answer == [{"y": float(k), "n": runs_as} for k in range(rows)], (rows, answer)
+    finally:
+        server.stop()
+
+
+def test_a_full_batch_queue_refuses_a_task_with_tf_servings_503(tmp_path):
+    """shared_batch_scheduler.h (tensorflow/core/kernels/batching_util, Queue::Schedule): a task
+    that does not fit the open batch needs a new one; with max_enqueued_batches batches already
+    queued (the open one counts) it is refused, UNAVAILABLE "The batch scheduling queue to which
+    this task was submitted is full"; http_server.cc:78-79 maps UNAVAILABLE to 503. The task that
+    was queued is answered once its batch times out."""
+    from serving.batching import Batcher, Parameters
+
+    batch_size_model(tmp_path / "m" / "1")
+    server = serve(tmp_path, batcher=Batcher(Parameters(max_batch_size=2, batch_timeout_micros=2_000_000,
+                                                        max_enqueued_batches=1, num_batch_threads=1)))
+    try:
+        def two_rows():
+            request = urllib.request.Request(server.url + "/v1/models/m:predict", method="POST",
+                                             data=json.dumps({"instances": [1.0, 2.0]}).encode())
+            try:
+                with urllib.request.urlopen(request, timeout=30) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            for _ in range(5):  # again if the one row came while a two-row batch was still queued (refused too)
+                first = pool.submit(predict, server.url, x=1.0)  # one row: its batch waits 2 s for a second row
+                deadline = time.monotonic() + 1.5
+                while True:  # two rows fill a batch of their own: served at once until the one row is queued
+                    code, answer = two_rows()
+                    if code != 200 or first.done() or time.monotonic() > deadline:
+                        break
+                    assert answer == {"predictions": [{"y": 1.0, "n": 2}, {"y": 2.0, "n": 2}]}
+                if first.result(timeout=30)[0] == 200:
+                    break
+            assert code == 503, answer
+            assert answer["error"].startswith("The batch scheduling queue to which this task was submitted is full")
+            assert first.result() == (200, {"predictions": [{"y": 1.0, "n": 1}]})  # its batch timed out alone
+    finally:
+        server.stop()

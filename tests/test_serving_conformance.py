@@ -8,6 +8,7 @@ tensorflow/serving (commit 9d981c5, 2026-07-30) it is taken from. Abbreviations:
 Where we are deliberately stricter than TF Serving the case says "STRICTER" and why.
 """
 
+import base64
 import gzip
 import json
 import math
@@ -229,6 +230,128 @@ def test_predict_errors_are_400_with_tf_servings_message(server, inputs, body, n
     raw = body if isinstance(body, bytes) else json.dumps(body(inputs)).encode()
     code, answer = request(server, "POST", "/v1/models/taxi:predict", raw=raw)
     assert code == 400 and needle in answer["error"], (ref, answer)
+
+
+# --- b64 in requests (J:356-389, J:395-410, J:519-533, J:609-620) -----------------------------
+
+def _b64(data: bytes) -> dict:
+    return {"b64": base64.b64encode(data).decode()}
+
+
+def test_a_b64_object_is_a_string_value_in_row_and_columnar_requests(server, inputs):
+    """J:405-408: an object where a DT_STRING value goes is decoded as {"b64": ...} (J:356-389)."""
+    plain = full_row(inputs, **FEATURES_CASH)
+    encoded = dict(plain, payment_type=_b64(b"Cash"), company=_b64("Taxi Affiliation Services".encode()))
+    _, want = request(server, "POST", "/v1/models/taxi:predict",
+                      {"instances": [dict(plain, company="Taxi Affiliation Services")]})
+    code, by_rows = request(server, "POST", "/v1/models/taxi:predict", {"instances": [encoded]})
+    assert code == 200 and by_rows == want
+    code, by_columns = request(server, "POST", "/v1/models/taxi:predict",
+                               {"inputs": {name: [value] for name, value in encoded.items()}})
+    assert code == 200 and by_columns["outputs"]["probabilities"] == [want["predictions"][0]["probabilities"]]
+
+
+B64_ERRORS = [
+    # (the value sent for one input, error text, reference)
+    ("payment_type", {"b64": "not base64!"}, "Unable to base64 decode", "J:383-387 absl::Base64Unescape fails"),
+    ("payment_type", {"b64": "Q2FzaA==", "x": 1}, "not formatted correctly for base64 data",
+     "J:356-371 exactly one key 'b64', then J:268-272 Base64FormatError"),
+    ("payment_type", {"b64": 3}, "not formatted correctly for base64 data", "J:366-368 the 'b64' value must be a string"),
+    ("fare", {"b64": "MS41"}, "Type: Object is not of expected type: float",
+     "J:405-408 b64 is for DT_STRING only: any other dtype gets TypeError (J:264-268)"),
+]
+
+
+@pytest.mark.parametrize("name,value,needle,ref", B64_ERRORS, ids=[c[3] for c in B64_ERRORS])
+def test_b64_that_tf_serving_refuses_is_refused_with_its_text(server, inputs, name, value, needle, ref):
+    for body in ({"instances": [full_row(inputs, **dict(FEATURES_CASH, **{name: value}))]},
+                 {"inputs": {k: [v] for k, v in full_row(inputs, **dict(FEATURES_CASH, **{name: value})).items()}}):
+        code, answer = request(server, "POST", "/v1/models/taxi:predict", body)
+        assert code == 400 and needle in answer["error"], (ref, answer)
+
+
+def test_a_single_input_signature_takes_bare_values_and_b64_examples(server, inputs, taxi_spec):
+    """J:519-533: with one named input, instances may be bare values (a b64 object is a value, not
+    an object: J:532-533); keyed objects work too. J:615-620: so may 'inputs'. J:526-530: with
+    several inputs a bare value is refused. serving_tf_example takes serialized tf.Examples."""
+    import tensorflow as tf
+
+    values = dict(FEATURES_CASH, company="Flash Cab")
+    feature = {}
+    for name, value in values.items():
+        kind = taxi_spec.features[name].type
+        if kind == "string":
+            feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode()]))
+        elif kind == "float":
+            feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
+        else:
+            feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+    example = _b64(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    _, want = request(server, "POST", "/v1/models/taxi:predict", {"instances": [full_row(inputs, **values)]})
+    for body in ({"signature_name": "serving_tf_example", "instances": [example, example]},
+                 {"signature_name": "serving_tf_example", "instances": [{"examples": example}] * 2}):
+        code, answer = request(server, "POST", "/v1/models/taxi:predict", body)
+        assert code == 200 and len(answer["predictions"]) == 2, answer
+        np.testing.assert_allclose(answer["predictions"][0]["probabilities"], want["predictions"][0]["probabilities"],
+                                   atol=1e-6)
+    code, answer = request(server, "POST", "/v1/models/taxi:predict",
+                           {"signature_name": "serving_tf_example", "inputs": [example]})
+    assert code == 200 and len(answer["outputs"]["probabilities"]) == 1
+    code, answer = request(server, "POST", "/v1/models/taxi:predict", {"instances": [_b64(b"Cash")]})
+    assert code == 400 and "instances is a plain list, but expecting list of objects" in answer["error"]
+
+
+# --- outputs JSON cannot carry (J:148-170, J:888-898, J:1086-1090, J:1116-1120) ---------------
+
+def test_a_nan_or_infinite_output_is_a_400_naming_it_where_tf_serving_writes_a_bare_token(tmp_path):
+    """TF Serving answers 200 with the non-standard tokens NaN / Infinity / -Infinity (J:162-167
+    WriteDecimal writes them as raw number values; J:888-898 for predict, J:1086-1090 classify
+    scores, J:1116-1120 regress values), status OK.
+    STRICTER, on purpose: our answers are always valid JSON (issue 9, point 7), and most JSON
+    parsers (Python's strict mode, JavaScript's JSON.parse, Go's encoding/json) refuse those
+    tokens, so a client would fail on a 200. The answer is 400 INVALID_ARGUMENT, not a 5xx: the
+    output is a pure function of the request (here a finite input too large for the model's
+    float32 arithmetic), the same request fails every time, so it must not be retried as a
+    5xx is, nor page the operator as a server fault; client input never yields a 5xx. The error
+    names the output and the row, so the client can find the input at fault."""
+    from tests.test_server import tiny_model
+
+    tiny_model(tmp_path / "m" / "1", 3.0)  # y = 3 * x in float32
+    s = serve(tmp_path)
+    try:
+        for x, shown in (("3e38", "inf"), ("NaN", "nan"), ("-3e38", "-inf")):
+            raw = ('{"instances": [1.0, %s]}' % x).encode()
+            code, answer = request(s, "POST", "/v1/models/m:predict", raw=raw)
+            assert code == 400, answer
+            assert f"output 'y' is {shown} at index [1]" in answer["error"] and "NaN or Infinity" in answer["error"]
+            code, answer = request(s, "POST", "/v1/models/m:predict", raw=('{"inputs": [%s]}' % x).encode())
+            assert code == 400 and "output 'y'" in answer["error"]
+        code, answer = request(s, "POST", "/v1/models/m:predict", {"instances": [1.0, 1e38]})  # finite: served
+        assert code == 200 and answer["predictions"][0] == 3.0
+        assert np.float32(answer["predictions"][1]) == np.float32(1e38) * np.float32(3)
+    finally:
+        s.stop()
+
+
+def test_the_proxy_keeps_the_servers_refusal_of_a_number_beyond_a_double(server, inputs):
+    """One request, one meaning: 1e400 is refused (rapidjson kParseErrorNumberTooBig, J:486-490)
+    whether the row is complete (sent on as it came) or the proxy completed it (serving/proxy.py
+    re-encodes it, and json.dumps would write the infinity it read as the token Infinity, which
+    J:483-485 accepts)."""
+    from tests.test_proxy import post, start_proxy
+
+    _, url, stop = start_proxy({"PROXY_BACKEND": server.url, "PROXY_MODEL": "taxi"})
+    try:
+        full = json.dumps({"instances": [full_row(inputs, **FEATURES_CASH)]}).replace('"fare": 7.25', '"fare": 1e400')
+        for raw in (full, json.dumps({"instances": [FEATURES_CASH]}).replace('"fare": 7.25', '"fare": 1e400')):
+            assert "1e400" in raw
+            code, answer, _ = post(url, None, raw=raw.encode())
+            assert code == 400 and "Number too big to be stored in double." in answer["error"], (raw, answer)
+        # "Infinity" in a text value meets the proxy's quick check, but no number overflows: served.
+        code, answer, _ = post(url, {"instances": [dict(FEATURES_CASH, company="Infinity Cab")]})
+        assert code == 200 and 0 <= answer["predictions"][0]["score"] <= 1
+    finally:
+        stop()
 
 
 def test_a_missing_required_feature_is_refused_by_the_model(server, inputs):

@@ -210,3 +210,99 @@ def test_a_missing_latitude_is_served_as_the_bucket_of_the_training_mean(loaded,
     assert out["pickup_latitude_missing_xf"].numpy().tolist() == [1.0, 0.0]
     buckets = out["pickup_latitude_xf"].numpy().tolist()
     assert buckets[0] == buckets[1] and 0 < buckets[0] < 19  # the mean sits inside, not at an edge
+
+
+# --- the regression signature, on a really exported regression model -----------------------
+
+@pytest.fixture(scope="module")
+def regression_model(tmp_path_factory):
+    """(model_dir, spec, rows): train_and_export on configs/synthetic_regression.yaml, small and fast."""
+    from components import feature_spec
+    from components.trainer import train_and_export
+    from tests import datasets
+    from tests.conftest import REPO, analyze_and_transform, fast_spec, read_rows
+
+    spec = feature_spec.load(f"{REPO}/configs/synthetic_regression.yaml")
+    out = tmp_path_factory.mktemp("regression")
+    rows = read_rows(datasets.write_regression_csv(str(out / "data.csv"), rows=400, seed=3))
+    graph_dir, train, evaluation = analyze_and_transform(spec, rows[:300], rows[300:], str(out / "transform"))
+    model_dir = str(out / "model")
+    train_and_export(fast_spec(spec, schedule=(feature_spec.Stage(0.01, 64, 1),)), graph_dir, [train], [evaluation],
+                     model_dir)
+    return model_dir, spec, rows[300:310]
+
+
+def test_the_regression_signature_has_tf_servings_regress_method_and_tensors(regression_model):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    model_dir, _, _ = regression_model
+    with open(f"{model_dir}/saved_model.pb", "rb") as f:
+        (graph,) = saved_model_pb2.SavedModel.FromString(f.read()).meta_graphs
+    assert "regression" in graph.signature_def and "classification" not in graph.signature_def
+    # regressor.cc:158-161 and :174-177 check the method name; :180-183 one input and one output;
+    # :186-205 the input named "inputs" (kRegressInputs), the output "outputs" (kRegressOutputs);
+    # :249-252 the output DT_FLOAT. The input is serialized tf.Examples: DT_STRING (7); DT_FLOAT is 1.
+    regression = graph.signature_def["regression"]
+    assert regression.method_name == "tensorflow/serving/regress"
+    assert {k: v.dtype for k, v in regression.inputs.items()} == {"inputs": 7}
+    assert {k: v.dtype for k, v in regression.outputs.items()} == {"outputs": 1}
+
+
+def test_regress_over_rest_and_grpc_answers_as_serving_default(regression_model, tmp_path):
+    """:regress on the local server (REST and gRPC) gives, row for row, serving_default's `value`
+    for the same rows: J:1103-1127 writes {"results": [value, ...]}, regressor.cc:240-262 reads
+    the one DT_FLOAT output."""
+    import json
+    import shutil
+    import urllib.request
+
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc, regression_pb2
+
+    from tests.conftest import serve
+
+    model_dir, spec, rows = regression_model
+    shutil.copytree(model_dir, tmp_path / "parcels" / "1")
+    server = serve(tmp_path, grpc=True)
+    try:
+        def post(verb, body):
+            request = urllib.request.Request(f"{server.url}/v1/models/parcels:{verb}", data=json.dumps(body).encode(),
+                                             method="POST")
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return json.loads(r.read())
+
+        number = {n for n, f in spec.features.items() if f.type != "string"}
+        examples = [{n: (float(r[n]) if spec.features[n].type == "float" else int(r[n])) if n in number else r[n]
+                     for n in spec.features if r[n] != ""} for r in rows]
+        instances = [{n: (float(r[n]) if r[n] != "" else math.nan) if n in number else r[n] for n in spec.features}
+                     for r in rows]
+        assert any(len(e) < len(spec.features) for e in examples)  # gaps: absent in a tf.Example, NaN / "" in a row
+        regressed = post("regress", {"signature_name": "regression", "examples": examples})["results"]
+        predicted = post("predict", {"instances": instances})["predictions"]  # one output: bare values (J:1035-1040)
+        assert len(regressed) == len(rows) and len(set(regressed)) > 1
+        np.testing.assert_allclose(regressed, predicted, atol=1e-5)
+
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}"))
+        req = regression_pb2.RegressionRequest()
+        req.model_spec.name, req.model_spec.signature_name = "parcels", "regression"
+        for e in examples:
+            feature = req.input.example_list.examples.add().features.feature
+            for name, value in e.items():
+                if isinstance(value, str):
+                    feature[name].bytes_list.value.append(value.encode())
+                elif isinstance(value, int):
+                    feature[name].int64_list.value.append(value)
+                else:
+                    feature[name].float_list.value.append(value)
+        by_grpc = [r.value for r in stub.Regress(req, timeout=30).result.regressions]
+        assert [np.float32(v) for v in regressed] == [np.float32(v) for v in by_grpc]
+        inputs = server.servables.repository.resolve("parcels").signatures["serving_default"].structured_input_signature[1]
+        preq = predict_pb2.PredictRequest()
+        preq.model_spec.name = "parcels"
+        for name, tensor_spec in inputs.items():
+            preq.inputs[name].CopyFrom(tf.make_tensor_proto([i[name] for i in instances], dtype=tensor_spec.dtype))
+        value = tf.make_ndarray(stub.Predict(preq, timeout=30).outputs["value"])
+        np.testing.assert_allclose(by_grpc, value, atol=1e-5)
+    finally:
+        server.stop()
