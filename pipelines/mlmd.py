@@ -43,7 +43,6 @@ def connect(metadata_path: str, readonly: bool = True, create: bool = False):
     return store_for(config)
 
 
-
 def artifact_uris(metadata_path: str, type_name: str) -> List[str]:
     """The URIs of every artifact of one type in a local store (e.g. tf.Transform's analyzer
     caches, "TransformCache"); [] when the store holds none of that type."""
@@ -58,11 +57,16 @@ def latest_node_states(metadata_path: str) -> Dict[str, str]:
     store = connect(metadata_path)
     states = {}
     for node in store.get_contexts_by_type("node"):
-        executions = store.get_executions_by_context(node.id)
-        if executions:
-            latest = max(executions, key=lambda e: e.id)
+        latest = _latest_execution(store, node)
+        if latest is not None:
             states[node.name.split(".", 1)[1]] = pb2.Execution.State.Name(latest.last_known_state)
     return states
+
+
+def _latest_execution(store, context):
+    """The newest execution associated with a context (None for none, or no context)."""
+    executions = store.get_executions_by_context(context.id) if context is not None else []
+    return max(executions, key=lambda e: e.id, default=None)
 
 # --- properties ---------------------------------------------------------------------------
 
@@ -154,9 +158,16 @@ def span_of(artifact) -> Optional[int]:
     """An Examples artifact's span where TFX 1.16 keeps it: ExampleGen's driver writes the custom property
     (tfx/components/example_gen/driver.py:55-57), not the `span` property the Examples type declares, and
     SpanRangeStrategy reads the custom one, an int or a string (span_range_strategy.py:32-39)."""
+    own = _custom_span(artifact)
+    return own if own is not None else _declared_span(artifact)
+
+
+def _custom_span(artifact) -> Optional[int]:
     span = custom_property(artifact, "span")
-    if span not in (None, ""):
-        return int(span)
+    return int(span) if span not in (None, "") else None
+
+
+def _declared_span(artifact) -> Optional[int]:
     return artifact.properties["span"].int_value if "span" in artifact.properties else None
 
 
@@ -167,8 +178,7 @@ def described_spans(store, artifacts) -> Dict[int, Optional[int]]:
     which TFX 1.16's ExampleGen leaves unset (tfx/components/statistics_gen/executor.py:144), so on a real
     store every statistics artifact's declared span is 0 and only the lineage tells them apart."""
     pb2 = _pb2()
-    spans: Dict[int, Optional[int]] = {a.id: custom_property(a, "span") for a in artifacts}
-    spans = {i: int(s) if s not in (None, "") else None for i, s in spans.items()}
+    spans: Dict[int, Optional[int]] = {a.id: _custom_span(a) for a in artifacts}
     unknown = [i for i, s in spans.items() if s is None]
     producers: Dict[int, int] = {e.artifact_id: e.execution_id for e in store.get_events_by_artifact_ids(unknown)
                                  if e.type == pb2.Event.OUTPUT} if unknown else {}
@@ -180,8 +190,7 @@ def described_spans(store, artifacts) -> Dict[int, Optional[int]]:
     for artifact in artifacts:
         if spans[artifact.id] is None:
             found = [examples[i] for i in read.get(producers.get(artifact.id), []) if examples.get(i) is not None]
-            declared = artifact.properties["span"].int_value if "span" in artifact.properties else None
-            spans[artifact.id] = max(found) if found else declared
+            spans[artifact.id] = max(found) if found else _declared_span(artifact)
     return spans
 
 
@@ -190,8 +199,8 @@ def ingested_spans(metadata_path: str, example_gen: str = "CsvExampleGen") -> Li
     if not os.path.exists(metadata_path):
         return []
     store = connect(metadata_path)
-    return sorted({span_of(a) for a in store.get_artifacts_by_type("Examples")
-                   if f"/{example_gen}/" in a.uri and span_of(a) is not None})
+    spans = (span_of(a) for a in store.get_artifacts_by_type("Examples") if f"/{example_gen}/" in a.uri)
+    return sorted({span for span in spans if span is not None})
 
 
 def spans_read(metadata_path: str, pipeline_name: str, node: str = "Transform", key: str = "examples") -> List[int]:
@@ -200,11 +209,9 @@ def spans_read(metadata_path: str, pipeline_name: str, node: str = "Transform", 
     if not os.path.exists(metadata_path):
         return []
     store = connect(metadata_path)
-    context = store.get_context_by_type_and_name("node", f"{pipeline_name}.{node}")  # TFX's node context name
-    executions = store.get_executions_by_context(context.id) if context is not None else []
-    if not executions:
+    latest = _latest_execution(store, store.get_context_by_type_and_name("node", f"{pipeline_name}.{node}"))
+    if latest is None:  # (TFX names a node's context "<pipeline>.<node id>")
         return []
-    latest = max(executions, key=lambda e: e.id)
     spans = (span_of(a) for a in artifacts_of(store, latest.id, _pb2().Event.INPUT).get(key, []))
     return sorted(span for span in spans if span is not None)
 
