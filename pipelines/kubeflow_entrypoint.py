@@ -23,13 +23,42 @@ container.go:149-242, at 7b70c7b; `Lifecycle` appears only in api/v2alpha1/pipel
 and code generated from it, and `git log -S PreCacheCheck -- backend/src` finds no caller in any
 version). Without it the CSV executor globs the literal `span-{SPAN}` pattern and
 finds nothing.
+
+Then it keeps a recurring run from training on the same data again, the Kubeflow twin of
+`make retrain`'s "nothing new" (pipelines/local_runner.py, exit 3). On Vertex AI the driver's span,
+version and input fingerprint feed ExampleGen's cache key, so unchanged files reuse the old
+examples; here ExampleGen is never cached (pipelines/kubeflow_runner.py), so the entrypoint
+compares what the driver resolved (input base, resolved pattern, span, version, fingerprint) with
+the record of what this pipeline's ExampleGen last ingested: a JSON file under the pipeline root
+(the task's `ingested_record` parameter, compiled from configs/kubeflow.yaml's pipeline_root). When
+they are equal and the run asks for new data (`require_new_span`, which `make schedule` sets and
+`make submit` does not), it stops before the executor writes anything and exits NOTHING_NEW_EXIT,
+naming the span, its version, when it was ingested and what to do. Otherwise TFX's executor runs
+and, only once it succeeded, the record is replaced (written beside it, then renamed over it), so
+a failed ingestion leaves the old record and the next tick tries again. A file rewritten inside
+the newest span changes TFX's fingerprint (its files' count, total size and modification times
+in seconds, tfx/utils/io_utils.py:202-220), which counts as new data.
 """
 
+import datetime
+import json
 import os
 import tempfile
-from typing import List, Optional
+import uuid
+from typing import Dict, List, Optional
 
 import yaml
+
+# Parameters pipelines/kubeflow_runner.py adds to the compiled ExampleGen task, taken out of the
+# executor input before TFX's driver and executor see it.
+RECORD_PARAMETER = "ingested_record"  # where this pipeline records what its ExampleGen last ingested
+REQUIRE_NEW_PARAMETER = "require_new_span"  # a pipeline parameter: true in the recurring run
+# The exit code of a run stopped for want of new data, the one `make retrain` returns for its refusal.
+NOTHING_NEW_EXIT = 3
+
+
+class NothingNew(RuntimeError):
+    """The newest data under input_base is what this pipeline's ExampleGen ingested last."""
 
 
 def _has_tfx_type(type_schema) -> bool:
@@ -99,14 +128,87 @@ def resolve_span(executor_input, inputs_spec) -> Optional[int]:
     return int(resolved.parameter_values[utils.SPAN_PROPERTY_NAME].number_value)
 
 
+def record_path(pipeline_root: str, node_id: str) -> str:
+    """Where the compiled pipeline keeps the record of what its ExampleGen node last ingested."""
+    return f"{pipeline_root.rstrip('/')}/skewless/{node_id}_ingested.json"
+
+
+def take_own_parameters(executor_input) -> Dict:
+    """Removes this entrypoint's parameters from executor_input (changed in place): {record, require_new}."""
+    values = executor_input.inputs.parameter_values
+    own = {"record": values[RECORD_PARAMETER].string_value if RECORD_PARAMETER in values else None,
+           "require_new": values[REQUIRE_NEW_PARAMETER].bool_value if REQUIRE_NEW_PARAMETER in values else False}
+    for key in (RECORD_PARAMETER, REQUIRE_NEW_PARAMETER):
+        values.pop(key, None)
+    return own
+
+
+def resolved_data(executor_input) -> Dict:
+    """What identifies the data TFX's driver resolved (after resolve_span): equal means the same files."""
+    from tfx.components.example_gen import utils
+    from tfx.types import standard_component_specs
+
+    values = executor_input.inputs.parameter_values
+    version = values.get(utils.VERSION_PROPERTY_NAME)
+    return {"input_base": values[standard_component_specs.INPUT_BASE_KEY].string_value,
+            "input_config": json.loads(values[standard_component_specs.INPUT_CONFIG_KEY].string_value),
+            "span": int(values[utils.SPAN_PROPERTY_NAME].number_value),
+            "version": None if version is None else int(version.number_value),
+            "input_fingerprint": values[utils.FINGERPRINT_PROPERTY_NAME].string_value}
+
+
+def read_record(path: str) -> Optional[Dict]:
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        text = f.read()
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not {"data", "ingested_at"} <= set(record):
+        raise ValueError(f"{path}: not a record of an ExampleGen ingestion (a JSON object with 'data' and "
+                         f"'ingested_at'); delete it, and the next run ingests the newest span and records it again")
+    return record
+
+
+def write_record(path: str, record: Dict) -> None:
+    """Writes the record beside path and renames it over path, so a reader sees the old or the new one."""
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    written = f"{path}.{uuid.uuid4().hex}.tmp"
+    with tf.io.gfile.GFile(written, "w") as f:
+        f.write(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    tf.io.gfile.rename(written, path, overwrite=True)
+
+
+def refuse_same_data(record: Optional[Dict], data: Dict, path: str) -> None:
+    """NothingNew when the record says this pipeline's ExampleGen ingested exactly `data` last."""
+    if record is None or record["data"] != data:
+        return
+    version = "" if data["version"] is None else f" version {data['version']}"
+    raise NothingNew(
+        f"nothing new under {data['input_base']}: span {data['span']}{version} (the newest) was ingested by this "
+        f"pipeline at {record['ingested_at']} with the same files (TFX's input fingerprint; record {path}), so this "
+        f"run, which requires new data ({REQUIRE_NEW_PARAMETER}, set by make schedule), stops before training on it "
+        f"again. Add a newer span under data_root (make export-span); "
+        f"to train on span {data['span']} again, start a one-off run (make submit), which does not require new data")
+
+
 def run(args, beam_args: List[str]) -> None:
     """TFX's _run_executor on the parsed arguments, after the input types are repaired and, for a
-    file-based ExampleGen, the span resolved."""
+    file-based ExampleGen, the span resolved; NothingNew when the run requires new data and the
+    resolved data is what the record says was ingested last; the record replaced after a
+    successful ingestion."""
     from absl import logging
     from google.protobuf import json_format
     from kfp.pipeline_spec import pipeline_spec_pb2
     from tfx.orchestration.kubeflow.v2.container import kubeflow_v2_run_executor
 
+    own, data = {"record": None}, None
     if getattr(args, "json_serialized_inputs_spec_args", None):
         executor_input = pipeline_spec_pb2.ExecutorInput()
         json_format.Parse(args.json_serialized_invocation_args, executor_input, ignore_unknown_fields=True)
@@ -117,19 +219,45 @@ def run(args, beam_args: List[str]) -> None:
             logging.info("skewless: input artifact types taken from the component spec for %s", sorted(set(repaired)))
         span = None
         if is_file_based_example_gen(args.executor_class_path, executor_input):
+            own = take_own_parameters(executor_input)
             span = resolve_span(executor_input, inputs_spec)
+            data = resolved_data(executor_input)
             logging.info("skewless: TFX's ExampleGen driver resolved span %s", span)
+            if own["record"] and own["require_new"]:
+                refuse_same_data(read_record(own["record"]), data, own["record"])
         if repaired or span is not None:
             args.json_serialized_invocation_args = json_format.MessageToJson(executor_input)
     kubeflow_v2_run_executor._run_executor(args, beam_args)
+    if own["record"] and data is not None:
+        (examples,) = executor_input.outputs.artifacts["examples"].artifacts
+        write_record(own["record"], {"data": data, "examples": examples.uri, "ingested_at": datetime.datetime.now(
+            datetime.timezone.utc).isoformat(timespec="seconds")})
+        logging.info("skewless: recorded span %s as ingested in %s", data["span"], own["record"])
+
+
+def exit_code(args, beam_args: List[str]) -> int:
+    """`run`, with a run stopped for want of new data told apart from a failure: NOTHING_NEW_EXIT."""
+    import sys
+
+    from absl import logging
+
+    try:
+        run(args, beam_args)
+    except NothingNew as e:
+        logging.error("skewless: %s", e)
+        print(f"skewless: {e}", file=sys.stderr)
+        return NOTHING_NEW_EXIT
+    return 0
 
 
 def main() -> None:
-    """The container's command: absl flags and logging set up as in TFX's entrypoint, then `run`."""
+    """The container's command: absl flags and logging set up as in TFX's entrypoint, then `run`
+    (exit NOTHING_NEW_EXIT when it stops for want of new data)."""
     from absl import app
     from tfx.orchestration.kubeflow.v2.container import kubeflow_v2_run_executor
 
-    app.run(lambda parsed: run(*parsed), flags_parser=lambda argv: kubeflow_v2_run_executor._parse_flags(argv[1:]))
+    app.run(lambda parsed: exit_code(*parsed),
+            flags_parser=lambda argv: kubeflow_v2_run_executor._parse_flags(argv[1:]))
 
 
 if __name__ == "__main__":

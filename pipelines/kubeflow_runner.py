@@ -24,7 +24,9 @@ What the compiled spec does differently from the local run, and why:
   * CsvExampleGen is never cached: KFP's cache key holds the parameters, not the files, and TFX's
     ExampleGen driver that fingerprints the files is a pre-cache hook only Vertex AI runs, so a
     scheduled run over a folder that received new CSVs would otherwise reuse the old examples.
-    The entrypoint runs that driver in the pod instead, so {SPAN} resolves to the newest span.
+    The entrypoint runs that driver in the pod instead, so {SPAN} resolves to the newest span, and
+    a recurring run (require_new_span) stops there when that span's files are the ones ExampleGen
+    ingested last (the record under the pipeline root): never the same data again.
   * The data folder is a runtime parameter (`data_root`), so a run can read another drop of
     data without recompiling. With {SPAN} in the spec's data.path, the span folders sit under it.
   * With spans, the local DAG's custom resolvers are not compiled: data.rolling_spans > 1 is
@@ -44,7 +46,7 @@ from typing import Dict, List, Optional, Tuple
 import yaml
 
 from components import feature_spec
-from pipelines import beam_profiles, environment
+from pipelines import beam_profiles, environment, kubeflow_entrypoint
 
 DEFAULT_ENV = "configs/kubeflow.yaml"
 BUILD_DIR = os.path.join(feature_spec.REPO_ROOT, "build", "kubeflow")
@@ -249,11 +251,26 @@ def _standalone(pipeline_spec: Dict, pipeline_root: str, data_root: str, example
       * the data_root parameter's default: it attaches RuntimeParameters with their type only
         (pipeline_builder.py:287-290), so every run would have to name the data;
       * no caching for ExampleGen: caching is one pipeline-wide switch (pipeline_builder.py:237,
-        step_builder.py:430-433), and KFP would reuse old examples for a folder that got new CSVs."""
+        step_builder.py:430-433), and KFP would reuse old examples for a folder that got new CSVs;
+      * in its place, ExampleGen's two entrypoint parameters (pipelines/kubeflow_entrypoint.py): the
+        record of what it last ingested, under the pipeline root, and the pipeline parameter
+        require_new_span (false; the recurring run `schedule` creates sets it), which stops a run
+        whose newest data is what was ingested last."""
     pipeline_spec["defaultPipelineRoot"] = pipeline_root
-    parameter = pipeline_spec["root"]["inputDefinitions"]["parameters"][DATA_ROOT_PARAMETER]
-    parameter.update(defaultValue=data_root, description="folder or bucket prefix CsvExampleGen reads")
-    pipeline_spec["root"]["dag"]["tasks"][example_gen]["cachingOptions"] = {}
+    root_parameters = pipeline_spec["root"]["inputDefinitions"]["parameters"]
+    root_parameters[DATA_ROOT_PARAMETER].update(defaultValue=data_root,
+                                                description="folder or bucket prefix CsvExampleGen reads")
+    root_parameters[kubeflow_entrypoint.REQUIRE_NEW_PARAMETER] = {
+        "parameterType": "BOOLEAN", "defaultValue": False, "isOptional": True,
+        "description": "stop at CsvExampleGen when the newest span is the one it ingested last (recurring runs)"}
+    task = pipeline_spec["root"]["dag"]["tasks"][example_gen]
+    task["cachingOptions"] = {}
+    record, require_new = kubeflow_entrypoint.RECORD_PARAMETER, kubeflow_entrypoint.REQUIRE_NEW_PARAMETER
+    task["inputs"]["parameters"].update({
+        record: {"runtimeValue": {"constant": kubeflow_entrypoint.record_path(pipeline_root, example_gen)}},
+        require_new: {"componentInputParameter": require_new}})
+    pipeline_spec["components"][task["componentRef"]["name"]]["inputDefinitions"]["parameters"].update({
+        record: {"parameterType": "STRING"}, require_new: {"parameterType": "BOOLEAN"}})
     return pipeline_spec
 
 
@@ -341,7 +358,8 @@ def schedule(host: str, cron: str, experiment: str = "skewless", package: Option
     """Uploads the compiled pipeline and creates a recurring run on it: continuous retraining.
 
     One run at a time (max_concurrency 1) and no catch-up: after a pause the scheduler starts the
-    latest missed run only, since each run retrains on all the data there is.
+    latest missed run only, since each run retrains on all the data there is. Each run requires new
+    data (require_new_span): a tick that finds the span ingested last stops at ExampleGen.
     """
     cron = kfp_cron(cron)
     package, info = _prepare(package, compile_args)
@@ -351,7 +369,7 @@ def schedule(host: str, cron: str, experiment: str = "skewless", package: Option
     recurring = kfp_client.create_recurring_run(
         experiment_id=experiment_id, job_name=job_name or f"{info['name']} retraining", cron_expression=cron,
         pipeline_id=pipeline_id, version_id=version_id, max_concurrency=1, no_catchup=True,
-        pipeline_root=info["pipeline_root"])
+        pipeline_root=info["pipeline_root"], params={kubeflow_entrypoint.REQUIRE_NEW_PARAMETER: True})
     return {"recurring_run_id": recurring.recurring_run_id, "cron": cron, "pipeline_id": pipeline_id,
             "version_id": version_id, "experiment_id": experiment_id,
             "link": f"{kfp_client._get_url_prefix()}/#/recurringrun/details/{recurring.recurring_run_id}"}

@@ -8,6 +8,7 @@ KFP launcher feeds it. kfp.Client talks to a local HTTP server standing in for t
 
 import email.parser
 import email.policy
+import glob
 import json
 import os
 import re
@@ -136,17 +137,28 @@ def test_in_pod_beam_workers_hold_the_code_so_tfx_builds_no_source_package(compi
 
 
 def test_data_folder_is_a_runtime_parameter_and_examples_are_never_cached(compiled):
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
     summary, spec, _ = compiled
     env = _kubeflow_env()
     folder = env["data_path"].format(name="taxi").rstrip("/")
     parameter = spec.root.input_definitions.parameters["data_root"]
     assert parameter.default_value.string_value == folder
-    assert summary["parameters"] == ["data_root"]
+    assert summary["parameters"] == ["data_root", "require_new_span"]
     example_gen = spec.root.dag.tasks["CsvExampleGen"]
     assert example_gen.inputs.parameters["input_base"].component_input_parameter == "data_root"
     assert not example_gen.caching_options.enable_cache
     assert all(t.caching_options.enable_cache for name, t in spec.root.dag.tasks.items() if name != "CsvExampleGen")
     assert spec.default_pipeline_root == env["pipeline_root"].format(name="taxi")
+    # In place of the cache, the entrypoint's record of what ExampleGen ingested last, under the pipeline root,
+    # and the switch a recurring run turns on (off for one-off runs).
+    record = example_gen.inputs.parameters["ingested_record"].runtime_value.constant.string_value
+    assert record.startswith(spec.default_pipeline_root + "/") and record.endswith(".json")
+    assert example_gen.inputs.parameters["require_new_span"].component_input_parameter == "require_new_span"
+    switch = spec.root.input_definitions.parameters["require_new_span"]
+    assert switch.parameter_type == pipeline_spec_pb2.ParameterType.BOOLEAN and switch.default_value.bool_value is False
+    declared = spec.components[example_gen.component_ref.name].input_definitions.parameters
+    assert {"ingested_record", "require_new_span"} <= set(declared)
     assert spec.schema_version == "2.1.0" and spec.pipeline_info.name == "taxi"
 
 
@@ -424,17 +436,20 @@ def test_a_resolver_kubeflow_cannot_compile_is_refused_by_name(local_dag):
         kubeflow_runner.check_compilable(local_dag, "env.yaml")
 
 
-def _example_gen_invocation(compiled_spans, data_root, output_root):
+def _example_gen_invocation(compiled_spans, data_root, output_root, record, require_new_span=False):
     """CsvExampleGen's container args with {{$}} filled as the open-source KFP driver fills it: the
-    data_root parameter, the output artifact typed by the component's output definition
-    (kubeflow/pipelines backend/src/v2/driver/driver.go:770-782, provisionOutputs)."""
+    data_root and require_new_span parameters, the output artifact typed by the component's output
+    definition (kubeflow/pipelines backend/src/v2/driver/driver.go:770-782, provisionOutputs); the
+    compiled record (on object storage) moved to the local `record`."""
     _, spec, _, _ = compiled_spans
     task = spec["root"]["dag"]["tasks"]["CsvExampleGen"]
     component = spec["components"][task["componentRef"]["name"]]
     values = {key: parameter["runtimeValue"]["constant"] for key, parameter in task["inputs"]["parameters"].items()
               if "runtimeValue" in parameter}
+    assert values["ingested_record"].startswith(spec["defaultPipelineRoot"] + "/")
     executor_input = {
-        "inputs": {"parameterValues": {**values, "input_base": str(data_root)}},
+        "inputs": {"parameterValues": {**values, "input_base": str(data_root), "ingested_record": str(record),
+                                       "require_new_span": require_new_span}},
         "outputs": {"artifacts": {key: {"artifacts": [{"name": key, "uri": str(output_root / key),
                                                        "type": output["artifactType"]}]}
                                   for key, output in component["outputDefinitions"]["artifacts"].items()},
@@ -453,9 +468,6 @@ def test_the_pod_ingests_the_newest_span_as_tfxs_driver_resolves_it(compiled_spa
     is read nowhere in backend/ (only api/v2alpha1/pipeline_spec.proto:753-768 defines it). So the
     entrypoint runs the driver itself; without it TFX's CSV executor globs the literal pattern
     (tfx/components/example_gen/csv_example_gen/executor.py:181-184)."""
-    import glob
-
-    import tensorflow as tf
     from google.protobuf import json_format
     from kfp.pipeline_spec import pipeline_spec_pb2
     from tfx.orchestration.kubeflow.v2.container import kubeflow_v2_run_executor
@@ -465,43 +477,143 @@ def test_the_pod_ingests_the_newest_span_as_tfxs_driver_resolves_it(compiled_spa
     from tests.conftest import read_rows, taxi_csv_path
 
     rows = read_rows(taxi_csv_path(taxi_spec), limit=12)
-    header = list(rows[0])
     spans = {1: rows[:3], 2: rows[3:7], 10: rows[7:]}  # span 10 is the newest: numbers, not text, order them
     for span, span_rows in spans.items():
-        folder = tmp_path / "data" / f"span-{span}"
-        folder.mkdir(parents=True)
-        with open(folder / "data.csv", "w") as f:
-            f.write(",".join(header) + "\n" + "".join(",".join(r[c] for c in header) + "\n" for r in span_rows))
-    # One Beam process here; a container image named, so that TFX does not build a tfx sdist for workers.
-    in_memory = ["--runner=DirectRunner", "--direct_running_mode=in_memory", f"--sdk_container_image={IMAGE}"]
+        _write_span(tmp_path / "data", span, span_rows)
+    record = tmp_path / "root" / "ingested.json"
 
-    args, executor_output = _example_gen_invocation(compiled_spans, tmp_path / "data", tmp_path / "tfx_alone")
+    args, executor_output = _example_gen_invocation(compiled_spans, tmp_path / "data", tmp_path / "tfx_alone", record)
     with pytest.raises(RuntimeError, match=r"span-\{SPAN\}/\*.csv does not match any files"):
-        kubeflow_v2_run_executor._run_executor(kubeflow_v2_run_executor._parse_flags(args)[0], in_memory)
+        kubeflow_v2_run_executor._run_executor(kubeflow_v2_run_executor._parse_flags(args)[0], IN_MEMORY)
 
-    args, executor_output = _example_gen_invocation(compiled_spans, tmp_path / "data", tmp_path / "out")
+    args, executor_output = _example_gen_invocation(compiled_spans, tmp_path / "data", tmp_path / "out", record)
     parsed, _ = kubeflow_v2_run_executor._parse_flags(args)
     executor_input = pipeline_spec_pb2.ExecutorInput()
     json_format.Parse(parsed.json_serialized_invocation_args, executor_input)
     inputs_spec = pipeline_spec_pb2.ComponentInputsSpec()
     json_format.Parse(parsed.json_serialized_inputs_spec_args, inputs_spec)
+    kubeflow_entrypoint.take_own_parameters(executor_input)
     assert kubeflow_entrypoint.resolve_span(executor_input, inputs_spec) == 10
     values = executor_input.inputs.parameter_values
     assert json.loads(values["input_config"].string_value)["splits"][0]["pattern"] == "span-10/*.csv"
     assert values["input_fingerprint"].string_value.startswith("split:single_split,num_files:1,")
 
-    kubeflow_entrypoint.run(parsed, in_memory)
+    kubeflow_entrypoint.run(parsed, IN_MEMORY)
     written = json.loads(executor_output.read_text())
     (examples,) = written["artifacts"]["examples"]["artifacts"]
     # TFX's driver sets span as a custom property (example_gen/driver.py:39-62, as LocalDagRunner does);
     # its name is also a property of Examples, so TFX's entrypoint writes it with the custom-property
     # prefix (kubeflow_v2_entrypoint_utils.py:213-227).
     assert examples["metadata"][CUSTOM_PROPERTIES_PREFIX + "span"] == 10
-    records = [tf.train.Example.FromString(r.numpy()) for f in glob.glob(str(tmp_path / "out" / "examples" / "Split-*"
-                                                                              / "*.gz"))
+    assert _fares(tmp_path / "out" / "examples") == pytest.approx(sorted(float(r["fare"]) for r in spans[10]))
+
+
+# One Beam process here; a container image named, so that TFX does not build a tfx sdist for workers.
+IN_MEMORY = ["--runner=DirectRunner", "--direct_running_mode=in_memory", f"--sdk_container_image={IMAGE}"]
+
+
+def _write_span(data_root, span, rows):
+    folder = data_root / f"span-{span}"
+    folder.mkdir(parents=True, exist_ok=True)
+    header = list(rows[0])
+    with open(folder / "data.csv", "w") as f:
+        f.write(",".join(header) + "\n" + "".join(",".join(r[c] for c in header) + "\n" for r in rows))
+    return folder / "data.csv"
+
+
+def _fares(examples):
+    """The sorted fares of the Examples artifact at `examples` (every split)."""
+    import tensorflow as tf
+
+    records = [tf.train.Example.FromString(r.numpy()) for f in glob.glob(str(examples / "Split-*" / "*.gz"))
                for r in tf.data.TFRecordDataset(f, compression_type="GZIP")]
-    fares = sorted(e.features.feature["fare"].float_list.value[0] for e in records)
-    assert fares == pytest.approx(sorted(float(r["fare"]) for r in spans[10]))
+    return sorted(e.features.feature["fare"].float_list.value[0] for e in records)
+
+
+def test_a_recurring_run_that_finds_no_new_span_stops_before_ingesting_it_again(compiled_spans, taxi_spec,
+                                                                                tmp_path, capsys, monkeypatch):
+    """Issue 12 point 5, never the same data again, on Kubeflow. On Vertex AI the span, version and
+    fingerprint TFX's driver resolves become execution properties before the cache check
+    (tfx/orchestration/kubeflow/v2/file_based_example_gen/driver.py:46-52, 95-103), so unchanged files
+    reuse old examples; open-source KFP runs no such hook and ExampleGen is never cached, so the
+    entrypoint compares them with its record and stops a recurring run (require_new_span) with exit 3,
+    as make retrain does locally (pipelines/local_runner.py)."""
+    from tfx.orchestration.kubeflow.v2.container import kubeflow_v2_run_executor
+    from tfx.utils import import_utils
+
+    from pipelines import kubeflow_entrypoint
+    from tests.conftest import read_rows, taxi_csv_path
+
+    rows = read_rows(taxi_csv_path(taxi_spec), limit=14)
+    data, record = tmp_path / "data", tmp_path / "root" / "skewless" / "CsvExampleGen_ingested.json"
+
+    def tick(name, require_new_span=True):
+        args, executor_output = _example_gen_invocation(compiled_spans, data, tmp_path / name, record,
+                                                        require_new_span)
+        return kubeflow_v2_run_executor._parse_flags(args)[0], executor_output
+
+    def fares(span_rows):
+        return pytest.approx(sorted(float(r["fare"]) for r in span_rows))
+
+    _write_span(data, 4, rows[:4])
+    parsed, _ = tick("first")
+    assert not record.exists()
+    assert kubeflow_entrypoint.exit_code(parsed, IN_MEMORY) == 0
+    first = json.loads(record.read_text())
+    assert first["data"]["span"] == 4 and first["data"]["input_base"] == str(data)
+    assert first["data"]["input_config"]["splits"][0]["pattern"] == "span-4/*.csv"
+    assert first["examples"] == str(tmp_path / "first" / "examples")
+    assert _fares(tmp_path / "first" / "examples") == fares(rows[:4])
+    assert [p.name for p in record.parent.iterdir()] == [record.name]  # written beside it, renamed over it
+
+    # Nothing new: stopped after the driver, before the executor writes anything; the record stays.
+    parsed, executor_output = tick("second")
+    assert kubeflow_entrypoint.exit_code(parsed, IN_MEMORY) == kubeflow_entrypoint.NOTHING_NEW_EXIT == 3
+    message = capsys.readouterr().err
+    assert f"nothing new under {data}: span 4 (the newest) was ingested by this pipeline at {first['ingested_at']}" \
+        in message and str(record) in message and "make export-span" in message and "make submit" in message
+    assert not (tmp_path / "second").exists() and not executor_output.exists()
+    assert json.loads(record.read_text()) == first
+
+    # Two spans arrive between ticks: the newest is ingested (span 5 is never trained on, as without a
+    # window locally); then a file of it is rewritten: a new fingerprint, new data, ingested again.
+    _write_span(data, 5, rows[4:7])
+    csv = _write_span(data, 6, rows[7:10])
+    assert kubeflow_entrypoint.exit_code(tick("third")[0], IN_MEMORY) == 0
+    third = json.loads(record.read_text())
+    assert third["data"]["span"] == 6 and _fares(tmp_path / "third" / "examples") == fares(rows[7:10])
+    stamp = os.stat(csv).st_mtime
+    _write_span(data, 6, rows[7:12])
+    os.utime(csv, (stamp + 60, stamp + 60))  # TFX's fingerprint counts whole seconds
+    assert kubeflow_entrypoint.exit_code(tick("fourth")[0], IN_MEMORY) == 0
+    fourth = json.loads(record.read_text())
+    assert fourth["data"]["span"] == 6 and fourth["data"]["input_fingerprint"] != third["data"]["input_fingerprint"]
+    assert _fares(tmp_path / "fourth" / "examples") == fares(rows[7:12])
+
+    # A failed ingestion leaves the record as it was, so the next tick finds the data new and tries again:
+    # a one-off run (make submit: no require_new_span) reaches the executor on the span ingested last, and
+    # so does a tick that finds a new span.
+    def disk_full(self, input_dict, output_dict, exec_properties):
+        raise OSError("No space left on device")
+
+    for name, require_new_span in (("one_off", False), ("failed", True)):
+        if require_new_span:
+            _write_span(data, 7, rows[12:])
+        parsed, executor_output = tick(name, require_new_span)
+        monkeypatch.setattr(import_utils.import_class_by_path(parsed.executor_class_path), "Do", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            kubeflow_entrypoint.exit_code(parsed, IN_MEMORY)
+        assert json.loads(record.read_text()) == fourth and not executor_output.exists()
+
+
+def test_a_record_that_is_not_one_names_the_file_and_the_fix(tmp_path):
+    from pipelines import kubeflow_entrypoint
+
+    record = tmp_path / "ingested.json"
+    assert kubeflow_entrypoint.read_record(str(record)) is None  # no record yet: the first run ingests
+    record.write_text('{"span": 3}')
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(record))}: not a record .*'data'.*; delete it"):
+        kubeflow_entrypoint.read_record(str(record))
 
 
 # --- the sandbox on object storage ----------------------------------------------------------
@@ -647,6 +759,7 @@ def test_submit_uploads_the_compiled_spec_and_starts_a_run_on_it(compiled, kfp_a
     assert run["json"]["experiment_id"] == "e-1"
     assert run["json"]["pipeline_version_reference"] == {"pipeline_id": "p-1", "pipeline_version_id": "v-1"}
     assert run["json"]["runtime_config"]["pipeline_root"] == spec.default_pipeline_root
+    assert not run["json"]["runtime_config"].get("parameters")  # a one-off run may train on data seen before
     assert "pipeline_spec" not in run["json"]  # the run points at the uploaded version
     assert f"{kfp_api.host}/#/runs/details/r-1" in capsys.readouterr().out
 
@@ -670,6 +783,7 @@ def test_schedule_adds_a_version_and_a_recurring_run_with_the_cron(compiled, kfp
     assert body["pipeline_version_reference"] == {"pipeline_id": "p-1", "pipeline_version_id": "v-2"}
     assert body["mode"] == "ENABLE" and int(body["max_concurrency"]) == 1 and body["no_catchup"] is True
     assert body["runtime_config"]["pipeline_root"] == spec.default_pipeline_root
+    assert body["runtime_config"]["parameters"] == {"require_new_span": True}  # never the same data again
     assert f"{kfp_api.host}/#/recurringrun/details/rr-1" in capsys.readouterr().out
 
 
