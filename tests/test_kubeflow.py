@@ -3,7 +3,8 @@
 The spec is compiled from configs/taxi.yaml and configs/kubeflow.yaml as `make compile` does and
 checked against the DAG create_pipeline builds for the local run. The entrypoint runs a real
 component (the data gate) from the compiled container arguments, fed the way the open-source
-KFP launcher feeds it. kfp.Client talks to a local HTTP server standing in for the KFP API.
+KFP launcher feeds it, and ExampleGen over local span folders, tick after tick of a recurring run.
+kfp.Client talks to a local HTTP server standing in for the KFP API.
 """
 
 import email.parser
