@@ -33,11 +33,14 @@ the record of what this pipeline's ExampleGen last ingested: a JSON file under t
 (the task's `ingested_record` parameter, compiled from configs/kubeflow.yaml's pipeline_root). When
 they are equal and the run asks for new data (`require_new_span`, which `make schedule` sets and
 `make submit` does not), it stops before the executor writes anything and exits NOTHING_NEW_EXIT,
-naming the span, its version, when it was ingested and what to do. Otherwise TFX's executor runs
-and, only once it succeeded, the record is replaced (written beside it, then renamed over it), so
-a failed ingestion leaves the old record and the next tick tries again. A file rewritten inside
-the newest span changes TFX's fingerprint (its files' count, total size and modification times
-in seconds, tfx/utils/io_utils.py:202-220), which counts as new data.
+naming the span, its version, when it was ingested and what to do (KFP's launcher fails the task
+with "exit status 3" and uploads nothing: backend/src/v2/component/launcher_v2.go, execute).
+Otherwise TFX's executor runs and, only once it succeeded, the record is replaced (written beside
+it, then renamed over it), so a failed ingestion leaves the old record and the next tick tries
+again. A file rewritten inside the newest span changes TFX's fingerprint (its files' count, total
+size and modification times in seconds, tfx/utils/io_utils.py:202-220), which counts as new data.
+The record is a file written with tf.io.gfile (object storage or local disk alike), not an entry
+in KFP's ML Metadata, which is KFP's own schema behind its API server.
 """
 
 import datetime
