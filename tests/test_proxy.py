@@ -903,3 +903,39 @@ def test_the_model_repository_setting_is_checked_and_the_one_way_to_count(tmp_pa
     # One spec file for every version went stale at the first promotion: the key is gone, and refused.
     with pytest.raises(ConfigError, match="PROXY_SERVING_SPEC.*unknown key"):
         Settings({"PROXY_SERVING_SPEC": str(tmp_path / "serving_spec.json")})
+
+
+def test_the_vocabulary_cache_is_bounded_and_an_unreadable_spec_is_asked_again(repository, monkeypatch):
+    import asyncio
+
+    from serving import proxy as proxy_module
+    from serving.proxy import Proxy
+
+    proxy = Proxy(env={"PROXY_MODEL_REPOSITORY": str(repository)}, watch_seconds=0)
+    reads = []
+    real = proxy_module.read_vocabularies
+
+    def read(*key):
+        reads.append(key[2])
+        if len(reads) == 1:
+            raise OSError(5, "Input/output error")  # a network volume's hiccup
+        return real(*key)
+
+    monkeypatch.setattr(proxy_module, "read_vocabularies", read)
+    monkeypatch.setattr(proxy_module, "MAX_VOCABULARY_VERSIONS", 2)
+    body = {"instances": [{"payment_type": "Bitcoin"}]}
+
+    async def serve(*versions):
+        for version in versions:
+            await proxy.count_unseen(str(repository), "taxi", version, body)
+
+    asyncio.run(serve(1, 1))  # the failed read stands for a while: not asked again per request
+    assert reads == [1] and _unseen(proxy) == {}
+    key = (str(repository), "taxi", 1)
+    assert proxy._vocabularies[key][0] > time.monotonic() + proxy_module.UNREADABLE_RETRY_SECONDS - 5
+    proxy._vocabularies[key] = (time.monotonic() - 1, None)  # ... UNREADABLE_RETRY_SECONDS later
+    asyncio.run(serve(1, 2, 1, 4, 2))  # 1 is read again; 4 pushes 1 out (oldest first), 2 stays
+    assert reads == [1, 1, 2, 4]
+    assert [k[2] for k in proxy._vocabularies] == [2, 4]
+    # Bitcoin is new to 1 (counted twice), not to 2; a name the backend never confirmed is "other"
+    assert _unseen(proxy) == {("other", "payment_type"): 2.0}
