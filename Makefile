@@ -86,14 +86,15 @@ rollback: ## move a label back to the version it replaced: make rollback [LABEL=
 parity: ## the taxi eval split through training path, both signatures and REST; writes build/parity.json [VERSION=n]
 	$(PY) -m ops.parity $(if $(VERSION),--version $(VERSION))
 
-serve: ## TF-Serving twin (REST :8501, gRPC :8500) from build/model_repository/models.config, and the proxy on :8080
+serve: ## TF-Serving twin (REST :8501, gRPC :8500) from build/model_repository/models.config, and the proxy on :8080 (reading the same repository)
 	@config=build/model_repository/models.config; \
 	if [ -f $$config ]; then source="--model_config_file $$config --model_config_file_poll_wait_seconds 2 --allow_version_labels_for_unavailable_models"; \
 	else echo "no $$config yet (make promote VERSION=n writes it): serving the latest pushed $(or $(MODEL),taxi)"; \
 	  source="--model_name $(or $(MODEL),taxi) --model_base_path build/model_repository/$(or $(MODEL),taxi)"; fi; \
 	$(PY) -m serving.server $$source --rest_api_port 8501 --port 8500 --enable_batching \
 	  --batching_parameters_file serving/config/batching.config --rest_api_num_threads 64 & server=$$!; \
-	PROXY_ENV_FILE=configs/proxy.env $(PY) -m serving.proxy --port 8080 --log build/prediction_log.sqlite & proxy=$$!; \
+	PROXY_ENV_FILE=configs/proxy.env PROXY_MODEL_REPOSITORY=build/model_repository \
+	  $(PY) -m serving.proxy --port 8080 --log build/prediction_log.sqlite & proxy=$$!; \
 	trap 'kill -TERM $$proxy $$server 2>/dev/null' INT TERM; \
 	wait $$proxy; kill -TERM $$server 2>/dev/null; wait $$server
 

@@ -44,7 +44,7 @@ def serving_spec(spec: FeatureSpec, tf_transform_output=None) -> Dict:
     be present (the rest may be left out and are filled like missing training values), the
     class names in the order of the model's probability columns, and (given the Transform's
     output) each vocabulary feature's training vocabulary, by which the proxy counts served
-    values the model never saw (serving/proxy.py PROXY_SERVING_SPEC).
+    values the model never saw (serving/proxy.py PROXY_MODEL_REPOSITORY).
     """
     written = {
         "task": spec.task,

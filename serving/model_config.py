@@ -5,7 +5,8 @@
     <root>/<model>/<version>/saved_model.pb                written last: its presence makes a version complete
     <root>/<model>/<version>/assets.extra/serving_spec.json  what the trainer tells servers (classes, required)
 
-This module owns the layout: which folders are versions (`versions_on_disk`, TF Serving's rule),
+This module owns the layout (its half that needs no protos, for the proxy's image, is
+serving/repository_layout.py, re-exported here): which folders are versions (`versions_on_disk`, TF Serving's rule),
 which of them are complete (`complete_versions`, `is_complete`: TFX's Pusher copies everything
 but saved_model.pb first and saved_model.pb last, pusher/executor.py, so a version without it is
 half-pushed), the serving spec beside a version (`read_serving_spec`) and the labels
@@ -22,22 +23,20 @@ file_system_storage_path_source.proto: a model without a version policy serves i
 version (`latest { num_versions: 1 }`).
 """
 
-import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-MODEL_CONFIG_FILE = "models.config"
-SAVED_MODEL_FILE = "saved_model.pb"
-SERVING_SPEC_FILE = os.path.join("assets.extra", "serving_spec.json")  # written by the trainer
+# The layout on disk lives in serving/repository_layout.py (no protos: the proxy's image imports it);
+# this module re-exports it, so that callers know one owner.
+from serving.repository_layout import (  # noqa: F401
+    LOCAL_FILES, MODEL_CONFIG_FILE, SAVED_MODEL_FILE, SERVING_SPEC_FILE, ConfigError, complete_versions, is_complete,
+    latest_complete, model_path, read_serving_spec, version_path, versions_on_disk)
+
 ModelServerConfig = model_server_config_pb2.ModelServerConfig
 ModelConfig = model_server_config_pb2.ModelConfig
-
-
-class ConfigError(ValueError):
-    """models.config cannot be used; the message names the file and the model or field."""
 
 
 def parse(text: str, source: str = MODEL_CONFIG_FILE) -> ModelServerConfig:
@@ -90,67 +89,6 @@ def single_model(name: str, base_path: str, versions: Optional[List[int]] = None
     if versions:
         model.model_version_policy.specific.versions.extend(versions)
     return config
-
-
-class _LocalFiles:
-    """The file operations the layout needs, on local paths (tf.io.gfile offers the same names
-    for gs:// and other remote file systems; training-side tools pass it as `fs`)."""
-
-    listdir = staticmethod(os.listdir)
-    isdir = staticmethod(os.path.isdir)
-    exists = staticmethod(os.path.exists)
-    GFile = staticmethod(open)
-
-
-LOCAL_FILES = _LocalFiles()
-
-
-def version_path(base_path: str, version: int) -> str:
-    return os.path.join(base_path, str(version))
-
-
-def versions_on_disk(base_path: str, fs=LOCAL_FILES) -> List[int]:
-    """Version folders under a model's base path: names that are whole numbers (TF Serving's
-    file_system_storage_path_source.cc takes any child that parses as an int64)."""
-    if not fs.isdir(base_path):
-        return []
-    out = []
-    for name in fs.listdir(base_path):
-        name = name.rstrip("/")  # tf.io.gfile lists remote folders with a trailing slash
-        if name.isascii() and name.isdigit() and len(name) <= 18 and fs.isdir(os.path.join(base_path, name)):
-            out.append(int(name))
-    return sorted(out)
-
-
-def is_complete(version_dir: str, fs=LOCAL_FILES) -> bool:
-    """A version folder Pusher has finished: saved_model.pb, which it copies last, is there."""
-    return bool(fs.exists(os.path.join(version_dir, SAVED_MODEL_FILE)))
-
-
-def complete_versions(base_path: str, fs=LOCAL_FILES) -> List[int]:
-    """Numeric version folders that are complete, oldest first (what a tool may pick)."""
-    return [v for v in versions_on_disk(base_path, fs) if is_complete(version_path(base_path, v), fs)]
-
-
-def latest_complete(base_path: str, fs=LOCAL_FILES) -> Optional[int]:
-    versions = complete_versions(base_path, fs)
-    return versions[-1] if versions else None
-
-
-def read_serving_spec(version_dir: str, fs=LOCAL_FILES) -> Dict[str, Any]:
-    """assets.extra/serving_spec.json of a version ({} for a model exported without one)."""
-    path = os.path.join(version_dir, SERVING_SPEC_FILE)
-    if not fs.exists(path):
-        return {}
-    with fs.GFile(path, "r") as f:
-        text = f.read()
-    try:
-        spec = json.loads(text)
-    except ValueError as e:
-        raise ConfigError(f"{path}: not JSON ({e}); re-export the model (the trainer writes this file)") from None
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{path}: holds a {type(spec).__name__}, not an object; re-export the model")
-    return spec
 
 
 def aspired_versions(model: ModelConfig, on_disk: List[int]) -> List[int]:

@@ -54,11 +54,14 @@ refused with a message naming the key, and the previous settings stay in force.
                           "holdback:<policy>", "fallback", "client") and `propensity` (the
                           probability of the answer given, per row: 1 - share for the model,
                           share for a held-back answer, share / K for a random draw)
-  PROXY_SERVING_SPEC      the answering model version's assets.extra/serving_spec.json (the trainer
-                          writes it; mount or copy it beside the proxy): its `vocabularies`, the
-                          training vocabulary of each vocabulary-transformed feature, let the proxy
-                          count served values the model never saw in training, per feature
-                          (skewless_proxy_unseen_categories); unset: not counted
+  PROXY_MODEL_REPOSITORY  the model repository TF Serving serves (<root>/<model>/<version>/), the
+                          same folder or volume, read-only: the serving spec of the version that
+                          answered (assets.extra/serving_spec.json, which the trainer writes) gives
+                          the training vocabulary of each vocabulary feature, and served values
+                          outside it are counted per feature (skewless_proxy_unseen_categories).
+                          Read once per (model, version); a version without a serving spec or
+                          vocabularies counts nothing (said once in the log). A folder that does not
+                          exist is refused; unset: nothing counted. `make serve` and deploy/k8s set it
   PROXY_MODEL             the model /readyz checks: ready only when every variant's label or
                           version is AVAILABLE on its backend (unset: only that backends answer)
   PREDLOG_QUEUE_SIZE, PREDLOG_SEGMENT_RECORDS, PREDLOG_RETRY_SECONDS  the log's bounds
@@ -115,7 +118,7 @@ import prometheus_client as prom
 import pydantic
 import yarl
 
-from serving import typed_config, wire
+from serving import repository_layout, typed_config, wire
 from serving.logstore import HOLDBACK_POLICY_PREFIX
 from serving.http import HttpServer, Request, Response
 from serving.predlog import PredictionLog
@@ -204,7 +207,7 @@ class ProxySettings(pydantic.BaseModel):
     holdback_share: float = pydantic.Field(0.0, ge=0, le=0.5, allow_inf_nan=False, alias="PROXY_HOLDBACK_SHARE")
     holdback_policy: Literal["fallback", "stable", "random"] = pydantic.Field("fallback", alias="PROXY_HOLDBACK_POLICY")
     holdback_label: Name = pydantic.Field("stable", alias="PROXY_HOLDBACK_LABEL")
-    serving_spec: Optional[str] = pydantic.Field(None, alias="PROXY_SERVING_SPEC")
+    model_repository: Optional[str] = pydantic.Field(None, alias="PROXY_MODEL_REPOSITORY")
 
     @pydantic.model_validator(mode="before")
     @classmethod
@@ -251,10 +254,13 @@ class Settings:
             raise ConfigError(typed_config.describe(e, ProxySettings, "")) from None
         for name in ("backend", "enabled", "fallback", "threshold", "classes", "timeout", "retries", "routing_header",
                      "complete_missing", "max_rows", "max_in_flight", "allow_client_routing", "auth_tokens_file",
-                     "hash_routing_key", "hash_salt", "redact", "log_max_body", "model"):
+                     "hash_routing_key", "hash_salt", "redact", "log_max_body", "model", "model_repository"):
             setattr(self, name, getattr(config, name))
         self.auth_tokens = _read_tokens(self.auth_tokens_file) if self.auth_tokens_file else None
-        self.vocabularies = read_vocabularies(config.serving_spec) if config.serving_spec else {}
+        if self.model_repository is not None and not os.path.isdir(self.model_repository):
+            raise ConfigError(f"PROXY_MODEL_REPOSITORY: {self.model_repository} is not a folder: mount the model "
+                              "repository TF Serving serves there (read-only), or unset the key to count no unseen "
+                              "categories")
         self.variants: Dict[str, Variant] = {
             name: Variant(name, v.backend or self.backend, v.weight, v.label, v.version)
             for name, v in config.variants.items()}
@@ -333,26 +339,35 @@ def _read_tokens(path: str) -> frozenset:
     return tokens
 
 MAX_VOCABULARY_FEATURES = 100  # bounds the unseen-categories counter's feature label
+MAX_VOCABULARY_VERSIONS = 64  # (model, version) vocabularies kept; A/B, shadow and holdback need a few
+UNREADABLE_RETRY_SECONDS = 60.0  # a serving spec the file system failed to give is asked again after this
 
 
-def read_vocabularies(path: str) -> Dict[str, frozenset]:
-    """{feature: its training values} from a serving spec's `vocabularies` (components/export.py writes
-    them); a file that cannot be read, or holds no usable vocabularies, is refused, naming it."""
+def read_vocabularies(repository: str, model: str, version: int) -> Optional[Dict[str, frozenset]]:
+    """{feature: its training values} from the `vocabularies` of a version's serving spec (components/
+    export.py writes them), read through the repository's layout; None when the version has none
+    usable (said in the log, naming the file and the fix). OSError is left to the caller."""
+    where = f"unseen categories of {model} version {version} are not counted"
     try:
-        with open(path) as f:
-            spec = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"PROXY_SERVING_SPEC: cannot read {path} ({e.strerror})") from None
-    except ValueError as e:
-        raise ConfigError(f"PROXY_SERVING_SPEC: {path} is not JSON ({e})") from None
-    vocabularies = spec.get("vocabularies") if isinstance(spec, dict) else None
-    if not isinstance(vocabularies, dict) or not all(isinstance(v, list) for v in vocabularies.values()):
-        raise ConfigError(f"PROXY_SERVING_SPEC: {path} has no `vocabularies` object of lists (a model exported "
-                          "before the trainer wrote them): re-export it, or unset the key")
-    if len(vocabularies) > MAX_VOCABULARY_FEATURES:
-        raise ConfigError(f"PROXY_SERVING_SPEC: {path} has {len(vocabularies)} vocabularies; at most "
-                          f"{MAX_VOCABULARY_FEATURES} features are counted")
-    return {name: frozenset(values) for name, values in vocabularies.items()}
+        version_dir = repository_layout.version_path(repository_layout.model_path(repository, model), version)
+        spec = repository_layout.read_serving_spec(version_dir)
+    except repository_layout.ConfigError as e:
+        logging.warning("%s: %s", where, e)
+        return None
+    path = os.path.join(version_dir, repository_layout.SERVING_SPEC_FILE)
+    vocabularies = spec.get("vocabularies")
+    if not spec:
+        logging.warning("%s: %s is missing or empty (PROXY_MODEL_REPOSITORY is %s; is it the folder TF Serving "
+                        "serves?)", where, path, repository)
+    elif not isinstance(vocabularies, dict) or not all(isinstance(v, list) for v in vocabularies.values()):
+        logging.warning("%s: %s has no `vocabularies` object of lists (a model exported before the trainer "
+                        "wrote them): re-export it to count them", where, path)
+    elif len(vocabularies) > MAX_VOCABULARY_FEATURES:
+        logging.warning("%s: %s has %d vocabularies; at most %d features are counted", where, path,
+                        len(vocabularies), MAX_VOCABULARY_FEATURES)
+    else:
+        return {name: frozenset(map(str, values)) for name, values in vocabularies.items()}
+    return None
 
 
 def unseen_categories(body: Dict[str, Any], vocabularies: Dict[str, frozenset]) -> Dict[str, int]:
@@ -470,6 +485,8 @@ class Proxy:
         self._known_models: set = set()
         self._series: Dict[Tuple[int, Tuple[str, ...]], Any] = {}
         self._fills: Dict[Tuple[str, str], Tuple[Optional[Dict[str, Any]], Dict[str, Tuple[int, tuple]]]] = {}
+        # (repository, model, version) -> (retry after, or None: final; its vocabularies, or None: not counted)
+        self._vocabularies: Dict[Tuple[str, str, int], Tuple[Optional[float], Optional[Dict[str, frozenset]]]] = {}
         self._stop = threading.Event()
         self._in_flight = 0
         self._backend_slots: Optional[asyncio.Semaphore] = None
@@ -520,14 +537,31 @@ class Proxy:
         self.m_weight = prom.Gauge("skewless_proxy_variant_weight", "Traffic share per answering variant.",
                                    ["variant"], registry=r)
         self.m_unseen = prom.Counter("skewless_proxy_unseen_categories", "Served values of a categorical feature "
-                                     "outside its training vocabulary (PROXY_SERVING_SPEC).", ["model", "feature"],
-                                     registry=r)
+                                     "outside the training vocabulary of the version that answered (its serving "
+                                     "spec in PROXY_MODEL_REPOSITORY).", ["model", "feature"], registry=r)
 
-    def count_unseen(self, model: str, body: Dict[str, Any], settings: "Settings") -> None:
-        """Adds each feature's values outside the training vocabulary to skewless_proxy_unseen_categories."""
-        if settings.vocabularies:
-            for feature, n in unseen_categories(body, settings.vocabularies).items():
-                self.m_unseen.labels(self.model_label(model), feature).inc(n)
+    async def count_unseen(self, repository: str, model: str, version: int, body: Dict[str, Any]) -> None:
+        """Adds each feature's values outside the answering version's training vocabulary to
+        skewless_proxy_unseen_categories."""
+        key = (repository, model, version)
+        cached = self._vocabularies.get(key)
+        if cached is None or (cached[0] is not None and time.monotonic() > cached[0]):
+            try:  # off the event loop: the repository may be a network volume
+                vocabularies = await asyncio.get_running_loop().run_in_executor(None, read_vocabularies, *key)
+                cached = (None, vocabularies)
+            except OSError as e:
+                logging.warning("unseen categories of %s version %d are not counted for %g s: cannot read its serving "
+                                "spec under PROXY_MODEL_REPOSITORY %s (%s)", model, version,
+                                UNREADABLE_RETRY_SECONDS, repository, e)
+                cached = (time.monotonic() + UNREADABLE_RETRY_SECONDS, None)
+            self._vocabularies.pop(key, None)
+            self._vocabularies[key] = cached
+            while len(self._vocabularies) > MAX_VOCABULARY_VERSIONS:
+                del self._vocabularies[next(iter(self._vocabularies))]
+        if cached[1]:
+            label = self.model_label(model)
+            for feature, n in unseen_categories(body, cached[1]).items():
+                self.series(self.m_unseen, label, feature).inc(n)
 
     def series(self, metric: Any, *labels: str) -> Any:
         """metric.labels(*labels), made once per label set (prometheus_client validates and locks on every
@@ -1119,7 +1153,6 @@ class ProxyApi:
                 code, answer = 400, {"error": f"{rows} rows in one request; at most {settings.max_rows} "
                                               "(PROXY_MAX_ROWS): split the request"}
                 return
-            proxy.count_unseen(model, body, settings)
             if not settings.enabled:
                 variant_name, code, answer = "fallback", 200, proxy.fallback(body, verb)
                 policy, propensity = "fallback", 1.0
@@ -1175,6 +1208,8 @@ class ProxyApi:
                     kept = None  # the threshold rewrites class_ids and classes
                 proxy.apply_threshold(answer)
                 proxy.observe_scores(proxy.model_label(model), variant.name, answer)
+                if settings.model_repository is not None and version is not None:
+                    await proxy.count_unseen(settings.model_repository, model, version, body)
                 answer["skewless"] = {"variant": variant.name, "model_version": version, "policy": policy,
                                       **({"threshold": settings.threshold} if settings.threshold is not None else {})}
             if settings.shadow and policy == "model":

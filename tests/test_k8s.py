@@ -474,7 +474,47 @@ def check_network_policies(docs: List[dict]) -> None:
     assert connection_allowed(docs, proxy_pods, OUTSIDE, 5432), "the proxy cannot reach a managed PostgreSQL"
     if policies_selecting(docs, proxy_pods, "Egress"):
         assert not connection_allowed(docs, proxy_pods, stranger, 8080), "the proxy's egress is not limited"
-        assert not connection_allowed(docs, proxy_pods, OUTSIDE, 443), "the proxy's egress is not limited"
+        assert not connection_allowed(docs, proxy_pods, OUTSIDE, 22), "the proxy's egress is not limited"
+        # HTTPS out only where the proxy's pods carry a Cloud Storage FUSE sidecar (production's bucket).
+        fuse = uses_gcs_fuse(named(docs, "Deployment", "skewless-proxy"))
+        assert connection_allowed(docs, proxy_pods, OUTSIDE, 443) == fuse, (
+            "the proxy's FUSE sidecar cannot reach Cloud Storage" if fuse else "the proxy may send HTTPS anywhere")
+
+
+def uses_gcs_fuse(deployment: dict) -> bool:
+    """GKE injects the Cloud Storage FUSE sidecar only into pods that ask for it."""
+    return deployment["spec"]["template"]["metadata"].get("annotations", {}).get("gke-gcsfuse/volumes") == "true"
+
+
+def check_proxy_reads_the_served_repository(docs: List[dict]) -> None:
+    """The proxy counts unseen categories against the serving spec of the version that answered
+    (serving/proxy.py PROXY_MODEL_REPOSITORY): it must read the very volume TF Serving serves, read-only."""
+    serving, proxy_deployment = (named(docs, "Deployment", n) for n in ("tf-serving", "skewless-proxy"))
+
+    def claim_mounted_at(deployment, path):
+        spec = pod_spec(deployment)
+        mounts = [m for m in spec["containers"][0].get("volumeMounts", []) if m["mountPath"].rstrip("/") == path]
+        assert len(mounts) == 1, f"{deployment['metadata']['name']}: {len(mounts)} mounts at {path}, expected one"
+        volume = [v for v in spec["volumes"] if v["name"] == mounts[0]["name"]][0]
+        claim = volume.get("persistentVolumeClaim")
+        assert claim, f"{deployment['metadata']['name']}: {path} is not the model-repository claim"
+        assert mounts[0].get("readOnly") is True and claim.get("readOnly") is True, \
+            f"{deployment['metadata']['name']}: the model repository at {path} is writable"
+        return claim["claimName"]
+
+    served = claim_mounted_at(serving, release.IMAGE_BASE_PATH)
+    env = env_of(_container(docs, "skewless-proxy"))
+    assert "PROXY_MODEL_REPOSITORY" in env, "the proxy is not told where the model repository is"
+    path = env["PROXY_MODEL_REPOSITORY"].get("value", "").rstrip("/")
+    assert claim_mounted_at(proxy_deployment, path) == served, "the proxy reads another volume than TF Serving"
+    assert uses_gcs_fuse(proxy_deployment) == uses_gcs_fuse(serving), \
+        "the proxy mounts the bucket without the FUSE sidecar TF Serving's pods get (or the other way round)"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_proxy_reads_the_model_repository_tf_serving_serves(rendered, overlay):
+    check_proxy_reads_the_served_repository(rendered[overlay])
+    assert re.search(r"^  PROXY_MODEL_REPOSITORY\s", proxy.__doc__, re.M), "serving/proxy.py does not document it"
 
 
 # --- production: caller tokens, the PostgreSQL log, its retention --------------------------
@@ -1098,6 +1138,21 @@ BROKEN = {
         m for m in _container(d, "skewless-proxy")["volumeMounts"] if m["name"] == "prediction-log"][0].update(
         readOnly=True)),
     "spool on a ConfigMap volume": (check_spool_on_a_writable_volume, _spool_volume_as_a_configmap),
+    # the model repository the proxy reads
+    "proxy's repository mounted writable": (check_proxy_reads_the_served_repository, lambda d: [
+        m for m in _container(d, "skewless-proxy")["volumeMounts"] if m["name"] == "model-repository"][0].pop(
+        "readOnly")),
+    "proxy's repository from another claim": (check_proxy_reads_the_served_repository, lambda d: [
+        v for v in pod_spec(named(d, "Deployment", "skewless-proxy"))["volumes"] if v["name"] == "model-repository"][
+        0]["persistentVolumeClaim"].update(claimName="model-repository-copy")),
+    "proxy's repository setting misspelt": (check_proxy_reads_the_served_repository, _set(
+        lambda d: _env(_container(d, "skewless-proxy"), "PROXY_MODEL_REPOSITORY"), name="PROXY_MODEL_REPO")),
+    "proxy's repository elsewhere than its mount": (check_proxy_reads_the_served_repository, _set(
+        lambda d: _env(_container(d, "skewless-proxy"), "PROXY_MODEL_REPOSITORY"), value="/model_repository")),
+    "proxy's bucket without the FUSE sidecar": (check_proxy_reads_the_served_repository, lambda d: named(
+        d, "Deployment", "skewless-proxy")["spec"]["template"]["metadata"]["annotations"].pop("gke-gcsfuse/volumes")),
+    "proxy's FUSE sidecar without HTTPS out": (check_network_policies, lambda d: _policy(d, "skewless-proxy")[
+        "egress"].pop(3)),
     # retention
     "retention runs hourly": (check_retention, _set(lambda d: named(d, "CronJob", RETENTION)["spec"],
                                                     schedule="0 * * * *")),

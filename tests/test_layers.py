@@ -28,6 +28,8 @@ def test_each_contract_catches_its_violation(tmp_path):
         "serving/proxy.py": "from serving import server\n",  # the proxy -> TensorFlow
         "serving/server.py": "import tensorflow\n", "serving/wire.py": "import json\n",
         "serving/http.py": "import json\n",
+        # the proxy's half of the repository layout -> TF Serving's protos (absent from the proxy's image)
+        "serving/repository_layout.py": "from tensorflow_serving.config import model_server_config_pb2\n",
         "components/preprocessing.py": "",
         "pipelines/pipeline.py": "from ops import release\n",  # the pipeline -> ops
         "pipelines/local_runner.py": "", "pipelines/kubeflow_runner.py": "",
@@ -42,5 +44,6 @@ def test_each_contract_catches_its_violation(tmp_path):
     bad = lint(tmp_path, dict(os.environ, PYTHONPATH=str(tmp_path)))
     assert bad.returncode != 0 and "0 kept, 4 broken" in bad.stdout, bad.stdout
     for arrow in ("serving.leak -> components.preprocessing", "serving.proxy -> serving.server",
+                  "serving.repository_layout -> tensorflow_serving",
                   "pipelines.pipeline -> ops.release", "ops.monitor -> pipelines.local_runner"):
         assert arrow in bad.stdout, bad.stdout

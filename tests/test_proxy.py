@@ -805,36 +805,137 @@ def test_load_generator_counts_requests_errors_and_reconnects(backend):
     assert refused == {**refused, "requests": 3, "errors": 3}
 
 
-def _serving_spec(tmp_path, vocabularies):
-    path = tmp_path / "serving_spec.json"
-    path.write_text(json.dumps({"task": "binary", "classes": ["no", "yes"], "vocabularies": vocabularies}))
-    return str(path)
+def _push(repository, version, vocabularies=None, spec=True):
+    """A complete version folder as Pusher leaves it, with the serving spec the trainer writes
+    (components/export.py serving_spec: `vocabularies` only when the Transform had vocabulary features)."""
+    folder = repository / "taxi" / str(version)
+    folder.mkdir(parents=True)
+    if spec:
+        written = {"task": "binary", "classes": ["no", "yes"],
+                   "features": {"payment_type": {"type": "string", "required": True}}}
+        if vocabularies is not None:
+            written["vocabularies"] = vocabularies
+        (folder / "assets.extra").mkdir()
+        (folder / "assets.extra" / "serving_spec.json").write_text(json.dumps(written))
+    (folder / "saved_model.pb").write_bytes(b"")
 
 
-def test_served_values_outside_the_training_vocabulary_are_counted_per_feature(backend, tmp_path):
-    spec = _serving_spec(tmp_path, {"payment_type": ["Cash", "Credit Card"], "company": ["Flash Cab"],
-                                    "trip_start_hour": [str(h) for h in range(24)]})
-    proxy, url, stop = start_proxy({"PROXY_BACKEND": backend.url, "PROXY_SERVING_SPEC": spec})
+@pytest.fixture
+def repository(tmp_path):
+    """taxi 1 and 2 with different vocabularies (2 learnt Bitcoin and Yellow); 3 exported without a
+    serving spec; 4 with a spec from before the trainer wrote vocabularies."""
+    root = tmp_path / "model_repository"
+    _push(root, 1, {"payment_type": ["Cash", "Credit Card"], "company": ["Flash Cab"],
+                    "trip_start_hour": [str(h) for h in range(24)]})
+    _push(root, 2, {"payment_type": ["Cash", "Credit Card", "Bitcoin"], "company": ["Flash Cab", "Yellow"]})
+    _push(root, 3, spec=False)
+    _push(root, 4)
+    return root
+
+
+def _unseen(proxy):
+    """{feature: count} of skewless_proxy_unseen_categories, by (model, feature)."""
+    return {(s.labels["model"], s.labels["feature"]): s.value for metric in proxy.registry.collect()
+            if metric.name == "skewless_proxy_unseen_categories" for s in metric.samples if s.name.endswith("_total")}
+
+
+def test_unseen_categories_are_counted_against_the_version_that_answered(backend, repository):
+    rows = {"instances": [{"payment_type": "Bitcoin", "company": "Flash Cab", "city": "Nowhere"},
+                          {"payment_type": ["Barter"], "company": ""},  # "" is missing, not a category
+                          {"payment_type": "Cash", "company": "Yellow", "trip_start_hour": 25}]}
+    proxy, url, stop = start_proxy({"PROXY_BACKEND": backend.url, "PROXY_MODEL_REPOSITORY": str(repository),
+                                    "PROXY_VARIANTS": json.dumps({"stable": {"label": "stable"}})})
     try:
-        assert post(url, {"instances": [{"payment_type": "Cash", "company": "Flash Cab"}]})[0] == 200
-        assert post(url, {"instances": [{"payment_type": "Bitcoin", "company": "Flash Cab", "city": "Nowhere"},
-                                        {"payment_type": ["Barter"], "company": ""},  # "" is missing, not a category
-                                        {"payment_type": "Cash"}]})[0] == 200
-        post(url, {"inputs": {"payment_type": ["Cash", "Cheque"], "company": ["Yellow", "Flash Cab"],
-                              "trip_start_hour": [3, 25.0, 4.5]}})  # columns; 4.5 is no category
-        # (counted before any backend call: the fake backend answers rows only)
+        code, _, headers = post(url, rows)
+        assert (code, headers["X-Skewless-Model-Version"]) == (200, "1")
+        # Version 1 never saw Bitcoin, Barter, Yellow nor hour 25.
+        assert _unseen(proxy) == {("taxi", "payment_type"): 2.0, ("taxi", "company"): 1.0,
+                                  ("taxi", "trip_start_hour"): 1.0}
+        # `stable` moves to 2 and 1 is unloaded: the proxy's call to /versions/1 gets 404 and it calls 2.
+        backend.labels["stable"], backend.loaded = 2, {2}
+        code, _, headers = post(url, rows)
+        assert (code, headers["X-Skewless-Model-Version"]) == (200, "2")
+        # Version 2 knows Bitcoin and Yellow and has no hour vocabulary: only Barter is new to it.
+        assert _unseen(proxy) == {("taxi", "payment_type"): 3.0, ("taxi", "company"): 1.0,
+                                  ("taxi", "trip_start_hour"): 1.0}
+        # A model the backend does not serve: 404, nothing read, no series for its name.
+        assert post(url, rows, path="/v1/models/nope:predict")[0] == 404
+        assert post(url, rows, path="/v1/models/..:predict")[0] == 404
         metrics = urllib.request.urlopen(url + "/monitoring/prometheus/metrics").read().decode()
     finally:
         stop()
-    counted = dict(re.findall(r'^skewless_proxy_unseen_categories_total\{(.*)\} (\S+)$', metrics, re.M))
-    assert counted == {'feature="payment_type",model="taxi"': "3.0", 'feature="company",model="taxi"': "1.0",
-                       'feature="trip_start_hour",model="taxi"': "1.0"}
+    counted = re.findall(r'^skewless_proxy_unseen_categories_total\{(.*)\} (\S+)$', metrics, re.M)
+    assert sorted(counted) == [('feature="company",model="taxi"', "1.0"), ('feature="payment_type",model="taxi"', "3.0"),
+                               ('feature="trip_start_hour",model="taxi"', "1.0")]
+    assert sorted(proxy._vocabularies) == [(str(repository), "taxi", 1), (str(repository), "taxi", 2)]
 
 
-def test_an_unusable_serving_spec_is_refused_naming_the_key(tmp_path):
+def test_a_version_without_vocabularies_counts_nothing_says_so_once_and_answers(backend, repository, caplog):
+    backend.loaded = {1, 2, 3, 4}
+    proxy, url, stop = start_proxy({
+        "PROXY_BACKEND": backend.url, "PROXY_MODEL_REPOSITORY": str(repository), "PROXY_ALLOW_CLIENT_ROUTING": "true",
+        "PROXY_VARIANTS": json.dumps({"no_spec": {"version": 3}, "old_spec": {"version": 4, "weight": 0}})})
+    try:
+        answered = []
+        with caplog.at_level("WARNING"):
+            for variant in ("no_spec", "old_spec") * 3:
+                code, answer, headers = post(url, {"instances": [{"payment_type": "Bitcoin", "fare": 10.0}]},
+                                             headers={"X-Skewless-Variant": variant})
+                answered.append((code, headers["X-Skewless-Model-Version"], answer["predictions"][0]["score"]))
+    finally:
+        stop()
+    assert answered == [(200, "3", 0.35), (200, "4", 0.1)] * 3  # the fake's score: fare / 100 + OFFSET
+    assert _unseen(proxy) == {}
+    said = [r.getMessage() for r in caplog.records if "unseen categories of taxi" in r.getMessage()]
+    folder = repository / "taxi"
+    assert said == [f"unseen categories of taxi version 3 are not counted: {folder / '3' / 'assets.extra' / 'serving_spec.json'} "
+                    f"is missing or empty (PROXY_MODEL_REPOSITORY is {repository}; is it the folder TF Serving serves?)",
+                    f"unseen categories of taxi version 4 are not counted: {folder / '4' / 'assets.extra' / 'serving_spec.json'} "
+                    "has no `vocabularies` object of lists (a model exported before the trainer wrote them): re-export "
+                    "it to count them"]
+
+
+def test_the_model_repository_setting_is_checked_and_the_one_way_to_count(tmp_path):
     from serving.proxy import ConfigError, Settings
 
-    (tmp_path / "old.json").write_text(json.dumps({"task": "binary", "classes": ["no", "yes"]}))
-    for path, why in ((tmp_path / "old.json", "no `vocabularies`"), (tmp_path / "absent.json", "cannot read")):
-        with pytest.raises(ConfigError, match=f"PROXY_SERVING_SPEC: .*{why}"):
-            Settings({"PROXY_SERVING_SPEC": str(path)})
+    with pytest.raises(ConfigError, match=f"PROXY_MODEL_REPOSITORY: {tmp_path / 'absent'} is not a folder: mount"):
+        Settings({"PROXY_MODEL_REPOSITORY": str(tmp_path / "absent")})
+    # One spec file for every version went stale at the first promotion: the key is gone, and refused.
+    with pytest.raises(ConfigError, match="PROXY_SERVING_SPEC.*unknown key"):
+        Settings({"PROXY_SERVING_SPEC": str(tmp_path / "serving_spec.json")})
+
+
+def test_the_vocabulary_cache_is_bounded_and_an_unreadable_spec_is_asked_again(repository, monkeypatch):
+    import asyncio
+
+    from serving import proxy as proxy_module
+    from serving.proxy import Proxy
+
+    proxy = Proxy(env={"PROXY_MODEL_REPOSITORY": str(repository)}, watch_seconds=0)
+    reads = []
+    real = proxy_module.read_vocabularies
+
+    def read(*key):
+        reads.append(key[2])
+        if len(reads) == 1:
+            raise OSError(5, "Input/output error")  # a network volume's hiccup
+        return real(*key)
+
+    monkeypatch.setattr(proxy_module, "read_vocabularies", read)
+    monkeypatch.setattr(proxy_module, "MAX_VOCABULARY_VERSIONS", 2)
+    body = {"instances": [{"payment_type": "Bitcoin"}]}
+
+    async def serve(*versions):
+        for version in versions:
+            await proxy.count_unseen(str(repository), "taxi", version, body)
+
+    asyncio.run(serve(1, 1))  # the failed read stands for a while: not asked again per request
+    assert reads == [1] and _unseen(proxy) == {}
+    key = (str(repository), "taxi", 1)
+    assert proxy._vocabularies[key][0] > time.monotonic() + proxy_module.UNREADABLE_RETRY_SECONDS - 5
+    proxy._vocabularies[key] = (time.monotonic() - 1, None)  # ... UNREADABLE_RETRY_SECONDS later
+    asyncio.run(serve(1, 2, 1, 4, 2))  # 1 is read again; 4 pushes 1 out (oldest first), 2 stays
+    assert reads == [1, 1, 2, 4]
+    assert [k[2] for k in proxy._vocabularies] == [2, 4]
+    # Bitcoin is new to 1 (counted twice), not to 2; a name the backend never confirmed is "other"
+    assert _unseen(proxy) == {("other", "payment_type"): 2.0}

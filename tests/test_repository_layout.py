@@ -115,3 +115,10 @@ def test_the_serving_spec_is_read_from_one_place(tmp_path):
     from components import export
 
     assert export.SERVING_SPEC_FILE == model_config.SERVING_SPEC_FILE  # the trainer writes where servers read
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../taxi", "taxi/1", "a\0b"])
+def test_a_model_name_that_is_no_folder_name_never_reaches_outside_the_repository(repo, name):
+    with pytest.raises(model_config.ConfigError, match="is not a folder name of the repository"):
+        model_config.model_path(str(repo), name)
+    assert model_config.model_path(str(repo), "taxi") == str(repo / "taxi")

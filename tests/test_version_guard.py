@@ -390,7 +390,8 @@ def test_proxy_image_holds_the_proxy_only_with_locked_pins_for_all_it_imports():
     final = list(stages)[-1]
     sources = _context_sources(stages, final, arguments)
     assert sorted(sources) == ["serving/__init__.py", "serving/http.py", "serving/logstore.py", "serving/predlog.py",
-                               "serving/proxy.py", "serving/retention.py", "serving/typed_config.py", "serving/wire.py"]
+                               "serving/proxy.py", "serving/repository_layout.py", "serving/retention.py", "serving/typed_config.py",
+                               "serving/wire.py"]
     # What the proxy imports beyond the standard library is what the image installs, at the lock's
     # pins, and so is everything those packages need on the image's Python (installed --no-deps).
     installs = [rest for keyword, rest in _image(stages, final, arguments) if keyword == "RUN" and "pip install" in rest]
