@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipelines import local_runner, mlmd
-from tests.conftest import REPO, TAXI_SPEC, read_rows, taxi_csv_path, write_sample
+from tests.conftest import REPO, TAXI_SPEC, component_lines, read_rows, taxi_csv_path, write_sample
 
 ENDED = r"^  {node} +{mark} +\d+\.\d s$"
 
@@ -86,6 +86,7 @@ def test_a_run_prints_a_line_per_component_then_the_summary_and_keeps_library_li
     assert out[0] == f"skewless: running pipeline 'taxi' on {fake_run['data']}"
     nodes = FakeDagRunner.nodes
     assert len(nodes) > 5 and nodes[0] == "CsvExampleGen" and nodes[-1] == "Pusher"
+    assert component_lines(terminal.out) == {node: 1 for node in nodes}  # one line each, nothing else
     for line, node in zip(out[1:], nodes):  # in the order ML Metadata recorded them
         assert re.match(ENDED.format(node=node, mark="done"), line), line
     summary_lines = out[1 + len(nodes):]
