@@ -12,12 +12,14 @@ reads, so equal fingerprints mean TFX would reuse every output:
   Python version.
 A reused run must also still have its outputs: the artifacts and reports its summary names, the
 pushed version's folder. Anything missing or changed means a real run. `--force` skips the check.
+code_commit() names the same code by its git commit, the tag runners give a run for lineage.
 """
 
 import glob
 import hashlib
 import json
 import os
+import subprocess
 import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -53,6 +55,22 @@ def inputs_fingerprint(spec: FeatureSpec, spec_path: str, env_path: str, beam_pr
     add_file(os.path.join(REPO_ROOT, "requirements", "lock.txt"))
     add("python", sys.version.encode())
     return digest.hexdigest()
+
+
+def code_commit() -> Optional[str]:
+    """The git commit of the code a run executes (REPO_ROOT's HEAD), "+uncommitted" appended when a
+    tracked file differs from it; None outside a git checkout or without git. Runners tag their run in
+    ML Metadata with it (mlmd.CODE_COMMIT), for the release's lineage."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not commit:
+        return None
+    return commit + ("+uncommitted" if dirty else "")
 
 
 def unchanged_run(summary_path: str, fingerprint: str,

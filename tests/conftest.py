@@ -308,7 +308,7 @@ CONSOLE_NOISE = ("INFO", "cuDNN", "cuFFT", "cuBLAS", "Traceback", "WARNING:", "D
 
 
 def component_lines(stdout: str) -> "collections.Counter":
-    """{node: how many end-of-component lines} in a run's console output (pipelines/local_runner.py's
+    """{node: how many end-of-component lines} in a run's console output (pipelines/console.py's
     ProgressWatcher: '  <node>  done|cached|FAILED  <seconds> s'), after checking that every line of
     the run's progress is one of those or a 'running' progress line."""
     import collections

@@ -21,11 +21,11 @@ from tests.conftest import write_models_config
 def test_the_full_run_is_the_spans_spec_on_a_fresh_store_that_ingests_the_window(tmp_path, monkeypatch):
     """The reference for the incremental retrain: the same spans spec, run through the local runner (the
     command a user runs) with its own root, store and model repository; nothing of the work dir is reused,
-    so the runner's ingestion (local_runner.spans_to_ingest on the empty store) takes the window's older
+    so the runner's ingestion (span_window.spans_to_ingest on the empty store) takes the window's older
     spans before the run's own ExampleGen takes the newest."""
     import yaml
 
-    from pipelines import local_runner, mlmd
+    from pipelines import mlmd, span_window
 
     work = tmp_path / "work"
     spans_dir = work / "spans"
@@ -53,7 +53,7 @@ def test_the_full_run_is_the_spans_spec_on_a_fresh_store_that_ingests_the_window
     assert os.path.dirname(summary) == fresh and not os.path.exists(env["pipeline_root"])
     assert full["spans"] == ["spans/span-2/data.csv", "spans/span-3/data.csv"] and full["pushed_version"] == 7
     spans = feature_spec.load(spec)
-    assert local_runner.spans_to_ingest(spans, mlmd.ingested_spans(env["metadata_path"])) == [2]
+    assert span_window.spans_to_ingest(spans, mlmd.ingested_spans(env["metadata_path"])) == [2]
 
 
 def test_the_report_puts_the_incremental_run_over_the_full_one_with_both_loads():
@@ -116,7 +116,7 @@ def test_the_shifted_span_is_served_flagged_exported_and_new_to_retraining(taxi_
         written = list(csv.DictReader(f))
     policies = {r["policy"]: r["propensity"] for r in written}
     assert policies == {"model": "0.9", "holdback:fallback": "0.1"}  # the proxy held back 10 % of users
-    from pipelines import local_runner
+    from pipelines import span_window
 
     env = {"metadata_path": str(tmp_path / "metadata.sqlite")}
-    assert local_runner.require_new_span(spec, env) == 2
+    assert span_window.require_new_span(spec, env) == 2

@@ -245,13 +245,13 @@ def test_the_analyzer_cache_is_the_newest_and_none_before_the_first_transform():
 
 def test_retraining_refuses_data_it_has_seen(tmp_path):
     """make retrain: never the same data again (the newest span must be one ExampleGen never ingested)."""
-    from pipelines import local_runner
+    from pipelines import span_window
     from tests.test_mlmd import Run
 
     write_spans(tmp_path / "spans", {1: 3, 2: 4})
     spec = spanned(tmp_path, 2)
     env = {"metadata_path": str(tmp_path / "mlmd.sqlite")}
-    assert local_runner.require_new_span(spec, env) == 2  # no store yet: everything is new
+    assert span_window.require_new_span(spec, env) == 2  # no store yet: everything is new
     run = Run(env["metadata_path"])
     from ml_metadata.proto import metadata_store_pb2 as pb2
 
@@ -261,19 +261,19 @@ def test_retraining_refuses_data_it_has_seen(tmp_path):
     # ...but its ExampleGen driver writes the span as a custom property (tfx/components/example_gen/driver.py:55-57)
     ingested.custom_properties["span"].int_value = 2
     run.store.put_artifacts([ingested])
-    with pytest.raises(local_runner.NothingNew, match="span 2 .* was trained on already: export a new span"):
-        local_runner.require_new_span(spec, env)
+    with pytest.raises(span_window.NothingNew, match="span 2 .* was trained on already: export a new span"):
+        span_window.require_new_span(spec, env)
     write_spans(tmp_path / "spans", {3: 5})
-    assert local_runner.require_new_span(spec, env) == 3
-    with pytest.raises(local_runner.NothingNew, match="is one dataset, not spans"):
-        local_runner.require_new_span(feature_spec.load("configs/taxi.yaml"), env)
+    assert span_window.require_new_span(spec, env) == 3
+    with pytest.raises(span_window.NothingNew, match="is one dataset, not spans"):
+        span_window.require_new_span(feature_spec.load("configs/taxi.yaml"), env)
 
 
 def test_a_run_first_ingests_the_windows_spans_its_example_gen_would_skip(tmp_path):
     """TFX 1.16's ExampleGen ingests the newest span per run (tfx/components/example_gen/input_processor.py
     40-57: a rolling range of one span, or a static range of one); the window's older spans ExampleGen never
     ingested are ingested first, oldest first: the spans window_spans() counts, and no others."""
-    from pipelines.local_runner import spans_to_ingest
+    from pipelines.span_window import spans_to_ingest
 
     write_spans(tmp_path / "spans", {1: 1, 2: 1, 3: 1})
     spec = spanned(tmp_path, 3)
@@ -325,7 +325,7 @@ def window_runs(taxi_spec, tmp_path_factory):
     from tfx.orchestration import pipeline
     from tfx.orchestration.local.local_dag_runner import LocalDagRunner
 
-    from pipelines import local_runner, mlmd, pipeline as pipeline_lib
+    from pipelines import mlmd, pipeline as pipeline_lib, span_window
     from tests.conftest import write_sample
 
     tmp = tmp_path_factory.mktemp("window")
@@ -336,7 +336,7 @@ def window_runs(taxi_spec, tmp_path_factory):
     for span in (2, 3, 4):  # three spans arrive before the next run
         write_sample(rows[(span - 1) * 90:span * 90], str(tmp / "spans" / f"span-{span}"))
     console = io.StringIO()
-    local_runner.ingest_window_spans(spec, environment, db, out=console)
+    span_window.ingest_window_spans(spec, environment, db, out=console)
     LocalDagRunner().run(pipeline_lib.create_pipeline(spec, environment),
                          run_options=pipeline.RunOptions(to_nodes=["Transform"]))
     return (db, spec, console.getvalue().splitlines(), mlmd.ingested_spans(db),
@@ -348,14 +348,14 @@ def test_the_window_trains_on_every_span_that_arrived(window_runs):
     """Transform's input Examples, as ML Metadata recorded them, cover the whole window: spans 2-4 when
     three spans arrived at once after span 1 (without the ingestion, only span 4); span 1 is in the store
     but out of the window; no span is read twice."""
-    from pipelines import local_runner
+    from pipelines import span_window
 
     db, spec, lines, ingested, read = window_runs
     assert [line.split(" of the window")[0].strip() for line in lines] == ["ingesting span 2", "ingesting span 3"]
     assert ingested == [1, 2, 3, 4] and read == [2, 3, 4]
     # make retrain's rule on the store TFX wrote: span 4, the newest, was trained on.
-    with pytest.raises(local_runner.NothingNew, match="span 4 .* was trained on already"):
-        local_runner.require_new_span(spec, {"metadata_path": db})
+    with pytest.raises(span_window.NothingNew, match="span 4 .* was trained on already"):
+        span_window.require_new_span(spec, {"metadata_path": db})
 
 
 @pytest.mark.slow
@@ -371,13 +371,13 @@ def test_a_real_run_gates_a_span_that_drifted_from_the_one_before(taxi_spec, tmp
     from tfx.orchestration import pipeline as tfx_pipeline
     from tfx.orchestration.local.local_dag_runner import LocalDagRunner
 
-    from pipelines import local_runner, mlmd, pipeline as pipeline_lib
+    from pipelines import mlmd, pipeline as pipeline_lib, span_window
     from tests.conftest import write_sample
 
     spec, environment, db, rows = _taxi_spans(taxi_spec, tmp_path, 2, drift={"jensen_shannon_divergence": BOUND})
     write_sample(rows[:60], str(tmp_path / "spans" / "span-1"))
     write_sample(rows[60:120], str(tmp_path / "spans" / "span-2"))
-    assert local_runner.ingest_window_spans(spec, environment, db) == [1]
+    assert span_window.ingest_window_spans(spec, environment, db) == [1]
     caplog.set_level(logging.INFO)
     LocalDagRunner().run(pipeline_lib.create_pipeline(spec, environment),
                          run_options=tfx_pipeline.RunOptions(to_nodes=["data_gate"]))
@@ -390,7 +390,7 @@ def test_a_real_run_gates_a_span_that_drifted_from_the_one_before(taxi_spec, tmp
 
     shifted = [{**row, "fare": str(float(row["fare"] or 0) * 100)} for row in rows[120:180]]
     write_sample(shifted, str(tmp_path / "spans" / "span-3"))
-    assert local_runner.ingest_window_spans(spec, environment, db) == []  # span 2 is in the store
+    assert span_window.ingest_window_spans(spec, environment, db) == []  # span 2 is in the store
     with pytest.raises(Exception) as failed:
         LocalDagRunner().run(pipeline_lib.create_pipeline(spec, environment))
     message = str(failed.value)
