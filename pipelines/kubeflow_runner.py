@@ -39,14 +39,13 @@ import dataclasses
 import datetime
 import os
 import re
-import subprocess
 import sys
 from typing import Dict, List, Optional, Tuple
 
 import yaml
 
 from components import feature_spec
-from pipelines import beam_profiles, environment, kubeflow_entrypoint
+from pipelines import beam_profiles, environment, fingerprint, kubeflow_entrypoint
 
 DEFAULT_ENV = "configs/kubeflow.yaml"
 BUILD_DIR = os.path.join(feature_spec.REPO_ROOT, "build", "kubeflow")
@@ -305,13 +304,12 @@ def kfp_cron(cron: str) -> str:
 
 
 def _code_version() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=feature_spec.REPO_ROOT,
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    """The uploaded pipeline version's name: the UTC time and the code's commit (fingerprint.code_commit,
+    the one rule the local runner tags its runs with; shortened, "+uncommitted" kept)."""
+    commit = fingerprint.code_commit() or ""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
-    return f"{stamp}-{commit}" if commit else stamp
+    short = commit[:12] + ("+uncommitted" if commit.endswith("+uncommitted") else "")
+    return f"{stamp}-{short}" if commit else stamp
 
 
 def client(host: str, namespace: Optional[str] = None):

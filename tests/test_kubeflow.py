@@ -777,7 +777,12 @@ def test_schedule_adds_a_version_and_a_recurring_run_with_the_cron(compiled, kfp
     (version,) = kfp_api.calls("POST", "/apis/v2beta1/pipelines/upload_version")
     assert version["query"]["pipelineid"] == ["p-1"]
     assert version["files"]["uploadfile"] == open(summary["output"], "rb").read()
-    assert re.match(r"\d{4}-\d\d-\d\dT", version["query"]["name"][0])
+    from pipelines import fingerprint
+
+    commit = fingerprint.code_commit()  # the local runner's tag rule: one rule for both runners
+    stamp, _, named = version["query"]["name"][0].partition("Z-")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d", stamp)
+    assert named == commit[:12] + ("+uncommitted" if commit.endswith("+uncommitted") else "")
     (recurring,) = kfp_api.calls("POST", "/apis/v2beta1/recurringruns")
     body = recurring["json"]
     assert body["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * *"}}  # KFP's six fields, seconds first
