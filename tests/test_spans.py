@@ -159,27 +159,75 @@ def test_training_reads_the_window_and_validation_the_newest_span(tmp_path):
     assert not {"rolling_spans", "previous_analyzer_cache"} & {c.id for c in single.components}
 
 
-def test_the_gate_stops_a_span_that_drifted_from_the_previous_one():
-    import numpy as np
-    import pandas as pd
+@pytest.fixture(scope="module")
+def taxi_span_statistics(taxi_spec, tmp_path_factory):
+    """TFDV statistics of two consecutive 300-row taxi spans cut by trip_start_timestamp (ops/demo_drift.py's
+    cut), the second shifted as demo_drift shifts it, and its first 100 rows; and the curated schema.
+    generate_statistics_from_csv types the columns with tfx_bsl's CSV decoder, as CsvExampleGen does."""
     import tensorflow_data_validation as tfdv
+    from google.protobuf import text_format
+    from tensorflow_metadata.proto.v0 import schema_pb2
 
-    from components.spans import drift_problems
+    from ops import demo_drift
 
-    rng = np.random.default_rng(0)
+    header, rows = demo_drift.read_taxi(taxi_spec)
+    spans = demo_drift.cut_spans(rows, len(rows) // 300, 300)
+    earlier, later = spans[20], spans[21]
+    folder = tmp_path_factory.mktemp("span_statistics")
+    samples = {"earlier": earlier, "later": later, "shifted": demo_drift.shift(later),
+               "small": demo_drift.shift(later)[:100]}
+    stats = {name: tfdv.generate_statistics_from_csv(demo_drift.write_span(str(folder), i, header, sample) + "/data.csv")
+             for i, (name, sample) in enumerate(samples.items())}
+    with open(feature_spec.resolve_path(taxi_spec.raw["schema"])) as f:
+        return stats, text_format.Parse(f.read(), schema_pb2.Schema())
 
-    def span(fare_scale, cash):
-        return tfdv.generate_statistics_from_dataframe(pd.DataFrame({
-            "fare": rng.gamma(2, 6, 3000) * fare_scale,
-            "payment_type": rng.choice(["Cash", "Credit Card"], 3000, p=[cash, 1 - cash])}))
-    previous = span(1, 0.6)
-    schema = tfdv.infer_schema(previous)
-    bounds = feature_spec.load("configs/taxi.yaml").raw["monitoring"]["drift"]  # L-inf 0.1, JSD 0.25
-    assert drift_problems(span(1, 0.6), previous, schema, bounds) == []
-    problems = drift_problems(span(3, 0.3), previous, schema, bounds)
-    assert len(problems) == 2
+
+def test_unshifted_taxi_spans_of_the_judged_size_pass_the_span_bounds(taxi_spec, taxi_span_statistics):
+    """configs/taxi.yaml's monitoring.span_drift: 300 rows a span (above its 250 values a feature); what holds
+    fewer values (company, the census tracts) and what the spec ignores (the time the spans are cut by) is
+    not judged, and said so; every other feature is measured, below its bound."""
+    from components.spans import span_drift
+
+    stats, schema = taxi_span_statistics
+    measured, unjudged = span_drift(stats["later"], stats["earlier"], schema, taxi_spec.monitoring.span_drift)
+    assert [m["feature"] for m in measured if m["drifted"]] == []
+    assert set(unjudged) == {"company", "pickup_census_tract", "dropoff_census_tract", "trip_start_timestamp",
+                             "trip_start_month"}
+    assert unjudged["trip_start_month"] == "monitoring.span_drift.ignore lists it"
+    assert unjudged["company"].startswith("n < min: ") and "min_values is 250" in unjudged["company"]
+    assert {m["feature"] for m in measured} == {f.name for f in schema.feature} - set(unjudged)
+    bound = {m["feature"]: (m["comparator"], m["threshold"]) for m in measured}
+    assert bound["payment_type"] == ("L_INFTY", pytest.approx(0.1))
+    assert bound["fare"] == ("JENSEN_SHANNON_DIVERGENCE", pytest.approx(0.15))
+    assert bound["trip_start_day"] == ("JENSEN_SHANNON_DIVERGENCE", pytest.approx(0.4))  # its own bound
+
+
+def test_the_shifted_span_fails_naming_its_features_and_a_small_one_is_not_judged(taxi_spec, taxi_span_statistics):
+    """Fares x1.5 and card payers paying cash (ops/demo_drift.py shift): fare and payment_type past their
+    bounds, nothing else. The same shift on 100 rows is below min_values for every feature: not judged."""
+    from components.spans import drift_problems, span_drift
+
+    stats, schema = taxi_span_statistics
+    bounds = taxi_spec.monitoring.span_drift
+    problems = drift_problems(stats["shifted"], stats["earlier"], schema, bounds)
+    assert [p.split("'")[1] for p in problems] == ["fare", "payment_type"], problems
     assert problems[0].startswith("[train] feature 'fare': drifted from the previous span: JENSEN_SHANNON_DIVERGENCE")
-    assert "> 0.25" in problems[0] and problems[1].startswith("[train] feature 'payment_type'") and "> 0.1" in problems[1]
+    assert problems[0].endswith("> 0.15 (the spec's monitoring.span_drift)")
+    assert " L_INFTY " in problems[1] and problems[1].endswith("> 0.1 (the spec's monitoring.span_drift)")
+    measured, unjudged = span_drift(stats["small"], stats["earlier"], schema, bounds)
+    assert measured == [] and set(unjudged) == {f.name for f in schema.feature}
+    assert unjudged["fare"] == ("n < min: 300 values in the previous span, 100 in this one; "
+                                "monitoring.span_drift.min_values is 250")
+
+
+def test_span_drift_names_only_columns_of_the_spec():
+    raw = feature_spec.load("configs/taxi.yaml").raw
+    for key, names in (("ignore", ["trip_start_timestamp", "pickup_time"]),
+                       ("features", {"pickup_time": {"jensen_shannon_divergence": 0.4}})):
+        block = {**raw["monitoring"], "span_drift": {**raw["monitoring"]["span_drift"], key: names}}
+        with pytest.raises(feature_spec.SpecError, match=rf"monitoring.span_drift.{key}: 'pickup_time' is not a "
+                                                          r"declared column \(columns: tips, fare, "):
+            feature_spec.parse({**raw, "monitoring": block})
 
 
 def test_previous_span_statistics_are_the_newest_earlier_span():
@@ -290,8 +338,8 @@ def test_a_run_first_ingests_the_windows_spans_its_example_gen_would_skip(tmp_pa
 
 
 def _taxi_spans(taxi_spec, tmp, rolling, drift=None):
-    """A taxi spec over tmp/spans/span-{SPAN}/ with `rolling` spans and `drift` as monitoring.drift (None: no
-    span-to-span check), an Environment on tmp with Beam in memory, the store's path and the taxi rows."""
+    """A taxi spec over tmp/spans/span-{SPAN}/ with `rolling` spans and `drift` as monitoring.span_drift (None:
+    no span-to-span check), an Environment on tmp with Beam in memory, the store's path and the taxi rows."""
     import yaml
     from tfx.orchestration import metadata
 
@@ -303,9 +351,9 @@ def _taxi_spans(taxi_spec, tmp, rolling, drift=None):
     raw["schema"] = os.path.join(REPO, raw["schema"])
     raw["data"] = {**raw["data"], "path": str(tmp / "spans") + "/span-{SPAN}/", "rolling_spans": rolling}
     if drift is None:
-        raw["monitoring"].pop("drift")
+        raw["monitoring"].pop("span_drift")
     else:
-        raw["monitoring"]["drift"] = drift
+        raw["monitoring"]["span_drift"] = drift
     db = str(tmp / "mlmd.sqlite")
     environment = pipeline_lib.Environment(
         pipeline_root=str(tmp / "root"), model_repository=str(tmp / "models"),
