@@ -9,7 +9,6 @@ import pytest
 from components import feature_spec
 
 HEADER = "fare,trip_miles,payment_type,tips\n"
-BOUND = 0.8  # Jensen-Shannon divergence: 60-row taxi spans differ by up to 0.69 unshifted (dropoff_longitude, measured)
 
 
 def write_spans(root, sizes):
@@ -197,7 +196,7 @@ def test_unshifted_taxi_spans_of_the_judged_size_pass_the_span_bounds(taxi_spec,
     assert unjudged["company"].startswith("n < min: ") and "min_values is 250" in unjudged["company"]
     assert {m["feature"] for m in measured} == {f.name for f in schema.feature} - set(unjudged)
     bound = {m["feature"]: (m["comparator"], m["threshold"]) for m in measured}
-    assert bound["payment_type"] == ("L_INFTY", pytest.approx(0.1))
+    assert bound["payment_type"] == ("L_INFTY", pytest.approx(0.15))
     assert bound["fare"] == ("JENSEN_SHANNON_DIVERGENCE", pytest.approx(0.15))
     assert bound["trip_start_day"] == ("JENSEN_SHANNON_DIVERGENCE", pytest.approx(0.4))  # its own bound
 
@@ -213,7 +212,7 @@ def test_the_shifted_span_fails_naming_its_features_and_a_small_one_is_not_judge
     assert [p.split("'")[1] for p in problems] == ["fare", "payment_type"], problems
     assert problems[0].startswith("[train] feature 'fare': drifted from the previous span: JENSEN_SHANNON_DIVERGENCE")
     assert problems[0].endswith("> 0.15 (the spec's monitoring.span_drift)")
-    assert " L_INFTY " in problems[1] and problems[1].endswith("> 0.1 (the spec's monitoring.span_drift)")
+    assert " L_INFTY " in problems[1] and problems[1].endswith("> 0.15 (the spec's monitoring.span_drift)")
     measured, unjudged = span_drift(stats["small"], stats["earlier"], schema, bounds)
     assert measured == [] and set(unjudged) == {f.name for f in schema.feature}
     assert unjudged["fare"] == ("n < min: 300 values in the previous span, 100 in this one; "
@@ -408,43 +407,52 @@ def test_the_window_trains_on_every_span_that_arrived(window_runs):
 
 @pytest.mark.slow
 def test_a_real_run_gates_a_span_that_drifted_from_the_one_before(taxi_spec, tmp_path, caplog):
-    """LocalDagRunner over taxi spans of 60 rows, rolling_spans 2, numeric features bounded by Jensen-Shannon
-    divergence only (categorical ones unchecked: no infinity_norm). Span 2, other rows of the same file, passes
-    the gate against span 1 with every numeric feature measured; span 3, fares x100, stops the run at the data
-    gate, before Transform, naming fare, its distance and the bound. The previous span's statistics reach the
-    gate only because PreviousSpanStatisticsStrategy reads their span through lineage (TFX leaves it 0)."""
+    """LocalDagRunner over consecutive taxi spans of 800 rows cut by trip_start_timestamp (ops/demo_drift.py's
+    cut: the file's own order is no null, its first rows lack the pickup location), rolling_spans 2, with
+    configs/taxi.yaml's own monitoring.span_drift: each split holds 250 values or more of most features (the
+    train split about 530 rows, the eval split about 270). Span 2 passes the gate against span 1; span 3, fares
+    x100, stops the run at the data gate, before Transform, naming fare, its distance and the
+    bound. The previous span's statistics reach the gate only because PreviousSpanStatisticsStrategy reads
+    their span through lineage (TFX leaves it 0)."""
     import logging
     import re
 
     from tfx.orchestration import pipeline as tfx_pipeline
     from tfx.orchestration.local.local_dag_runner import LocalDagRunner
 
+    from ops import demo_drift
     from pipelines import local_runner, mlmd, pipeline as pipeline_lib
     from tests.conftest import write_sample
 
-    spec, environment, db, rows = _taxi_spans(taxi_spec, tmp_path, 2, drift={"jensen_shannon_divergence": BOUND})
-    write_sample(rows[:60], str(tmp_path / "spans" / "span-1"))
-    write_sample(rows[60:120], str(tmp_path / "spans" / "span-2"))
+    spec, environment, db, _ = _taxi_spans(taxi_spec, tmp_path, 2, drift=taxi_spec.raw["monitoring"]["span_drift"])
+    header, rows = demo_drift.read_taxi(taxi_spec)
+    spans = demo_drift.cut_spans(rows, len(rows) // 800, 800)[10:13]
+    write_sample(spans[0], str(tmp_path / "spans" / "span-1"))
+    write_sample(spans[1], str(tmp_path / "spans" / "span-2"))
     assert local_runner.ingest_window_spans(spec, environment, db) == [1]
     caplog.set_level(logging.INFO)
     LocalDagRunner().run(pipeline_lib.create_pipeline(spec, environment),
                          run_options=tfx_pipeline.RunOptions(to_nodes=["data_gate"]))
-    measured = re.findall(r"data gate: \[(\w+)\] feature '(\w+)' against the previous span: JENSEN_SHANNON_DIVERGENCE "
+    measured = re.findall(r"data gate: \[(\w+)\] feature '(\w+)' against the previous span: (\w+) "
                           r"([0-9.]+) \(bound ([0-9.]+)\)( DRIFTED)?", caplog.text)
-    assert {(split, feature) for split, feature, *_ in measured} >= {("train", "fare"), ("eval", "fare"),
-                                                                      ("train", "trip_miles")}
-    assert all(float(bound) == BOUND and not flag for *_, bound, flag in measured)
+    bounds = {(split, feature): (comparator, float(bound)) for split, feature, comparator, _, bound, _ in measured}
+    assert bounds[("train", "fare")] == bounds[("eval", "fare")] == ("JENSEN_SHANNON_DIVERGENCE", 0.15)
+    assert bounds[("eval", "payment_type")] == ("L_INFTY", 0.15)
+    assert [(split, feature) for split, feature, *_, flag in measured if flag] == []
+    assert "data gate: [eval] feature 'trip_start_timestamp' not judged against the previous span: " \
+           "monitoring.span_drift.ignore lists it" in caplog.text
     caplog.clear()
 
-    shifted = [{**row, "fare": str(float(row["fare"] or 0) * 100)} for row in rows[120:180]]
+    shifted = [{**row, "fare": str(float(row["fare"] or 0) * 100)} for row in spans[2]]
     write_sample(shifted, str(tmp_path / "spans" / "span-3"))
     assert local_runner.ingest_window_spans(spec, environment, db) == []  # span 2 is in the store
     with pytest.raises(Exception) as failed:
         LocalDagRunner().run(pipeline_lib.create_pipeline(spec, environment))
     message = str(failed.value)
-    found = re.findall(r"\[(\w+)\] feature '(\w+)': drifted from the previous span: JENSEN_SHANNON_DIVERGENCE "
-                       r"([0-9.]+) > ([0-9.]+)", message)
+    found = re.findall(r"\[(\w+)\] feature '(\w+)': drifted from the previous span: (\w+) ([0-9.]+) > ([0-9.]+)",
+                       message)
     assert {feature for _, feature, *_ in found} == {"fare"}, message
-    assert all(float(value) > BOUND and float(bound) == BOUND for *_, value, bound in found)
+    assert all(comparator == "JENSEN_SHANNON_DIVERGENCE" and float(value) > 0.15 and float(bound) == 0.15
+               for _, _, comparator, value, bound in found)
     assert mlmd.spans_read(db, spec.name, "StatisticsGen") == [3]
     assert mlmd.spans_read(db, spec.name, "Transform") == []  # the gate stopped the run before Transform
