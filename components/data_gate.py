@@ -1,5 +1,5 @@
 """Data gate: halts the run before Transform and Trainer when the data has anomalies, or (with
-spans) when the new span drifted from the previous one past the spec's monitoring.drift bounds.
+spans) when the new span drifted from the previous one past the spec's monitoring.span_drift bounds.
 
 ExampleValidator only records anomalies; this component reads them (and checks the
 statistics against the types the feature spec declares, which matters when the schema
@@ -22,7 +22,7 @@ from tfx.types.standard_artifacts import ExampleAnomalies, ExampleStatistics, Sc
 
 from components import feature_spec
 from components.feature_spec import FeatureSpec
-from components.spans import drift_measurements, drifted
+from components.spans import drifted, span_drift
 
 _STATS_TYPES = {"int": statistics_pb2.FeatureNameStatistics.INT,
                 "float": statistics_pb2.FeatureNameStatistics.FLOAT,
@@ -160,17 +160,19 @@ def find_problems(anomalies_uri: str, statistics_uri: str, split_names: List[str
             spec.served.use == "holdback_only" else []  # "train": the split the Trainer fits
         for problem in spec_problems(stats, spec, locate) + anomaly_problems(anomalies) + served:
             splits_of.setdefault(problem, []).append(split)
-        if previous_uri and schema_uri:
+        bounds = spec.monitoring.span_drift if spec.monitoring is not None else None  # none: no drift check
+        if previous_uri and schema_uri and bounds is not None:
             from tfx.utils import io_utils
 
             schema = io_utils.SchemaReader().read(io_utils.get_only_uri_in_dir(schema_uri))
-            drift = spec.monitoring.drift if spec.monitoring is not None else None  # no bounds: no drift check
-            thresholds = drift.model_dump(exclude_none=True) if drift is not None else {}
-            measured = drift_measurements(stats, _statistics(previous_uri, split), schema, thresholds)
+            measured, unjudged = span_drift(stats, _statistics(previous_uri, split), schema, bounds)
             for m in measured:  # every compared feature, drifted or not: the run's log reports each
                 logging.info("data gate: [%s] feature '%s' against the previous span: %s %.4f (bound %g)%s", split,
                              m["feature"], m["comparator"], m["value"], m["threshold"],
                              " DRIFTED" if m["drifted"] else "")
+            for feature, why in unjudged.items():
+                logging.info("data gate: [%s] feature '%s' not judged against the previous span: %s", split, feature,
+                             why)
             drift_lines += drifted(measured, split)
     cause_first = sorted(splits_of, key=lambda p: p not in located.values())  # stable: the rest keep their order
     return [f"[{', '.join(splits_of[p])}] {p}" for p in cause_first] + drift_lines

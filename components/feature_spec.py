@@ -560,18 +560,31 @@ class ComparatorThresholds(_Block):
     jensen_shannon_divergence: Optional[Distance] = None
 
 
+class SpanDriftConfig(ComparatorThresholds):
+    """The data gate's bounds between a span and the previous one (components/spans.py span_drift)."""
+    min_values: Optional[PositiveInt] = pydantic.Field(None, description=(
+        "a feature with fewer values in either span is not judged (TFDV's distances over few values are noise)"))
+    ignore: List[str] = pydantic.Field(default=[], description=(
+        "columns never judged between spans, e.g. the time the spans are cut by: consecutive spans never "
+        "share its values"))
+    features: Dict[str, ComparatorThresholds] = pydantic.Field(default={}, description=(
+        "column -> its own bounds, e.g. an int that names categories: StatisticsGen describes it as a number"))
+
+
 class FeatureMonitoring(_Block):
     skew: Optional[ComparatorThresholds] = None
     drift: Optional[ComparatorThresholds] = None
 
 
 class MonitoringConfig(_Block):
-    """Skew/drift thresholds of served traffic (ops/monitor.py); a key left out keeps the monitor's default."""
+    """Skew/drift thresholds of served traffic (ops/monitor.py; a key left out keeps the monitor's default),
+    and span_drift, the data gate's bounds between spans (none: spans are not compared)."""
     window_hours: Optional[PositiveFloat] = None
     min_values: Optional[PositiveInt] = None
     skew: Optional[ComparatorThresholds] = None
     drift: Optional[ComparatorThresholds] = None
     features: Dict[str, FeatureMonitoring] = {}
+    span_drift: Optional[SpanDriftConfig] = None
 
 
 def unmonitorable_feature(monitoring: MonitoringConfig, features: Iterable[str]) -> Optional[str]:
@@ -653,6 +666,12 @@ class SpecConfig(_Block):
         if stranger:
             raise typed_config.at(f"monitoring.features.{stranger}",
                                   f"not a feature of this spec (features: {', '.join(self.features)})")
+        span_drift = self.monitoring.span_drift
+        for key, names in (("ignore", span_drift.ignore), ("features", span_drift.features)) if span_drift else ():
+            stranger = next((n for n in names if n not in columns), None)
+            if stranger:
+                raise typed_config.at(f"monitoring.span_drift.{key}", f"'{stranger}' is not a declared column "
+                                                                      f"(columns: {', '.join(columns)})")
         if self.served:
             for key in ("policy_column", "propensity_column"):
                 column = getattr(self.served, key)

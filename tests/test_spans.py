@@ -9,7 +9,6 @@ import pytest
 from components import feature_spec
 
 HEADER = "fare,trip_miles,payment_type,tips\n"
-BOUND = 0.8  # Jensen-Shannon divergence: 60-row taxi spans differ by up to 0.69 unshifted (dropoff_longitude, measured)
 
 
 def write_spans(root, sizes):
@@ -159,27 +158,75 @@ def test_training_reads_the_window_and_validation_the_newest_span(tmp_path):
     assert not {"rolling_spans", "previous_analyzer_cache"} & {c.id for c in single.components}
 
 
-def test_the_gate_stops_a_span_that_drifted_from_the_previous_one():
-    import numpy as np
-    import pandas as pd
+@pytest.fixture(scope="module")
+def taxi_span_statistics(taxi_spec, tmp_path_factory):
+    """TFDV statistics of two consecutive 300-row taxi spans cut by trip_start_timestamp (ops/demo_drift.py's
+    cut), the second shifted as demo_drift shifts it, and its first 100 rows; and the curated schema.
+    generate_statistics_from_csv types the columns with tfx_bsl's CSV decoder, as CsvExampleGen does."""
     import tensorflow_data_validation as tfdv
+    from google.protobuf import text_format
+    from tensorflow_metadata.proto.v0 import schema_pb2
 
-    from components.spans import drift_problems
+    from ops import demo_drift
 
-    rng = np.random.default_rng(0)
+    header, rows = demo_drift.read_taxi(taxi_spec)
+    spans = demo_drift.cut_spans(rows, len(rows) // 300, 300)
+    earlier, later = spans[20], spans[21]
+    folder = tmp_path_factory.mktemp("span_statistics")
+    samples = {"earlier": earlier, "later": later, "shifted": demo_drift.shift(later),
+               "small": demo_drift.shift(later)[:100]}
+    stats = {name: tfdv.generate_statistics_from_csv(demo_drift.write_span(str(folder), i, header, sample) + "/data.csv")
+             for i, (name, sample) in enumerate(samples.items())}
+    with open(feature_spec.resolve_path(taxi_spec.raw["schema"])) as f:
+        return stats, text_format.Parse(f.read(), schema_pb2.Schema())
 
-    def span(fare_scale, cash):
-        return tfdv.generate_statistics_from_dataframe(pd.DataFrame({
-            "fare": rng.gamma(2, 6, 3000) * fare_scale,
-            "payment_type": rng.choice(["Cash", "Credit Card"], 3000, p=[cash, 1 - cash])}))
-    previous = span(1, 0.6)
-    schema = tfdv.infer_schema(previous)
-    bounds = feature_spec.load("configs/taxi.yaml").raw["monitoring"]["drift"]  # L-inf 0.1, JSD 0.25
-    assert drift_problems(span(1, 0.6), previous, schema, bounds) == []
-    problems = drift_problems(span(3, 0.3), previous, schema, bounds)
-    assert len(problems) == 2
+
+def test_unshifted_taxi_spans_of_the_judged_size_pass_the_span_bounds(taxi_spec, taxi_span_statistics):
+    """configs/taxi.yaml's monitoring.span_drift: 300 rows a span (above its 250 values a feature); what holds
+    fewer values (company, the census tracts) and what the spec ignores (the time the spans are cut by) is
+    not judged, and said so; every other feature is measured, below its bound."""
+    from components.spans import span_drift
+
+    stats, schema = taxi_span_statistics
+    measured, unjudged = span_drift(stats["later"], stats["earlier"], schema, taxi_spec.monitoring.span_drift)
+    assert [m["feature"] for m in measured if m["drifted"]] == []
+    assert set(unjudged) == {"company", "pickup_census_tract", "dropoff_census_tract", "trip_start_timestamp",
+                             "trip_start_month"}
+    assert unjudged["trip_start_month"] == "monitoring.span_drift.ignore lists it"
+    assert unjudged["company"].startswith("n < min: ") and "min_values is 250" in unjudged["company"]
+    assert {m["feature"] for m in measured} == {f.name for f in schema.feature} - set(unjudged)
+    bound = {m["feature"]: (m["comparator"], m["threshold"]) for m in measured}
+    assert bound["payment_type"] == ("L_INFTY", pytest.approx(0.15))
+    assert bound["fare"] == ("JENSEN_SHANNON_DIVERGENCE", pytest.approx(0.15))
+    assert bound["trip_start_day"] == ("JENSEN_SHANNON_DIVERGENCE", pytest.approx(0.4))  # its own bound
+
+
+def test_the_shifted_span_fails_naming_its_features_and_a_small_one_is_not_judged(taxi_spec, taxi_span_statistics):
+    """Fares x1.5 and card payers paying cash (ops/demo_drift.py shift): fare and payment_type past their
+    bounds, nothing else. The same shift on 100 rows is below min_values for every feature: not judged."""
+    from components.spans import drift_problems, span_drift
+
+    stats, schema = taxi_span_statistics
+    bounds = taxi_spec.monitoring.span_drift
+    problems = drift_problems(stats["shifted"], stats["earlier"], schema, bounds)
+    assert [p.split("'")[1] for p in problems] == ["fare", "payment_type"], problems
     assert problems[0].startswith("[train] feature 'fare': drifted from the previous span: JENSEN_SHANNON_DIVERGENCE")
-    assert "> 0.25" in problems[0] and problems[1].startswith("[train] feature 'payment_type'") and "> 0.1" in problems[1]
+    assert problems[0].endswith("> 0.15 (the spec's monitoring.span_drift)")
+    assert " L_INFTY " in problems[1] and problems[1].endswith("> 0.15 (the spec's monitoring.span_drift)")
+    measured, unjudged = span_drift(stats["small"], stats["earlier"], schema, bounds)
+    assert measured == [] and set(unjudged) == {f.name for f in schema.feature}
+    assert unjudged["fare"] == ("n < min: 300 values in the previous span, 100 in this one; "
+                                "monitoring.span_drift.min_values is 250")
+
+
+def test_span_drift_names_only_columns_of_the_spec():
+    raw = feature_spec.load("configs/taxi.yaml").raw
+    for key, names in (("ignore", ["trip_start_timestamp", "pickup_time"]),
+                       ("features", {"pickup_time": {"jensen_shannon_divergence": 0.4}})):
+        block = {**raw["monitoring"], "span_drift": {**raw["monitoring"]["span_drift"], key: names}}
+        with pytest.raises(feature_spec.SpecError, match=rf"monitoring.span_drift.{key}: 'pickup_time' is not a "
+                                                          r"declared column \(columns: tips, fare, "):
+            feature_spec.parse({**raw, "monitoring": block})
 
 
 def test_previous_span_statistics_are_the_newest_earlier_span():
@@ -290,8 +337,8 @@ def test_a_run_first_ingests_the_windows_spans_its_example_gen_would_skip(tmp_pa
 
 
 def _taxi_spans(taxi_spec, tmp, rolling, drift=None):
-    """A taxi spec over tmp/spans/span-{SPAN}/ with `rolling` spans and `drift` as monitoring.drift (None: no
-    span-to-span check), an Environment on tmp with Beam in memory, the store's path and the taxi rows."""
+    """A taxi spec over tmp/spans/span-{SPAN}/ with `rolling` spans and `drift` as monitoring.span_drift (None:
+    no span-to-span check), an Environment on tmp with Beam in memory, the store's path and the taxi rows."""
     import yaml
     from tfx.orchestration import metadata
 
@@ -303,9 +350,9 @@ def _taxi_spans(taxi_spec, tmp, rolling, drift=None):
     raw["schema"] = os.path.join(REPO, raw["schema"])
     raw["data"] = {**raw["data"], "path": str(tmp / "spans") + "/span-{SPAN}/", "rolling_spans": rolling}
     if drift is None:
-        raw["monitoring"].pop("drift")
+        raw["monitoring"].pop("span_drift")
     else:
-        raw["monitoring"]["drift"] = drift
+        raw["monitoring"]["span_drift"] = drift
     db = str(tmp / "mlmd.sqlite")
     environment = pipeline_lib.Environment(
         pipeline_root=str(tmp / "root"), model_repository=str(tmp / "models"),
@@ -360,43 +407,52 @@ def test_the_window_trains_on_every_span_that_arrived(window_runs):
 
 @pytest.mark.slow
 def test_a_real_run_gates_a_span_that_drifted_from_the_one_before(taxi_spec, tmp_path, caplog):
-    """LocalDagRunner over taxi spans of 60 rows, rolling_spans 2, numeric features bounded by Jensen-Shannon
-    divergence only (categorical ones unchecked: no infinity_norm). Span 2, other rows of the same file, passes
-    the gate against span 1 with every numeric feature measured; span 3, fares x100, stops the run at the data
-    gate, before Transform, naming fare, its distance and the bound. The previous span's statistics reach the
-    gate only because PreviousSpanStatisticsStrategy reads their span through lineage (TFX leaves it 0)."""
+    """LocalDagRunner over consecutive taxi spans of 800 rows cut by trip_start_timestamp (ops/demo_drift.py's
+    cut: the file's own order is no null, its first rows lack the pickup location), rolling_spans 2, with
+    configs/taxi.yaml's own monitoring.span_drift: each split holds 250 values or more of most features (the
+    train split about 530 rows, the eval split about 270). Span 2 passes the gate against span 1; span 3, fares
+    x100, stops the run at the data gate, before Transform, naming fare, its distance and the
+    bound. The previous span's statistics reach the gate only because PreviousSpanStatisticsStrategy reads
+    their span through lineage (TFX leaves it 0)."""
     import logging
     import re
 
     from tfx.orchestration import pipeline as tfx_pipeline
     from tfx.orchestration.local.local_dag_runner import LocalDagRunner
 
+    from ops import demo_drift
     from pipelines import mlmd, pipeline as pipeline_lib, span_window
     from tests.conftest import write_sample
 
-    spec, environment, db, rows = _taxi_spans(taxi_spec, tmp_path, 2, drift={"jensen_shannon_divergence": BOUND})
-    write_sample(rows[:60], str(tmp_path / "spans" / "span-1"))
-    write_sample(rows[60:120], str(tmp_path / "spans" / "span-2"))
+    spec, environment, db, _ = _taxi_spans(taxi_spec, tmp_path, 2, drift=taxi_spec.raw["monitoring"]["span_drift"])
+    header, rows = demo_drift.read_taxi(taxi_spec)
+    spans = demo_drift.cut_spans(rows, len(rows) // 800, 800)[10:13]
+    write_sample(spans[0], str(tmp_path / "spans" / "span-1"))
+    write_sample(spans[1], str(tmp_path / "spans" / "span-2"))
     assert span_window.ingest_window_spans(spec, environment, db) == [1]
     caplog.set_level(logging.INFO)
     LocalDagRunner().run(pipeline_lib.create_pipeline(spec, environment),
                          run_options=tfx_pipeline.RunOptions(to_nodes=["data_gate"]))
-    measured = re.findall(r"data gate: \[(\w+)\] feature '(\w+)' against the previous span: JENSEN_SHANNON_DIVERGENCE "
+    measured = re.findall(r"data gate: \[(\w+)\] feature '(\w+)' against the previous span: (\w+) "
                           r"([0-9.]+) \(bound ([0-9.]+)\)( DRIFTED)?", caplog.text)
-    assert {(split, feature) for split, feature, *_ in measured} >= {("train", "fare"), ("eval", "fare"),
-                                                                      ("train", "trip_miles")}
-    assert all(float(bound) == BOUND and not flag for *_, bound, flag in measured)
+    bounds = {(split, feature): (comparator, float(bound)) for split, feature, comparator, _, bound, _ in measured}
+    assert bounds[("train", "fare")] == bounds[("eval", "fare")] == ("JENSEN_SHANNON_DIVERGENCE", 0.15)
+    assert bounds[("eval", "payment_type")] == ("L_INFTY", 0.15)
+    assert [(split, feature) for split, feature, *_, flag in measured if flag] == []
+    assert "data gate: [eval] feature 'trip_start_timestamp' not judged against the previous span: " \
+           "monitoring.span_drift.ignore lists it" in caplog.text
     caplog.clear()
 
-    shifted = [{**row, "fare": str(float(row["fare"] or 0) * 100)} for row in rows[120:180]]
+    shifted = [{**row, "fare": str(float(row["fare"] or 0) * 100)} for row in spans[2]]
     write_sample(shifted, str(tmp_path / "spans" / "span-3"))
     assert span_window.ingest_window_spans(spec, environment, db) == []  # span 2 is in the store
     with pytest.raises(Exception) as failed:
         LocalDagRunner().run(pipeline_lib.create_pipeline(spec, environment))
     message = str(failed.value)
-    found = re.findall(r"\[(\w+)\] feature '(\w+)': drifted from the previous span: JENSEN_SHANNON_DIVERGENCE "
-                       r"([0-9.]+) > ([0-9.]+)", message)
+    found = re.findall(r"\[(\w+)\] feature '(\w+)': drifted from the previous span: (\w+) ([0-9.]+) > ([0-9.]+)",
+                       message)
     assert {feature for _, feature, *_ in found} == {"fare"}, message
-    assert all(float(value) > BOUND and float(bound) == BOUND for *_, value, bound in found)
+    assert all(comparator == "JENSEN_SHANNON_DIVERGENCE" and float(value) > 0.15 and float(bound) == 0.15
+               for _, _, comparator, value, bound in found)
     assert mlmd.spans_read(db, spec.name, "StatisticsGen") == [3]
     assert mlmd.spans_read(db, spec.name, "Transform") == []  # the gate stopped the run before Transform
