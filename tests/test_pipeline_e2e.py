@@ -1,9 +1,11 @@
 """End-to-end LocalDagRunner runs on taxi samples (slow): a blessed push, and the data gate."""
 
+import contextlib
 import json
 import os
 import re
 import sqlite3
+import sys
 
 import pytest
 import yaml
@@ -87,27 +89,67 @@ def sandbox_refused_run(pipeline_run):
     return summary, _last_states(tmp)
 
 
-@pytest.fixture(scope="module")
-def thresholds_only_run(pipeline_run, tmp_path_factory):
-    """The first run's data and spec with other thresholds (none of the runs here used them), on a
-    copy of its metadata store and model repository, so that the push this run makes reaches no
-    other test. Of the nodes' parameters (their cache keys) only Pusher's name those paths (its
-    destination), and it reruns anyway."""
+@contextlib.contextmanager
+def _terminal(path):
+    """Standard output (file descriptor 1 and sys.stdout) into `path` while the block runs: what a
+    terminal shows of a run. local_runner's Console writes progress to a copy of descriptor 1 and
+    print_summary() uses print(); pytest's capture of either is not reachable from a module fixture."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(path, "w") as f:
+        os.dup2(f.fileno(), 1)
+        try:
+            with contextlib.redirect_stdout(f):
+                yield
+        finally:
+            f.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _rerun_on_a_copy(pipeline_run, tmp_path_factory, name, edit, quiet=True):
+    """The first run's data and spec with `edit`, on a copy of its metadata store and model
+    repository, so that whatever this run records or pushes reaches no other test. Of the nodes'
+    parameters (their cache keys) only Pusher's name those paths (its destination), and it reruns
+    anyway. Returns (summary, {node: latest state}, the copy's folder, the console's text or None)."""
     import shutil
 
     from pipelines import local_runner
 
-    tmp, copy = pipeline_run[0], str(tmp_path_factory.mktemp("thresholds_only"))
+    tmp, copy = pipeline_run[0], str(tmp_path_factory.mktemp(name))
     os.makedirs(os.path.join(copy, "metadata"))
     shutil.copy2(os.path.join(tmp, "metadata", "taxi.sqlite"), os.path.join(copy, "metadata", "taxi.sqlite"))
     shutil.copytree(os.path.join(tmp, "models"), os.path.join(copy, "models"), symlinks=True)
-    edit = lambda raw: raw.update(thresholds={"AUC": {"lower": 0.8, "change": -0.02},  # noqa: E731
+    console = os.path.join(copy, "console.txt")
+    with contextlib.nullcontext() if quiet else _terminal(console):
+        # The spec stays at the first run's path: Transform, data_gate and Trainer take that path as a parameter.
+        summary = local_runner.run(_sample_spec(tmp, edit), env_path=_env(copy), data_path=os.path.join(tmp, "data"),
+                                   quiet=quiet, summary_path=os.path.join(copy, "run_summary.json"),
+                                   report_dir=os.path.join(copy, "reports"))
+    if quiet:
+        return summary, _last_states(copy), copy, None
+    with open(console) as f:
+        return summary, _last_states(copy), copy, f.read()
+
+
+# No model on a taxi sample reaches this AUC: the run that asks for it is refused its blessing.
+UNREACHABLE_AUC = 0.999
+
+
+@pytest.fixture(scope="module")
+def thresholds_only_run(pipeline_run, tmp_path_factory):
+    """Other thresholds only (none of the runs here used them), one of them out of every model's
+    reach, with the console kept as a terminal would show it."""
+    edit = lambda raw: raw.update(thresholds={"AUC": {"lower": UNREACHABLE_AUC, "change": -0.02},  # noqa: E731
                                               "BinaryAccuracy": {"lower": 0.75, "change": -0.02}})
-    # The spec stays at the first run's path: Transform, data_gate and Trainer take that path as a parameter.
-    summary = local_runner.run(_sample_spec(tmp, edit), env_path=_env(copy), data_path=os.path.join(tmp, "data"),
-                               quiet=True, summary_path=os.path.join(copy, "run_summary.json"),
-                               report_dir=os.path.join(copy, "reports"))
-    return summary, _last_states(copy)
+    return _rerun_on_a_copy(pipeline_run, tmp_path_factory, "thresholds_only", edit, quiet=False)
+
+
+@pytest.fixture(scope="module")
+def slices_only_run(pipeline_run, tmp_path_factory):
+    """Other slices only: trip_start_month in place of trip_start_day."""
+    edit = lambda raw: raw.update(slices=[["payment_type"], ["trip_start_month"]])  # noqa: E731
+    return _rerun_on_a_copy(pipeline_run, tmp_path_factory, "slices_only", edit)
 
 
 @pytest.fixture(scope="module")
@@ -261,18 +303,94 @@ def test_a_model_failing_sandbox_validation_is_not_pushed(pipeline_run, sandbox_
     assert "sandbox_validator" in ran and not {"Transform", "Trainer"} & ran
 
 
-@pytest.mark.xdist_group("e2e")
-def test_a_thresholds_only_change_reruns_only_the_evaluator_onward(thresholds_only_run):
-    # Only `thresholds:` changed: every node before the Evaluator and the sandbox (which takes the
-    # model and examples, not the Evaluator's blessing; see the compiled-graph test below) come
-    # from TFX's cache; the Evaluator reruns and so does Pusher, whose input blessing is new.
-    summary, states = thresholds_only_run
-    assert summary["succeeded"] and summary["blessed"] and summary["artifacts"]["model"] is not None
-    for node in ("CsvExampleGen", "StatisticsGen", "ExampleValidator", "data_gate", "Transform", "Trainer",
-                 "sandbox_validator"):
+_BEFORE_THE_EVALUATOR = ("CsvExampleGen", "StatisticsGen", "ExampleValidator", "data_gate", "Transform", "Trainer",
+                         "sandbox_validator")
+
+
+def _assert_only_the_evaluator_onward_ran(states):
+    # Every node before the Evaluator and the sandbox (which takes the model and examples, not the
+    # Evaluator's blessing; see the compiled-graph test below) come from TFX's cache; the Evaluator
+    # reruns and so does Pusher, whose input blessing is new.
+    for node in _BEFORE_THE_EVALUATOR:
         assert states[node] == "CACHED", (node, states)
     for node in ("Evaluator", "Pusher"):
         assert states[node] == "COMPLETE", (node, states)
+
+
+@pytest.mark.xdist_group("e2e")
+def test_a_thresholds_only_change_reruns_only_the_evaluator_onward(pipeline_run, thresholds_only_run):
+    # Pusher runs and records a push that did not happen: TFX's Pusher checks the blessing in its
+    # executor and marks the output not pushed (tfx/components/pusher/executor.py lines 63-87, 158-161).
+    summary, states, copy, _ = thresholds_only_run
+    assert summary["succeeded"] and summary["artifacts"]["model"] == pipeline_run[1]["artifacts"]["model"]
+    assert not summary["blessed"] and not summary["pushed"] and summary["model_version"] is None
+    assert os.listdir(os.path.join(copy, "models", "taxi")) == [pipeline_run[1]["model_version"]]
+    _assert_only_the_evaluator_onward_ran(states)
+
+
+@pytest.mark.xdist_group("e2e")
+def test_a_run_failing_a_threshold_says_which_metric_value_and_bound_everywhere(thresholds_only_run):
+    """Why not blessed, on a real refusal: TFX's Evaluator writes NOT_BLESSED when TFMA's validation
+    fails (tfx/components/evaluator/executor.py lines 323-335); the console, run_summary.json and
+    the evaluation report must each name the metric, its value, the bound and the verdict."""
+    from pipelines import pages
+    from tests import browser
+
+    summary, states, copy, console = thresholds_only_run
+    overall = summary["metrics"]["overall"]
+    assert overall["auc"] < UNREACHABLE_AUC
+    with open(os.path.join(copy, "run_summary.json")) as f:
+        verdicts = {(v["name"], v["kind"]): v for v in json.load(f)["thresholds"]}
+    assert set(verdicts) == {("auc", "lower"), ("auc", "change"), ("binary_accuracy", "lower"),
+                             ("binary_accuracy", "change")}
+    assert [k for k, v in verdicts.items() if v["passed"] is False] == [("auc", "lower")]
+    failed = verdicts[("auc", "lower")]
+    assert (failed["metric"], failed["bound"], failed["value"]) == ("AUC", UNREACHABLE_AUC, overall["auc"])
+    assert verdicts[("binary_accuracy", "lower")]["value"] == overall["binary_accuracy"]
+    assert verdicts[("binary_accuracy", "lower")]["passed"] is True and overall["binary_accuracy"] >= 0.75
+
+    # The console: the run's progress, then the summary, whose one failing threshold line has all four.
+    assert not [w for w in CONSOLE_NOISE if w in console], console
+    assert component_lines(console) == {node: 1 for node in states}, console
+    assert re.search(r"^  Trainer +cached ", console, re.M) and re.search(r"^  Evaluator +done ", console, re.M)
+    thresholds = [line for line in console.splitlines() if line.startswith("threshold: ")]
+    assert len(thresholds) == len(verdicts), console
+    [failing] = [line for line in thresholds if "FAIL" in line]
+    assert failing.split()[1] == "auc" and f"{overall['auc']:.4f}" in failing and f"{UNREACHABLE_AUC:g}" in failing
+    assert re.search(r"^blessed: False +pushed: False$", console, re.M), console
+
+    # The evaluation report, in Chromium: the failing bound's row flagged red with its value and bound.
+    page = browser.render_page(summary["reports"]["evaluation"], "taxi_evaluation_not_blessed", ("Thresholds",),
+                               computed={"td": ["background-color"]})
+    rows = {tuple(r["cells"][:2]): r for r in browser.table_rows(page.dom, "thresholds")}
+    assert len(rows) == len(verdicts)
+    red = browser.css_rgb(pages.FLAGGED_BACKGROUND)
+    row = rows[("auc", "value ≥")]
+    assert (row["class"], row["background"], row["cells"][4]) == ("flagged", red, "FAIL")
+    assert float(row["cells"][2]) == UNREACHABLE_AUC
+    assert float(row["cells"][3]) == pytest.approx(overall["auc"], abs=5e-5)
+    assert [r["cells"][4] for key, r in rows.items() if r["class"] == "flagged"] == ["FAIL"]
+    headline = re.search(r'<section id="thresholds">.*?Not blessed: (.*?)</', page.dom, re.S)
+    assert headline and f"{overall['auc']:.4f}" in headline.group(1) and "FAIL" in headline.group(1)
+
+
+@pytest.mark.xdist_group("e2e")
+def test_a_slices_only_change_reruns_only_the_evaluator_onward_with_the_new_slices(pipeline_run, slices_only_run):
+    _, first, _ = pipeline_run
+    summary, states, _, _ = slices_only_run
+    assert summary["succeeded"] and summary["artifacts"]["model"] == first["artifacts"]["model"]
+    _assert_only_the_evaluator_onward_ran(states)
+    slices = summary["metrics"]["slices"]
+    assert {name.split("=", 1)[0] for name in slices} == {"payment_type", "trip_start_month"}
+    months = {name: m for name, m in slices.items() if name.startswith("trip_start_month=")}
+    assert {int(name.split("=")[1]) for name in months} <= set(range(1, 13))
+    # Every row has a month: the month slices partition the eval split.
+    assert sum(m["example_count"] for m in months.values()) == summary["metrics"]["overall"]["example_count"]
+    # The same model on the same rows: the slices both runs share have the first run's figures.
+    for name, metrics in first["metrics"]["slices"].items():
+        if name.startswith("payment_type="):
+            assert slices[name]["example_count"] == metrics["example_count"], name
+    assert summary["metrics"]["overall"]["auc"] == pytest.approx(first["metrics"]["overall"]["auc"], abs=1e-6)
 
 
 def _compiled_nodes(spec_path, tmp):
@@ -437,30 +555,40 @@ def test_promote_records_lineage_refuses_the_unblessed_and_rolls_back(pipeline_r
     assert [e["version"] for e in log] == ([v1, v2, v1] if changed_data_run["pushed"] else [v1])
 
 
+@pytest.fixture(scope="module")
+def parity_report(pipeline_run, changed_data_run):
+    """`make parity` on the candidate (the changed-data run's push), written once where the review
+    looks for it: the parity test checks it, and the review page shows it for that version."""
+    from ops import parity
+
+    tmp = pipeline_run[0]
+    assert changed_data_run["pushed"], changed_data_run["sandbox"]  # new rows, a model as good: a second version
+    path = os.path.join(tmp, "parity.json")
+    report = parity.run("taxi", int(changed_data_run["model_version"]), model_repository=os.path.join(tmp, "models"),
+                        metadata=os.path.join(tmp, "metadata", "taxi.sqlite"), out_path=path)
+    return path, report
+
+
 @pytest.mark.xdist_group("e2e")
-def test_review_page_puts_the_candidate_beside_the_stable_version(pipeline_run, changed_data_run, taxi_spec):
+def test_review_page_puts_the_candidate_beside_the_stable_version(pipeline_run, changed_data_run, parity_report,
+                                                                  taxi_spec):
     from tests.test_review import check_review_of_real_runs
 
     tmp, first, _ = pipeline_run
-    assert changed_data_run["pushed"], changed_data_run["sandbox"]  # new rows, a model as good: a second version
-    check_review_of_real_runs(tmp, first, changed_data_run, taxi_spec)
+    check_review_of_real_runs(tmp, first, changed_data_run, taxi_spec, parity_report[0])
 
 
 @pytest.mark.xdist_group("e2e")
-def test_parity_every_prediction_path_agrees_and_online_metrics_match_offline(pipeline_run):
-    from ops import parity
-
-    tmp, first, _ = pipeline_run
-    report = parity.run("taxi", int(first["model_version"]), model_repository=os.path.join(tmp, "models"),
-                        metadata=os.path.join(tmp, "metadata", "taxi.sqlite"),
-                        out_path=os.path.join(tmp, "parity.json"))
-    assert report["rows"] == first["metrics"]["overall"]["example_count"]
+def test_parity_every_prediction_path_agrees_and_online_metrics_match_offline(changed_data_run, parity_report):
+    path, report = parity_report
+    assert report["model"] == "taxi" and report["version"] == int(changed_data_run["model_version"])
+    assert report["rows"] == changed_data_run["metrics"]["overall"]["example_count"]
     assert report["training_path_unmatched_rows"] == 0
     assert set(report["paths"]) == {"serving_default", "serving_tf_example", "rest"}
-    for path in report["paths"].values():
-        assert path["rows_over_tolerance"] == 0 and path["max_abs_diff"] <= 1e-6
+    for found in report["paths"].values():
+        assert found["rows_over_tolerance"] == 0 and found["max_abs_diff"] <= 1e-6
     online, offline = report["metrics"]["online_from_rest"], report["metrics"]["offline_evaluator"]
     assert online["binary_accuracy"] == pytest.approx(offline["binary_accuracy"], abs=1e-6)
     assert online["auc"] == pytest.approx(offline["auc"], abs=2e-3)  # TFMA's AUC uses 10,000 thresholds
-    with open(os.path.join(tmp, "parity.json")) as f:
-        assert json.load(f)["rows"] == report["rows"]
+    with open(path) as f:
+        assert json.load(f) == report

@@ -8,6 +8,7 @@ session's runs so that no extra pipeline run is started.
 
 import json
 import os
+import re
 
 import pytest
 
@@ -105,8 +106,9 @@ def _repository_with(tmp, source_repo, versions, stable=None):
     return repo
 
 
-def check_review_of_real_runs(tmp, first, candidate_run, spec):
-    """The review of the candidate run's version beside the first run's, as data and in Chromium."""
+def check_review_of_real_runs(tmp, first, candidate_run, spec, parity_path):
+    """The review of the candidate run's version beside the first run's, as data and in Chromium;
+    parity_path: the report `make parity` wrote for the candidate's version."""
     from tests import browser
 
     metadata = os.path.join(tmp, "metadata", "taxi.sqlite")
@@ -117,14 +119,15 @@ def check_review_of_real_runs(tmp, first, candidate_run, spec):
     # Before the first release: no stable, and the page says so.
     repo = _repository_with(tmp, os.path.join(tmp, "models"), [stable_v, candidate_v])
     alone = review.gather("taxi", stable_v, spec, repo, metadata, ab_report=os.path.join(tmp, "none.json"),
-                          parity=os.path.join(tmp, "none.json"))
+                          parity=parity_path)
     assert alone["stable"] is None and alone["drift"] is None and alone["stable_version"] is None
+    # The candidate's parity report is not taken for the other version's.
+    assert not alone["parity"]["found"] and f"checked version {candidate_v} " in alone["parity"]["note"]
     alone_page = review.write(alone, out_dir)["html"]
 
     repo = _repository_with(tmp, os.path.join(tmp, "models"), [stable_v, candidate_v], stable=stable_v)
     ab_path = _ab_report_file(_fresh(tmp, "ab"), stable_version=stable_v, canary_version=candidate_v)
-    data = review.gather("taxi", candidate_v, spec, repo, metadata, ab_report=ab_path,
-                         parity=os.path.join(tmp, "parity.json"))
+    data = review.gather("taxi", candidate_v, spec, repo, metadata, ab_report=ab_path, parity=parity_path)
     candidate, stable = data["candidate"], data["stable"]
     assert stable["version"] == stable_v and candidate["version"] == candidate_v
     assert data["stable_release"]["who"] == "reviewer" and data["stable_release"]["action"] == "promote"
@@ -157,10 +160,13 @@ def check_review_of_real_runs(tmp, first, candidate_run, spec):
     assert candidate["warmup"]["present"] and candidate["warmup"]["records"] == candidate_run["sandbox"]["warmup_records"]
     assert candidate["lineage"]["code_commit"] and candidate["lineage"]["data"]
     assert data["ab"]["found"] and data["ab"]["candidate_variants"] == ["canary"]
+    with open(parity_path) as f:
+        parity = json.load(f)
+    assert data["parity"]["found"] and data["parity"]["report"] == parity
     assert data["promote_command"] == f"make promote VERSION={candidate_v} LABEL=stable"
     # The command line `make review VERSION=n` runs writes the same page.
     assert review.main(["--version", str(candidate_v), "--model_repository", repo, "--metadata", metadata,
-                        "--ab_report", ab_path, "--parity", os.path.join(tmp, "parity.json"),
+                        "--ab_report", ab_path, "--parity", parity_path,
                         "--out_dir", out_dir, "--spec", spec.source]) == 0
     paths = {"html": review.page_path(out_dir, "taxi", candidate_v)}
     with open(paths["html"][:-len(".html")] + ".json") as f:
@@ -180,11 +186,21 @@ def check_review_of_real_runs(tmp, first, candidate_run, spec):
     assert f"make promote VERSION={candidate_v} LABEL=stable" in text
     assert "payment_type" in text and "GO" in text and f"{candidate['sandbox']['p50_ms']:.4f}" in text
     assert browser.ink_pixels(rendered.screenshot) > 10_000
+    # The parity section shows the real report's figures: its rows, and each path's largest difference
+    # (parsed back: a 1e-7 difference printed as 0.0000 would hide the figure) and rows over tolerance.
+    section = re.search(r'<section id="parity">(.*?)</section>', text, re.S).group(1)
+    assert f"{parity['rows']} rows" in section and f"{parity['training_path_unmatched_rows']} unmatched" in section
+    shown = {r["cells"][0]: r["cells"][1:] for r in browser.table_rows(text, "parity")}
+    assert set(shown) == set(parity["paths"])
+    for name, figures in parity["paths"].items():
+        assert float(shown[name][0]) == pytest.approx(figures["max_abs_diff"], rel=0.01, abs=1e-12), name
+        assert int(shown[name][1]) == figures["rows_over_tolerance"], name
 
     with open(alone_page) as f:  # the same page code, so one Chromium run above is enough
         alone_html = f.read()
     assert "no version is labelled &#39;stable&#39; yet" in alone_html and f"candidate v{stable_v}" in alone_html
     assert f"make promote VERSION={stable_v} LABEL=stable" in alone_html and "delta" not in alone_html
+    assert f"checked version {candidate_v} of &#39;taxi&#39;, not version {stable_v}" in alone_html
 
 
 def _fresh(tmp, name):
