@@ -121,7 +121,9 @@ def sample_weight(spec: FeatureSpec, inputs: Mapping[str, Any], rows: tf.Tensor)
     """Each row's training weight from its served policy and propensity (spec `served.use`).
 
     inverse_propensity: 1 / propensity, 1 where the row was never served (no propensity, or one
-    that is not above 0);
+    that is not above 0). The proxy's propensity is its policy's (1 - share, share), not its
+    answer's: the weighted rows count each policy's population once, a mean of the outcomes with
+    and without the model, not an unbiased estimate (ops/feedback_loop.py measures it);
     holdback_only: 1 for held-back rows and rows never served, 0 for rows another policy (a model,
     a client's pinned version) decided: the feeder drops those. A column absent from the schema
     means no span in the data was served.
