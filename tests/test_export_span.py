@@ -110,6 +110,42 @@ def test_a_spec_with_served_gets_policy_and_propensity_in_data_csv(spec, tmp_pat
         ("1.0", "model", "0.9"), ("2.0", "holdback:fallback", "0.1")]
 
 
+def test_the_first_served_span_is_exported_into_an_empty_spans_folder_with_policy_and_propensity(tmp_path, capsys):
+    """README's cron line: a spans spec with `served:` and no span on disk yet (the spec's CSVs cannot
+    give the header: spec.csv_files() finds no span). The columns come from the spec's schema."""
+    import yaml
+
+    from components import feature_spec
+
+    raw = yaml.safe_load(open("configs/taxi.yaml"))
+    raw["data"] = {**raw["data"], "path": str(tmp_path / "spans" / "span-{SPAN}") + "/", "rolling_spans": 3}
+    raw["served"] = {"use": "holdback_only"}
+    spec_path = tmp_path / "taxi_spans.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(feature_spec.SpecError, match="no span matches"):
+        feature_spec.load(str(spec_path)).csv_files()
+    row = {"fare": 12.5, "payment_type": "Cash"}
+    log = write_log(tmp_path / "log.sqlite", [
+        record("a", [row]), record("b", [row], variant="holdback", policy="holdback:fallback", propensity=0.1)])
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text('{"request_id": "a", "label": 1.0}\n{"request_id": "b", "label": 2.0}\n')
+    argv = ["--log", log, "--labels", str(labels), "--spec", str(spec_path), "--start", str(T0 - 1), "--end",
+            str(T0 + 1)]
+    assert export_span.main(argv + ["--spans", str(tmp_path / "spans")]) == 0, capsys.readouterr().err
+    with open(feature_spec.load("configs/taxi.yaml").csv_files()[0], newline="") as f:
+        training_header = next(csv.reader(f))
+    with open(tmp_path / "spans" / "span-1" / "data.csv", newline="") as f:
+        assert next(csv.reader(f)) == training_header + ["policy", "propensity"]
+        f.seek(0)
+        assert [(r["fare"], r["tips"], r["policy"], r["propensity"]) for r in csv.DictReader(f)] == [
+            ("12.5", "1.0", "model", "0.9"), ("12.5", "2.0", "holdback:fallback", "0.1")]
+    assert feature_spec.load(str(spec_path)).csv_files() == [str(tmp_path / "spans" / "span-1" / "data.csv")]
+    # A spans folder the spec does not read is refused, naming data.path and the folder to pass.
+    assert export_span.main(argv + ["--spans", str(tmp_path / "elsewhere")]) == 2
+    error = capsys.readouterr().err
+    assert "data.path" in error and f"--spans {tmp_path / 'spans'}" in error and not (tmp_path / "elsewhere").exists()
+
+
 def test_make_export_span_reads_a_postgresql_log(postgres_url, tmp_path, capsys):
     """What `make export-span LOG=postgresql://...` runs (the production log): the same span as from
     SQLite, and the password never printed, also when it is wrong."""
