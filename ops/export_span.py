@@ -79,8 +79,10 @@ def raw_header(spec: feature_spec.FeatureSpec) -> List[str]:
 def span_folder(spans: str, number: int, spec: feature_spec.FeatureSpec) -> str:
     """<spans>/span-<number>, refused when the spec reads spans elsewhere: its next run would not see it."""
     folder = os.path.join(spans, f"span-{number}")
-    if spec.has_spans:
-        read = spec.data_path.replace(feature_spec.SPAN_TOKEN, str(number)).rstrip("/")
+    if spec.has_spans:  # the folder data.path names up to its {SPAN} part (span-{SPAN}/ or span-{SPAN}/data.csv)
+        parts = spec.data_path.split("/")
+        first = next(i for i, part in enumerate(parts) if feature_spec.SPAN_TOKEN in part)
+        read = "/".join(parts[:first + 1]).replace(feature_spec.SPAN_TOKEN, str(number))
         if os.path.abspath(read) != os.path.abspath(folder):
             raise ExportError(f"{spec.source}: data.path '{spec.data_path}' reads span {number} from {read}, not "
                               f"{folder}: pass --spans {os.path.dirname(read)} (make export-span SPANS=...), or a "

@@ -144,6 +144,9 @@ def test_the_first_served_span_is_exported_into_an_empty_spans_folder_with_polic
     assert export_span.main(argv + ["--spans", str(tmp_path / "elsewhere")]) == 2
     error = capsys.readouterr().err
     assert "data.path" in error and f"--spans {tmp_path / 'spans'}" in error and not (tmp_path / "elsewhere").exists()
+    # data.path may name the span's file (ops/demo_drift.py: span-{SPAN}/data.csv): the same folder.
+    file_spec = dataclasses.replace(feature_spec.load(str(spec_path)), data_path=raw["data"]["path"] + "data.csv")
+    assert export_span.span_folder(str(tmp_path / "spans"), 2, file_spec) == str(tmp_path / "spans" / "span-2")
 
 
 def test_make_export_span_reads_a_postgresql_log(postgres_url, tmp_path, capsys):
