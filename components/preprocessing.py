@@ -155,7 +155,8 @@ def no_row_held_back(spec: FeatureSpec, rows: int, where: str) -> str:
             f"(column '{served.policy_column}' starting '{HOLDBACK_POLICY_PREFIX}') or never served (empty), and "
             f"none of the {rows} rows {where} is one: 0 held back. Hold back a share of users in the proxy "
             "(PROXY_HOLDBACK_SHARE, e.g. 0.1) and export the spans again once their labels arrive (make export-span), "
-            "or set served.use: inverse_propensity to train on every served row weighted by 1 / propensity")
+            "or set served.use: inverse_propensity to train on every served row weighted by 1 / propensity "
+            "(which keeps about half of the model's feedback bias: README, 'Training on served spans')")
 
 
 def _dense_with_presence(x: Any, feature: Feature):
