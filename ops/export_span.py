@@ -57,7 +57,8 @@ def raw_header(spec: feature_spec.FeatureSpec) -> List[str]:
     """The span's columns, from the spec alone, so the first span of an empty spans folder can be
     written: the features of the spec's schema in the schema's order (the schema describes every
     column the data holds and each span is validated against it; TFDV infers it in the CSV's column
-    order), then any declared column it lacks; without a schema, the spec's declared columns."""
+    order), then any declared column it lacks; without a schema, the spec's declared columns. With
+    `served:`, a schema that does not list its two columns is refused: the span would fail validation."""
     columns = list(spec.columns)
     if not spec.schema_path:
         return columns
@@ -73,6 +74,16 @@ def raw_header(spec: feature_spec.FeatureSpec) -> List[str]:
     except text_format.ParseError as e:
         raise ExportError(f"{spec.schema_path}: not a text Schema proto ({e})") from None
     header = [feature.name for feature in schema.feature]
+    unlisted = [c for c in ((spec.served.policy_column, spec.served.propensity_column) if spec.served else ())
+                if c not in header]
+    if unlisted:  # TFDV reports each as "New column", and the data gate stops the run on it
+        raise ExportError(
+            f"{spec.schema_path}: the schema lacks {', '.join(unlisted)}, which the span's data.csv carries for "
+            f"{spec.source}'s served: block, so the data gate would stop the run on TFDV's 'New column' anomaly. "
+            f"List each in the schema as optional and absent at serving, e.g. feature {{ name: "
+            f"\"{unlisted[0]}\" type: BYTES (FLOAT for the propensity) presence {{ min_count: 0 }} "
+            "not_in_environment: \"SERVING\" } (ops/demo_drift.py write_schema writes such a copy of a schema), "
+            "or leave served: out of the spec")
     return header + [c for c in columns if c not in header]
 
 

@@ -94,6 +94,16 @@ def test_nothing_labelled_is_an_error_that_says_what_was_left_out(spec, tmp_path
     assert logstore.open_store(log, readonly=True).count() == 1
 
 
+def _served_schema(spec, tmp_path):
+    """The curated schema plus the two served columns, optional and absent at serving (as
+    ops/demo_drift.py's write_schema makes it; text appended: a proto's repeated field takes it)."""
+    path = tmp_path / "schema.pbtxt"
+    path.write_text(open(spec.schema_path).read() + "".join(
+        f'feature {{ name: "{name}" type: {kind} presence {{ min_count: 0 }} not_in_environment: "SERVING" }}\n'
+        for name, kind in ((spec.served.policy_column, "BYTES"), (spec.served.propensity_column, "FLOAT"))))
+    return str(path)
+
+
 def test_a_spec_with_served_gets_policy_and_propensity_in_data_csv(spec, tmp_path):
     from components import feature_spec
 
@@ -103,6 +113,12 @@ def test_a_spec_with_served_gets_policy_and_propensity_in_data_csv(spec, tmp_pat
         record("a", [row]), record("b", [row], variant="holdback", policy="holdback:fallback", propensity=0.1)])
     labels = tmp_path / "labels.jsonl"
     labels.write_text('{"request_id": "a", "label": 1.0}\n{"request_id": "b", "label": 2.0}\n')
+    # A schema without the served columns: TFDV would call each a "New column" and the data gate stop the run.
+    with pytest.raises(export_span.ExportError, match=r"taxi.pbtxt: the schema lacks policy, propensity.*New column"
+                                                      r".*not_in_environment.*or leave served: out"):
+        export_span.export(log, str(labels), str(tmp_path / "spans"), served, start=T0 - 1, end=T0 + 1)
+    assert not (tmp_path / "spans").exists()
+    served = dataclasses.replace(served, schema_path=_served_schema(served, tmp_path))
     export_span.export(log, str(labels), str(tmp_path / "spans"), served, start=T0 - 1, end=T0 + 1)
     with open(tmp_path / "spans" / "span-1" / "data.csv", newline="") as f:
         written = list(csv.DictReader(f))
@@ -120,6 +136,7 @@ def test_the_first_served_span_is_exported_into_an_empty_spans_folder_with_polic
     raw = yaml.safe_load(open("configs/taxi.yaml"))
     raw["data"] = {**raw["data"], "path": str(tmp_path / "spans" / "span-{SPAN}") + "/", "rolling_spans": 3}
     raw["served"] = {"use": "holdback_only"}
+    raw["schema"] = _served_schema(feature_spec.parse(raw), tmp_path)
     spec_path = tmp_path / "taxi_spans.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
     with pytest.raises(feature_spec.SpecError, match="no span matches"):
