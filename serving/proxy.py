@@ -52,9 +52,9 @@ refused with a message naming the key, and the previous settings stay in force.
                           default stable, names) | random (a class drawn uniformly from
                           PROXY_CLASSES). With stable, PROXY_HOLDBACK_LABEL may not be the
                           label a variant answers from (refused: held-back users would get
-                          the model); a variant with neither label nor version answers from
-                          the latest version, which may be the label's: the settings cannot
-                          tell, so give variants labels. Every record carries
+                          the model); a variant pinned to a version, or with neither label
+                          nor version (the latest), may answer from the label's version: the
+                          settings cannot tell, so give variants labels. Every record carries
                           its `policy` ("model", "holdback:<policy>", "fallback", "client")
                           and `propensity`: the probability of the row's POLICY, not of the
                           answer given: 1 - share for the model, share for a held-back row,
