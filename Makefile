@@ -101,10 +101,10 @@ serve: ## TF-Serving twin (REST :8501, gRPC :8500) from build/model_repository/m
 bench-serving: ## in-process signature call vs REST through the local server (needs a pushed model)
 	$(PY) -m benchmarks.bench_serving
 
-monitor: ## skew and drift of served traffic vs training and the previous window; writes build/monitor/ (RETRAIN=1 starts a run on anomalies) [LOG=path|postgresql://...]
-	$(PY) -m ops.monitor --log $(or $(LOG),build/prediction_log.sqlite) --model $(or $(MODEL),taxi) $(if $(WINDOW_HOURS),--window_hours $(WINDOW_HOURS)) $(if $(RETRAIN),--retrain)
+monitor: ## skew and drift of served traffic vs training and the previous window; writes build/monitor/ (RETRAIN=1 SPEC=<a spans spec> starts make retrain's run on anomalies) [LOG=path|postgresql://...]
+	$(PY) -m ops.monitor --log $(or $(LOG),build/prediction_log.sqlite) --model $(or $(MODEL),taxi) --spec $(SPEC) --env $(ENV) $(if $(WINDOW_HOURS),--window_hours $(WINDOW_HOURS)) $(if $(RETRAIN),--retrain)
 
-export-span: ## served traffic + late labels -> a new span in the spec's CSV format: make export-span LABELS=file [HOURS=24 LOG= SPANS=build/spans]
+export-span: ## served traffic + late labels -> a new span in the spec's CSV format: make export-span SPEC=<spans spec with served:> LABELS=file [HOURS=24 LOG= SPANS=build/spans]
 	@$(PY) -m ops.export_span --log $(or $(LOG),build/prediction_log.sqlite) --labels $(LABELS) --spec $(SPEC) --spans $(or $(SPANS),build/spans) $(if $(HOURS),--window_hours $(HOURS)) $(if $(METADATA),--metadata $(METADATA))
 
 demo-feedback: ## the feedback loop simulated: naive retraining on logged offers vs the proxy's holdback (figures)

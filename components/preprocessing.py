@@ -121,7 +121,9 @@ def sample_weight(spec: FeatureSpec, inputs: Mapping[str, Any], rows: tf.Tensor)
     """Each row's training weight from its served policy and propensity (spec `served.use`).
 
     inverse_propensity: 1 / propensity, 1 where the row was never served (no propensity, or one
-    that is not above 0);
+    that is not above 0). The proxy's propensity is its policy's (1 - share, share), not its
+    answer's: the weighted rows count each policy's population once, a mean of the outcomes with
+    and without the model, not an unbiased estimate (ops/feedback_loop.py measures it);
     holdback_only: 1 for held-back rows and rows never served, 0 for rows another policy (a model,
     a client's pinned version) decided: the feeder drops those. A column absent from the schema
     means no span in the data was served.
@@ -153,7 +155,8 @@ def no_row_held_back(spec: FeatureSpec, rows: int, where: str) -> str:
             f"(column '{served.policy_column}' starting '{HOLDBACK_POLICY_PREFIX}') or never served (empty), and "
             f"none of the {rows} rows {where} is one: 0 held back. Hold back a share of users in the proxy "
             "(PROXY_HOLDBACK_SHARE, e.g. 0.1) and export the spans again once their labels arrive (make export-span), "
-            "or set served.use: inverse_propensity to train on every served row weighted by 1 / propensity")
+            "or set served.use: inverse_propensity to train on every served row weighted by 1 / propensity "
+            "(which keeps about half of the model's feedback bias: README, 'Training on served spans')")
 
 
 def _dense_with_presence(x: Any, feature: Feature):

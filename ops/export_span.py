@@ -16,8 +16,10 @@ columns come from the request as it was served. A missing value is an empty cell
 CSVs: NaN and "" (the one wire form of a missing value) both become empty.
 
 The span folder (`<spans>/span-<n>/`, n one more than the newest there unless --span):
-    data.csv          the training CSV's header (same columns, same order), one row per served row;
-                      with the spec's `served` block also its policy and propensity columns
+    data.csv          the spec's columns (its schema's, in the schema's order: the training CSV's),
+                      one row per served row; with the spec's `served` block also its policy and
+                      propensity columns. Taken from the spec, not from data on disk, so the first
+                      span of an empty folder is written as the next ones are
     served.jsonl      per row, aligned with data.csv: request_id, row, model_version, variant,
                       policy, propensity (1 / propensity is the row's inverse-propensity weight);
                       JSON lines, not CSV, so a spec reading every *.csv of span-{SPAN}/ reads data.csv only
@@ -52,15 +54,51 @@ class ExportError(ValueError):
 
 
 def raw_header(spec: feature_spec.FeatureSpec) -> List[str]:
-    """The columns of the spec's training CSV, in its order (every file of a folder shares one header)."""
-    with open(spec.csv_files()[0], newline="", encoding="utf-8-sig") as f:
-        header = next(csv.reader(f), None)
-    if not header:
-        raise ExportError(f"{spec.csv_files()[0]}: no header row: the span's columns are the training CSV's")
-    missing = [c for c in spec.columns if c not in header]
-    if missing:
-        raise ExportError(f"{spec.csv_files()[0]}: the header lacks the spec's columns {missing}")
-    return header
+    """The span's columns, from the spec alone, so the first span of an empty spans folder can be
+    written: the features of the spec's schema in the schema's order (the schema describes every
+    column the data holds and each span is validated against it; TFDV infers it in the CSV's column
+    order), then any declared column it lacks; without a schema, the spec's declared columns. With
+    `served:`, a schema that does not list its two columns is refused: the span would fail validation."""
+    columns = list(spec.columns)
+    if not spec.schema_path:
+        return columns
+    from google.protobuf import text_format
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    try:
+        with open(spec.schema_path) as f:
+            schema = text_format.Parse(f.read(), schema_pb2.Schema())
+    except OSError as e:
+        raise ExportError(f"{spec.source}: schema: cannot read {spec.schema_path} ({e.strerror}): the span's "
+                          "columns are the schema's; write it with make schema or leave `schema` out") from None
+    except text_format.ParseError as e:
+        raise ExportError(f"{spec.schema_path}: not a text Schema proto ({e})") from None
+    header = [feature.name for feature in schema.feature]
+    unlisted = [c for c in ((spec.served.policy_column, spec.served.propensity_column) if spec.served else ())
+                if c not in header]
+    if unlisted:  # TFDV reports each as "New column", and the data gate stops the run on it
+        raise ExportError(
+            f"{spec.schema_path}: the schema lacks {', '.join(unlisted)}, which the span's data.csv carries for "
+            f"{spec.source}'s served: block, so the data gate would stop the run on TFDV's 'New column' anomaly. "
+            f"List each in the schema as optional and absent at serving, e.g. feature {{ name: "
+            f"\"{unlisted[0]}\" type: BYTES (FLOAT for the propensity) presence {{ min_count: 0 }} "
+            "not_in_environment: \"SERVING\" } (ops/demo_drift.py write_schema writes such a copy of a schema), "
+            "or leave served: out of the spec")
+    return header + [c for c in columns if c not in header]
+
+
+def span_folder(spans: str, number: int, spec: feature_spec.FeatureSpec) -> str:
+    """<spans>/span-<number>, refused when the spec reads spans elsewhere: its next run would not see it."""
+    folder = os.path.join(spans, f"span-{number}")
+    if spec.has_spans:  # the folder data.path names up to its {SPAN} part (span-{SPAN}/ or span-{SPAN}/data.csv)
+        parts = spec.data_path.split("/")
+        first = next(i for i, part in enumerate(parts) if feature_spec.SPAN_TOKEN in part)
+        read = "/".join(parts[:first + 1]).replace(feature_spec.SPAN_TOKEN, str(number))
+        if os.path.abspath(read) != os.path.abspath(folder):
+            raise ExportError(f"{spec.source}: data.path '{spec.data_path}' reads span {number} from {read}, not "
+                              f"{folder}: pass --spans {os.path.dirname(read)} (make export-span SPANS=...), or a "
+                              "spec whose data.path is <spans>/span-{SPAN}/")
+    return folder
 
 
 def label_column(spec: feature_spec.FeatureSpec) -> str:
@@ -136,7 +174,7 @@ def export(log: str, labels_path: str, spans: str, spec: feature_spec.FeatureSpe
         raise ExportError(f"no labelled served row in {logstore.masked_url(log)} for model '{model}' in the window "
                           f"({dict(left_out)} left out): widen the window or wait for more ground truth")
     number = span if span is not None else next_span(spans)
-    folder = os.path.join(spans, f"span-{number}")
+    folder = span_folder(spans, number, spec)
     if os.path.exists(folder):
         raise ExportError(f"{folder} exists: a span is written once; pass another --span or leave it out")
     os.makedirs(folder + ".tmp", exist_ok=False)

@@ -21,9 +21,11 @@
    threshold; every measurement; window bounds and row counts) and the served statistics.
 4. Exits 1 when there are anomalies, 0 when there are none, 2 on usage or input errors, 3 when
    the monitor itself fails (so a crash never reads as "anomalies found").
-5. With --retrain, starts a retraining run (`python -m pipelines.local_runner --spec ...`, or
-   --retrain_command) when served data moved away from training (skew, drift, a vanished
-   feature). Schema anomalies alone start nothing: retraining cannot fix malformed requests.
+5. With --retrain, starts a retraining run (`python -m pipelines.local_runner --spec ...
+   --require_new_span`, or --retrain_command) when served data moved away from training (skew,
+   drift, a vanished feature). Schema anomalies alone start nothing: retraining cannot fix
+   malformed requests. Without --retrain_command, a spec whose data.path is one dataset (no
+   {SPAN}) is refused before anything is read: that run would find no new span and stop.
 
 Training statistics default to the StatisticsGen output of the run that produced the version
 the `stable` label points at (else the latest pushed version), found through ML Metadata.
@@ -671,6 +673,12 @@ def run(args, popen: Callable = subprocess.Popen, now: Optional[float] = None) -
         raise MonitorError(str(e)) from e
     if args.model != spec.name:
         raise MonitorError(f"--model {args.model} does not match the spec {spec.source} (name: {spec.name})")
+    if args.retrain and args.retrain_command is None and not spec.has_spans:
+        raise MonitorError(f"--retrain: {spec.source}: data.path '{spec.data_path}' is one dataset, not spans: the "
+                           "retraining run (pipelines.local_runner --require_new_span) would refuse it, exit 3, having "
+                           "learnt nothing new. Monitor with a spans spec, whose data.path holds {SPAN} (e.g. "
+                           "build/spans/span-{SPAN}/, what make export-span writes): make monitor RETRAIN=1 "
+                           "SPEC=configs/my_taxi_spans.yaml; or leave out --retrain")
     thresholds = load_thresholds(spec, args.thresholds)
     window_hours = args.window_hours
     if window_hours is None and not (args.start and args.end):
@@ -818,7 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(see the module doc)")
     parser.add_argument("--out_dir", default="build/monitor")
     parser.add_argument("--retrain", action="store_true", help="start a retraining run when served data moved away "
-                        "from training (skew, drift or a vanished feature)")
+                        "from training (skew, drift or a vanished feature); needs a spans spec (data.path with "
+                        "{SPAN}) unless --retrain_command is given")
     parser.add_argument("--retrain_command", help="command to start instead of the local pipeline run; "
                         "placeholders {spec} {env} {model} {report}")
     return parser

@@ -22,8 +22,9 @@ One row per client request; a shadow copy's answer is a second row:
     response           the body returned (outputs, or {"error": ...})
     policy             who decided the answer: "model" (the split's variant), or "holdback:<policy>" for
                        the held-back users (serving/proxy.py's PROXY_HOLDBACK_*); NULL in older logs
-    propensity         the probability, under the logging policy, of the answer given: P(this policy)
-                       x P(this answer | policy); 1 / propensity is its inverse-propensity weight
+    propensity         the probability of the row's policy (1 - share for "model", the share for a
+                       held-back row, share / K for a random draw), not of the answer given: the
+                       proxy never asks the model about held-back users (serving/proxy.py)
 
 Every failure of the store (sqlite3.Error, psycopg.Error, OSError) is raised as StoreError, whose
 message names the store's URL with any password masked. psycopg is imported only for a

@@ -50,10 +50,19 @@ refused with a message naming the key, and the previous settings stay in force.
                           answered by PROXY_HOLDBACK_POLICY instead (default 0: none)
   PROXY_HOLDBACK_POLICY   fallback (PROXY_FALLBACK) | stable (the version PROXY_HOLDBACK_LABEL,
                           default stable, names) | random (a class drawn uniformly from
-                          PROXY_CLASSES). Every record carries its `policy` ("model",
-                          "holdback:<policy>", "fallback", "client") and `propensity` (the
-                          probability of the answer given, per row: 1 - share for the model,
-                          share for a held-back answer, share / K for a random draw)
+                          PROXY_CLASSES). With stable, PROXY_HOLDBACK_LABEL may not be the
+                          label a variant answers from (refused: held-back users would get
+                          the model); a variant pinned to a version, or with neither label
+                          nor version (the latest), may answer from the label's version: the
+                          settings cannot tell, so give variants labels. Every record carries
+                          its `policy` ("model", "holdback:<policy>", "fallback", "client")
+                          and `propensity`: the probability of the row's POLICY, not of the
+                          answer given: 1 - share for the model, share for a held-back row,
+                          share / K for a random draw. The proxy cannot log
+                          the probability of the answer itself: it would need the model's
+                          answer for held-back rows (never asked) and the baseline's for
+                          model rows; so 1 / propensity weights the two policies' rows
+                          equally, not the answers (README, "Training on served spans")
   PROXY_MODEL_REPOSITORY  the model repository TF Serving serves (<root>/<model>/<version>/), the
                           same folder or volume, read-only: the serving spec of the version that
                           answered (assets.extra/serving_spec.json, which the trainer writes) gives
@@ -232,7 +241,23 @@ class ProxySettings(pydantic.BaseModel):
         if not any(n != self.shadow and v.weight > 0 for n, v in self.variants.items()):
             raise typed_config.at("PROXY_VARIANTS", "no variant with a weight > 0 is left to answer "
                                                     "(the shadow variant never answers)")
+        if self.holdback_share > 0 and self.holdback_policy == "stable":
+            self._holdback_apart_from_the_model()
         return self
+
+    def _holdback_apart_from_the_model(self) -> None:
+        """A held-back user answered by the label a model variant answers from gets that model: no guard."""
+        answering = [(n, v) for n, v in self.variants.items() if n != self.shadow and v.weight > 0]
+        holdback_backend = answering[0][1].backend or self.backend  # the backend held-back requests go to
+        for name, variant in answering:
+            if variant.label == self.holdback_label and (variant.backend or self.backend) == holdback_backend:
+                raise typed_config.at(
+                    "PROXY_HOLDBACK_LABEL",
+                    f"'{self.holdback_label}' is also the label variant '{name}' of PROXY_VARIANTS answers from, so "
+                    "held-back users get the same model and nothing is held back (PROXY_HOLDBACK_POLICY=stable). "
+                    "Answer the model under training from another label (e.g. PROXY_VARIANTS="
+                    '{"candidate": {"label": "canary"}} after make promote LABEL=canary) and hold back on '
+                    f"'{self.holdback_label}', or set PROXY_HOLDBACK_POLICY=fallback")
 
 
 class Variant:

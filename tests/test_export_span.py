@@ -94,6 +94,16 @@ def test_nothing_labelled_is_an_error_that_says_what_was_left_out(spec, tmp_path
     assert logstore.open_store(log, readonly=True).count() == 1
 
 
+def _served_schema(spec, tmp_path):
+    """The curated schema plus the two served columns, optional and absent at serving (as
+    ops/demo_drift.py's write_schema makes it; text appended: a proto's repeated field takes it)."""
+    path = tmp_path / "schema.pbtxt"
+    path.write_text(open(spec.schema_path).read() + "".join(
+        f'feature {{ name: "{name}" type: {kind} presence {{ min_count: 0 }} not_in_environment: "SERVING" }}\n'
+        for name, kind in ((spec.served.policy_column, "BYTES"), (spec.served.propensity_column, "FLOAT"))))
+    return str(path)
+
+
 def test_a_spec_with_served_gets_policy_and_propensity_in_data_csv(spec, tmp_path):
     from components import feature_spec
 
@@ -103,11 +113,57 @@ def test_a_spec_with_served_gets_policy_and_propensity_in_data_csv(spec, tmp_pat
         record("a", [row]), record("b", [row], variant="holdback", policy="holdback:fallback", propensity=0.1)])
     labels = tmp_path / "labels.jsonl"
     labels.write_text('{"request_id": "a", "label": 1.0}\n{"request_id": "b", "label": 2.0}\n')
+    # A schema without the served columns: TFDV would call each a "New column" and the data gate stop the run.
+    with pytest.raises(export_span.ExportError, match=r"taxi.pbtxt: the schema lacks policy, propensity.*New column"
+                                                      r".*not_in_environment.*or leave served: out"):
+        export_span.export(log, str(labels), str(tmp_path / "spans"), served, start=T0 - 1, end=T0 + 1)
+    assert not (tmp_path / "spans").exists()
+    served = dataclasses.replace(served, schema_path=_served_schema(served, tmp_path))
     export_span.export(log, str(labels), str(tmp_path / "spans"), served, start=T0 - 1, end=T0 + 1)
     with open(tmp_path / "spans" / "span-1" / "data.csv", newline="") as f:
         written = list(csv.DictReader(f))
     assert [(r["tips"], r["policy"], r["propensity"]) for r in written] == [
         ("1.0", "model", "0.9"), ("2.0", "holdback:fallback", "0.1")]
+
+
+def test_the_first_served_span_is_exported_into_an_empty_spans_folder_with_policy_and_propensity(tmp_path, capsys):
+    """README's cron line: a spans spec with `served:` and no span on disk yet (the spec's CSVs cannot
+    give the header: spec.csv_files() finds no span). The columns come from the spec's schema."""
+    import yaml
+
+    from components import feature_spec
+
+    raw = yaml.safe_load(open("configs/taxi.yaml"))
+    raw["data"] = {**raw["data"], "path": str(tmp_path / "spans" / "span-{SPAN}") + "/", "rolling_spans": 3}
+    raw["served"] = {"use": "holdback_only"}
+    raw["schema"] = _served_schema(feature_spec.parse(raw), tmp_path)
+    spec_path = tmp_path / "taxi_spans.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(feature_spec.SpecError, match="no span matches"):
+        feature_spec.load(str(spec_path)).csv_files()
+    row = {"fare": 12.5, "payment_type": "Cash"}
+    log = write_log(tmp_path / "log.sqlite", [
+        record("a", [row]), record("b", [row], variant="holdback", policy="holdback:fallback", propensity=0.1)])
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text('{"request_id": "a", "label": 1.0}\n{"request_id": "b", "label": 2.0}\n')
+    argv = ["--log", log, "--labels", str(labels), "--spec", str(spec_path), "--start", str(T0 - 1), "--end",
+            str(T0 + 1)]
+    assert export_span.main(argv + ["--spans", str(tmp_path / "spans")]) == 0, capsys.readouterr().err
+    with open(feature_spec.load("configs/taxi.yaml").csv_files()[0], newline="") as f:
+        training_header = next(csv.reader(f))
+    with open(tmp_path / "spans" / "span-1" / "data.csv", newline="") as f:
+        assert next(csv.reader(f)) == training_header + ["policy", "propensity"]
+        f.seek(0)
+        assert [(r["fare"], r["tips"], r["policy"], r["propensity"]) for r in csv.DictReader(f)] == [
+            ("12.5", "1.0", "model", "0.9"), ("12.5", "2.0", "holdback:fallback", "0.1")]
+    assert feature_spec.load(str(spec_path)).csv_files() == [str(tmp_path / "spans" / "span-1" / "data.csv")]
+    # A spans folder the spec does not read is refused, naming data.path and the folder to pass.
+    assert export_span.main(argv + ["--spans", str(tmp_path / "elsewhere")]) == 2
+    error = capsys.readouterr().err
+    assert "data.path" in error and f"--spans {tmp_path / 'spans'}" in error and not (tmp_path / "elsewhere").exists()
+    # data.path may name the span's file (ops/demo_drift.py: span-{SPAN}/data.csv): the same folder.
+    file_spec = dataclasses.replace(feature_spec.load(str(spec_path)), data_path=raw["data"]["path"] + "data.csv")
+    assert export_span.span_folder(str(tmp_path / "spans"), 2, file_spec) == str(tmp_path / "spans" / "span-2")
 
 
 def test_make_export_span_reads_a_postgresql_log(postgres_url, tmp_path, capsys):

@@ -15,7 +15,8 @@ import pytest
 
 from tests import monitor_data as data
 
-SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "taxi.yaml")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = os.path.join(ROOT, "configs", "taxi.yaml")
 WINDOW = ["--start", str(data.CURRENT_START), "--end", str(data.CURRENT_END)]
 
 
@@ -27,6 +28,20 @@ class FakePopen:
     def __init__(self, command, **kwargs):
         FakePopen.calls.append((command, kwargs))
         self.pid = 4242
+
+
+@pytest.fixture(scope="module")
+def spans_spec(tmp_path_factory):
+    """taxi's spec over a folder of spans, as README's configs/my_taxi_spans.yaml: what --retrain needs."""
+    import yaml
+
+    with open(SPEC) as f:
+        raw = yaml.safe_load(f)
+    folder = tmp_path_factory.mktemp("spans")
+    raw["data"] = {**raw["data"], "path": str(folder / "span-{SPAN}") + "/", "rolling_spans": 3}
+    path = folder / "taxi_spans.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +73,11 @@ def _log(tmp_path, previous_rows, current_rows, spec, name="log.sqlite", noise=T
     return data.write_log(url or str(tmp_path / name), records)
 
 
-def _run(log, training_statistics, out_dir, *extra, popen=None):
+def _run(log, training_statistics, out_dir, *extra, popen=None, spec=SPEC):
     from ops import monitor
 
     FakePopen.calls = []
-    argv = ["--log", log, "--model", "taxi", "--spec", SPEC, *WINDOW, "--training_statistics", training_statistics,
+    argv = ["--log", log, "--model", "taxi", "--spec", spec, *WINDOW, "--training_statistics", training_statistics,
             "--out_dir", str(out_dir), *extra]
     code = monitor.main(argv, popen=popen or FakePopen)
     report_path = out_dir / "taxi_monitor.json"
@@ -75,18 +90,18 @@ def _flagged(report, kind):
 
 
 @pytest.fixture(scope="module")
-def clean(taxi_spec, rows, training_statistics, tmp_path_factory):
+def clean(taxi_spec, rows, training_statistics, tmp_path_factory, spans_spec):
     tmp = tmp_path_factory.mktemp("clean")
     log = _log(tmp, rows[1], rows[2], taxi_spec)
-    code, report = _run(log, training_statistics, tmp / "out", "--retrain")
+    code, report = _run(log, training_statistics, tmp / "out", "--retrain", spec=spans_spec)
     return code, report, list(FakePopen.calls), tmp / "out"
 
 
 @pytest.fixture(scope="module")
-def shifted(taxi_spec, rows, training_statistics, tmp_path_factory):
+def shifted(taxi_spec, rows, training_statistics, tmp_path_factory, spans_spec):
     tmp = tmp_path_factory.mktemp("shifted")
     log = _log(tmp, rows[1], data.shifted(rows[2]), taxi_spec)
-    code, report = _run(log, training_statistics, tmp / "out", "--retrain")
+    code, report = _run(log, training_statistics, tmp / "out", "--retrain", spec=spans_spec)
     return code, report, list(FakePopen.calls), tmp / "out"
 
 
@@ -173,16 +188,39 @@ def test_the_report_renders_offline_with_served_beside_training_distributions(sh
     assert browser.colour_pixels(page.screenshot, pages.PALETTE[0]) > 500
 
 
-def test_retraining_starts_the_local_pipeline_for_the_spec(shifted):
+def test_retraining_starts_the_local_pipeline_for_the_spec(shifted, spans_spec):
     _, report, started, out_dir = shifted
     assert len(started) == 1
     command, kwargs = started[0]
     assert command[:3] == [sys.executable, "-m", "pipelines.local_runner"]
-    assert command[command.index("--spec") + 1] == SPEC
+    assert command[command.index("--spec") + 1] == spans_spec
     assert command[command.index("--env") + 1] == "configs/local.yaml"
+    assert "--require_new_span" in command  # make retrain's run: never the same data again
     assert kwargs["start_new_session"] is True  # it outlives the monitor
     assert report["retrain"]["pid"] == 4242 and report["retrain"]["reason"] == ["drift", "skew"]
     assert os.path.exists(report["retrain"]["log"])
+
+
+def test_retraining_on_one_dataset_is_refused_before_anything_is_read(rows, training_statistics, tmp_path,
+                                                                      taxi_spec, capsys):
+    """configs/taxi.yaml reads one CSV: the retraining run would stop at once ("is one dataset, not spans",
+    exit 3) while the monitor said it had started."""
+    log = _log(tmp_path, [], data.shifted(rows[2][:500]), taxi_spec, noise=False)
+    code, report = _run(log, training_statistics, tmp_path / "out", "--retrain")
+    error = capsys.readouterr().err
+    assert code == 2 and report is None and not (tmp_path / "out").exists() and FakePopen.calls == []
+    for named in (f"--retrain: {SPEC}: data.path", "one dataset, not spans", "{SPAN}",
+                  "make monitor RETRAIN=1 SPEC=", "leave out --retrain"):
+        assert named in error, error
+
+
+def test_make_monitor_passes_the_spec_and_environment_it_is_given(tmp_path):
+    import subprocess
+
+    dry = subprocess.run(["make", "-n", "monitor", "RETRAIN=1", "SPEC=configs/my_taxi_spans.yaml", "ENV=e.yaml"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "-m ops.monitor" in dry and "--spec configs/my_taxi_spans.yaml" in dry and "--env e.yaml" in dry
+    assert "--retrain" in dry
 
 
 def test_retrain_command_runs_as_a_detached_process_with_its_placeholders(rows, training_statistics,
@@ -242,13 +280,13 @@ def test_served_rows_keep_types_and_missing_values(taxi_spec, rows, tmp_path):
     assert served.invalid == {}
 
 
-def test_values_of_the_wrong_type_are_schema_anomalies(taxi_spec, rows, training_statistics, tmp_path):
+def test_values_of_the_wrong_type_are_schema_anomalies(taxi_spec, rows, training_statistics, tmp_path, spans_spec):
     instances = data.as_instances(rows[2], taxi_spec)
     for instance in instances[:40]:
         instance["trip_start_hour"] = 7.5
     log = data.write_log(str(tmp_path / "log.sqlite"),
                          data.log_records(instances, data.CURRENT_START, data.CURRENT_END))
-    code, report = _run(log, training_statistics, tmp_path / "out", "--retrain")
+    code, report = _run(log, training_statistics, tmp_path / "out", "--retrain", spec=spans_spec)
     invalid = [a for a in report["anomalies"] if a.get("reason") == "INVALID_VALUE"]
     assert code == 1 and [a["feature"] for a in invalid] == ["trip_start_hour"] and invalid[0]["value"] == 40
     assert report["retrain"]["started"] is False and FakePopen.calls == []
@@ -319,12 +357,12 @@ def test_empty_window_is_a_usage_error_naming_window_and_log(rows, training_stat
 
 
 def test_a_postgresql_log_gives_the_report_a_sqlite_log_gives(shifted, taxi_spec, rows, training_statistics,
-                                                              tmp_path, postgres_url):
+                                                              tmp_path, postgres_url, spans_spec):
     from serving import logstore
     from tests.conftest import POSTGRES_PASSWORD
 
     log = _log(tmp_path, rows[1], data.shifted(rows[2]), taxi_spec, url=postgres_url)
-    code, report = _run(log, training_statistics, tmp_path / "out", "--retrain")
+    code, report = _run(log, training_statistics, tmp_path / "out", "--retrain", spec=spans_spec)
     _, from_sqlite, _, _ = shifted
     assert code == 1 and _flagged(report, "skew") == {"payment_type", "fare"}
     assert report["window"]["rows"] == len(rows[2]) and report["window"] == from_sqlite["window"]

@@ -742,6 +742,31 @@ def test_holdback_settings_name_the_key():
         Settings({"PROXY_HOLDBACK_SHARE": "0.1", "PROXY_HOLDBACK_POLICY": "random"})
 
 
+def test_a_stable_holdback_on_the_label_the_model_answers_from_is_refused():
+    """configs/proxy.env answers everyone from `stable`, PROXY_HOLDBACK_LABEL's default: held-back users
+    would get the same model, so the guard would hold nothing back."""
+    from serving.proxy import ConfigError, Settings
+
+    served_from_stable = {"PROXY_VARIANTS": json.dumps({"stable": {"label": "stable", "weight": 1}}),
+                          "PROXY_HOLDBACK_SHARE": "0.1", "PROXY_HOLDBACK_POLICY": "stable"}
+    with pytest.raises(ConfigError) as refused:
+        Settings(served_from_stable)
+    for named in ("PROXY_HOLDBACK_LABEL", "'stable'", "variant 'stable'", "PROXY_HOLDBACK_POLICY=fallback",
+                  '"label": "canary"'):
+        assert named in str(refused.value)
+    with pytest.raises(ConfigError, match="variant 'b' of PROXY_VARIANTS"):  # any answering variant, not the first
+        Settings({**served_from_stable, "PROXY_VARIANTS": json.dumps({"a": {"label": "canary"},
+                                                                      "b": {"label": "stable"}})})
+    # Accepted: the model from canary, held-back users from stable; a shadow on stable never answers;
+    # a label of the same name on another backend is another model.
+    assert Settings({**served_from_stable, "PROXY_VARIANTS": json.dumps({"candidate": {"label": "canary"}})}).holdback
+    assert Settings({**served_from_stable, "PROXY_SHADOW": "old", "PROXY_VARIANTS": json.dumps(
+        {"candidate": {"label": "canary"}, "old": {"label": "stable"}})}).holdback.label == "stable"
+    assert Settings({**served_from_stable, "PROXY_VARIANTS": json.dumps(
+        {"candidate": {"label": "canary"}, "far": {"label": "stable", "backend": "http://10.0.0.9:8501"}})})
+    assert Settings({**served_from_stable, "PROXY_HOLDBACK_POLICY": "fallback"}).holdback.policy == "fallback"
+
+
 @pytest.mark.parametrize("verb, live, shadow, outcome", [
     ("predict", {"predictions": [{"classes": "yes"}, {"classes": "no"}]},
      {"predictions": [{"classes": "yes"}, {"classes": "no"}]}, "same_class"),
