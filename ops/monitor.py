@@ -25,7 +25,9 @@
    --require_new_span`, or --retrain_command) when served data moved away from training (skew,
    drift, a vanished feature). Schema anomalies alone start nothing: retraining cannot fix
    malformed requests. Without --retrain_command, a spec whose data.path is one dataset (no
-   {SPAN}) is refused before anything is read: that run would find no new span and stop.
+   {SPAN}) is refused before anything is read: that run would find no new span and stop. A
+   newest span the pipeline's ML Metadata says was ingested already starts nothing either: the
+   report says "nothing new to train on" (pipelines/span_window.require_new_span, the run's own rule).
 
 Training statistics default to the StatisticsGen output of the run that produced the version
 the `stable` label points at (else the latest pushed version), found through ML Metadata.
@@ -62,7 +64,7 @@ import yaml
 
 from components import feature_spec
 from components.values import coerce
-from pipelines import mlmd
+from pipelines import mlmd, span_window
 from serving import logstore
 
 EXIT_OK, EXIT_ANOMALIES, EXIT_USAGE, EXIT_FAILURE = 0, 1, 2, 3
@@ -724,7 +726,7 @@ def run(args, popen: Callable = subprocess.Popen, now: Optional[float] = None) -
     report["retrain"] = None
     write_report(report, args.out_dir, served_stats, training)
     if args.retrain:  # the report exists before the run that may read it ({report}) starts
-        report["retrain"] = _retrain(args, result["anomalies"], popen)
+        report["retrain"] = _retrain(args, spec, result["anomalies"], popen)
         write_report(report, args.out_dir, served_stats, training)
     return (EXIT_ANOMALIES if result["anomalies"] else EXIT_OK), report
 
@@ -743,12 +745,17 @@ def _training_statistics(args, spec) -> Tuple[Any, Dict[str, Any]]:
     return training, source
 
 
-def _retrain(args, anomalies: List[Dict[str, Any]], popen: Callable) -> Optional[Dict[str, Any]]:
+def _retrain(args, spec, anomalies: List[Dict[str, Any]], popen: Callable) -> Optional[Dict[str, Any]]:
     reasons = sorted({a["kind"] for a in anomalies if a["kind"] in RETRAIN_KINDS})
     if not reasons:
         return None if not anomalies else {
             "started": False, "reason": [],
             "why": "only schema anomalies: the requests break the schema, retraining cannot fix them"}
+    if args.retrain_command is None:  # the run's own refusal (exit 3), asked before it is started, not after
+        try:
+            span_window.require_new_span(spec, _environment_file(args.env, spec))
+        except span_window.NothingNew as e:
+            return {"started": False, "reason": reasons, "why": f"nothing new to train on: {e}"}
     report_path = os.path.abspath(os.path.join(args.out_dir, f"{args.model}_monitor.json"))
     command = retrain_command(args.spec, args.env, args.retrain_command, model=args.model, report=report_path)
     log_path = os.path.abspath(os.path.join(args.out_dir, f"{args.model}_retrain.log"))

@@ -39,9 +39,24 @@ def spans_spec(tmp_path_factory):
         raw = yaml.safe_load(f)
     folder = tmp_path_factory.mktemp("spans")
     raw["data"] = {**raw["data"], "path": str(folder / "span-{SPAN}") + "/", "rolling_spans": 3}
+    (folder / "span-1").mkdir()  # one span, never ingested: the retraining run has data it has not seen
     path = folder / "taxi_spans.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def spans_env(tmp_path_factory):
+    """configs/local.yaml with its ML Metadata store in a folder of the test's own (no store yet)."""
+    import yaml
+
+    with open(os.path.join(ROOT, "configs", "local.yaml")) as f:
+        raw = yaml.safe_load(f)
+    folder = tmp_path_factory.mktemp("env")
+    raw["metadata_path"] = str(folder / "metadata" / "{name}.sqlite")
+    path = folder / "local.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path), str(folder / "metadata" / "taxi.sqlite")
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +113,10 @@ def clean(taxi_spec, rows, training_statistics, tmp_path_factory, spans_spec):
 
 
 @pytest.fixture(scope="module")
-def shifted(taxi_spec, rows, training_statistics, tmp_path_factory, spans_spec):
+def shifted(taxi_spec, rows, training_statistics, tmp_path_factory, spans_spec, spans_env):
     tmp = tmp_path_factory.mktemp("shifted")
     log = _log(tmp, rows[1], data.shifted(rows[2]), taxi_spec)
-    code, report = _run(log, training_statistics, tmp / "out", "--retrain", spec=spans_spec)
+    code, report = _run(log, training_statistics, tmp / "out", "--retrain", "--env", spans_env[0], spec=spans_spec)
     return code, report, list(FakePopen.calls), tmp / "out"
 
 
@@ -188,13 +203,13 @@ def test_the_report_renders_offline_with_served_beside_training_distributions(sh
     assert browser.colour_pixels(page.screenshot, pages.PALETTE[0]) > 500
 
 
-def test_retraining_starts_the_local_pipeline_for_the_spec(shifted, spans_spec):
+def test_retraining_starts_the_local_pipeline_for_the_spec(shifted, spans_spec, spans_env):
     _, report, started, out_dir = shifted
     assert len(started) == 1
     command, kwargs = started[0]
     assert command[:3] == [sys.executable, "-m", "pipelines.local_runner"]
     assert command[command.index("--spec") + 1] == spans_spec
-    assert command[command.index("--env") + 1] == "configs/local.yaml"
+    assert command[command.index("--env") + 1] == spans_env[0]
     assert "--require_new_span" in command  # make retrain's run: never the same data again
     assert kwargs["start_new_session"] is True  # it outlives the monitor
     assert report["retrain"]["pid"] == 4242 and report["retrain"]["reason"] == ["drift", "skew"]
@@ -212,6 +227,31 @@ def test_retraining_on_one_dataset_is_refused_before_anything_is_read(rows, trai
     for named in (f"--retrain: {SPEC}: data.path", "one dataset, not spans", "{SPAN}",
                   "make monitor RETRAIN=1 SPEC=", "leave out --retrain"):
         assert named in error, error
+
+
+def test_a_newest_span_trained_on_already_starts_no_retraining(rows, training_statistics, tmp_path, taxi_spec,
+                                                               spans_spec, spans_env):
+    """The retraining run would refuse it (span_window.require_new_span, exit 3) while the monitor said it had
+    started: the monitor asks the same rule first. The store says CsvExampleGen ingested span 1, the newest,
+    as TFX 1.16 records it: a custom property `span` on the Examples (example_gen/driver.py 55-57)."""
+    from pipelines import mlmd
+
+    env_path, metadata = spans_env
+    env_copy, store_path = tmp_path / "local.yaml", tmp_path / "metadata" / "taxi.sqlite"
+    env_copy.write_text(open(env_path).read().replace(os.path.dirname(metadata), str(store_path.parent)))
+    store, pb2 = mlmd.connect(str(store_path), create=True), mlmd._pb2()
+    kind = pb2.ArtifactType(name="Examples")
+    examples = pb2.Artifact(type_id=store.put_artifact_type(kind), uri=str(tmp_path / "CsvExampleGen" / "examples" / "1"))
+    examples.custom_properties["span"].int_value = 1
+    store.put_artifacts([examples])
+    log = _log(tmp_path, rows[1], data.shifted(rows[2][:2000]), taxi_spec, noise=False)
+    code, report = _run(log, training_statistics, tmp_path / "out", "--retrain", "--env", str(env_copy),
+                        spec=spans_spec)
+    assert code == 1 and FakePopen.calls == []  # anomalies found, nothing started
+    assert report["retrain"]["started"] is False and report["retrain"]["reason"] == ["drift", "skew"]
+    assert report["retrain"]["why"].startswith("nothing new to train on: span 1 (the newest under")
+    assert "export a new span (make export-span)" in report["retrain"]["why"]
+    assert not os.path.exists(metadata)  # the fixture's own store was never made: only the copy's was read
 
 
 def test_make_monitor_passes_the_spec_and_environment_it_is_given(tmp_path):
