@@ -136,11 +136,14 @@ def read_evaluation(evaluation_uri: str) -> Dict[str, Any]:
     """The candidate's metrics, confidence intervals, changes against the baseline and plots per
     slice, Overall first and then by size, and TFMA's validation result.
 
-    {"slices": {name: {"examples", "metrics", "intervals": {metric: [lower, upper]}, "diffs",
+    {"slices": {name: {"examples", "metrics", "intervals": {metric: [lower, upper]}, "diffs", "baseline",
     "plots": {group: {"roc", "precision_recall", "calibration", "positives", "negatives",
     "predicted_positives"}}}},
      "validation": {"ok", "rubber_stamp", "failures": [{"slice", "metric", "kind", "value", "message"}]}}
-    Metric names come from components.evaluation.metric_name; a metric a slice cannot define
+    With a baseline model, "baseline" holds its metrics (TFMA keys them by the baseline's model_name)
+    and "diffs" TFMA's candidate minus baseline (the candidate's key with is_diff; TFMA 0.47
+    evaluators/metrics_plots_and_validations_evaluator.py:628-657 add_diff_metrics, metric_types.py:361-366
+    make_diff_key and make_baseline_key); a change either side cannot define is None. Metric names come from components.evaluation.metric_name; a metric a slice cannot define
     (AUC with one class present) is None, never 0. Intervals (95%) are Wilson's for proportions
     and Hanley-McNeil's for AUC, from the counts in TFMA's confusion matrices."""
     import tensorflow_model_analysis as tfma
@@ -153,14 +156,16 @@ def read_evaluation(evaluation_uri: str) -> Dict[str, Any]:
 
     def entry(slice_key) -> Dict[str, Any]:
         name = _slice_name(slicer_lib.deserialize_slice_key(slice_key))
-        return slices.setdefault(name, {"examples": None, "metrics": {}, "intervals": {}, "diffs": {}, "plots": {}})
+        return slices.setdefault(name, {"examples": None, "metrics": {}, "intervals": {}, "diffs": {}, "baseline": {},
+                                        "plots": {}})
 
     for for_slice in tfma.load_metrics(evaluation_uri):
         e = entry(for_slice.slice_key)
         for kv in for_slice.metric_keys_and_values:
-            if kv.key.model_name in baselines:
-                continue
             name, value = metric_name(kv.key), _number(kv.value)
+            if kv.key.model_name in baselines:  # TFMA keys the baseline's own figures by its model name
+                e["baseline"][name] = value
+                continue
             if kv.key.is_diff:
                 e["diffs"][name[:-len("_diff")]] = value
                 continue
@@ -186,10 +191,16 @@ def read_evaluation(evaluation_uri: str) -> Dict[str, Any]:
         if "" not in counts and e["metrics"].get("mean_label") in (0.0, 1.0) and e["examples"]:
             label = e["metrics"]["mean_label"]  # binary without plots: the label's mean tells
             counts[""] = (label * e["examples"], (1 - label) * e["examples"])
+        for name in [n for n in e["baseline"] if _undefined(n, counts)]:  # the same rows, so the same counts
+            e["baseline"][name] = None
+            if name in e["diffs"]:
+                e["diffs"][name] = None
         for name, value in list(e["metrics"].items()):
             if _undefined(name, counts):
                 e["metrics"][name] = None
                 e["intervals"].pop(name, None)
+                if name in e["diffs"]:
+                    e["diffs"][name] = None
             elif value is not None and name not in e["intervals"]:  # TFMA's, when its options ask for them
                 found = _interval(name, value, e["examples"], e["plots"])
                 if found:
@@ -221,6 +232,16 @@ def _validation(evaluation_uri: str, baselines: set) -> Dict[str, Any]:
 def load_metrics(evaluation_uri: str) -> Dict[str, Dict[str, Optional[float]]]:
     """{slice name: {metric: value}} of the candidate in an Evaluator output (read_evaluation)."""
     return {name: e["metrics"] for name, e in read_evaluation(evaluation_uri)["slices"].items()}
+
+
+def versus_baseline(evaluation: Dict[str, Any]) -> Dict[str, Dict[str, Dict[str, Optional[float]]]]:
+    """{slice: {metric: {"candidate", "baseline", "difference"}}} of every metric the baseline model was
+    evaluated on, per slice in read_evaluation's order; the difference is TFMA's (candidate minus
+    baseline). Empty without a baseline model; None where a value is not defined."""
+    return {name: {metric: {"candidate": e["metrics"].get(metric), "baseline": value,
+                            "difference": e["diffs"].get(metric)}
+                   for metric, value in e["baseline"].items() if metric != "example_count"}
+            for name, e in evaluation["slices"].items() if e.get("baseline")}
 
 
 def threshold_verdicts(spec: FeatureSpec, evaluation: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -299,6 +320,7 @@ def build_summary(spec: FeatureSpec, env: Dict, environment, order: List[str], s
         "metrics": {"overall": metrics.get("Overall", {}),
                     "slices": {k: v for k, v in metrics.items() if k != "Overall"},
                     "intervals": intervals},  # {slice: {metric: [lower, upper]}} where computed
+        "versus_baseline": versus_baseline(evaluated) if evaluated else {},
         "seconds_per_component": {node: round(seconds[node], 2) for node in order if node in seconds},
         "total_seconds": round(total_seconds, 2),
         "artifacts": {"model": model[-1].uri if model else None,
@@ -566,6 +588,22 @@ def _metric_table(evaluated: Dict[str, Any]):
     return pages.table(["slice", "examples"] + names, rows)
 
 
+def _baseline_section(evaluated: Dict[str, Any]) -> List[Any]:
+    """Per slice and metric: the candidate's value, the baseline model's and TFMA's difference."""
+    from pipelines import pages
+
+    compared = versus_baseline(evaluated)
+    if not compared:
+        return []
+    rows = [[slice_name, metric, v["candidate"], v["baseline"], v["difference"]]
+            for slice_name, metrics in compared.items() for metric, v in metrics.items()]
+    return [pages.section(
+        "Candidate vs baseline by slice", "The baseline is the model the Evaluator compared the candidate with "
+        "(the facts above); difference = candidate − baseline, as TFMA computes it. \"not defined\": a metric "
+        "the slice cannot define.",
+        pages.table(["slice", "metric", "candidate", "baseline", "difference"], rows), anchor="baseline")]
+
+
 def _plot_sections(evaluated: Dict[str, Any], spec: FeatureSpec) -> List[Any]:
     from pipelines import pages
 
@@ -606,5 +644,5 @@ def _evaluation_html(summary: Dict[str, Any], spec: FeatureSpec, evaluated: Dict
         "cannot define (e.g. AUC with one class present).",
         _metric_table(evaluated), anchor="metrics")
     return pages.write(path, f"Evaluation of {summary['pipeline_name']}", facts, thresholds_section(summary),
-                       metrics, *_plot_sections(evaluated, spec),
+                       metrics, *_baseline_section(evaluated), *_plot_sections(evaluated, spec),
                        subtitle=f"evaluation: {summary['artifacts']['evaluation']}")
