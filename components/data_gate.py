@@ -10,7 +10,7 @@ names each feature and why.
 import json
 import logging
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import tensorflow as tf
 from tensorflow_metadata.proto.v0 import anomalies_pb2, statistics_pb2
@@ -138,6 +138,19 @@ def _statistics(uri: str, split: str) -> statistics_pb2.DatasetFeatureStatistics
     return stats
 
 
+def span_drift(statistics_uri: str, previous_uri: str, schema_uri: str, split: str,
+               spec: FeatureSpec) -> List[Dict[str, Any]]:
+    """One split's span-to-span drift as the gate measures it: components.spans.drift_measurements of the
+    statistics against the previous span's, under the schema, with the spec's monitoring.drift bounds (no
+    bounds: no feature compared). The run's report calls it on the inputs ML Metadata recorded for the gate."""
+    from tfx.utils import io_utils
+
+    schema = io_utils.SchemaReader().read(io_utils.get_only_uri_in_dir(schema_uri))
+    drift = spec.monitoring.drift if spec.monitoring is not None else None  # no bounds: no drift check
+    thresholds = drift.model_dump(exclude_none=True) if drift is not None else {}
+    return drift_measurements(_statistics(statistics_uri, split), _statistics(previous_uri, split), schema, thresholds)
+
+
 def find_problems(anomalies_uri: str, statistics_uri: str, split_names: List[str], spec: FeatureSpec,
                   previous_uri: str = None, schema_uri: str = None) -> List[str]:
     """Each problem once, with the splits it shows in ("[train, eval] ..."): CsvExampleGen types a column
@@ -161,12 +174,7 @@ def find_problems(anomalies_uri: str, statistics_uri: str, split_names: List[str
         for problem in spec_problems(stats, spec, locate) + anomaly_problems(anomalies) + served:
             splits_of.setdefault(problem, []).append(split)
         if previous_uri and schema_uri:
-            from tfx.utils import io_utils
-
-            schema = io_utils.SchemaReader().read(io_utils.get_only_uri_in_dir(schema_uri))
-            drift = spec.monitoring.drift if spec.monitoring is not None else None  # no bounds: no drift check
-            thresholds = drift.model_dump(exclude_none=True) if drift is not None else {}
-            measured = drift_measurements(stats, _statistics(previous_uri, split), schema, thresholds)
+            measured = span_drift(statistics_uri, previous_uri, schema_uri, split, spec)
             for m in measured:  # every compared feature, drifted or not: the run's log reports each
                 logging.info("data gate: [%s] feature '%s' against the previous span: %s %.4f (bound %g)%s", split,
                              m["feature"], m["comparator"], m["value"], m["threshold"],

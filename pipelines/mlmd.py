@@ -125,6 +125,21 @@ def latest_run_record(connection_config) -> Tuple[Dict[str, List[Any]], Optional
     return by_type, baseline
 
 
+def latest_run_node(connection_config, node: str) -> Dict[str, Any]:
+    """The newest execution of `node` in the latest pipeline run: {"inputs": {key: [artifact]}, "outputs":
+    {key: [artifact]}, "spans": {artifact id: the span it describes (described_spans), inputs and outputs}};
+    {} when that run has no execution of the node (not reached, or no run yet)."""
+    pb2 = _pb2()
+    store = store_for(connection_config)
+    run = latest_run(store)
+    found = [e for e, name, _ in run_executions(store, run) if name == node] if run is not None else []
+    if not found:
+        return {}
+    inputs, outputs = (artifacts_of(store, found[-1].id, kind) for kind in (pb2.Event.INPUT, pb2.Event.OUTPUT))
+    every = [a for by_key in (inputs, outputs) for artifacts in by_key.values() for a in artifacts]
+    return {"inputs": inputs, "outputs": outputs, "spans": described_spans(store, every)}
+
+
 def tag_latest_run(connection_config, key: str, value: str) -> bool:
     """Sets a string custom property on the newest pipeline_run context (False: no run yet)."""
     store = store_for(connection_config)

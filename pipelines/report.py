@@ -11,7 +11,7 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from components.feature_spec import FeatureSpec
-from pipelines.mlmd import custom_property, latest_run_record
+from pipelines.mlmd import custom_property, latest_run_node, latest_run_record
 
 
 def _from_node(artifacts: Dict[str, List[Any]], type_name: str, node_id: str) -> List[Any]:
@@ -321,6 +321,7 @@ def build_summary(spec: FeatureSpec, env: Dict, environment, order: List[str], s
                     "slices": {k: v for k, v in metrics.items() if k != "Overall"},
                     "intervals": intervals},  # {slice: {metric: [lower, upper]}} where computed
         "versus_baseline": versus_baseline(evaluated) if evaluated else {},
+        "span_drift": span_drift(spec, environment.metadata_connection_config),
         "seconds_per_component": {node: round(seconds[node], 2) for node in order if node in seconds},
         "total_seconds": round(total_seconds, 2),
         "artifacts": {"model": model[-1].uri if model else None,
@@ -329,6 +330,33 @@ def build_summary(spec: FeatureSpec, env: Dict, environment, order: List[str], s
                       "evaluation": evaluation[-1].uri if evaluation else None},
         "model_repository": env["model_repository"],
     }
+
+
+def span_drift(spec: FeatureSpec, connection_config) -> Optional[Dict[str, Any]]:
+    """With spans: the run's newest span against the previous one, as the data gate measures it
+    (components.data_gate.span_drift, on the inputs ML Metadata recorded for the gate's latest
+    execution, so a gate that stopped the run is reported too): {"span", "previous_span" (None on the
+    first span), "measurements": [{"split", "feature", "comparator", "value" (the distance), "threshold"
+    (the bound), "drifted"}]}. None without spans or when the run did not reach the gate."""
+    if not spec.has_spans:
+        return None
+    gate = latest_run_node(connection_config, "data_gate")
+    if not gate.get("inputs", {}).get("statistics"):
+        return None
+    from tfx.types import artifact_utils
+
+    from components.data_gate import span_drift as measure
+
+    inputs = {key: artifacts[-1] for key, artifacts in gate["inputs"].items() if artifacts}
+    statistics, previous, schema = (inputs.get(k) for k in ("statistics", "previous_statistics", "schema"))
+    measurements = []
+    if previous is not None and schema is not None:
+        for split in artifact_utils.decode_split_names(statistics.properties["split_names"].string_value):
+            measured = measure(statistics.uri, previous.uri, schema.uri, split, spec)
+            measurements += [{"split": split, **m} for m in measured]
+    return {"span": gate["spans"].get(statistics.id),
+            "previous_span": gate["spans"].get(previous.id) if previous is not None else None,
+            "measurements": measurements}
 
 
 def sandbox_result(uri: str) -> Optional[Dict[str, Any]]:
@@ -531,12 +559,33 @@ def read_anomalies(anomalies_uri: Optional[str], split: str) -> List[Dict[str, s
     return found
 
 
+def span_drift_section(drift: Dict[str, Any]):
+    """span_drift's measurements: per feature and split, TFDV's comparator, the distance, the spec's
+    bound and whether the gate found it drifted (flagged)."""
+    from pipelines import pages
+
+    if drift["previous_span"] is None:
+        return pages.section("Span to span drift", f"Span {drift['span']} is the first: no previous span to "
+                             "compare with.", anchor="span-drift")
+    found = drift["measurements"]
+    rows = [[m["feature"], m["split"], m["comparator"], m["value"], m["threshold"],
+             "DRIFTED" if m["drifted"] else "within bound"] for m in found]
+    return pages.section(
+        "Span to span drift", f"Span {drift['span']} against span {drift['previous_span']} (TFDV's drift "
+        "comparators; bounds from the spec's monitoring.drift). A drifted feature stops the run at the data gate.",
+        pages.table(["feature", "split", "comparator", "distance", "bound", "verdict"], rows,
+                    flagged=[m["drifted"] for m in found]) if rows else
+        "No feature has a drift bound (the spec's monitoring.drift sets none).", anchor="span-drift")
+
+
 def _data_html(summary: Dict[str, Any], stats_uri: str, anomalies_uri: Optional[str], path: str) -> str:
     from pipelines import pages
 
     train = load_statistics(os.path.join(stats_uri, "Split-train", "FeatureStats.pb"))
     evaluation = load_statistics(os.path.join(stats_uri, "Split-eval", "FeatureStats.pb"))
     parts = [statistics_section(train, evaluation, "train", "eval", "Distributions: train vs eval")]
+    if summary.get("span_drift"):
+        parts.append(span_drift_section(summary["span_drift"]))
     for split in ("train", "eval"):
         found = read_anomalies(anomalies_uri, split)
         parts.append(pages.section(

@@ -386,6 +386,7 @@ def test_a_real_run_gates_a_span_that_drifted_from_the_one_before(taxi_spec, tmp
     assert {(split, feature) for split, feature, *_ in measured} >= {("train", "fare"), ("eval", "fare"),
                                                                       ("train", "trip_miles")}
     assert all(float(bound) == BOUND and not flag for *_, bound, flag in measured)
+    _the_report_shows_each_features_distance_to_the_previous_span(spec, environment, tmp_path, 2, drifted=[])
     caplog.clear()
 
     shifted = [{**row, "fare": str(float(row["fare"] or 0) * 100)} for row in rows[120:180]]
@@ -400,3 +401,36 @@ def test_a_real_run_gates_a_span_that_drifted_from_the_one_before(taxi_spec, tmp
     assert all(float(value) > BOUND and float(bound) == BOUND for *_, value, bound in found)
     assert mlmd.spans_read(db, spec.name, "StatisticsGen") == [3]
     assert mlmd.spans_read(db, spec.name, "Transform") == []  # the gate stopped the run before Transform
+    _the_report_shows_each_features_distance_to_the_previous_span(spec, environment, tmp_path, 3, ["fare"],
+                                                                  failed.value)
+
+
+
+def _the_report_shows_each_features_distance_to_the_previous_span(spec, environment, tmp_path, span, drifted,
+                                                                  error=None):
+    """After a run through the data gate of `span` (span - 1 before it): the run's summary and data report
+    show what the gate measured (pipelines/report.py span_drift, on the gate's inputs ML Metadata recorded,
+    also when the gate stopped the run), one row per compared feature and split: TFDV's comparator, the
+    distance, the spec's bound and the verdict; the `drifted` features flagged, in every split."""
+    from pipelines import report
+    from tests import browser
+
+    summary = report.build_summary(spec, {"model_repository": environment.model_repository}, environment, [], {},
+                                   0.0, error)
+    drift = summary["span_drift"]
+    assert (drift["span"], drift["previous_span"]) == (span, span - 1)
+    measured = {(m["feature"], m["split"]): m for m in drift["measurements"]}
+    assert {("fare", "train"), ("fare", "eval"), ("trip_miles", "train")} <= set(measured)
+    assert {m["comparator"] for m in measured.values()} == {"JENSEN_SHANNON_DIVERGENCE"}  # no infinity_norm bound
+    assert all(0 <= m["value"] <= 1 + 1e-9 and m["threshold"] == BOUND for m in measured.values()), measured
+    assert {feature for (feature, _), m in measured.items() if m["drifted"]} == set(drifted)
+    with open(report.write_html(summary, spec, str(tmp_path / f"reports-{span}"))["data"]) as f:
+        page = f.read().replace("'", '"')  # the attribute quotes a browser's DOM would show
+    rows = {(r["cells"][0], r["cells"][1]): r for r in browser.table_rows(page, "span-drift")}
+    assert set(rows) == set(measured)
+    for key, m in measured.items():
+        verdict = "DRIFTED" if m["drifted"] else "within bound"
+        assert rows[key]["cells"][2:] == [m["comparator"], f"{m['value']:.4f}", f"{BOUND:.4f}", verdict]
+        assert rows[key]["class"] == ("flagged" if m["drifted"] else "")
+    assert f"Span {span} against span {span - 1}" in page
+
