@@ -218,6 +218,25 @@ def ingested_spans(metadata_path: str, example_gen: str = "CsvExampleGen") -> Li
     return sorted({span for span in spans if span is not None})
 
 
+def example_gen_inputs(connection_config, pipeline_name: str, node: str = "CsvExampleGen") -> List[Dict[str, Any]]:
+    """What each recorded execution of `pipeline_name`'s ExampleGen read, oldest first: {"input_base",
+    "patterns" (its splits' file patterns, the span filled in by TFX's driver), "span"}. [] when the
+    SQLite store does not exist yet (none is created) or the node never ran."""
+    import json
+
+    if connection_config.HasField("sqlite") and not os.path.exists(connection_config.sqlite.filename_uri):
+        return []
+    store = store_for(connection_config)
+    context = store.get_context_by_type_and_name("node", f"{pipeline_name}.{node}")
+    found = []
+    for execution in sorted(store.get_executions_by_context(context.id), key=lambda e: e.id) if context else []:
+        config = json.loads(exec_property(execution, "input_config") or "{}")
+        span = execution.custom_properties["span"].int_value if "span" in execution.custom_properties else None
+        found.append({"input_base": exec_property(execution, "input_base"), "span": span,
+                      "patterns": [split.get("pattern", "") for split in config.get("splits", [])]})
+    return found
+
+
 def spans_read(metadata_path: str, pipeline_name: str, node: str = "Transform", key: str = "examples") -> List[int]:
     """The spans of the Examples the latest execution of `node` in `pipeline_name` read under input `key`,
     ascending (empty when it never ran): what a run trained on, as ML Metadata recorded it."""

@@ -434,3 +434,50 @@ def _the_report_shows_each_features_distance_to_the_previous_span(spec, environm
         assert rows[key]["class"] == ("flagged" if m["drifted"] else "")
     assert f"Span {span} against span {span - 1}" in page
 
+
+def test_a_spans_spec_refuses_a_store_where_its_pipeline_ingested_another_input(tmp_path):
+    """A spans spec copied from taxi.yaml keeps name: taxi, and so the pipeline and store `make run` uses.
+    TFX's ExampleGen stamps a single CSV's Examples span 0, and SpanRangeStrategy takes every Examples
+    of the pipeline's ExampleGen in the store: with 3 rolling spans and newest span 2 the window holds the
+    whole CSV (span_range_strategy.py:93-100). create_pipeline refuses such a store, naming it, the spec's
+    name key and the fix; over its own spans alone it builds."""
+    from tfx.orchestration import metadata, pipeline
+    from tfx.orchestration.local.local_dag_runner import LocalDagRunner
+    from tfx.proto import range_config_pb2
+    from tfx.dsl.input_resolution.strategies.span_range_strategy import SpanRangeStrategy
+    from tfx.types import standard_artifacts
+
+    from pipelines import mlmd, pipeline as pipeline_lib
+
+    write_spans(tmp_path / "spans", {1: 3, 2: 3})
+    spans = spanned(tmp_path, 3)
+    (tmp_path / "single").mkdir()
+    (tmp_path / "single" / "data.csv").write_text(HEADER + "9.0,1.0,Cash,0.0\n" * 3)
+    single = dataclasses.replace(spans, data_path=str(tmp_path / "single" / "data.csv"), rolling_spans=None)
+    db = str(tmp_path / "mlmd.sqlite")
+    env = pipeline_lib.Environment(pipeline_root=str(tmp_path / "root"), model_repository=str(tmp_path / "models"),
+                                   metadata_connection_config=metadata.sqlite_metadata_connection_config(db))
+
+    def ingest(spec):
+        LocalDagRunner().run(pipeline.Pipeline(pipeline_name=spec.name, pipeline_root=env.pipeline_root,
+                                               components=[pipeline_lib._example_gen(spec)],
+                                               metadata_connection_config=env.metadata_connection_config))
+    ingest(spans)  # span 2, the newest
+    pipeline_lib.create_pipeline(spans, env)  # its own spans only: no refusal
+    ingest(single)  # `make run` of taxi.yaml: the same pipeline name and store
+    assert spans.name == single.name == "taxi" and mlmd.ingested_spans(db) == [0, 2]
+
+    def wrapped(proto):
+        artifact = standard_artifacts.Examples()
+        artifact.set_mlmd_artifact(proto)
+        return artifact
+    window = SpanRangeStrategy(range_config_pb2.RangeConfig(rolling_range=range_config_pb2.RollingRange(num_spans=3)))
+    every = [wrapped(a) for a in mlmd.connect(db).get_artifacts_by_type("Examples")]
+    resolved = window._resolve({"examples": every})["examples"]
+    assert [a.get_int_custom_property("span") for a in resolved] == [2, 0]  # the whole CSV joins the window
+    with pytest.raises(feature_spec.SpecError) as refused:  # what the local runner prints without a traceback
+        pipeline_lib.create_pipeline(spans, env)
+    message = str(refused.value)
+    assert message.startswith(f"{db}: pipeline 'taxi' already ingested {tmp_path / 'single' / 'data.csv'} (span 0)")
+    assert f"not this spec's spans {tmp_path / 'spans' / 'span-{SPAN}/*.csv'}" in message
+    assert f"own name: key in {spans.source} (e.g. name: taxi_spans" in message and f"remove {db}" in message
