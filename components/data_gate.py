@@ -10,7 +10,7 @@ names each feature and why.
 import json
 import logging
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 from tensorflow_metadata.proto.v0 import anomalies_pb2, statistics_pb2
@@ -86,8 +86,8 @@ def _propensity_problems(stats_of: Optional[statistics_pb2.FeatureNameStatistics
     numbers = stats_of.num_stats
     if numbers.common_stats.num_non_missing and (numbers.min <= 0 or numbers.max > 1):
         return [f"served.propensity_column '{name}': values from {numbers.min:g} to {numbers.max:g}; a propensity is "
-                "the probability of the answer given, in (0, 1]: re-export the span from the prediction log "
-                "(make export-span), or leave the cell empty for a row that was never served"]
+                "the probability of the row's policy (serving/proxy.py), in (0, 1]: re-export the span from the "
+                "prediction log (make export-span), or leave the cell empty for a row that was never served"]
     return []
 
 
@@ -138,6 +138,21 @@ def _statistics(uri: str, split: str) -> statistics_pb2.DatasetFeatureStatistics
     return stats
 
 
+def measure_span_drift(statistics_uri: str, previous_uri: str, schema_uri: str, split: str,
+                       spec: FeatureSpec) -> Tuple[List[Dict[str, Any]], Dict[str, str]]:
+    """One split's span-to-span drift as the gate judges it: components.spans.span_drift of the statistics
+    against the previous span's, under the schema, with the spec's monitoring.span_drift bounds ((measured,
+    {feature: why not judged}); no bounds: nothing compared). The run's report calls it on the inputs ML
+    Metadata recorded for the gate, so what a person reads is what the gate judged."""
+    bounds = spec.monitoring.span_drift if spec.monitoring is not None else None
+    if bounds is None:
+        return [], {}
+    from tfx.utils import io_utils
+
+    schema = io_utils.SchemaReader().read(io_utils.get_only_uri_in_dir(schema_uri))
+    return span_drift(_statistics(statistics_uri, split), _statistics(previous_uri, split), schema, bounds)
+
+
 def find_problems(anomalies_uri: str, statistics_uri: str, split_names: List[str], spec: FeatureSpec,
                   previous_uri: str = None, schema_uri: str = None) -> List[str]:
     """Each problem once, with the splits it shows in ("[train, eval] ..."): CsvExampleGen types a column
@@ -160,12 +175,8 @@ def find_problems(anomalies_uri: str, statistics_uri: str, split_names: List[str
             spec.served.use == "holdback_only" else []  # "train": the split the Trainer fits
         for problem in spec_problems(stats, spec, locate) + anomaly_problems(anomalies) + served:
             splits_of.setdefault(problem, []).append(split)
-        bounds = spec.monitoring.span_drift if spec.monitoring is not None else None  # none: no drift check
-        if previous_uri and schema_uri and bounds is not None:
-            from tfx.utils import io_utils
-
-            schema = io_utils.SchemaReader().read(io_utils.get_only_uri_in_dir(schema_uri))
-            measured, unjudged = span_drift(stats, _statistics(previous_uri, split), schema, bounds)
+        if previous_uri and schema_uri:
+            measured, unjudged = measure_span_drift(statistics_uri, previous_uri, schema_uri, split, spec)
             for m in measured:  # every compared feature, drifted or not: the run's log reports each
                 logging.info("data gate: [%s] feature '%s' against the previous span: %s %.4f (bound %g)%s", split,
                              m["feature"], m["comparator"], m["value"], m["threshold"],

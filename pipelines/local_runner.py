@@ -68,7 +68,7 @@ def run(spec_path: str, env_path: str = "configs/local.yaml", data_path: Optiona
             pipeline_root=env["pipeline_root"], model_repository=env["model_repository"],
             metadata_connection_config=metadata.sqlite_metadata_connection_config(env["metadata_path"]),
             beam_pipeline_args=beam_profiles.for_tfx(beam_args), enable_cache=env.get("enable_cache", True),
-            sandbox=dict(env.get("sandbox") or {}))
+            sandbox=dict(env.get("sandbox") or {}), **({"baseline": env["baseline"]} if env.get("baseline") else {}))
         tfx_pipeline = pipeline_lib.create_pipeline(spec, environment)
         try:  # before the run's progress watcher, which reports the run's own components
             span_window.ingest_window_spans(spec, environment, env["metadata_path"], terminal.out)

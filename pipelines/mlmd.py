@@ -125,6 +125,21 @@ def latest_run_record(connection_config) -> Tuple[Dict[str, List[Any]], Optional
     return by_type, baseline
 
 
+def latest_run_node(connection_config, node: str) -> Dict[str, Any]:
+    """The newest execution of `node` in the latest pipeline run: {"inputs": {key: [artifact]}, "outputs":
+    {key: [artifact]}, "spans": {artifact id: the span it describes (described_spans), inputs and outputs}};
+    {} when that run has no execution of the node (not reached, or no run yet)."""
+    pb2 = _pb2()
+    store = store_for(connection_config)
+    run = latest_run(store)
+    found = [e for e, name, _ in run_executions(store, run) if name == node] if run is not None else []
+    if not found:
+        return {}
+    inputs, outputs = (artifacts_of(store, found[-1].id, kind) for kind in (pb2.Event.INPUT, pb2.Event.OUTPUT))
+    every = [a for by_key in (inputs, outputs) for artifacts in by_key.values() for a in artifacts]
+    return {"inputs": inputs, "outputs": outputs, "spans": described_spans(store, every)}
+
+
 def tag_latest_run(connection_config, key: str, value: str) -> bool:
     """Sets a string custom property on the newest pipeline_run context (False: no run yet)."""
     store = store_for(connection_config)
@@ -201,6 +216,25 @@ def ingested_spans(metadata_path: str, example_gen: str = "CsvExampleGen") -> Li
     store = connect(metadata_path)
     spans = (span_of(a) for a in store.get_artifacts_by_type("Examples") if f"/{example_gen}/" in a.uri)
     return sorted({span for span in spans if span is not None})
+
+
+def example_gen_inputs(connection_config, pipeline_name: str, node: str = "CsvExampleGen") -> List[Dict[str, Any]]:
+    """What each recorded execution of `pipeline_name`'s ExampleGen read, oldest first: {"input_base",
+    "patterns" (its splits' file patterns, the span filled in by TFX's driver), "span"}. [] when the
+    SQLite store does not exist yet (none is created) or the node never ran."""
+    import json
+
+    if connection_config.HasField("sqlite") and not os.path.exists(connection_config.sqlite.filename_uri):
+        return []
+    store = store_for(connection_config)
+    context = store.get_context_by_type_and_name("node", f"{pipeline_name}.{node}")
+    found = []
+    for execution in sorted(store.get_executions_by_context(context.id), key=lambda e: e.id) if context else []:
+        config = json.loads(exec_property(execution, "input_config") or "{}")
+        span = execution.custom_properties["span"].int_value if "span" in execution.custom_properties else None
+        found.append({"input_base": exec_property(execution, "input_base"), "span": span,
+                      "patterns": [split.get("pattern", "") for split in config.get("splits", [])]})
+    return found
 
 
 def spans_read(metadata_path: str, pipeline_name: str, node: str = "Transform", key: str = "examples") -> List[int]:

@@ -23,7 +23,7 @@ from components import preprocessing
 from components.baseline import BaselineModelStrategy, StableModelStrategy
 from components.data_gate import DataGate
 from components.evaluation import eval_config
-from components.feature_spec import SPAN_TOKEN, FeatureSpec
+from components.feature_spec import SPAN_TOKEN, FeatureSpec, SpecError
 from components.sandbox import SandboxConfig, SandboxValidator
 from components.spans import LatestAnalyzerCacheStrategy, PreviousSpanStatisticsStrategy
 
@@ -131,6 +131,36 @@ def _training_examples(spec: FeatureSpec, example_gen: CsvExampleGen):
     return window, window.outputs["examples"]
 
 
+def refuse_another_input(spec: FeatureSpec, env: Environment, pipeline_name: str, data_root=None) -> None:
+    """With spans: refuses a store where this pipeline's ExampleGen has ingested another input. The window
+    (SpanRangeStrategy) and the previous span's statistics take every Examples of the pipeline's ExampleGen
+    in the store, and a single-CSV run's carry span 0 (TFX's driver writes the span its input processor
+    resolves, 0 for a pattern without {SPAN}: tfx/components/example_gen/driver.py:109-119); the window keeps
+    spans >= newest - N + 1 (span_range_strategy.py:93-100), so with newest <= N - 1 a spec copied from
+    taxi.yaml, still named taxi, would train on the whole CSV too, and span 1 be compared with it."""
+    if not spec.has_spans or env.metadata_connection_config is None:
+        return
+    import re
+
+    from pipelines import mlmd
+
+    input_base, pattern = data_folder(spec)
+    input_base = data_root if isinstance(data_root, str) else input_base
+    own = re.compile(re.escape(pattern).replace(re.escape(SPAN_TOKEN), r"\d+"))
+    for found in mlmd.example_gen_inputs(env.metadata_connection_config, pipeline_name):
+        same_base = os.path.normpath(found["input_base"] or "") == os.path.normpath(input_base)
+        if same_base and found["patterns"] and all(own.fullmatch(p) for p in found["patterns"]):
+            continue
+        config = env.metadata_connection_config
+        store = config.sqlite.filename_uri if config.HasField("sqlite") else "the ML Metadata store"
+        ingested = os.path.join(found["input_base"] or "", *found["patterns"][:1])
+        raise SpecError(
+            f"{store}: pipeline '{pipeline_name}' already ingested {ingested} (span {found['span']}), not this "
+            f"spec's spans {os.path.join(input_base, pattern)}: its window and previous-span statistics would "
+            f"take those Examples in. Give the spans spec its own name: key in {spec.source} (e.g. name: "
+            f"{spec.name}_spans, which gets its own store and model folder), or remove {store} to start over")
+
+
 def span_ingestion_pipeline(spec: FeatureSpec, env: Environment, span: int,
                             pipeline_name: Optional[str] = None) -> tfx_pipeline.Pipeline:
     """CsvExampleGen pinned to `span` and its StatisticsGen, under create_pipeline's pipeline name, root and
@@ -179,6 +209,7 @@ def component_config(spec: FeatureSpec, component: str) -> Dict[str, Any]:
 def create_pipeline(spec: FeatureSpec, env: Environment, pipeline_name: Optional[str] = None, data_root=None):
     """The pipeline for `spec` in `env`. `data_root` (a folder or a RuntimeParameter) replaces the
     folder of the spec's data.path, so a runner varies the data without editing the DAG."""
+    refuse_another_input(spec, env, pipeline_name or spec.name, data_root)
     example_gen = _example_gen(spec, data_root)
     window, training_examples = _training_examples(spec, example_gen)
     statistics_gen = StatisticsGen(examples=example_gen.outputs["examples"])

@@ -11,7 +11,7 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from components.feature_spec import FeatureSpec
-from pipelines.mlmd import custom_property, latest_run_record
+from pipelines.mlmd import custom_property, latest_run_node, latest_run_record
 
 
 def _from_node(artifacts: Dict[str, List[Any]], type_name: str, node_id: str) -> List[Any]:
@@ -136,11 +136,14 @@ def read_evaluation(evaluation_uri: str) -> Dict[str, Any]:
     """The candidate's metrics, confidence intervals, changes against the baseline and plots per
     slice, Overall first and then by size, and TFMA's validation result.
 
-    {"slices": {name: {"examples", "metrics", "intervals": {metric: [lower, upper]}, "diffs",
+    {"slices": {name: {"examples", "metrics", "intervals": {metric: [lower, upper]}, "diffs", "baseline",
     "plots": {group: {"roc", "precision_recall", "calibration", "positives", "negatives",
     "predicted_positives"}}}},
      "validation": {"ok", "rubber_stamp", "failures": [{"slice", "metric", "kind", "value", "message"}]}}
-    Metric names come from components.evaluation.metric_name; a metric a slice cannot define
+    With a baseline model, "baseline" holds its metrics (TFMA keys them by the baseline's model_name)
+    and "diffs" TFMA's candidate minus baseline (the candidate's key with is_diff; TFMA 0.47
+    evaluators/metrics_plots_and_validations_evaluator.py:628-657 add_diff_metrics, metric_types.py:361-366
+    make_diff_key and make_baseline_key); a change either side cannot define is None. Metric names come from components.evaluation.metric_name; a metric a slice cannot define
     (AUC with one class present) is None, never 0. Intervals (95%) are Wilson's for proportions
     and Hanley-McNeil's for AUC, from the counts in TFMA's confusion matrices."""
     import tensorflow_model_analysis as tfma
@@ -153,14 +156,16 @@ def read_evaluation(evaluation_uri: str) -> Dict[str, Any]:
 
     def entry(slice_key) -> Dict[str, Any]:
         name = _slice_name(slicer_lib.deserialize_slice_key(slice_key))
-        return slices.setdefault(name, {"examples": None, "metrics": {}, "intervals": {}, "diffs": {}, "plots": {}})
+        return slices.setdefault(name, {"examples": None, "metrics": {}, "intervals": {}, "diffs": {}, "baseline": {},
+                                        "plots": {}})
 
     for for_slice in tfma.load_metrics(evaluation_uri):
         e = entry(for_slice.slice_key)
         for kv in for_slice.metric_keys_and_values:
-            if kv.key.model_name in baselines:
-                continue
             name, value = metric_name(kv.key), _number(kv.value)
+            if kv.key.model_name in baselines:  # TFMA keys the baseline's own figures by its model name
+                e["baseline"][name] = value
+                continue
             if kv.key.is_diff:
                 e["diffs"][name[:-len("_diff")]] = value
                 continue
@@ -186,10 +191,16 @@ def read_evaluation(evaluation_uri: str) -> Dict[str, Any]:
         if "" not in counts and e["metrics"].get("mean_label") in (0.0, 1.0) and e["examples"]:
             label = e["metrics"]["mean_label"]  # binary without plots: the label's mean tells
             counts[""] = (label * e["examples"], (1 - label) * e["examples"])
+        for name in [n for n in e["baseline"] if _undefined(n, counts)]:  # the same rows, so the same counts
+            e["baseline"][name] = None
+            if name in e["diffs"]:
+                e["diffs"][name] = None
         for name, value in list(e["metrics"].items()):
             if _undefined(name, counts):
                 e["metrics"][name] = None
                 e["intervals"].pop(name, None)
+                if name in e["diffs"]:
+                    e["diffs"][name] = None
             elif value is not None and name not in e["intervals"]:  # TFMA's, when its options ask for them
                 found = _interval(name, value, e["examples"], e["plots"])
                 if found:
@@ -221,6 +232,16 @@ def _validation(evaluation_uri: str, baselines: set) -> Dict[str, Any]:
 def load_metrics(evaluation_uri: str) -> Dict[str, Dict[str, Optional[float]]]:
     """{slice name: {metric: value}} of the candidate in an Evaluator output (read_evaluation)."""
     return {name: e["metrics"] for name, e in read_evaluation(evaluation_uri)["slices"].items()}
+
+
+def versus_baseline(evaluation: Dict[str, Any]) -> Dict[str, Dict[str, Dict[str, Optional[float]]]]:
+    """{slice: {metric: {"candidate", "baseline", "difference"}}} of every metric the baseline model was
+    evaluated on, per slice in read_evaluation's order; the difference is TFMA's (candidate minus
+    baseline). Empty without a baseline model; None where a value is not defined."""
+    return {name: {metric: {"candidate": e["metrics"].get(metric), "baseline": value,
+                            "difference": e["diffs"].get(metric)}
+                   for metric, value in e["baseline"].items() if metric != "example_count"}
+            for name, e in evaluation["slices"].items() if e.get("baseline")}
 
 
 def threshold_verdicts(spec: FeatureSpec, evaluation: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -299,6 +320,8 @@ def build_summary(spec: FeatureSpec, env: Dict, environment, order: List[str], s
         "metrics": {"overall": metrics.get("Overall", {}),
                     "slices": {k: v for k, v in metrics.items() if k != "Overall"},
                     "intervals": intervals},  # {slice: {metric: [lower, upper]}} where computed
+        "versus_baseline": versus_baseline(evaluated) if evaluated else {},
+        "span_drift": span_drift(spec, environment.metadata_connection_config),
         "seconds_per_component": {node: round(seconds[node], 2) for node in order if node in seconds},
         "total_seconds": round(total_seconds, 2),
         "artifacts": {"model": model[-1].uri if model else None,
@@ -307,6 +330,35 @@ def build_summary(spec: FeatureSpec, env: Dict, environment, order: List[str], s
                       "evaluation": evaluation[-1].uri if evaluation else None},
         "model_repository": env["model_repository"],
     }
+
+
+def span_drift(spec: FeatureSpec, connection_config) -> Optional[Dict[str, Any]]:
+    """With spans: the run's newest span against the previous one, as the data gate measures it
+    (components.data_gate.span_drift, on the inputs ML Metadata recorded for the gate's latest
+    execution, so a gate that stopped the run is reported too): {"span", "previous_span" (None on the
+    first span), "measurements": [{"split", "feature", "comparator", "value" (the distance), "threshold"
+    (the bound), "drifted"}], "not_judged": [{"split", "feature", "why"}] (too few values, or ignored)}. None
+    without spans or when the run did not reach the gate."""
+    if not spec.has_spans:
+        return None
+    gate = latest_run_node(connection_config, "data_gate")
+    if not gate.get("inputs", {}).get("statistics"):
+        return None
+    from tfx.types import artifact_utils
+
+    from components.data_gate import measure_span_drift
+
+    inputs = {key: artifacts[-1] for key, artifacts in gate["inputs"].items() if artifacts}
+    statistics, previous, schema = (inputs.get(k) for k in ("statistics", "previous_statistics", "schema"))
+    measurements, not_judged = [], []
+    if previous is not None and schema is not None:
+        for split in artifact_utils.decode_split_names(statistics.properties["split_names"].string_value):
+            measured, unjudged = measure_span_drift(statistics.uri, previous.uri, schema.uri, split, spec)
+            measurements += [{"split": split, **m} for m in measured]
+            not_judged += [{"split": split, "feature": f, "why": why} for f, why in sorted(unjudged.items())]
+    return {"span": gate["spans"].get(statistics.id),
+            "previous_span": gate["spans"].get(previous.id) if previous is not None else None,
+            "measurements": measurements, "not_judged": not_judged}
 
 
 def sandbox_result(uri: str) -> Optional[Dict[str, Any]]:
@@ -509,12 +561,35 @@ def read_anomalies(anomalies_uri: Optional[str], split: str) -> List[Dict[str, s
     return found
 
 
+def span_drift_section(drift: Dict[str, Any]):
+    """span_drift's measurements: per feature and split, TFDV's comparator, the distance, the spec's
+    bound and whether the gate found it drifted (flagged)."""
+    from pipelines import pages
+
+    if drift["previous_span"] is None:
+        return pages.section("Span to span drift", f"Span {drift['span']} is the first: no previous span to "
+                             "compare with.", anchor="span-drift")
+    found = drift["measurements"]
+    rows = [[m["feature"], m["split"], m["comparator"], m["value"], m["threshold"],
+             "DRIFTED" if m["drifted"] else "within bound"] for m in found]
+    rows += [[n["feature"], n["split"], "", "", "", f"not judged: {n['why']}"] for n in drift.get("not_judged", [])]
+    return pages.section(
+        "Span to span drift", f"Span {drift['span']} against span {drift['previous_span']} (TFDV's drift "
+        "comparators; bounds from the spec's monitoring.span_drift). A drifted feature stops the run at the data "
+        "gate.",
+        pages.table(["feature", "split", "comparator", "distance", "bound", "verdict"], rows,
+                    flagged=[m["drifted"] for m in found] + [False] * (len(rows) - len(found))) if rows else
+        "No feature has a span-to-span bound (the spec sets no monitoring.span_drift).", anchor="span-drift")
+
+
 def _data_html(summary: Dict[str, Any], stats_uri: str, anomalies_uri: Optional[str], path: str) -> str:
     from pipelines import pages
 
     train = load_statistics(os.path.join(stats_uri, "Split-train", "FeatureStats.pb"))
     evaluation = load_statistics(os.path.join(stats_uri, "Split-eval", "FeatureStats.pb"))
     parts = [statistics_section(train, evaluation, "train", "eval", "Distributions: train vs eval")]
+    if summary.get("span_drift"):
+        parts.append(span_drift_section(summary["span_drift"]))
     for split in ("train", "eval"):
         found = read_anomalies(anomalies_uri, split)
         parts.append(pages.section(
@@ -566,6 +641,22 @@ def _metric_table(evaluated: Dict[str, Any]):
     return pages.table(["slice", "examples"] + names, rows)
 
 
+def _baseline_section(evaluated: Dict[str, Any]) -> List[Any]:
+    """Per slice and metric: the candidate's value, the baseline model's and TFMA's difference."""
+    from pipelines import pages
+
+    compared = versus_baseline(evaluated)
+    if not compared:
+        return []
+    rows = [[slice_name, metric, v["candidate"], v["baseline"], v["difference"]]
+            for slice_name, metrics in compared.items() for metric, v in metrics.items()]
+    return [pages.section(
+        "Candidate vs baseline by slice", "The baseline is the model the Evaluator compared the candidate with "
+        "(the facts above); difference = candidate − baseline, as TFMA computes it. \"not defined\": a metric "
+        "the slice cannot define.",
+        pages.table(["slice", "metric", "candidate", "baseline", "difference"], rows), anchor="baseline")]
+
+
 def _plot_sections(evaluated: Dict[str, Any], spec: FeatureSpec) -> List[Any]:
     from pipelines import pages
 
@@ -606,5 +697,5 @@ def _evaluation_html(summary: Dict[str, Any], spec: FeatureSpec, evaluated: Dict
         "cannot define (e.g. AUC with one class present).",
         _metric_table(evaluated), anchor="metrics")
     return pages.write(path, f"Evaluation of {summary['pipeline_name']}", facts, thresholds_section(summary),
-                       metrics, *_plot_sections(evaluated, spec),
+                       metrics, *_baseline_section(evaluated), *_plot_sections(evaluated, spec),
                        subtitle=f"evaluation: {summary['artifacts']['evaluation']}")

@@ -88,8 +88,8 @@ def test_a_propensity_outside_zero_to_one_stops_the_run_naming_the_column(tmp_pa
         _with_propensity(stats, low, high)
         assert data_gate.find_problems(anomalies, stats, ["train", "eval"], spec) == [
             f"[train, eval] served.propensity_column 'propensity': values from {low:g} to {high:g}; a propensity is "
-            "the probability of the answer given, in (0, 1]: re-export the span from the prediction log (make "
-            "export-span), or leave the cell empty for a row that was never served"]
+            "the probability of the row's policy (serving/proxy.py), in (0, 1]: re-export the span from the "
+            "prediction log (make export-span), or leave the cell empty for a row that was never served"]
     _artifacts(tmp_path, {"count": INT, "price": FLOAT, "city": STRING, "big": INT})
     _with_propensity(stats, 0, 0, kind=STRING)
     assert "the data holds text values" in data_gate.find_problems(anomalies, stats, ["train", "eval"], spec)[0]

@@ -303,3 +303,68 @@ def test_the_data_page_renders_a_real_tfdv_anomaly_with_its_feature_and_reason(t
     assert (feature, reason) == ("payment_type", "Unexpected string values")  # TFDV's ENUM_TYPE_UNEXPECTED_STRING_VALUES
     assert "Bitcoin" in description
     assert re.search(r'<section id="anomalies-train">.*?No anomalies found\..*?</section>', page.dom, re.S)
+
+
+def _tfma_output_with_a_baseline(path):
+    """An Evaluator output as TFMA writes it when a baseline model is given, from TFMA's own writers:
+    the baseline's metrics under its model_name, the candidate's under its own, and each difference
+    under the candidate's key with is_diff (TFMA 0.47 evaluators/metrics_plots_and_validations_evaluator.py
+    :628-657 add_diff_metrics: candidate minus baseline; metric_types.py:361-366). Slices: Overall,
+    the holdback policy slice a spec with served: declares, and a slice of positives only (AUC undefined)."""
+    import tensorflow as tf
+    import tensorflow_model_analysis as tfma
+    from tensorflow_model_analysis.metrics import metric_types
+    from tensorflow_model_analysis.writers import eval_config_writer, metrics_plots_and_validations_writer as writer
+
+    config = tfma.EvalConfig(model_specs=[tfma.ModelSpec(name="candidate", label_key="tips"),
+                                          tfma.ModelSpec(name="baseline", label_key="tips", is_baseline=True)])
+    figures = {  # slice: (examples, mean label, {metric: (candidate, baseline)})
+        (): (300, 0.4, {"auc": (0.82, 0.79), "binary_accuracy": (0.74, 0.75)}),
+        (("policy", "holdback:fallback"),): (60, 0.3, {"auc": (0.70, 0.72), "binary_accuracy": (0.71, 0.66)}),
+        (("payment_type", "Prcard"),): (5, 1.0, {"auc": (0.0, 0.0), "binary_accuracy": (0.8, 0.6)}),
+    }
+    os.makedirs(path)
+    with tf.io.TFRecordWriter(os.path.join(path, "metrics-00000-of-00001.tfrecord")) as records:
+        for slice_key, (examples, mean_label, metrics) in figures.items():
+            values = {}
+            for model in ("candidate", "baseline"):
+                values[metric_types.MetricKey("example_count", model_name=model)] = float(examples)
+                values[metric_types.MetricKey("mean_label", model_name=model)] = mean_label
+            for name, (candidate, baseline) in metrics.items():
+                key = metric_types.MetricKey(name, model_name="candidate")
+                values[key], values[key.make_baseline_key("baseline")] = candidate, baseline
+                values[key.make_diff_key()] = candidate - baseline
+            proto = writer.convert_slice_metrics_to_proto((slice_key, values), None)
+            records.write(proto.SerializeToString())
+    with open(os.path.join(path, "eval_config.json"), "w") as f:
+        f.write(eval_config_writer._serialize_eval_run(config, "", "tfrecord", {}))
+
+
+def test_each_slice_shows_the_candidate_the_baseline_and_their_difference(tmp_path):
+    from tests import browser
+
+    evaluation = str(tmp_path / "evaluation")
+    _tfma_output_with_a_baseline(evaluation)
+    evaluated = report.read_evaluation(evaluation)
+    compared = report.versus_baseline(evaluated)
+    assert list(compared) == ["Overall", "policy=holdback:fallback", "payment_type=Prcard"]
+    holdback = compared["policy=holdback:fallback"]
+    assert holdback["auc"]["candidate"] == pytest.approx(0.70) and holdback["auc"]["baseline"] == pytest.approx(0.72)
+    assert holdback["auc"]["difference"] == pytest.approx(-0.02)
+    assert holdback["binary_accuracy"]["difference"] == pytest.approx(0.05)
+    # The baseline's figures are not mistaken for the candidate's.
+    assert evaluated["slices"]["Overall"]["metrics"]["auc"] == pytest.approx(0.82)
+    # Positives only: AUC is undefined for both models, and so is its change; accuracy is defined.
+    assert compared["payment_type=Prcard"]["auc"] == {"candidate": None, "baseline": None, "difference": None}
+    assert compared["payment_type=Prcard"]["binary_accuracy"]["difference"] == pytest.approx(0.2)
+
+    spec = load(TAXI_SPEC)
+    summary = {"pipeline_name": spec.name, "blessed": False, "pushed": False, "model_version": None,
+               "baseline_model": "/models/7", "thresholds": [], "metrics": {"overall": {"auc": 0.82}},
+               "artifacts": {"statistics": None, "anomalies": None, "evaluation": evaluation}}
+    with open(report.write_html(summary, spec, str(tmp_path / "reports"))["evaluation"]) as f:
+        page = f.read().replace("'", '"')  # the attribute quotes a browser's DOM would show
+    rows = {tuple(r["cells"][:2]): r["cells"][2:] for r in browser.table_rows(page, "baseline")}
+    assert rows[("policy=holdback:fallback", "auc")] == ["0.7000", "0.7200", "-0.0200"]
+    assert rows[("payment_type=Prcard", "auc")] == ["not defined"] * 3
+    assert rows[("Overall", "binary_accuracy")] == ["0.7400", "0.7500", "-0.0100"]

@@ -441,6 +441,7 @@ def test_a_real_run_gates_a_span_that_drifted_from_the_one_before(taxi_spec, tmp
     assert [(split, feature) for split, feature, *_, flag in measured if flag] == []
     assert "data gate: [eval] feature 'trip_start_timestamp' not judged against the previous span: " \
            "monitoring.span_drift.ignore lists it" in caplog.text
+    _the_report_shows_what_the_gate_judged(spec, environment, tmp_path, 2, caplog.text, drifted=[])
     caplog.clear()
 
     shifted = [{**row, "fare": str(float(row["fare"] or 0) * 100)} for row in spans[2]]
@@ -456,3 +457,93 @@ def test_a_real_run_gates_a_span_that_drifted_from_the_one_before(taxi_spec, tmp
                for _, _, comparator, value, bound in found)
     assert mlmd.spans_read(db, spec.name, "StatisticsGen") == [3]
     assert mlmd.spans_read(db, spec.name, "Transform") == []  # the gate stopped the run before Transform
+    _the_report_shows_what_the_gate_judged(spec, environment, tmp_path, 3, caplog.text, ["fare"], failed.value)
+
+
+
+def _the_report_shows_what_the_gate_judged(spec, environment, tmp_path, span, gate_log, drifted, error=None):
+    """After a run through the data gate of `span` (span - 1 before it): the run's summary and data report
+    show what the gate judged (pipelines/report.py span_drift, on the gate's inputs ML Metadata recorded,
+    also when the gate stopped the run): per compared feature and split TFDV's comparator, the distance,
+    the bound and the verdict, exactly the lines the gate logged (`gate_log`), the `drifted` features
+    flagged; and each feature the gate did not judge, with its reason."""
+    import html
+    import re
+
+    from pipelines import report
+    from tests import browser
+
+    logged = {(feature, split): (comparator, float(value), float(bound), bool(flag)) for split, feature, comparator,
+              value, bound, flag in re.findall(r"data gate: \[(\w+)\] feature '(\w+)' against the previous span: "
+                                               r"(\w+) ([0-9.]+) \(bound ([0-9.]+)\)( DRIFTED)?", gate_log)}
+    unjudged = {(feature, split): why for split, feature, why in re.findall(
+        r"data gate: \[(\w+)\] feature '(\w+)' not judged against the previous span: (.*)", gate_log)}
+    assert logged and unjudged
+    summary = report.build_summary(spec, {"model_repository": environment.model_repository}, environment, [], {},
+                                   0.0, error)
+    drift = summary["span_drift"]
+    assert (drift["span"], drift["previous_span"]) == (span, span - 1)
+    measured = {(m["feature"], m["split"]): m for m in drift["measurements"]}
+    assert {key: (m["comparator"], round(m["value"], 4), m["threshold"], m["drifted"])
+            for key, m in measured.items()} == logged
+    assert {(n["feature"], n["split"]): n["why"] for n in drift["not_judged"]} == unjudged
+    assert {feature for (feature, _), m in measured.items() if m["drifted"]} == set(drifted)
+    with open(report.write_html(summary, spec, str(tmp_path / f"reports-{span}"))["data"]) as f:
+        page = f.read().replace("'", '"')  # the attribute quotes a browser's DOM would show
+    rows = {(r["cells"][0], r["cells"][1]): r for r in browser.table_rows(page, "span-drift")}
+    assert set(rows) == set(measured) | set(unjudged)
+    for key, m in measured.items():
+        verdict = "DRIFTED" if m["drifted"] else "within bound"
+        assert rows[key]["cells"][2:] == [m["comparator"], f"{m['value']:.4f}", f"{m['threshold']:.4f}", verdict]
+        assert rows[key]["class"] == ("flagged" if m["drifted"] else "")
+    for key, why in unjudged.items():
+        assert html.unescape(rows[key]["cells"][-1]) == f"not judged: {why}" and rows[key]["class"] == ""
+    assert f"Span {span} against span {span - 1}" in page
+
+
+def test_a_spans_spec_refuses_a_store_where_its_pipeline_ingested_another_input(tmp_path):
+    """A spans spec copied from taxi.yaml keeps name: taxi, and so the pipeline and store `make run` uses.
+    TFX's ExampleGen stamps a single CSV's Examples span 0, and SpanRangeStrategy takes every Examples
+    of the pipeline's ExampleGen in the store: with 3 rolling spans and newest span 2 the window holds the
+    whole CSV (span_range_strategy.py:93-100). create_pipeline refuses such a store, naming it, the spec's
+    name key and the fix; over its own spans alone it builds."""
+    from tfx.orchestration import metadata, pipeline
+    from tfx.orchestration.local.local_dag_runner import LocalDagRunner
+    from tfx.proto import range_config_pb2
+    from tfx.dsl.input_resolution.strategies.span_range_strategy import SpanRangeStrategy
+    from tfx.types import standard_artifacts
+
+    from pipelines import mlmd, pipeline as pipeline_lib
+
+    write_spans(tmp_path / "spans", {1: 3, 2: 3})
+    spans = spanned(tmp_path, 3)
+    (tmp_path / "single").mkdir()
+    (tmp_path / "single" / "data.csv").write_text(HEADER + "9.0,1.0,Cash,0.0\n" * 3)
+    single = dataclasses.replace(spans, data_path=str(tmp_path / "single" / "data.csv"), rolling_spans=None)
+    db = str(tmp_path / "mlmd.sqlite")
+    env = pipeline_lib.Environment(pipeline_root=str(tmp_path / "root"), model_repository=str(tmp_path / "models"),
+                                   metadata_connection_config=metadata.sqlite_metadata_connection_config(db))
+
+    def ingest(spec):
+        LocalDagRunner().run(pipeline.Pipeline(pipeline_name=spec.name, pipeline_root=env.pipeline_root,
+                                               components=[pipeline_lib._example_gen(spec)],
+                                               metadata_connection_config=env.metadata_connection_config))
+    ingest(spans)  # span 2, the newest
+    pipeline_lib.create_pipeline(spans, env)  # its own spans only: no refusal
+    ingest(single)  # `make run` of taxi.yaml: the same pipeline name and store
+    assert spans.name == single.name == "taxi" and mlmd.ingested_spans(db) == [0, 2]
+
+    def wrapped(proto):
+        artifact = standard_artifacts.Examples()
+        artifact.set_mlmd_artifact(proto)
+        return artifact
+    window = SpanRangeStrategy(range_config_pb2.RangeConfig(rolling_range=range_config_pb2.RollingRange(num_spans=3)))
+    every = [wrapped(a) for a in mlmd.connect(db).get_artifacts_by_type("Examples")]
+    resolved = window._resolve({"examples": every})["examples"]
+    assert [a.get_int_custom_property("span") for a in resolved] == [2, 0]  # the whole CSV joins the window
+    with pytest.raises(feature_spec.SpecError) as refused:  # what the local runner prints without a traceback
+        pipeline_lib.create_pipeline(spans, env)
+    message = str(refused.value)
+    assert message.startswith(f"{db}: pipeline 'taxi' already ingested {tmp_path / 'single' / 'data.csv'} (span 0)")
+    assert f"not this spec's spans {tmp_path / 'spans' / 'span-{SPAN}/*.csv'}" in message
+    assert f"own name: key in {spans.source} (e.g. name: taxi_spans" in message and f"remove {db}" in message
