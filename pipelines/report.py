@@ -274,7 +274,8 @@ def threshold_verdicts(spec: FeatureSpec, evaluation: Dict[str, Any]) -> List[Di
             verdicts.append({"metric": t.metric, "name": name, "kind": "change", "bound": t.change, "value": diff,
                              "passed": (name, "change") not in failed if checked else None,
                              "note": failed[(name, "change")]["message"] if (name, "change") in failed else
-                             "" if checked else "no blessed baseline yet: the change is not checked"})
+                             "" if checked else "no baseline (no other blessed model to compare with): the change "
+                             "is not checked"})
     return verdicts
 
 
@@ -690,7 +691,7 @@ def _evaluation_html(summary: Dict[str, Any], spec: FeatureSpec, evaluated: Dict
 
     facts = pages.definitions([("blessed", str(summary["blessed"])), ("pushed", str(summary["pushed"])),
                                ("version", summary["model_version"] or "not pushed"),
-                               ("baseline", summary["baseline_model"] or "none (first blessed model)")])
+                               ("baseline", summary["baseline_model"] or "none (no other blessed model to compare with)")])
     metrics = pages.section(
         "Metrics by slice", "Slices from the largest. In brackets: 95% confidence intervals (Wilson's for "
         "accuracy, precision and recall; Hanley and McNeil's for AUC). \"not defined\": a metric the slice "

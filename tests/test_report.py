@@ -55,7 +55,7 @@ def test_threshold_verdicts_take_tfma_failures_and_say_when_a_change_was_not_che
     assert set(by) == {("auc", "lower"), ("auc", "change"), ("binary_accuracy", "lower"), ("binary_accuracy", "change")}
     assert by[("auc", "lower")]["passed"] is True and by[("auc", "lower")]["value"] == 0.95
     assert by[("binary_accuracy", "lower")]["passed"] is False and by[("binary_accuracy", "lower")]["bound"] == 0.85
-    assert by[("auc", "change")]["passed"] is None and "no blessed baseline" in by[("auc", "change")]["note"]
+    assert by[("auc", "change")]["passed"] is None and "no other blessed model to compare with" in by[("auc", "change")]["note"]
     assert report.describe_verdict(by[("binary_accuracy", "lower")]) == \
         "binary_accuracy 0.8000, lower bound 0.85: FAIL (too low)"
     second = report.threshold_verdicts(spec, _evaluation(0.95, 0.90, diffs={"auc": -0.02, "binary_accuracy": 0.01},
