@@ -9,9 +9,11 @@ Analysis only, as the Transform component runs it (tfx/components/transform/exec
 _Dataset keys each input by its file pattern, _OptimizeRun asks get_analysis_dataset_keys which
 inputs the cache leaves to read and passes None for the others, then AnalyzeDatasetWithCache and
 WriteTransformFn): each span is a CSV file read through tfx_bsl's CsvTFXIO with the spec's schema.
-Without materialization or statistics the executor reads no cached span at all, so this is the
-whole saving; the pipeline's Transform also writes transformed examples of every span, which the
-cache does not shorten. The cache of the older spans is written once before the rounds.
+With a cache, the new span's cache is written too, as the executor writes its updated cache; the
+"without" arm is Transform with disable_analyzer_cache (no cache read or written). Without
+materialization or statistics the executor reads no cached span at all, so this is the whole
+saving; the pipeline's Transform also writes transformed examples of every span, which the cache
+does not shorten. The cache of the older spans is written once before the rounds.
 Writes build/bench_transform_cache.json.
 """
 
@@ -115,7 +117,7 @@ class SpanAnalysis:
                 cache_out: Optional[str] = None, read_instead: Optional[Dict[str, str]] = None,
                 transform: Optional[str] = None, transformed_path: Optional[str] = None) -> None:
         """Analyzes the spans into transform_fn_dir, as the executor does: with cache_in, reads only the
-        spans keys_to_read names (None for the others); with cache_out, writes every span's cache.
+        spans keys_to_read names (None for the others); with cache_out, writes the cache of each span it read.
 
         read_instead {span: other CSV}: reads the other file under the span's key (what a cache
         that did not hold the span would be computed from). transform: a pattern of CSV files whose
@@ -193,7 +195,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         for arm, (window, cache) in arms.items():
             loads[arm].append(os.getloadavg()[0])
             start = time.perf_counter()
-            analysis.analyze(window, os.path.join(work, f"{arm}-{r}"), cache_in=cache)
+            # With a cache Transform also writes the new span's (executor.py: WriteCache into
+            # updated_analyzer_cache); with disable_analyzer_cache it writes none.
+            analysis.analyze(window, os.path.join(work, f"{arm}-{r}"), cache_in=cache,
+                             cache_out=os.path.join(work, f"{arm}-{r}-cache") if cache else None)
             times[arm].append(time.perf_counter() - start)
             print(f"round {r + 1} {arm}: {times[arm][-1]:.1f} s (load {loads[arm][-1]:.1f})", flush=True)
     result = {"spans": args.spans, "rows_per_span": args.rows, "rounds": args.rounds,
