@@ -133,5 +133,9 @@ bench-scale: ## the pipeline at 1x, 10x and 50x the taxi rows: time per componen
 bench-pipeline: ## our pipeline vs TFX's taxi native-Keras example, first run and unchanged rerun
 	$(PY) -m benchmarks.bench_pipeline
 
+.PHONY: bench-transform-cache
+bench-transform-cache: ## Transform's analysis of 3 taxi spans with the cache of the older 2, without, and the newest alone, interleaved (ROUNDS=2 ROWS=2500)
+	$(PY) -m benchmarks.bench_transform_cache $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(ROWS),--rows $(ROWS))
+
 clean:
 	rm -rf build
