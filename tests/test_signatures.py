@@ -66,6 +66,38 @@ def test_every_signature_is_exported_with_tf_servings_method_names(loaded, small
     assert graph.signature_def["serving_default"].method_name == "tensorflow/serving/predict"
 
 
+def _pruned_transforms_reached(graph, signature_name):
+    """The pruned Transform-graph functions (tf.Transform's TF1 graph applied in TF2:
+    tensorflow_transform/saved/saved_transform_io_v2.py _apply_v1_transform_model_in_v2, which
+    prunes it at each call) that a signature's function calls, directly or through others."""
+    library = {f.signature.name: f for f in graph.graph_def.library.function}
+    output = next(iter(graph.signature_def[signature_name].outputs.values())).name.split(":")[0]
+    start = next(n.attr["f"].func.name for n in graph.graph_def.node if n.name == output)
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in library:
+            continue
+        seen.add(name)
+        todo += [n.attr["f"].func.name for n in library[name].node_def if "f" in n.attr] + \
+            [n.op for n in library[name].node_def if n.op in library]
+    return {name for name in seen if name.startswith("__inference_pruned_")}
+
+
+def test_the_serving_signatures_share_one_copy_of_the_transform_graph(small_model):
+    """Each copy of the pruned Transform graph is ~800 nodes that every load (server, sandbox,
+    Evaluator) deserializes and every export traces; serving_default, serving_tf_example and
+    classification reach the same one (components/export.py signatures)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    with open(f"{small_model[0]}/saved_model.pb", "rb") as f:
+        (graph,) = saved_model_pb2.SavedModel.FromString(f.read()).meta_graphs
+    reached = {name: _pruned_transforms_reached(graph, name)
+               for name in ("serving_default", "serving_tf_example", "classification")}
+    assert all(len(pruned) == 1 for pruned in reached.values()), reached
+    assert len(set.union(*reached.values())) == 1, reached
+
+
 def test_a_required_feature_is_refused_by_the_model_itself(loaded, taxi_spec, eval_rows):
     import tensorflow as tf
 
