@@ -133,7 +133,10 @@ class PredictionLog:
                 self._lose(1, refused)
                 return
             segment = self._spool(line)
-            if len(self._queue) < self.queue_size and self._queued_bytes + len(line) <= self.queue_bytes:
+            # The bound is on every record held in memory: the queue and the batch the writer took from it
+            # (a failing store keeps that batch), so PREDLOG_QUEUE_SIZE is what it says, not it + batch_size.
+            held = len(self._queue) + self._in_writer
+            if held < self.queue_size and self._queued_bytes + len(line) <= self.queue_bytes:
                 self._queue.append((row, segment, len(line)))
                 self._queued_bytes += len(line)
                 if segment is not None:
