@@ -17,7 +17,7 @@
 5. Right after it, a full run: the same spans spec as one fresh pipeline (its own root, metadata
    and model repository: nothing cached, nothing ingested). The local runner ingests every span
    of the window older than the newest first (TFX 1.16's ExampleGen takes one span a run;
-   pipelines/span_window.py ingest_window_spans), then trains on the window: the code path a
+   pipelines/local_runner.py ingest_window_spans), then trains on the window: the code path a
    user's first run over a folder of spans takes.
 6. The same retraining run is repeated on a copy of the store whose analyzer cache was emptied:
    Transform's time with and without tf.Transform's analyzer cache.

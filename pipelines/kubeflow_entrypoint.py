@@ -25,7 +25,7 @@ version). Without it the CSV executor globs the literal `span-{SPAN}` pattern an
 finds nothing.
 
 Then it keeps a recurring run from training on the same data again, the Kubeflow twin of
-`make retrain`'s "nothing new" (pipelines/local_runner.py, exit 3). On Vertex AI the driver's span,
+`make retrain`'s "nothing new" (pipelines/span_window.py, exit 3). On Vertex AI the driver's span,
 version and input fingerprint feed ExampleGen's cache key, so unchanged files reuse the old
 examples; here ExampleGen is never cached (pipelines/kubeflow_runner.py), so the entrypoint
 compares what the driver resolved (input base, resolved pattern, span, version, fingerprint) with
@@ -52,12 +52,13 @@ from typing import Dict, List, Optional
 
 import yaml
 
+# A run stopped for want of new data exits as `make retrain`'s refusal does.
+from pipelines.span_window import NOTHING_NEW_EXIT
+
 # Parameters pipelines/kubeflow_runner.py adds to the compiled ExampleGen task, taken out of the
 # executor input before TFX's driver and executor see it.
 RECORD_PARAMETER = "ingested_record"  # where this pipeline records what its ExampleGen last ingested
 REQUIRE_NEW_PARAMETER = "require_new_span"  # a pipeline parameter: true in the recurring run
-# The exit code of a run stopped for want of new data, the one `make retrain` returns for its refusal.
-NOTHING_NEW_EXIT = 3
 
 
 class NothingNew(RuntimeError):

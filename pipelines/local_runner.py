@@ -13,13 +13,28 @@ import logging
 import os
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from components import feature_spec
 from pipelines import beam_profiles, console, fingerprint, mlmd, span_window
 from pipelines.environment import load_environment
 
 SUMMARY_PATH = "build/run_summary.json"
+
+
+def ingest_window_spans(spec, environment, metadata_path: str, out=sys.stdout) -> List[int]:
+    """Runs pipelines.pipeline.span_ingestion_pipeline with LocalDagRunner for each of spans_to_ingest, one
+    console line each, before the run's own pipeline; returns them."""
+    from tfx.orchestration.local.local_dag_runner import LocalDagRunner
+
+    from pipelines import pipeline as pipeline_lib
+
+    spans = span_window.spans_to_ingest(spec, mlmd.ingested_spans(metadata_path))
+    for span in spans:
+        out.write(f"  ingesting span {span} of the window (older than the newest, never ingested)\n")
+        out.flush()
+        LocalDagRunner().run(pipeline_lib.span_ingestion_pipeline(spec, environment, span))
+    return spans
 
 
 def run(spec_path: str, env_path: str = "configs/local.yaml", data_path: Optional[str] = None,
@@ -71,7 +86,7 @@ def run(spec_path: str, env_path: str = "configs/local.yaml", data_path: Optiona
             sandbox=dict(env.get("sandbox") or {}), **({"baseline": env["baseline"]} if env.get("baseline") else {}))
         tfx_pipeline = pipeline_lib.create_pipeline(spec, environment)
         try:  # before the run's progress watcher, which reports the run's own components
-            span_window.ingest_window_spans(spec, environment, env["metadata_path"], terminal.out)
+            ingest_window_spans(spec, environment, env["metadata_path"], terminal.out)
         except Exception as e:
             logging.exception("ingesting the window's spans failed")
             raise terminal.fail("CsvExampleGen (a span of the window)", e) from e
@@ -122,7 +137,7 @@ def main(argv=None) -> int:
         return 2
     except span_window.NothingNew as e:
         print(f"nothing to retrain on: {e}", file=sys.stderr)
-        return 3
+        return span_window.NOTHING_NEW_EXIT
     except console.RunFailed:  # run() printed it, cause first
         return 1
     except Exception as e:

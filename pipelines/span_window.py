@@ -4,10 +4,13 @@ CsvExampleGen ingested (pipelines.mlmd.ingested_spans). Light to import: a retra
 is refused before TFX is imported.
 """
 
-import sys
 from typing import List
 
 from pipelines import mlmd
+
+
+# The exit code of a run refused for want of new data: make retrain's, and a Kubeflow ExampleGen pod's.
+NOTHING_NEW_EXIT = 3
 
 
 class NothingNew(RuntimeError):
@@ -35,23 +38,9 @@ def spans_to_ingest(spec, ingested) -> List[int]:
     """The window's spans (spec.window_spans(), what the run must train on) older than the newest that
     ExampleGen has not ingested, oldest first. A run's own ExampleGen ingests the newest span only
     (TFX 1.16), so spans that arrived together, or a first run over a folder of spans, would leave
-    these out of the window TFX resolves; the local runner ingests them first (ingest_window_spans)."""
+    these out of the window TFX resolves; the local runner ingests them first
+    (pipelines/local_runner.py ingest_window_spans)."""
     if not spec.has_spans:
         return []
     seen = set(ingested)
     return [span for span in spec.window_spans()[:-1] if span not in seen]
-
-
-def ingest_window_spans(spec, environment, metadata_path: str, out=sys.stdout) -> List[int]:
-    """Runs pipelines.pipeline.span_ingestion_pipeline with LocalDagRunner for each of spans_to_ingest, one
-    console line each, before the run's own pipeline; returns them."""
-    from tfx.orchestration.local.local_dag_runner import LocalDagRunner
-
-    from pipelines import pipeline as pipeline_lib
-
-    spans = spans_to_ingest(spec, mlmd.ingested_spans(metadata_path))
-    for span in spans:
-        out.write(f"  ingesting span {span} of the window (older than the newest, never ingested)\n")
-        out.flush()
-        LocalDagRunner().run(pipeline_lib.span_ingestion_pipeline(spec, environment, span))
-    return spans

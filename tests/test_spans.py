@@ -372,7 +372,7 @@ def window_runs(taxi_spec, tmp_path_factory):
     from tfx.orchestration import pipeline
     from tfx.orchestration.local.local_dag_runner import LocalDagRunner
 
-    from pipelines import mlmd, pipeline as pipeline_lib, span_window
+    from pipelines import local_runner, mlmd, pipeline as pipeline_lib
     from tests.conftest import write_sample
 
     tmp = tmp_path_factory.mktemp("window")
@@ -383,7 +383,7 @@ def window_runs(taxi_spec, tmp_path_factory):
     for span in (2, 3, 4):  # three spans arrive before the next run
         write_sample(rows[(span - 1) * 90:span * 90], str(tmp / "spans" / f"span-{span}"))
     console = io.StringIO()
-    span_window.ingest_window_spans(spec, environment, db, out=console)
+    local_runner.ingest_window_spans(spec, environment, db, out=console)
     LocalDagRunner().run(pipeline_lib.create_pipeline(spec, environment),
                          run_options=pipeline.RunOptions(to_nodes=["Transform"]))
     return (db, spec, console.getvalue().splitlines(), mlmd.ingested_spans(db),
@@ -421,7 +421,7 @@ def test_a_real_run_gates_a_span_that_drifted_from_the_one_before(taxi_spec, tmp
     from tfx.orchestration.local.local_dag_runner import LocalDagRunner
 
     from ops import demo_drift
-    from pipelines import mlmd, pipeline as pipeline_lib, span_window
+    from pipelines import local_runner, mlmd, pipeline as pipeline_lib
     from tests.conftest import write_sample
 
     spec, environment, db, _ = _taxi_spans(taxi_spec, tmp_path, 2, drift=taxi_spec.raw["monitoring"]["span_drift"])
@@ -429,7 +429,7 @@ def test_a_real_run_gates_a_span_that_drifted_from_the_one_before(taxi_spec, tmp
     spans = demo_drift.cut_spans(rows, len(rows) // 800, 800)[10:13]
     write_sample(spans[0], str(tmp_path / "spans" / "span-1"))
     write_sample(spans[1], str(tmp_path / "spans" / "span-2"))
-    assert span_window.ingest_window_spans(spec, environment, db) == [1]
+    assert local_runner.ingest_window_spans(spec, environment, db) == [1]
     caplog.set_level(logging.INFO)
     LocalDagRunner().run(pipeline_lib.create_pipeline(spec, environment),
                          run_options=tfx_pipeline.RunOptions(to_nodes=["data_gate"]))
@@ -446,7 +446,7 @@ def test_a_real_run_gates_a_span_that_drifted_from_the_one_before(taxi_spec, tmp
 
     shifted = [{**row, "fare": str(float(row["fare"] or 0) * 100)} for row in spans[2]]
     write_sample(shifted, str(tmp_path / "spans" / "span-3"))
-    assert span_window.ingest_window_spans(spec, environment, db) == []  # span 2 is in the store
+    assert local_runner.ingest_window_spans(spec, environment, db) == []  # span 2 is in the store
     with pytest.raises(Exception) as failed:
         LocalDagRunner().run(pipeline_lib.create_pipeline(spec, environment))
     message = str(failed.value)
