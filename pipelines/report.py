@@ -143,7 +143,8 @@ def read_evaluation(evaluation_uri: str) -> Dict[str, Any]:
     With a baseline model, "baseline" holds its metrics (TFMA keys them by the baseline's model_name)
     and "diffs" TFMA's candidate minus baseline (the candidate's key with is_diff; TFMA 0.47
     evaluators/metrics_plots_and_validations_evaluator.py:628-657 add_diff_metrics, metric_types.py:361-366
-    make_diff_key and make_baseline_key); a change either side cannot define is None. Metric names come from components.evaluation.metric_name; a metric a slice cannot define
+    make_diff_key and make_baseline_key); a change either side cannot define is None. Metric names
+    come from components.evaluation.metric_name; a metric a slice cannot define
     (AUC with one class present) is None, never 0. Intervals (95%) are Wilson's for proportions
     and Hanley-McNeil's for AUC, from the counts in TFMA's confusion matrices."""
     import tensorflow_model_analysis as tfma
@@ -335,7 +336,7 @@ def build_summary(spec: FeatureSpec, env: Dict, environment, order: List[str], s
 
 def span_drift(spec: FeatureSpec, connection_config) -> Optional[Dict[str, Any]]:
     """With spans: the run's newest span against the previous one, as the data gate measures it
-    (components.data_gate.span_drift, on the inputs ML Metadata recorded for the gate's latest
+    (components.data_gate.measure_span_drift, on the inputs ML Metadata recorded for the gate's latest
     execution, so a gate that stopped the run is reported too): {"span", "previous_span" (None on the
     first span), "measurements": [{"split", "feature", "comparator", "value" (the distance), "threshold"
     (the bound), "drifted"}], "not_judged": [{"split", "feature", "why"}] (too few values, or ignored)}. None
